@@ -1,0 +1,208 @@
+"""MobileNet v1 as data: the paper's Table 1, the width rule, the ablation variants.
+
+Everything that knows the shape of the network reads this file: ``model.py``
+builds modules from :func:`body`, ``cost.py`` counts mult-adds and parameters
+from :func:`layers`.  Because both read one table they cannot disagree.
+
+Howard et al., 2017, "MobileNets: Efficient Convolutional Neural Networks for
+Mobile Vision Applications", arXiv:1704.04861, Table 1 (corrected: the
+14x14x512 pair repeats five times and the last depthwise convolution has
+stride 1; see SPEC.md, Errata).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Conv:
+    """A standard convolution followed by BatchNorm and the activation."""
+
+    kernel: int
+    stride: int
+    depth: int
+
+
+@dataclass(frozen=True)
+class DepthSepConv:
+    """A depthwise kxk convolution then a pointwise 1x1 one, each followed by BN and activation."""
+
+    kernel: int
+    stride: int
+    depth: int
+
+
+# Table 1, with channel depths for alpha = 1.  Index i is TF-slim's Conv2d_i and
+# Keras' conv_dw_i / conv_pw_i, so weight names line up with both.
+CONV_DEFS: tuple[Conv | DepthSepConv, ...] = (
+    Conv(kernel=3, stride=2, depth=32),
+    DepthSepConv(kernel=3, stride=1, depth=64),
+    DepthSepConv(kernel=3, stride=2, depth=128),
+    DepthSepConv(kernel=3, stride=1, depth=128),
+    DepthSepConv(kernel=3, stride=2, depth=256),
+    DepthSepConv(kernel=3, stride=1, depth=256),
+    DepthSepConv(kernel=3, stride=2, depth=512),
+    DepthSepConv(kernel=3, stride=1, depth=512),
+    DepthSepConv(kernel=3, stride=1, depth=512),
+    DepthSepConv(kernel=3, stride=1, depth=512),
+    DepthSepConv(kernel=3, stride=1, depth=512),
+    DepthSepConv(kernel=3, stride=1, depth=512),
+    DepthSepConv(kernel=3, stride=2, depth=1024),
+    DepthSepConv(kernel=3, stride=1, depth=1024),
+)
+
+# Table 5's "shallow" MobileNet removes the five 14x14x512 separable pairs.
+SHALLOW_REMOVED = (7, 8, 9, 10, 11)
+
+MIN_RESOLUTION = 32  # five stride-2 layers: 32 px is the smallest input that leaves a 1x1 map
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+def depth(channels: int, alpha: float, min_depth: int = 8) -> int:
+    """The width rule: int(c * alpha), clamped below by ``min_depth`` as TF-slim does."""
+    return max(int(channels * alpha), min_depth)
+
+
+def check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a number > 0 (e.g. 1.0, 0.75, 0.5, 0.25), got {alpha!r}")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0 (e.g. 1.0, 0.75, 0.5, 0.25), got {alpha!r}")
+    return float(alpha)
+
+
+def check_resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """Normalise an input size to (height, width) and check it is at least 32x32."""
+    size = (resolution, resolution) if not isinstance(resolution, (tuple, list)) else tuple(resolution)
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in size):
+        raise TypeError(f"resolution must be an integer or a (height, width) pair of integers, got {resolution!r}")
+    if min(size) < MIN_RESOLUTION:
+        raise ValueError(
+            f"resolution must be at least {MIN_RESOLUTION} pixels on each side "
+            f"(the paper uses 224, 192, 160, 128), got {resolution!r}"
+        )
+    return size  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One convolution (or the classifier) of a concrete network, resolution-free.
+
+    ``index`` is the row of Table 1 it comes from (Conv2d_i in TF-slim); ``kind``
+    is one of "conv", "depthwise", "pointwise", "fc".
+    """
+
+    name: str
+    index: int
+    kind: str
+    kernel: int
+    stride: int
+    dilation: int
+    in_channels: int
+    out_channels: int
+
+    @property
+    def groups(self) -> int:
+        return self.in_channels if self.kind == "depthwise" else 1
+
+
+@dataclass(frozen=True)
+class Block:
+    """A row of Table 1 as built: a standard conv, or a depthwise + pointwise pair."""
+
+    index: int
+    layers: tuple[Layer, ...]
+
+    @property
+    def name(self) -> str:
+        return f"Conv2d_{self.index}"
+
+    @property
+    def out_channels(self) -> int:
+        return self.layers[-1].out_channels
+
+
+def body(
+    alpha: float = 1.0,
+    *,
+    min_depth: int = 8,
+    full_conv: bool = False,
+    shallow: bool = False,
+    output_stride: int | None = None,
+) -> tuple[Block, ...]:
+    """The convolutional body for width multiplier ``alpha``.
+
+    ``full_conv`` replaces every separable pair by a standard 3x3 convolution
+    (Table 4); ``shallow`` removes rows 7-11 (Table 5); ``output_stride`` keeps
+    the feature map at 1/8 or 1/16 of the input by turning later strides into
+    dilation, as TF-slim does for dense prediction.
+    """
+    alpha = check_alpha(alpha)
+    if isinstance(min_depth, bool) or not isinstance(min_depth, int) or min_depth < 1:
+        raise ValueError(f"min_depth must be a positive integer (TF-slim uses 8), got {min_depth!r}")
+    if output_stride is not None and output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES} or None, got {output_stride!r}")
+
+    blocks = []
+    in_channels = 3
+    current_stride, rate = 1, 1
+    for index, conv_def in enumerate(CONV_DEFS):
+        if shallow and index in SHALLOW_REMOVED:
+            continue
+        # TF-slim's rule: once the target stride is reached, later strides become dilation.
+        if output_stride is not None and current_stride == output_stride:
+            stride, dilation = 1, rate
+            rate *= conv_def.stride
+        else:
+            stride, dilation = conv_def.stride, 1
+            current_stride *= conv_def.stride
+        out_channels = depth(conv_def.depth, alpha, min_depth)
+        name = f"Conv2d_{index}"
+        if isinstance(conv_def, Conv) or full_conv:
+            layers = (Layer(name, index, "conv", conv_def.kernel, stride, dilation, in_channels, out_channels),)
+        else:
+            layers = (
+                Layer(f"{name}_depthwise", index, "depthwise", conv_def.kernel, stride, dilation, in_channels, in_channels),
+                Layer(f"{name}_pointwise", index, "pointwise", 1, 1, 1, in_channels, out_channels),
+            )
+        blocks.append(Block(index, layers))
+        in_channels = out_channels
+    return tuple(blocks)
+
+
+def classifier(blocks: tuple[Block, ...], num_classes: int) -> Layer | None:
+    """The fully connected layer after global pooling (None for a feature extractor)."""
+    if num_classes == 0:
+        return None
+    return Layer("Logits", len(CONV_DEFS), "fc", 1, 1, 1, blocks[-1].out_channels, num_classes)
+
+
+def output_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Spatial size after a 'same'-padded convolution: both PyTorch's k//2 and TF's SAME give ceil(n/s)."""
+    return (-(-size[0] // stride), -(-size[1] // stride))
+
+
+@dataclass(frozen=True)
+class SizedLayer:
+    """A :class:`Layer` at a given input resolution."""
+
+    layer: Layer
+    input_size: tuple[int, int, int]  # (height, width, channels), as Table 1 writes it
+    output_size: tuple[int, int, int]
+
+
+def layers(blocks: tuple[Block, ...], resolution: int | tuple[int, int], num_classes: int) -> tuple[SizedLayer, ...]:
+    """Every convolution and the classifier, with input and output sizes for ``resolution``."""
+    size = check_resolution(resolution)
+    sized = []
+    for block in blocks:
+        for layer in block.layers:
+            out = output_size(size, layer.stride)
+            sized.append(SizedLayer(layer, (*size, layer.in_channels), (*out, layer.out_channels)))
+            size = out
+    fc = classifier(blocks, num_classes)
+    if fc is not None:
+        sized.append(SizedLayer(fc, (1, 1, fc.in_channels), (1, 1, fc.out_channels)))
+    return tuple(sized)

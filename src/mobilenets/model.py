@@ -1,0 +1,248 @@
+"""Blocks and the MobileNetV1 module, built from the table in ``architecture.py``.
+
+State-dict names follow the paper and the reference implementations:
+``features.{i}`` is row i of Table 1 (TF-slim's ``Conv2d_i``, Keras' block i);
+a separable row holds ``depthwise`` and ``pointwise``, each a ``conv`` + ``bn``;
+the last layer is ``classifier``.  These names are stable.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import architecture
+from .architecture import Block, Layer
+
+ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU}
+PADDINGS = ("symmetric", "tf_same")
+
+
+@dataclass(frozen=True)
+class MobileNetV1Config:
+    """Everything needed to rebuild a model; stored beside its weights in checkpoints.
+
+    Defaults follow the TF-slim reference (BN epsilon 1e-3, dropout 0.001 i.e.
+    keep-prob 0.999, ReLU6, min_depth 8) except for padding: "symmetric" is the
+    PyTorch convention (and timm's); "tf_same" reproduces TensorFlow's SAME
+    padding, which the official TF-slim and Keras weights need.
+    """
+
+    alpha: float = 1.0
+    num_classes: int = 1000
+    min_depth: int = 8
+    activation: str = "relu6"
+    padding: str = "symmetric"
+    bn_eps: float = 1e-3
+    # PyTorch's default; TF-slim's decay 0.9997 (momentum 0.0003) only settles over ImageNet-length runs.
+    bn_momentum: float = 0.1
+    dropout: float = 0.001
+    full_conv: bool = False
+    shallow: bool = False
+    output_stride: int | None = None
+
+    def __post_init__(self):
+        architecture.check_alpha(self.alpha)
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0 gives pooled features), got {self.num_classes!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+        if not 0 < self.bn_eps < 1:
+            raise ValueError(f"bn_eps must be in (0, 1) (TF uses 1e-3, PyTorch 1e-5), got {self.bn_eps!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        # the body checks min_depth and output_stride
+        architecture.body(self.alpha, min_depth=self.min_depth, output_stride=self.output_stride)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MobileNetV1Config:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model options {sorted(unknown)}; known options are {sorted(known)}")
+        return cls(**d)
+
+    def blocks(self) -> tuple[Block, ...]:
+        return architecture.body(
+            self.alpha,
+            min_depth=self.min_depth,
+            full_conv=self.full_conv,
+            shallow=self.shallow,
+            output_stride=self.output_stride,
+        )
+
+
+class ConvBNAct(nn.Module):
+    """conv (no bias) -> BatchNorm -> activation, with PyTorch or TensorFlow padding."""
+
+    def __init__(self, layer: Layer, config: MobileNetV1Config):
+        super().__init__()
+        k, s, d = layer.kernel, layer.stride, layer.dilation
+        # TF's SAME equals symmetric padding except at stride 2, where it pads
+        # bottom/right only on even inputs; that case is padded in forward.
+        self.tf_pad = config.padding == "tf_same" and s > 1
+        self.conv = nn.Conv2d(
+            layer.in_channels,
+            layer.out_channels,
+            k,
+            stride=s,
+            padding=0 if self.tf_pad else d * (k - 1) // 2,
+            dilation=d,
+            groups=layer.groups,
+            bias=False,
+        )
+        self.bn = nn.BatchNorm2d(layer.out_channels, eps=config.bn_eps, momentum=config.bn_momentum)
+        self.act = ACTIVATIONS[config.activation](inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tf_pad:
+            x = _pad_same(x, self.conv.kernel_size[0], self.conv.stride[0], self.conv.dilation[0])
+        return self.act(self.bn(self.conv(x)))
+
+
+def _pad_same(x: torch.Tensor, kernel: int, stride: int, dilation: int) -> torch.Tensor:
+    ih, iw = x.shape[-2], x.shape[-1]
+    ph = max((-(-ih // stride) - 1) * stride + (kernel - 1) * dilation + 1 - ih, 0)
+    pw = max((-(-iw // stride) - 1) * stride + (kernel - 1) * dilation + 1 - iw, 0)
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+class DepthwiseSeparable(nn.Module):
+    """Figure 3, right: depthwise 3x3 -> BN -> act, then pointwise 1x1 -> BN -> act."""
+
+    def __init__(self, block: Block, config: MobileNetV1Config):
+        super().__init__()
+        self.depthwise = ConvBNAct(block.layers[0], config)
+        self.pointwise = ConvBNAct(block.layers[1], config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+def _block_module(block: Block, config: MobileNetV1Config) -> nn.Module:
+    if len(block.layers) == 2:
+        return DepthwiseSeparable(block, config)
+    return ConvBNAct(block.layers[0], config)
+
+
+class MobileNetV1(nn.Module):
+    """MobileNet v1 (Howard et al., 2017).
+
+    Takes an ``(N, 3, H, W)`` float tensor with H, W >= 32 and returns
+    ``(N, num_classes)`` logits, or ``(N, channels)`` pooled features when
+    ``num_classes == 0``.  Build it with :func:`mobilenet_v1`.
+    """
+
+    def __init__(self, config: MobileNetV1Config | None = None, **options):
+        super().__init__()
+        if config is None:
+            config = MobileNetV1Config(**options)
+        elif options:
+            raise TypeError("pass either a MobileNetV1Config or keyword options, not both")
+        self.config = config
+        self.blocks = config.blocks()
+        self.features = nn.Sequential(
+            OrderedDict((str(block.index), _block_module(block, config)) for block in self.blocks)
+        )
+        self.num_features = self.blocks[-1].out_channels
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(config.dropout)
+        fc = architecture.classifier(self.blocks, config.num_classes)
+        self.classifier = nn.Linear(fc.in_channels, fc.out_channels) if fc else nn.Identity()
+        # a plain conv row is both a block and a layer: list its name once
+        self.endpoint_names = tuple(
+            dict.fromkeys(name for block in self.blocks for name in (block.name, *(l.name for l in block.layers)))
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """TF-slim's initialisation: truncated normal (stddev 0.09, cut at 2 sigma) for every weight."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.09, a=-0.18, b=0.18)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map, (N, channels, ceil(H/32), ceil(W/32)) at output_stride 32."""
+        if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
+            self._check_input(x)
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.pool(x), 1)
+        return self.classifier(self.dropout(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.unused
+    def forward_endpoints(self, x: torch.Tensor, endpoints=None) -> dict[str, torch.Tensor]:
+        """Intermediate feature maps, for use as a backbone.
+
+        ``endpoints`` names TF-slim endpoints ("Conv2d_5_pointwise",
+        "Conv2d_11") or Table 1 row indices (5, 11, 13); default every block
+        output.  Returns a dict keyed as asked, in network order; the forward
+        pass stops at the last one asked for.
+        """
+        if endpoints is None:
+            endpoints = [block.name for block in self.blocks]
+        wanted = {}
+        for e in endpoints:
+            name = f"Conv2d_{e}" if isinstance(e, int) and not isinstance(e, bool) else e
+            if name not in self.endpoint_names:
+                raise ValueError(f"unknown endpoint {e!r}; this model has {list(self.endpoint_names)}")
+            wanted[name] = e
+        self._check_input(x)
+        out: dict = {}
+        for block, module in zip(self.blocks, self.features):
+            parts = (module.depthwise, module.pointwise) if len(block.layers) == 2 else (module,)
+            for layer, part in zip(block.layers, parts):
+                x = part(x)
+                if layer.name in wanted:
+                    out[wanted[layer.name]] = x
+            if block.name in wanted:
+                out[wanted[block.name]] = x
+            if len(out) == len(wanted):
+                break
+        return out
+
+    @torch.jit.unused
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of shape (N, 3, H, W), got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(
+                f"expected input of shape (N, 3, H, W) with H, W >= {architecture.MIN_RESOLUTION}, "
+                f"got {tuple(x.shape)}"
+            )
+        if min(x.shape[-2:]) < architecture.MIN_RESOLUTION:
+            raise ValueError(
+                f"input is {x.shape[-2]}x{x.shape[-1]}; MobileNet needs at least "
+                f"{architecture.MIN_RESOLUTION}x{architecture.MIN_RESOLUTION}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point tensor, got {x.dtype}; preprocess images first")
+
+
+def mobilenet_v1(alpha: float = 1.0, num_classes: int = 1000, **options) -> MobileNetV1:
+    """MobileNet v1 with width multiplier ``alpha`` (arXiv:1704.04861).
+
+    Options (see :class:`MobileNetV1Config`): ``activation`` ("relu6" or
+    "relu"), ``padding`` ("symmetric" or "tf_same"), ``bn_eps``,
+    ``bn_momentum``, ``dropout``, ``min_depth``, ``output_stride`` (8, 16, 32),
+    ``full_conv`` (Table 4) and ``shallow`` (Table 5).  ``num_classes=0``
+    gives a pooled-feature model.
+    """
+    return MobileNetV1(MobileNetV1Config(alpha=alpha, num_classes=num_classes, **options))
