@@ -1,0 +1,74 @@
+"""The checkpoint file format shared by training, ``mobilenets.load`` and export.
+
+A checkpoint is a ``torch.save`` of a dict of tensors and plain data only, so
+it loads with ``weights_only=True`` (no code from the file ever runs)::
+
+    {"format": "mobilenets", "version": 1,
+     "config": MobileNetV1Config.to_dict(),
+     "state_dict": model.state_dict(),
+     "meta": {"resolution": int, "normalization": {"mean": [...], "std": [...]},
+              "labels": [str, ...] or None, "source": str},
+     ...training state (optimizer, scheduler, ema, epoch, rng) for training checkpoints}
+
+Writes are atomic: a temporary file in the same folder, fsync, then rename, so
+a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "mobilenets"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint; the message says why and what would work."""
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(file_object)`` on a temp file beside ``path``, then atomically rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save(obj: dict, path: str | Path) -> Path:
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load(path: str | Path) -> dict:
+    """Load a checkpoint with ``weights_only=True``; refuse pickles that would run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains Python objects other than tensors and plain data "
+            f"(loading it would run code from the file). Only weights-only checkpoints are loaded; "
+            f"re-save the state_dict (torch.save(model.state_dict(), ...)) or use safetensors. Detail: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {str(e).splitlines()[0]}") from None
+    return obj
+
+
+def is_mobilenets_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT

@@ -1,0 +1,109 @@
+"""Decoding any image file to RGB, and the evaluation preprocessing that belongs to a set of weights.
+
+Every path that reads pixels (training data, evaluation, ``predict``, int8
+calibration) goes through :func:`load_rgb` and :func:`eval_transform`, so an
+image is seen the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+# The crop fraction of the Inception/TF-slim evaluation: resize to resolution / 0.875, centre-crop.
+CROP_FRACTION = 0.875
+
+
+class ImageError(ValueError):
+    """A file that is not a decodable image."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel (x/255 - mean) / std.  The official weights use x/127.5 - 1, i.e. mean = std = 0.5."""
+
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Normalization:
+        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+
+
+INCEPTION = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # TF-slim, Keras and timm's mobilenetv1_100
+IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image of any mode (grayscale, palette, RGBA, CMYK, 16-bit) as 8-bit RGB, EXIF rotation applied.
+
+    Raises :class:`ImageError` naming the file when it cannot be decoded
+    (empty, truncated, not an image).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file must fail here, not later in a worker
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot decode image {path}: {e}") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float grayscale: scale the real range to 8 bits rather than clipping at 255
+        a = np.asarray(im, dtype=np.float64)
+        hi = a.max() if a.size and a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        # transparent pixels over white, as a viewer shows them
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def eval_transform(image: Image.Image, resolution: int, normalization: Normalization = INCEPTION) -> torch.Tensor:
+    """Resize the shorter side to resolution / 0.875, centre-crop resolution x resolution, normalise: (3, R, R)."""
+    resize = int(round(resolution / CROP_FRACTION))
+    w, h = image.size
+    scale = resize / min(w, h)
+    image = image.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR)
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return to_tensor(image, normalization)
+
+
+def to_tensor(image: Image.Image, normalization: Normalization = INCEPTION) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    mean = torch.tensor(normalization.mean).view(3, 1, 1)
+    std = torch.tensor(normalization.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def list_images(directory: str | Path) -> list[Path]:
+    """Image files directly under (and below) ``directory``, sorted; a clear error when there are none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ImageError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {directory}")
+    return files
+
+
+def warn_skipped(path: Path, error: Exception) -> None:
+    warnings.warn(f"skipping {path}: {error}", stacklevel=2)
