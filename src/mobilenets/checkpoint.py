@@ -72,3 +72,40 @@ def load(path: str | Path) -> dict:
 
 def is_mobilenets_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def model_from(obj: dict, *, path: str | Path = "<checkpoint>"):
+    """Rebuild the model a checkpoint dict describes and load its weights; returns (model, meta).
+
+    Mismatches name the tensor and both shapes rather than failing deep inside PyTorch.
+    """
+    from .model import MobileNetV1, MobileNetV1Config
+
+    if not is_mobilenets_checkpoint(obj):
+        raise CheckpointError(
+            f"{path} is not a mobilenets checkpoint (no 'format': 'mobilenets' key); "
+            f"convert foreign weights with 'mobilenets convert' first")
+    if obj.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has format version {obj['version']}; this mobilenets reads up to {VERSION}")
+    model = MobileNetV1(MobileNetV1Config.from_dict(obj["config"]))
+    load_state_dict(model, obj["state_dict"], path=path)
+    return model, dict(obj.get("meta") or {})
+
+
+def load_state_dict(model, state_dict: dict, *, path: str | Path = "<checkpoint>") -> None:
+    """Strict load with a message that names every missing, unexpected or mis-shaped tensor."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: file has {tuple(state_dict[k].shape)}, model expects {tuple(own[k].shape)}"
+              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""))
+        if missing:
+            parts.append(f"missing {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+        raise CheckpointError(f"weights in {path} do not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state_dict)
