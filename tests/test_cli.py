@@ -1,0 +1,98 @@
+"""The command line: summary and paper, JSON output, plots, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mobilenets.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_summary_json_has_the_paper_convention_totals(capsys):
+    code, out, _ = run(capsys, "summary", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert (data["mult_adds"], data["params"], data["trainable_params"]) == (568_740_352, 4_210_088, 4_231_976)
+    assert len(data["layers"]) == 28
+    assert data["layers"][0]["filter_shape"] == "3x3x3x32"
+
+
+@pytest.mark.parametrize(
+    "argv,mult_adds,params",
+    [
+        (["--alpha", "0.5", "--resolution", "160"], None, 1_320_648),
+        (["--full-conv"], 4_867_293_184, 29_282_120),
+        (["--shallow"], 307_323_392, 2_876_328),
+        (["--resolution", "128"], 186_400_768, 4_210_088),
+    ],
+)
+def test_summary_variants(capsys, argv, mult_adds, params):
+    code, out, _ = run(capsys, "summary", "--json", *argv)
+    data = json.loads(out)
+    assert code == 0 and data["params"] == params
+    if mult_adds is not None:
+        assert data["mult_adds"] == mult_adds
+
+
+def test_summary_table_is_readable(capsys):
+    code, out, _ = run(capsys, "summary", "--alpha", "0.75", "--resolution", "128")
+    assert code == 0
+    assert "MobileNet v1 0.75-128" in out
+    assert "Conv dw / s2" in out and "3x3x24 dw" in out
+    assert "total" in out
+
+
+def test_paper_json_and_plots(capsys, tmp_path):
+    code, out, _ = run(capsys, "paper", "--json", "--plot", str(tmp_path))
+    assert code == 0
+    data = json.loads(out)
+    assert len(data["grid"]) == 16
+    differing = [r for r in data["tables"] if not r["matches"]]
+    assert {r["table"] for r in differing} == {"Table 2", "Table 4", "Table 7"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "figure4_accuracy_vs_mult_adds.png", "figure5_accuracy_vs_params.png"]
+
+
+def test_paper_human_output_marks_differences(capsys):
+    code, out, _ = run(capsys, "paper")
+    assert code == 0
+    assert "1.19%" in out and "1.91%" in out and "differs: transposed" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["summary", "--alpha", "0"], "must be a number > 0"),
+        (["summary", "--alpha", "-1"], "must be a number > 0"),
+        (["summary", "--alpha", "abc"], "must be a number > 0"),
+        (["summary", "--alpha", "nan"], "must be a number > 0"),
+        (["summary", "--resolution", "31"], "must be an integer >= 32"),
+        (["summary", "--resolution", "big"], "must be an integer >= 32"),
+        (["summary", "--colour"], "unrecognized arguments"),
+        (["fly"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_module_entry_point_and_error_without_traceback():
+    ok = subprocess.run([sys.executable, "-m", "mobilenets", "summary", "--json", "--alpha", "0.25"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["mult_adds"] == 41_030_272
+    bad = subprocess.run([sys.executable, "-m", "mobilenets", "summary", "--resolution", "8"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr

@@ -1,0 +1,103 @@
+"""The cost accounting reproduces SPEC.md section 2 exactly and agrees with a count measured on the module."""
+
+import pytest
+import torch
+
+from mobilenets import cost, measure, mobilenet_v1
+
+# SPEC.md section 2: (alpha, resolution, options) -> (mult-adds, params without BN, params with BN gamma/beta or None)
+SPEC = [
+    (1.0, 224, {}, 568_740_352, 4_210_088, 4_231_976),
+    (0.75, 224, {}, 325_400_448, 2_569_144, 2_585_560),
+    (0.5, 224, {}, 149_497_088, 1_320_648, 1_331_592),
+    (0.25, 224, {}, 41_030_272, 464_600, 470_072),
+    (1.0, 192, {}, 418_121_728, 4_210_088, None),
+    (1.0, 160, {}, 290_675_200, 4_210_088, None),
+    (1.0, 128, {}, 186_400_768, 4_210_088, None),
+    (1.0, 224, {"full_conv": True}, 4_867_293_184, 29_282_120, None),
+    (1.0, 224, {"shallow": True}, 307_323_392, 2_876_328, None),
+]
+
+
+@pytest.mark.parametrize("alpha,resolution,options,mult_adds,params,params_bn", SPEC)
+def test_spec_numbers_exact(alpha, resolution, options, mult_adds, params, params_bn):
+    c = cost(alpha, resolution, **options)
+    assert c.mult_adds == mult_adds
+    assert c.params == params
+    if params_bn is not None:
+        assert c.trainable_params == params_bn
+
+
+@pytest.mark.parametrize("alpha,resolution,options,mult_adds,params,params_bn", SPEC)
+def test_measured_on_module_equals_spec(alpha, resolution, options, mult_adds, params, params_bn):
+    measured = measure(mobilenet_v1(alpha, **options), resolution)
+    assert measured["mult_adds"] == mult_adds
+    assert measured["params"] == params
+    if params_bn is not None:
+        assert measured["trainable_params"] == params_bn
+
+
+@pytest.mark.parametrize(
+    "alpha,resolution,options",
+    [
+        (0.1, 32, {}),
+        (0.3, 33, {}),
+        (1.3, 97, {}),
+        (0.6, (96, 160), {}),
+        (0.35, 255, {"full_conv": True}),
+        (0.5, 129, {"shallow": True}),
+        (0.5, 100, {"output_stride": 8}),
+        (0.75, 150, {"output_stride": 16}),
+        (0.05, 64, {"min_depth": 1}),
+        (0.25, 64, {"num_classes": 0}),
+        (0.25, 64, {"num_classes": 7}),
+    ],
+)
+def test_computed_equals_measured_for_any_variant(alpha, resolution, options):
+    c = cost(alpha, resolution, **options)
+    model_options = dict(options)
+    measured = measure(mobilenet_v1(alpha, **model_options), resolution)
+    assert measured == {
+        "mult_adds": c.mult_adds,
+        "params": c.params,
+        "bn_params": c.bn_params,
+        "trainable_params": c.trainable_params,
+    }
+
+
+def test_per_layer_rows_follow_table1():
+    c = cost(1.0, 224)
+    assert len([l for l in c.layers if l.kind != "fc"]) == 27  # + the FC = 28 layers
+    first = c.layers[0]
+    assert (first.type_stride, first.filter_shape, first.input_size, first.output_size) == (
+        "Conv / s2", "3x3x3x32", (224, 224, 3), (112, 112, 32))
+    last_dw = [l for l in c.layers if l.kind == "depthwise"][-1]
+    assert (last_dw.type_stride, last_dw.input_size, last_dw.output_size) == ("Conv dw / s1", (7, 7, 1024), (7, 7, 1024))
+    assert [l.stride for l in c.layers if l.kind == "depthwise"] == [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1]
+    fc = c.layers[-1]
+    assert (fc.filter_shape, fc.mult_adds, fc.params) == ("1024x1000", 1_024_000, 1_025_000)
+
+
+def test_separable_factorisation_ratio():
+    # SPEC 1: a separable kxk conv costs 1/N + 1/k^2 of the standard one
+    full = cost(1.0, 224, full_conv=True).layers
+    separable = cost(1.0, 224).layers
+    std = next(l for l in full if l.name == "Conv2d_7")
+    dw = next(l for l in separable if l.name == "Conv2d_7_depthwise")
+    pw = next(l for l in separable if l.name == "Conv2d_7_pointwise")
+    assert (dw.mult_adds + pw.mult_adds) / std.mult_adds == pytest.approx(1 / 512 + 1 / 9)
+
+
+def test_measure_leaves_training_mode_alone():
+    model = mobilenet_v1(0.25).train()
+    measure(model, 64)
+    assert model.training
+    assert all(h == {} for h in (m._forward_hooks for m in model.modules()))
+
+
+def test_timm_agrees_on_parameter_count():
+    timm = pytest.importorskip("timm")
+    theirs = timm.create_model("mobilenetv1_100", pretrained=False)
+    assert sum(p.numel() for p in theirs.parameters()) == cost(1.0, 224).trainable_params
+    with torch.no_grad():
+        assert theirs(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
