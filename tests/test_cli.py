@@ -96,3 +96,12 @@ def test_module_entry_point_and_error_without_traceback():
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+
+
+def test_summary_grid_is_the_readme_table(capsys):
+    code, out, _ = run(capsys, "summary", "--grid")
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 18
+    assert lines[2] == "| 1.0-224 | 568,740,352 | 4,210,088 | 4,231,976 | 70.9 | 69.7 |"
+    code, out, _ = run(capsys, "summary", "--grid", "--json")
+    assert [g["model"] for g in json.loads(out)][-1] == "0.25-128"

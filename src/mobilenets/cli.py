@@ -77,9 +77,25 @@ def format_cost_table(c) -> str:
     return "\n".join(lines)
 
 
+def format_grid(grid) -> str:
+    """The 16 alpha x resolution models as a Markdown table (the README's table is this output)."""
+    lines = ["| model | mult-adds | params (no BN) | trainable params | top-1 float | top-1 int8 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for g in grid:
+        lines.append(f"| {g['model']} | {g['mult_adds']:,} | {g['params']:,} | {g['trainable_params']:,} "
+                     f"| {g['top1']} | {g['top1_int8']} |")
+    return "\n".join(lines)
+
+
 def run_summary(args) -> int:
     from .cost import cost
 
+    if args.grid:
+        from . import paper
+
+        grid = paper.grid()
+        print(json.dumps(grid) if args.json else format_grid(grid))
+        return 0
     c = cost(args.alpha, args.resolution, full_conv=args.full_conv, shallow=args.shallow)
     if args.json:
         print(json.dumps(c.to_dict()))
@@ -96,6 +112,8 @@ def add_summary(sub) -> None:
     p = sub.add_parser("summary", help="per-layer cost table (Table 1 with mult-adds and params)")
     add_model_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--grid", action="store_true",
+                   help="instead: the 16 official alpha x resolution models with published ImageNet accuracy")
     p.set_defaults(func=run_summary)
 
 

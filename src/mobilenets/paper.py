@@ -174,6 +174,7 @@ def grid() -> list[dict]:
                 "resolution": resolution,
                 "mult_adds": c.mult_adds,
                 "params": c.params,
+                "trainable_params": c.trainable_params,
                 "top1": top1,
                 "top1_int8": top1_int8,
             })
@@ -204,9 +205,14 @@ def plot_figures(directory) -> list:
             pts = [p for p in points if p["resolution"] == resolution]
             ax.scatter([p[key] / 1e6 for p in pts], [p["top1"] for p in pts], marker=marker, label=f"{resolution}px")
             for p in pts:
-                ax.annotate(f"{p['alpha']}", (p[key] / 1e6, p["top1"]), textcoords="offset points", xytext=(4, -8),
+                ax.annotate(f"α={p['alpha']}", (p[key] / 1e6, p["top1"]), textcoords="offset points", xytext=(4, -8),
                             fontsize=7)
         ax.set_xscale("log")
+        # plain numbers at round values: matplotlib's default minor labels overlap on a log axis
+        lo, hi = min(p[key] for p in points) / 1e6, max(p[key] for p in points) / 1e6
+        ticks = [t for t in (0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if lo / 1.5 <= t <= hi * 1.5]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("ImageNet top-1 accuracy (%), TF-slim release")
         ax.set_title(title)
