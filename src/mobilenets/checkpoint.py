@@ -60,10 +60,16 @@ def load(path: str | Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        text = str(e)
+        if "GLOBAL" not in text and "global" not in text:
+            # the weights-only unpickler met bytes that are no pickle at all
+            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: the file is corrupt or of "
+                                  f"another format") from None
+        culprit = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line), "")
         raise CheckpointError(
-            f"refusing to load {path}: it contains Python objects other than tensors and plain data "
-            f"(loading it would run code from the file). Only weights-only checkpoints are loaded; "
-            f"re-save the state_dict (torch.save(model.state_dict(), ...)) or use safetensors. Detail: {str(e).splitlines()[0]}"
+            f"refusing to load {path}: it holds Python objects other than tensors and plain data, and loading "
+            f"it would run code from the file ({culprit}). Only weights-only files are loaded: re-save the "
+            f"state_dict with torch.save(model.state_dict(), ...) or use safetensors"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,85 @@
+"""Images of any mode decode to RGB; the evaluation preprocessing is the Inception one."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mobilenets import images
+
+
+def save(tmp_path, name, image, **kw):
+    path = tmp_path / name
+    image.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,make",
+    [
+        ("gray.png", lambda: Image.new("L", (40, 30), 128)),
+        ("rgba.png", lambda: Image.new("RGBA", (40, 30), (255, 0, 0, 0))),
+        ("cmyk.jpg", lambda: Image.new("CMYK", (40, 30), (0, 255, 0, 0))),
+        ("palette.png", lambda: Image.new("P", (40, 30), 3)),
+        ("sixteen.png", lambda: Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16))),
+        ("photo.webp", lambda: Image.new("RGB", (40, 30), (1, 2, 3))),
+        ("bitmap.bmp", lambda: Image.new("RGB", (40, 30), (1, 2, 3))),
+    ],
+)
+def test_any_mode_becomes_rgb(tmp_path, name, make):
+    im = images.load_rgb(save(tmp_path, name, make()))
+    assert im.mode == "RGB" and im.size == (40, 30)
+
+
+def test_transparent_pixels_are_white_and_16_bit_is_scaled(tmp_path):
+    rgba = images.load_rgb(save(tmp_path, "a.png", Image.new("RGBA", (4, 4), (255, 0, 0, 0))))
+    assert rgba.getpixel((0, 0)) == (255, 255, 255)
+    a = np.zeros((4, 4), dtype=np.uint16)
+    a[0, 0] = 65535
+    a[1, 1] = 32768
+    sixteen = images.load_rgb(save(tmp_path, "s.png", Image.fromarray(a)))
+    assert sixteen.getpixel((0, 0)) == (255, 255, 255) and sixteen.getpixel((1, 1))[0] == 127
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    im = Image.new("RGB", (40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = save(tmp_path, "rotated.jpg", im, exif=exif)
+    assert images.load_rgb(path).size == (20, 40)
+
+
+@pytest.mark.parametrize("content", [b"", b"definitely not an image", "truncated"])
+def test_undecodable_files_raise_image_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "bad.jpg"
+    if content == "truncated":
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        content = buf.getvalue()[: len(buf.getvalue()) // 2]
+    path.write_bytes(content)
+    with pytest.raises(images.ImageError, match="bad.jpg"):
+        images.load_rgb(path)
+
+
+def test_eval_transform_resizes_crops_and_scales_to_minus_one_one():
+    im = Image.new("RGB", (300, 200), (255, 0, 127))
+    x = images.eval_transform(im, 160)
+    assert x.shape == (3, 160, 160)
+    assert torch.allclose(x[:, 80, 80], torch.tensor([1.0, -1.0, 127 / 127.5 - 1]), atol=1e-6)
+
+
+def test_eval_transform_centre_crop_keeps_the_centre():
+    # a 280x280 image resized to 160/0.875 = 183 then cropped: the centre pixel survives, the border does not
+    a = np.zeros((280, 280, 3), dtype=np.uint8)
+    a[130:150, 130:150] = 255
+    x = images.eval_transform(Image.fromarray(a), 160, images.IMAGENET)
+    assert x[0, 80, 80] > 2 and x[0, 0, 0] < -2
+
+
+def test_list_images_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        images.list_images(tmp_path / "nope")
+    with pytest.raises(images.ImageError, match="no image files"):
+        images.list_images(tmp_path)
