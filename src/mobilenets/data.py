@@ -1,0 +1,295 @@
+"""Image folders, the built-in data set, and the transforms per resolution.
+
+A data set here yields ``(image tensor, class index)`` for an integer key, or
+for an ``(index, seed)`` key during training: the seed drives that sample's
+augmentation, so the crop and flip of every image depend only on the run's
+seed, the epoch and the image, not on worker count, rank or where a run was
+resumed.  A file that cannot be decoded yields a :class:`Skipped` record
+instead of failing the epoch; :func:`collate` drops it and passes its path on,
+so the trainer can warn once per file and count them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import images
+from .images import INCEPTION, ImageError, Normalization
+
+BUILTIN = "digits"  # the name the built-in set goes by in checkpoints and metrics
+BUILTIN_VAL_FRACTION = 0.2
+BUILTIN_SPLIT_SEED = 0  # fixed: the held-out digits are the same for every run
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample whose file could not be decoded."""
+
+    path: str
+    error: str
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def default_min_scale(alpha: float) -> float:
+    """Smallest crop area for training, as a fraction of the image.
+
+    Inception's crop takes 8% to 100% of the image; the paper trains small
+    MobileNets with "less regularization and data augmentation techniques
+    because small models have less trouble with overfitting", so the range
+    narrows linearly as alpha falls: 0.08 at alpha >= 1, 0.35 at alpha 0.25.
+    """
+    return round(min(0.35, 0.08 + max(0.0, 1.0 - alpha) * 0.36), 4)
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """Inception-style training crop: random area in [min_scale, 1] and aspect in [3/4, 4/3], resized to
+    resolution x resolution, then a horizontal flip with probability ``hflip``, then normalisation."""
+
+    resolution: int
+    min_scale: float = 0.08
+    hflip: float = 0.5
+    normalization: Normalization = INCEPTION
+
+    def __post_init__(self):
+        if not 0 < self.min_scale <= 1:
+            raise ValueError(f"min_scale must be in (0, 1], e.g. 0.08 (Inception) or 0.35 (mild); got {self.min_scale}")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip must be a probability in [0, 1], got {self.hflip}")
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(left, top, crop width, crop height); after 10 failed draws, the centre crop of the clamped aspect."""
+        area = width * height
+        log_ratio = (math.log(3 / 4), math.log(4 / 3))
+        for _ in range(10):
+            target = area * rng.uniform(self.min_scale, 1.0)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+        aspect = width / height
+        if aspect < 3 / 4:
+            w, h = width, int(round(width / (3 / 4)))
+        elif aspect > 4 / 3:
+            w, h = int(round(height * (4 / 3))), height
+        else:
+            w, h = width, height
+        return (width - w) // 2, (height - h) // 2, w, h
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        left, top, w, h = self.crop_box(*image.size, rng)
+        image = image.resize((self.resolution, self.resolution), Image.BILINEAR, box=(left, top, left + w, top + h))
+        if rng.random() < self.hflip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return images.to_tensor(image, self.normalization)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """images.eval_transform as a callable: resize to resolution / 0.875, centre crop, normalise."""
+
+    resolution: int
+    normalization: Normalization = INCEPTION
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        return images.eval_transform(image, self.resolution, self.normalization)
+
+
+# ---------------------------------------------------------------- data sets
+
+
+class _Dataset(torch.utils.data.Dataset):
+    classes: list[str]
+    transform: TrainTransform | EvalTransform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        try:
+            image = self._load(index)
+        except ImageError as e:
+            return Skipped(str(self.paths[index]), str(e))
+        rng = random.Random(seed) if seed is not None else random.Random(index)
+        return self.transform(image, rng), self.targets[index]
+
+
+class ImageFolder(_Dataset):
+    """``root/<class>/<image>``: one folder per class, classes in sorted order (torchvision's layout).
+
+    ``classes`` fixes the class list and its order (a validation folder must
+    use its training folder's); a folder with no images is an error, so a typo
+    in a class name cannot silently shift every label.
+    """
+
+    def __init__(self, root: str | Path, transform, classes: list[str] | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a directory; expected one folder per class, {root}/<class>/*.jpg")
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not found:
+            raise ValueError(f"{root} has no class folders; expected one folder per class, {root}/<class>/*.jpg")
+        if classes is not None and found != list(classes):
+            missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+            raise ValueError(
+                f"the classes in {root} differ from the training classes: "
+                + "; ".join(s for s in (f"missing {missing}" if missing else "", f"not in training {extra}" if extra else "",
+                                        "same names in another order" if not missing and not extra else "") if s)
+                + "; every split needs the same class folders")
+        self.root = root
+        self.classes = list(classes) if classes is not None else found
+        self.transform = transform
+        self.paths: list[Path] = []
+        self.targets: list[int] = []
+        for target, name in enumerate(self.classes):
+            files = sorted(p for p in (root / name).rglob("*")
+                           if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in images.IMAGE_EXTENSIONS)
+            if not files:
+                raise ValueError(f"class folder {root / name} has no images ({', '.join(images.IMAGE_EXTENSIONS)}); "
+                                 f"add images or remove the folder")
+            self.paths += files
+            self.targets += [target] * len(files)
+
+    def _load(self, index: int) -> Image.Image:
+        return images.load_rgb(self.paths[index])
+
+
+def _digits_images(resolution: int) -> tuple[list[Image.Image], np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()  # 1,797 8x8 scans with 17 grey levels, shipped inside scikit-learn: no download
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    scaled = [Image.fromarray(p, "L").resize((resolution, resolution), Image.BICUBIC).convert("RGB") for p in pixels]
+    return scaled, digits.target
+
+
+def _digits_split(targets: np.ndarray) -> dict[str, np.ndarray]:
+    """A stratified split with a fixed seed: 20% of every digit is held out, the same for every run."""
+    rng = np.random.default_rng(BUILTIN_SPLIT_SEED)
+    val = []
+    for c in range(10):
+        idx = np.flatnonzero(targets == c)
+        val += list(rng.permutation(idx)[: int(round(len(idx) * BUILTIN_VAL_FRACTION))])
+    is_val = np.zeros(len(targets), bool)
+    is_val[val] = True
+    return {"train": np.flatnonzero(~is_val), "val": np.flatnonzero(is_val)}
+
+
+class Digits(_Dataset):
+    """The built-in data set: scikit-learn's handwritten digits (real scans, 10 classes), scaled to ``resolution``.
+
+    ``split`` is "train" (1,438 images) or "val" (359 held out: 20% of each digit, rounded).
+    """
+
+    def __init__(self, split: str, resolution: int, transform):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        pictures, targets = _digits_images(resolution)
+        keep = _digits_split(targets)[split]
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+        self.images = [pictures[i] for i in keep]
+        self.targets = [int(targets[i]) for i in keep]
+        self.paths = [f"<digits {split} #{i}>" for i in keep]
+
+    def _load(self, index: int) -> Image.Image:
+        return self.images[index]
+
+
+def splits(data: str | Path | None, resolution: int, *, train_transform, eval_transform):
+    """(train, val) data sets: ``data/train`` and ``data/val`` image folders, or the built-in digits for None.
+
+    Every layout problem (missing folder, empty class, different classes) is
+    raised here, before any training starts.
+    """
+    if data is None:
+        return Digits("train", resolution, train_transform), Digits("val", resolution, eval_transform)
+    data = Path(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"--data {data} is not a directory; expected {data}/train/<class>/* and {data}/val/<class>/*")
+    for split in ("train", "val"):
+        if not (data / split).is_dir():
+            raise FileNotFoundError(
+                f"{data} has no {split}/ folder; expected {data}/train/<class>/* and {data}/val/<class>/* "
+                f"(the ImageFolder layout)")
+    train = ImageFolder(data / "train", train_transform)
+    val = ImageFolder(data / "val", eval_transform, classes=train.classes)
+    return train, val
+
+
+# ---------------------------------------------------------------- sampling and batching
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one image in one epoch (a fixed mix, so it is the same on every machine)."""
+    return (seed * 1_000_003 + epoch) * 2_147_483_647 + index
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The shuffled order of one epoch, this rank's share of it, from ``start`` on; yields (index, seed) keys.
+
+    The order depends only on (seed, epoch), so a resumed run sees the same
+    batches as an uninterrupted one.  With ``world_size`` ranks each takes
+    every world_size-th index, padded by wrapping so all ranks take the same
+    number of steps (DistributedSampler's rule).
+    """
+
+    def __init__(self, size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        self.size, self.seed, self.epoch = size, seed, epoch
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        total = math.ceil(self.size / self.world_size) * self.world_size
+        order += order[: total - len(order)]
+        return order[self.rank:total:self.world_size]
+
+    def __iter__(self):
+        for i in self.indices()[self.start:]:
+            yield i, sample_seed(self.seed, self.epoch, i)
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(self.size / self.world_size) - self.start)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every world_size-th index in order, no padding: evaluation counts each image exactly once."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
+def collate(batch):
+    """Stack the decodable samples; returns (images, targets, skipped) where skipped lists :class:`Skipped`."""
+    good = [b for b in batch if not isinstance(b, Skipped)]
+    skipped = [b for b in batch if isinstance(b, Skipped)]
+    if not good:
+        return None, None, skipped
+    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), skipped
+
+
+def loader(dataset, sampler, batch_size: int, num_workers: int, *, pin_memory: bool = False):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        pin_memory=pin_memory, persistent_workers=False)

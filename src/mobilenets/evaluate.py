@@ -1,0 +1,143 @@
+"""Accuracy of a checkpoint on a folder of labelled images (or on the built-in held-out digits).
+
+``evaluate_checkpoint`` reads a checkpoint (a run folder means its best.pt),
+rebuilds the model with ``checkpoint.model_from`` and preprocesses every image
+with the resolution and normalisation stored beside the weights, as
+``images.eval_transform`` does: resize to resolution / 0.875, centre crop.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data
+from .images import INCEPTION, Normalization
+
+
+@torch.no_grad()
+def evaluate(model, loader, *, device="cpu", amp: bool = False, channels_last: bool = False, dist=None,
+             on_skip=None) -> dict:
+    """Top-1 / top-5 accuracy (percent), mean cross-entropy and the image count over ``loader``.
+
+    With fewer than five classes, top-5 counts the top ``num_classes``.
+    Under DDP (``dist`` enabled) every rank evaluates its shard and the
+    counts are summed, so each image counts once.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    top1 = torch.zeros((), dtype=torch.float64)
+    top5 = torch.zeros((), dtype=torch.float64)
+    count = 0
+    try:
+        for x, y, skipped in loader:
+            if on_skip is not None:
+                on_skip(skipped)
+            if x is None:
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double().cpu()
+            k = min(5, logits.shape[1])
+            hits = logits.topk(k, dim=1).indices == y[:, None]
+            top1 += hits[:, 0].sum().double().cpu()
+            top5 += hits.any(dim=1).sum().double().cpu()
+            count += len(y)
+    finally:
+        model.train(was_training)
+    values = [loss_sum.item(), top1.item(), top5.item(), float(count)]
+    if dist is not None and dist.enabled:
+        values = dist.all_sum(values, device)
+    loss_sum, top1, top5, count = values
+    n = max(count, 1)
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss_sum / n, "images": int(count)}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder means its best.pt (else last.pt); a file is used as is."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path} is a folder without best.pt or last.pt; pass a training run folder "
+                                f"(mobilenets train --out) or a checkpoint file")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a training run folder or a .pt file")
+    return path
+
+
+class _Labelled(data.ImageFolder):
+    """An ImageFolder whose class indices are the checkpoint's labels (a folder may hold only some classes)."""
+
+    def __init__(self, root: Path, transform, labels: list[str]):
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        unknown = [f for f in folders if f not in labels]
+        if unknown:
+            hint = ""
+            if {"train", "val"} <= set(folders):
+                hint = f"; {root} looks like a data set root: pass {root / 'val'}"
+            raise ValueError(f"class folders {unknown[:5]} in {root} are not among the model's {len(labels)} labels "
+                             f"({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''}){hint}")
+        super().__init__(root, transform, classes=folders)
+        index = {name: i for i, name in enumerate(labels)}
+        self.targets = [index[folders[t]] for t in self.targets]
+        self.classes = list(labels)
+
+
+def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path | None = None, *,
+                        resolution: int | None = None, batch_size: int = 64, num_workers: int = 2,
+                        device: str | None = None) -> dict:
+    """Evaluate a checkpoint on ``data_dir/<class>/*`` (or on the built-in held-out digits when None).
+
+    Returns ``{"top1", "top5", "loss", "images", "checkpoint", "resolution", "data"}``; top-1/top-5 are percentages.
+    """
+    path = resolve_checkpoint(checkpoint_path)
+    model, meta = checkpoint.model_from(checkpoint.load(path), path=path)
+    resolution = resolution or meta.get("resolution")
+    if not resolution:
+        raise ValueError(f"{path} stores no resolution; pass --resolution")
+    if resolution < 32:
+        raise ValueError(f"--resolution must be >= 32, got {resolution}")
+    normalization = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else INCEPTION
+    labels = meta.get("labels")
+    transform = data.EvalTransform(resolution, normalization)
+    if data_dir is None:
+        dataset = data.Digits("val", resolution, transform)
+        if labels is not None and labels != dataset.classes:
+            raise ValueError(f"{path} was not trained on the built-in digits (its labels are {labels[:10]}); pass --data")
+    else:
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {root} is not a directory; expected {root}/<class>/*.jpg")
+        if labels is None:
+            warnings.warn(f"{path} stores no labels; assuming the sorted class folders of {root} are its classes")
+            dataset = data.ImageFolder(root, transform)
+        else:
+            dataset = _Labelled(root, transform, labels)
+        if len(dataset.classes) > model.config.num_classes:
+            raise ValueError(f"{root} has {len(dataset.classes)} classes, the model only {model.config.num_classes}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    skipped: list = []
+
+    def on_skip(items):
+        for s in items:
+            warnings.warn(f"skipping an undecodable file: {s.error}", stacklevel=2)
+            skipped.append(s.path)
+
+    loader = data.loader(dataset, data.ShardSampler(len(dataset)), batch_size, num_workers)
+    result = evaluate(model, loader, device=device, on_skip=on_skip)
+    if result["images"] == 0:
+        raise ValueError(f"no decodable images in {data_dir}")
+    return {**result, "skipped": len(skipped), "checkpoint": str(path), "resolution": resolution,
+            "data": str(data_dir) if data_dir is not None else f"{data.BUILTIN} (held-out split)"}
