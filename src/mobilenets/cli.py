@@ -153,9 +153,163 @@ def add_paper(sub) -> None:
     p.set_defaults(func=run_paper)
 
 
+# ---------------------------------------------------------------- train, evaluate, plot
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}")
+    return value
+
+
+def run_train(args) -> int:
+    from . import train
+
+    options = {k: getattr(args, k) for k in (
+        "data", "alpha", "resolution", "epochs", "batch_size", "opt", "lr", "momentum", "rmsprop_decay",
+        "rmsprop_eps", "weight_decay", "lr_scheduler", "lr_step_size", "lr_gamma", "lr_warmup_epochs", "lr_min",
+        "label_smoothing", "model_ema", "model_ema_decay", "min_scale", "hflip", "seed", "num_workers", "amp",
+        "channels_last", "sync_bn", "finetune", "device")}
+    for flag in ("amp", "channels_last", "sync_bn"):
+        options[flag] = options[flag] or None  # store_true: absent means "not given"
+    options["progress"] = False if args.no_progress else None
+    options["plot"] = False if args.no_plot else None
+    if args.resume:
+        where = args.out if args.resume is True else args.resume
+        if where is None:
+            raise UsageError("mobilenets train: --resume needs the run: --resume RUN_DIR (or --out RUN_DIR --resume)")
+        config, file = train.resume_config(where, **options)
+        resume = file
+    else:
+        if args.finetune and args.alpha is not None:
+            raise UsageError("mobilenets train: --alpha comes from the --finetune checkpoint; drop --alpha")
+        config = train.make_config(args.recipe or "paper", out=args.out or "runs/mobilenet", **options)
+        resume = None
+    try:
+        row = train.train(config, resume=resume)
+    except train.Interrupted as e:
+        print(f"mobilenets: {e}; continue with: mobilenets train --resume {e.path.parent}", file=sys.stderr)
+        return 128 + e.signum
+    summary = {"run": config.out, **{k: row[k] for k in ("epoch", "train_loss", "val_top1", "val_top5") if k in row}}
+    if "ema_val_top1" in row:
+        summary["ema_val_top1"] = row["ema_val_top1"]
+    print(json.dumps(summary))
+    return 0
+
+
+def add_train(sub) -> None:
+    from .train import OPTIMIZERS, RECIPES, SCHEDULERS
+
+    p = sub.add_parser("train", help="train or fine-tune on an image folder (or the built-in digits)",
+                       description="Train MobileNet v1. A --recipe sets every default; flags override it. "
+                                   "Run under torchrun --nproc_per_node=N for data-parallel training.")
+    p.add_argument("--data", metavar="DIR", help="DIR/train/<class>/* and DIR/val/<class>/*; default: built-in digits")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="named preset (default paper)")
+    p.add_argument("--alpha", type=positive_float, help="width multiplier (default 1.0)")
+    p.add_argument("--resolution", type=resolution, help="input size in pixels (default 224)")
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("-b", "--batch-size", type=_positive_int, help="images per process per step (default 64)")
+    p.add_argument("--opt", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=positive_float, help="initial learning rate, used as given (no batch scaling)")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--rmsprop-decay", type=float, help="RMSprop decay of the mean square (TF: 0.9)")
+    p.add_argument("--rmsprop-eps", type=positive_float, help="RMSprop epsilon, inside the square root (TF-slim: 1.0)")
+    p.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float,
+                   help="L2 on conv/FC weights; never on depthwise, BN or bias")
+    p.add_argument("--lr-scheduler", choices=SCHEDULERS)
+    p.add_argument("--lr-step-size", type=positive_float, help="epochs between exponential decays (paper: 2.5)")
+    p.add_argument("--lr-gamma", type=positive_float, help="exponential decay factor (paper: 0.94)")
+    p.add_argument("--lr-warmup-epochs", type=float)
+    p.add_argument("--lr-min", type=float, help="final lr of the cosine schedule")
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep an EMA of the weights (modern: on)")
+    p.add_argument("--model-ema-decay", type=float)
+    p.add_argument("--min-scale", type=positive_float, help="smallest training crop area (default by alpha)")
+    p.add_argument("--hflip", type=_probability, help="horizontal flip probability (default 0.5; digits 0)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("-j", "--num-workers", "--workers", dest="num_workers", type=_nonnegative_int,
+                   help="data loading processes (default 2)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
+    p.add_argument("--finetune", metavar="CHECKPOINT", help="start from these weights; new head if classes differ")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/mobilenet)")
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR|FILE",
+                   help="continue a stopped run (default: --out) from its last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--no-plot", action="store_true", help="no loss/accuracy PNGs at the end")
+    p.set_defaults(func=run_train)
+
+
+def run_evaluate(args) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(args.checkpoint, args.data, resolution=args.resolution, batch_size=args.batch_size,
+                            num_workers=args.num_workers, device=args.device)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['checkpoint']} on {r['data']} at {r['resolution']} px: top-1 {r['top1']:.2f}%  "
+              f"top-5 {r['top5']:.2f}%  ({r['images']} images"
+              + (f", {r['skipped']} undecodable skipped" if r["skipped"] else "") + ")")
+    return 0
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="top-1/top-5 of a checkpoint on an image folder")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE", help="a run folder (its best.pt) or a .pt")
+    p.add_argument("--data", metavar="DIR", help="DIR/<class>/*; default: the built-in held-out digits")
+    p.add_argument("--resolution", type=resolution, help="input size (default: the checkpoint's)")
+    p.add_argument("-b", "--batch-size", type=_positive_int, default=64)
+    p.add_argument("-j", "--num-workers", dest="num_workers", type=_nonnegative_int, default=2)
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_plot(args) -> int:
+    from .train import plot
+
+    for path in plot(args.run_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="loss and accuracy curves of a training run as PNG")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=run_plot)
+
+
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_summary, add_paper]
+COMMANDS = [add_summary, add_paper, add_train, add_evaluate, add_plot]
 
 
 def build_parser() -> argparse.ArgumentParser:
