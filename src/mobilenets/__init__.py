@@ -2,8 +2,9 @@
 
 from .architecture import CONV_DEFS, body, depth
 from .cost import cost, measure
-from .model import MobileNetV1, MobileNetV1Config, mobilenet_v1
+from .model import MobileNetV1, MobileNetV1Config
+from .weights import load, mobilenet_v1
 
 __version__ = "0.1.0"
 
-__all__ = ["CONV_DEFS", "MobileNetV1", "MobileNetV1Config", "body", "cost", "depth", "measure", "mobilenet_v1"]
+__all__ = ["CONV_DEFS", "MobileNetV1", "MobileNetV1Config", "body", "cost", "depth", "load", "measure", "mobilenet_v1"]
