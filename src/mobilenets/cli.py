@@ -307,9 +307,82 @@ def add_plot(sub) -> None:
     p.set_defaults(func=run_plot)
 
 
+# ---------------------------------------------------------------- convert, predict
+
+
+def run_convert(args) -> int:
+    from . import weights
+
+    converted = weights.convert(args.source, args.src, keep_background=args.keep_background,
+                                resolution=args.resolution)
+    out = weights.save(converted, args.out)
+    c = converted.config
+    summary = {"out": str(out), "source": converted.meta["source"], "alpha": c.alpha,
+               "resolution": converted.meta["resolution"], "num_classes": c.num_classes, "padding": c.padding,
+               "bn_eps": c.bn_eps, "normalization": converted.meta["normalization"]}
+    print(json.dumps(summary))
+    return 0
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert released weights (Keras .h5, TF-slim checkpoint, timm) to .safetensors",
+                       description="Convert official weights to a .safetensors file that 'mobilenets.load' and "
+                                   "'--weights FILE' read; alpha, classes and the preprocessing go with it.")
+    p.add_argument("src", help="Keras .h5 file; TF-slim checkpoint prefix, .index file, folder or .tgz; "
+                              "timm .pth/.bin/.safetensors")
+    p.add_argument("--from", dest="source", required=True, choices=("keras", "tf-slim", "timm"),
+                   help="where the weights come from")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the converted file")
+    p.add_argument("--keep-background", action="store_true",
+                   help="tf-slim: keep class 0 ('background'), giving 1001 classes")
+    p.add_argument("--resolution", type=resolution, default=None,
+                   help="the resolution the weights were trained at (default: from the file name, else 224)")
+    p.set_defaults(func=run_convert)
+
+
+def run_predict(args) -> int:
+    from . import predict, weights
+
+    if args.weights == "imagenet":
+        model = weights.mobilenet_v1(args.alpha, weights="imagenet", resolution=args.resolution or 224,
+                                     progress=not args.quiet)
+        resolution_override = None
+    else:
+        model = weights.load(args.weights)
+        resolution_override = args.resolution
+    results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
+                              resolution=resolution_override)
+    if args.json:
+        for r in results:
+            print(json.dumps(r.to_dict()), flush=True)
+    else:
+        for line in predict.format_table(results):
+            print(line, flush=True)
+    return 0
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="classify images or folders of images",
+                       description="Classify images with official or converted weights, preprocessed as the "
+                                   "weights expect (resize by resolution/0.875, centre crop, their mean/std).")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    p.add_argument("--weights", required=True, metavar="FILE|imagenet",
+                   help="a converted .safetensors or training checkpoint, or 'imagenet' for the released weights")
+    p.add_argument("--alpha", type=positive_float, default=1.0,
+                   help="with --weights imagenet: width multiplier 1.0, 0.75, 0.5 or 0.25 (default 1.0)")
+    p.add_argument("--resolution", type=resolution, default=None,
+                   help="with imagenet: 224, 192, 160 or 128 (default 224); with a FILE: override its resolution")
+    p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per image: {"image", "top": [{"class_index", "label", "probability"}]}')
+    p.add_argument("-q", "--quiet", action="store_true", help="no download progress on stderr")
+    p.set_defaults(func=run_predict)
+
+
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_summary, add_paper, add_train, add_evaluate, add_plot]
+COMMANDS = [add_summary, add_paper, add_train, add_evaluate, add_plot, add_convert, add_predict]
 
 
 def build_parser() -> argparse.ArgumentParser:

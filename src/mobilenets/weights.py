@@ -322,6 +322,9 @@ def _read_tensors(path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    with open(path, "rb") as f:
+        if not _is_torch_file(f.read(8)):
+            raise WeightsError(f"cannot read {path}: expected a PyTorch state dict (.pth, .bin) or .safetensors")
     obj = checkpoint.load(path)
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -416,6 +419,11 @@ def _is_safetensors(path: Path) -> bool:
     return head[8:9] == b"{" and 0 < n <= path.stat().st_size - 8
 
 
+def _is_torch_file(head: bytes) -> bool:
+    """torch.save writes a zip archive; files from before PyTorch 1.6 are a bare pickle (protocol 2+)."""
+    return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def read_safetensors(path) -> Converted:
     """Read a file written by :func:`save`, checking its format and its checksum."""
     from safetensors import safe_open
@@ -469,6 +477,9 @@ def read(path) -> Converted:
     if path.name.endswith(".index") or ".data-" in path.name:
         raise WeightsError(f"{path} is part of a TensorFlow checkpoint; convert it first: "
                            f"mobilenets convert --from tf-slim {path} --out model.safetensors")
+    if not _is_torch_file(head):
+        raise WeightsError(f"cannot read {path}: it is neither a converted .safetensors file nor a mobilenets "
+                           f"checkpoint; convert released weights with 'mobilenets convert --from keras|tf-slim|timm'")
     obj = checkpoint.load(path)  # weights-only: refuses pickles that would run code
     if not checkpoint.is_mobilenets_checkpoint(obj):
         raise WeightsError(f"{path} is a PyTorch file but not a mobilenets checkpoint; if it is a timm state "

@@ -1,0 +1,387 @@
+"""Converting, saving, loading and fetching weights: metadata, checksums, clear errors, no code from files.
+
+Logit parity with Keras, TF-slim and timm is in test_parity.py; here the
+files are written in the released layouts directly (tests/keras_layout.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mobilenets
+from mobilenets import checkpoint, cli, weights
+from mobilenets.checkpoint import CheckpointError
+from mobilenets.tf_checkpoint import _snappy_decompress, find_prefix
+from mobilenets.weights import WeightsError
+
+from weights_helpers import Server, write_keras2_h5
+
+
+def forward(model, resolution=64, seed=0):
+    x = torch.rand(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope="module")
+def keras_file(tmp_path_factory):
+    return write_keras2_h5(tmp_path_factory.mktemp("keras") / "mobilenet_2_5_128_tf.h5", 0.25)
+
+
+@pytest.fixture(scope="module")
+def converted_file(keras_file, tmp_path_factory):
+    return weights.save(weights.convert("keras", keras_file), tmp_path_factory.mktemp("conv") / "m.safetensors")
+
+
+# ---------------------------------------------------------------- conversion and metadata
+
+
+def test_keras_conversion_infers_alpha_resolution_classes_and_records_metadata(converted_file):
+    from safetensors import safe_open
+
+    with safe_open(str(converted_file), framework="pt") as f:
+        raw = f.metadata()
+    assert all(isinstance(v, str) for v in raw.values())  # safetensors metadata is str -> str
+    config = json.loads(raw["config"])
+    assert config["alpha"] == 0.25 and config["num_classes"] == 1000
+    assert config["padding"] == "tf_same" and config["bn_eps"] == 1e-3 and config["activation"] == "relu6"
+    assert json.loads(raw["resolution"]) == 128  # from mobilenet_2_5_128_tf.h5
+    assert json.loads(raw["normalization"]) == {"mean": [0.5] * 3, "std": [0.5] * 3}  # x / 127.5 - 1
+    labels = json.loads(raw["labels"])
+    assert len(labels) == 1000 and labels[0] == "tench, Tinca tinca" and labels[281] == "tabby, tabby cat"
+    assert raw["source"] == "keras:mobilenet_2_5_128_tf.h5"
+    assert len(raw["sha256"]) == 64
+
+    model = mobilenets.load(converted_file)
+    assert not model.training
+    assert model.meta["resolution"] == 128 and model.meta["labels"] == labels
+
+
+def test_keras_weights_land_where_the_layout_says(keras_file):
+    """HWIO -> OIHW, depthwise HWC1 -> C1HW, the 1x1 conv head -> Linear; BN by name."""
+    import h5py
+
+    c = weights.convert("keras", keras_file)
+    with h5py.File(keras_file) as f:
+        dw = np.asarray(f["conv_dw_5"]["conv_dw_5/depthwise_kernel:0"])
+        pw = np.asarray(f["conv_pw_5"]["conv_pw_5/kernel:0"])
+        var = np.asarray(f["conv_pw_5_bn"]["conv_pw_5_bn/moving_variance:0"])
+        head = np.asarray(f["conv_preds"]["conv_preds/kernel:0"])
+    sd = c.state_dict
+    np.testing.assert_array_equal(sd["features.5.depthwise.conv.weight"][7, 0].numpy(), dw[:, :, 7, 0])
+    np.testing.assert_array_equal(sd["features.5.pointwise.conv.weight"][3, 9, 0, 0].numpy(), pw[0, 0, 9, 3])
+    np.testing.assert_array_equal(sd["features.5.pointwise.bn.running_var"].numpy(), var)
+    np.testing.assert_array_equal(sd["classifier.weight"][17].numpy(), head[0, 0, :, 17])
+
+
+def test_keras_no_top_gives_a_feature_model(tmp_path):
+    src = write_keras2_h5(tmp_path / "mobilenet_5_0_160_tf_no_top.h5", 0.5, include_top=False)
+    c = weights.convert("keras", src)
+    assert c.config.num_classes == 0 and c.meta["labels"] is None and c.meta["resolution"] == 160
+    assert forward(c.model()).shape == (2, 512)
+
+
+def test_resolution_defaults_to_224_and_can_be_given(tmp_path):
+    src = write_keras2_h5(tmp_path / "weights.h5", 0.25)
+    assert weights.convert("keras", src).meta["resolution"] == 224
+    assert weights.convert("keras", src, resolution=96).meta["resolution"] == 96
+
+
+def test_keras3_legacy_names_are_accepted(tmp_path, keras_file):
+    """Keras 3's legacy writer drops ':0' and calls the depthwise kernel 'kernel'."""
+    import h5py
+
+    k3 = tmp_path / "k3.h5"
+    with h5py.File(keras_file) as src, h5py.File(k3, "w") as dst:
+        dst.attrs["layer_names"] = src.attrs["layer_names"]
+        for name in src.attrs["layer_names"]:
+            name = name.decode()
+            g = dst.create_group(name)
+            new = []
+            for w in src[name].attrs["weight_names"]:
+                short = w.decode().split("/")[-1].split(":")[0].replace("depthwise_kernel", "kernel")
+                g.create_dataset(f"{name}/{short}", data=np.asarray(src[name][w.decode()]))
+                new.append(f"{name}/{short}".encode())
+            g.attrs["weight_names"] = np.array(new, dtype="S")
+    a, b = weights.convert("keras", keras_file), weights.convert("keras", k3)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_alpha_is_inferred_for_every_released_width(tmp_path):
+    for alpha in (1.0, 0.75, 0.5, 0.25):
+        src = write_keras2_h5(tmp_path / f"a{alpha}.h5", alpha, include_top=False)
+        assert weights.convert("keras", src).config.alpha == alpha
+
+
+def test_timm_conversion_and_cli(tmp_path):
+    timm = pytest.importorskip("timm")
+    from timm.models.efficientnet import _gen_mobilenet_v1
+
+    theirs = _gen_mobilenet_v1("mobilenetv1_100", channel_multiplier=0.25, pretrained=False).eval()
+    src = tmp_path / "timm.pth"
+    torch.save({"state_dict": theirs.state_dict()}, src)  # a training-script wrapper around the state dict
+    out = tmp_path / "timm.safetensors"
+    assert cli.main(["convert", "--from", "timm", str(src), "--out", str(out)]) == 0
+    model = mobilenets.load(out)
+    assert model.config.bn_eps == 1e-5 and model.config.padding == "symmetric"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), theirs(x))
+    del timm
+
+
+def test_convert_cli_rejects_unknown_source_in_one_line(tmp_path, capsys):
+    assert cli.main(["convert", "--from", "caffe", "x", "--out", str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "keras" in err and "tf-slim" in err
+
+
+# ---------------------------------------------------------------- loading: checkpoints, errors, no code
+
+
+def test_load_reads_training_checkpoints(tmp_path):
+    model = mobilenets.mobilenet_v1(0.25, num_classes=10)
+    obj = {"format": "mobilenets", "version": 1, "config": model.config.to_dict(), "state_dict": model.state_dict(),
+           "meta": {"resolution": 96, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
+                    "labels": [str(i) for i in range(10)], "source": "train"}, "epoch": 3}
+    checkpoint.save(obj, tmp_path / "ckpt.pt")
+    loaded = mobilenets.load(tmp_path / "ckpt.pt")
+    assert not loaded.training and loaded.meta["resolution"] == 96 and loaded.config.num_classes == 10
+    assert torch.equal(forward(loaded, 96), forward(model, 96))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("how", ["load", "convert-timm"])
+def test_pickles_with_code_are_refused_and_never_run(tmp_path, how):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": _Payload(marker)}, evil)
+    with pytest.raises(CheckpointError, match="refusing to load .* run code"):
+        if how == "load":
+            mobilenets.load(evil)
+        else:
+            weights.convert("timm", evil)
+    assert not marker.exists()
+
+
+def test_shape_mismatches_name_the_tensor_and_both_shapes(tmp_path):
+    from timm.models.efficientnet import _gen_mobilenet_v1
+
+    sd = _gen_mobilenet_v1("mobilenetv1_100", channel_multiplier=0.25, pretrained=False).state_dict()
+    sd["blocks.1.0.conv_pw.weight"] = torch.zeros(40, 16, 1, 1)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match=r"features\.2\.pointwise\.conv\.weight: file has \(40, 16, 1, 1\), "
+                                           r"alpha 0\.25 expects \(32, 16, 1, 1\)"):
+        weights.convert("timm", tmp_path / "bad.pth")
+
+
+def test_missing_layer_is_named(tmp_path, keras_file):
+    import h5py
+
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(keras_file.read_bytes())
+    with h5py.File(broken, "a") as f:
+        names = [n for n in f.attrs["layer_names"] if n != b"conv_pw_7_bn"]
+        f.attrs["layer_names"] = np.array(names)
+    with pytest.raises(WeightsError, match="no layer conv_pw_7_bn"):
+        weights.convert("keras", broken)
+
+
+def test_checkpoint_mismatch_names_tensor_and_shapes(tmp_path):
+    model = mobilenets.mobilenet_v1(0.25)
+    sd = model.state_dict()
+    sd["classifier.bias"] = torch.zeros(7)
+    checkpoint.save({"format": "mobilenets", "version": 1, "config": model.config.to_dict(), "state_dict": sd,
+                     "meta": {}}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=r"classifier\.bias: file has \(7,\), model expects \(1000,\)"):
+        mobilenets.load(tmp_path / "c.pt")
+
+
+def test_corrupted_converted_file_is_detected(tmp_path, converted_file):
+    data = bytearray(converted_file.read_bytes())
+    data[-100] ^= 0xFF  # flip bits inside the last tensor
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="corrupted"):
+        mobilenets.load(bad)
+
+
+@pytest.mark.parametrize("kind", ["h5", "text", "foreign-safetensors", "keras3-native"])
+def test_unloadable_files_say_what_would_work(tmp_path, keras_file, kind):
+    if kind == "h5":
+        path, match = keras_file, "mobilenets convert --from keras"
+    elif kind == "text":
+        path = tmp_path / "notes.txt"
+        path.write_text("hello")
+        match = "cannot read"
+    elif kind == "foreign-safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "x.safetensors"
+        save_file({"w": torch.zeros(2)}, str(path))
+        match = "without mobilenets metadata"
+    else:
+        import h5py
+
+        path = tmp_path / "m.weights.h5"
+        with h5py.File(path, "w") as f:
+            f.create_group("layers/conv2d/vars")
+        with pytest.raises(WeightsError, match=r"Keras 3 '\.weights\.h5'"):
+            weights.convert("keras", path)
+        return
+    with pytest.raises((WeightsError, CheckpointError), match=match):
+        mobilenets.load(path)
+
+
+def test_builder_with_weights_keeps_body_and_can_replace_the_head(converted_file):
+    base = mobilenets.mobilenet_v1(0.25, weights=converted_file)
+    assert base.config.padding == "tf_same" and base.meta["resolution"] == 128
+    tuned = mobilenets.mobilenet_v1(0.25, weights=converted_file, num_classes=10, dropout=0.2)
+    assert tuned.config.num_classes == 10 and tuned.config.dropout == 0.2 and tuned.meta["labels"] is None
+    assert torch.equal(tuned.features[13].pointwise.bn.running_var, base.features[13].pointwise.bn.running_var)
+    with pytest.raises(WeightsError, match="alpha 0.25 weights, not alpha 0.5"):
+        mobilenets.mobilenet_v1(0.5, weights=converted_file)
+    with pytest.raises(WeightsError, match="padding='symmetric' conflicts"):
+        mobilenets.mobilenet_v1(0.25, weights=converted_file, padding="symmetric")
+
+
+def test_builder_without_weights_is_the_plain_model():
+    model = mobilenets.mobilenet_v1(0.5, num_classes=10)
+    assert model.config.alpha == 0.5 and model.config.num_classes == 10 and model.meta["labels"] is None
+
+
+# ---------------------------------------------------------------- TF checkpoint reader pieces
+
+
+def test_snappy_blocks_decode():
+    # "abc" as a literal, then a 9-byte copy from 3 back (overlapping its own output)
+    assert _snappy_decompress(b"\x0c\x08abc\x15\x03") == b"abcabcabcabc"
+
+
+def test_checkpoint_prefix_forms(tmp_path):
+    (tmp_path / "model.ckpt.index").write_bytes(b"")
+    (tmp_path / "model.ckpt.data-00000-of-00001").write_bytes(b"")
+    prefix = str(tmp_path / "model.ckpt")
+    for form in (prefix, prefix + ".index", prefix + ".data-00000-of-00001", str(tmp_path)):
+        assert find_prefix(form) == prefix
+    with pytest.raises(FileNotFoundError, match="not a TensorFlow checkpoint"):
+        find_prefix(tmp_path / "other")
+    with pytest.raises(ValueError, match="not an SSTable"):
+        weights.convert("tf-slim", prefix)
+
+
+# ---------------------------------------------------------------- pretrained: a server on 127.0.0.1
+
+
+@pytest.fixture()
+def server(tmp_path):
+    folder = tmp_path / "served"
+    folder.mkdir()
+    s = Server(folder)
+    s.folder = folder
+    yield s
+    s.close()
+
+
+def test_pretrained_downloads_verifies_converts_once(server, tmp_path, monkeypatch, capsys):
+    src = write_keras2_h5(server.folder / "mobilenet_2_5_128_tf.h5", 0.25, seed=3)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOBILENETS_WEIGHTS_URL", server.url)
+    monkeypatch.setenv("MOBILENETS_CACHE", str(cache))
+
+    model = mobilenets.mobilenet_v1(alpha=0.25, weights="imagenet", resolution=128)
+    assert server.requests == ["/mobilenet_2_5_128_tf.h5"]
+    assert "downloading mobilenet_2_5_128_tf.h5" in capsys.readouterr().err
+    assert (cache / "mobilenet_2_5_128_tf.h5").read_bytes() == src.read_bytes()
+    assert (cache / "mobilenet_2_5_128_tf.safetensors").is_file()
+    recorded = json.loads((cache / "sha256.json").read_text())
+    assert set(recorded) == {"mobilenet_2_5_128_tf.h5"}
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert model.meta["resolution"] == 128 and model.meta["source"] == "keras:mobilenet_2_5_128_tf.h5"
+    assert torch.equal(forward(model, 128), forward(weights.convert("keras", src).model(), 128))
+
+    (cache / "mobilenet_2_5_128_tf.h5").unlink()  # the converted file is enough from now on
+    again = mobilenets.mobilenet_v1(alpha=0.25, weights="imagenet", resolution=128)
+    assert server.requests == ["/mobilenet_2_5_128_tf.h5"]
+    assert torch.equal(forward(again, 128), forward(model, 128))
+
+
+def test_pretrained_detects_a_changed_download(server, tmp_path, monkeypatch):
+    write_keras2_h5(server.folder / "mobilenet_2_5_160_tf.h5", 0.25, seed=1)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOBILENETS_WEIGHTS_URL", server.url)
+    monkeypatch.setenv("MOBILENETS_CACHE", str(cache))
+    weights.pretrained(0.25, 160, progress=False)
+    # the file changes on disk and the cached conversion is gone: its recorded sha256 catches it
+    (cache / "mobilenet_2_5_160_tf.safetensors").unlink()
+    write_keras2_h5(cache / "mobilenet_2_5_160_tf.h5", 0.25, seed=2)
+    with pytest.raises(WeightsError, match="first download had"):
+        weights.pretrained(0.25, 160, progress=False)
+
+
+def test_pretrained_rejects_what_is_not_hdf5_and_keeps_nothing(server, tmp_path, monkeypatch):
+    (server.folder / "mobilenet_2_5_192_tf.h5").write_text("<html>rate limited</html>")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOBILENETS_WEIGHTS_URL", server.url)
+    monkeypatch.setenv("MOBILENETS_CACHE", str(cache))
+    with pytest.raises(WeightsError, match="not an HDF5 file"):
+        weights.pretrained(0.25, 192, progress=False)
+    assert list(cache.iterdir()) == []
+
+
+def test_pretrained_offline_says_which_file_and_where(tmp_path, monkeypatch, server):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOBILENETS_CACHE", str(cache))
+    monkeypatch.setenv("MOBILENETS_WEIGHTS_URL", server.url)  # serves nothing: 404
+    with pytest.raises(WeightsError) as e:
+        weights.pretrained(0.5, 160, progress=False)
+    message = str(e.value)
+    assert "\n" not in message
+    assert f"{server.url}mobilenet_5_0_160_tf.h5" in message and str(cache / "mobilenet_5_0_160_tf.h5") in message
+    assert list(cache.iterdir()) == []
+    server.close()
+    server.close = lambda: None
+    with pytest.raises(WeightsError, match="download that file yourself and put it at"):
+        weights.pretrained(0.5, 160, progress=False)
+
+
+def test_pretrained_uses_a_file_placed_by_hand(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_keras2_h5(cache / "mobilenet_7_5_128_tf.h5", 0.75)
+    monkeypatch.setenv("MOBILENETS_CACHE", str(cache))
+    monkeypatch.setenv("MOBILENETS_WEIGHTS_URL", "http://127.0.0.1:9/")  # would fail if it were used
+    model = mobilenets.mobilenet_v1(0.75, weights="imagenet", resolution=128)
+    assert model.config.alpha == 0.75
+
+
+def test_pretrained_sizes_are_checked_first():
+    with pytest.raises(WeightsError, match=r"alpha in \[0.25, 0.5, 0.75, 1.0\] and resolution in \[224, 192, 160, 128\]"):
+        mobilenets.mobilenet_v1(0.35, weights="imagenet")
+    with pytest.raises(WeightsError, match="resolution=100"):
+        mobilenets.mobilenet_v1(0.5, weights="imagenet", resolution=100)
+
+
+def test_cache_dir_default_and_override(monkeypatch, tmp_path):
+    monkeypatch.delenv("MOBILENETS_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert weights.cache_dir() == Path.home() / ".cache" / "mobilenets"
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
+    assert weights.cache_dir() == tmp_path
+
+
+def test_imagenet_labels_ship_with_the_package():
+    labels = weights.imagenet_labels()
+    assert len(labels) == 1000 and labels[0] == "tench, Tinca tinca" and labels[999].startswith("toilet tissue")
