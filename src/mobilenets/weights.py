@@ -79,10 +79,17 @@ class Converted:
     meta: dict
 
     def model(self) -> MobileNetV1:
-        model = MobileNetV1(self.config)
+        model = _empty_model(self.config)
         checkpoint.load_state_dict(model, self.state_dict, path=self.meta.get("source", "<converted>"))
         model.meta = dict(self.meta)
         return model.eval()
+
+
+def _empty_model(config: MobileNetV1Config) -> MobileNetV1:
+    """The model with uninitialised storage, for weights that will overwrite every tensor (skips the init)."""
+    with torch.device("meta"):
+        model = MobileNetV1(config)
+    return model.to_empty(device="cpu")
 
 
 # ---------------------------------------------------------------- assembling our state dict
@@ -144,10 +151,15 @@ def infer_config(state_dict: dict[str, torch.Tensor], *, name: str = "<weights>"
     # int(1024 * alpha) loses alpha's last digits; the 4-digit rounding recovers 0.75, 0.35 and the like
     for alpha in dict.fromkeys((round(last / 1024, 4), last / 1024)):
         config = MobileNetV1Config(alpha=alpha, num_classes=num_classes, **options)
-        own = MobileNetV1(config).state_dict()
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            own = MobileNetV1(config).state_dict()
         bad = [f"{k}: file has {tuple(state_dict[k].shape)}, alpha {alpha:g} expects {tuple(v.shape)}"
                for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
         if not bad:
+            missing = [k for k in own if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in own]
+            if missing or unexpected:
+                raise WeightsError(f"{name}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
             return config
         mismatch = bad[0]
     raise WeightsError(f"{name}: the layer widths fit no width multiplier alpha ({mismatch})")
@@ -165,9 +177,7 @@ def _finish(sd, *, source: str, path, resolution, normalization: Normalization, 
         "labels": labels,
         "source": f"{source}:{Path(path).name}",
     }
-    converted = Converted(sd, config, meta)
-    converted.model()  # a strict load: names any missing, unexpected or mis-shaped tensor now
-    return converted
+    return Converted(sd, config, meta)
 
 
 def _resolution_from_name(path, pattern: str) -> int | None:
@@ -509,10 +519,11 @@ def _build(converted: Converted, options: dict, path) -> MobileNetV1:
                            f"({', '.join(f'{k}={getattr(converted.config, k)!r}' for k in fixed)}); leave it out")
     options = {k: v for k, v in options.items() if k not in FIXED_OPTIONS}
     config = replace(converted.config, **options)
-    model = MobileNetV1(config)
+    new_head = config.num_classes != converted.config.num_classes
+    model = MobileNetV1(config) if new_head else _empty_model(config)
     sd = dict(converted.state_dict)
     meta = dict(converted.meta)
-    if config.num_classes != converted.config.num_classes:
+    if new_head:
         # a new head for fine-tuning: keep the body, let the classifier start from its initialisation
         sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
