@@ -213,3 +213,21 @@ def test_timm_parity(alpha, resolution, suffix, tmp_path):
     rel = relative_difference(got, expected)
     report("timm", f"{alpha}-{resolution} ({suffix})", rel)
     assert rel <= TOLERANCE
+
+
+def test_tf_slim_released_archive_converts_like_its_checkpoint(references, tmp_path):
+    """The releases are .tgz archives holding model.ckpt.* beside other files; convert reads them as they are."""
+    import tarfile
+
+    folder, manifest = references("tf-slim")
+    prefix = folder / manifest["cases"][-1]["files"][0]
+    archive = tmp_path / f"{prefix.parent.name}.tgz"
+    (tmp_path / "info.txt").write_text("not a checkpoint")
+    with tarfile.open(archive, "w:gz") as tar:
+        for f in sorted(prefix.parent.iterdir()):
+            tar.add(f, arcname=f"./{f.name}")
+        tar.add(tmp_path / "info.txt", arcname="./info.txt")
+    a, b = weights.convert("tf-slim", archive), weights.convert("tf-slim", prefix)
+    assert a.meta["resolution"] == b.meta["resolution"] == manifest["cases"][-1]["resolution"]
+    assert a.state_dict.keys() == b.state_dict.keys()
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
