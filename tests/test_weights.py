@@ -119,7 +119,7 @@ def test_alpha_is_inferred_for_every_released_width(tmp_path):
 
 
 def test_timm_conversion_and_cli(tmp_path):
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.efficientnet import _gen_mobilenet_v1
 
     theirs = _gen_mobilenet_v1("mobilenetv1_100", channel_multiplier=0.25, pretrained=False).eval()
@@ -132,7 +132,6 @@ def test_timm_conversion_and_cli(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), theirs(x))
-    del timm
 
 
 def test_convert_cli_rejects_unknown_source_in_one_line(tmp_path, capsys):

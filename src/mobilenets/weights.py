@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .checkpoint import CheckpointError
 from .images import INCEPTION, Normalization
 from .model import MobileNetV1, MobileNetV1Config
 
@@ -130,11 +129,6 @@ def _tf_layers_to_state_dict(layers: dict, classifier, name: str) -> dict[str, t
     return sd
 
 
-def _layer_prefixes() -> list[tuple[int, str | None]]:
-    """(row, part) for Table 1: row 0 is the stem conv, rows 1..13 have a depthwise and a pointwise part."""
-    return [(0, None)] + [(i, part) for i in range(1, 14) for part in ("depthwise", "pointwise")]
-
-
 def _prefix(row: int, part: str | None) -> str:
     return f"features.{row}" if part is None else f"features.{row}.{part}"
 
@@ -148,7 +142,8 @@ def infer_config(state_dict: dict[str, torch.Tensor], *, name: str = "<weights>"
                            f"is this a MobileNet v1 with 13 separable blocks?") from None
     num_classes = state_dict["classifier.weight"].shape[0] if "classifier.weight" in state_dict else 0
     mismatch = ""
-    # int(1024 * alpha) loses alpha's last digits; the 4-digit rounding recovers 0.75, 0.35 and the like
+    # widths are int(c * alpha), so several alphas fit one file: the 4-digit rounding of the last width
+    # over 1024 is exact for the released 1.0, 0.75, 0.5, 0.25 (and timm's 1.25); the raw ratio is the fallback
     for alpha in dict.fromkeys((round(last / 1024, 4), last / 1024)):
         config = MobileNetV1Config(alpha=alpha, num_classes=num_classes, **options)
         with torch.device("meta"):  # shapes only: no memory, no initialisation
