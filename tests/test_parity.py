@@ -215,6 +215,21 @@ def test_timm_parity(alpha, resolution, suffix, tmp_path):
     assert rel <= TOLERANCE
 
 
+def test_corrupted_tf_checkpoint_is_detected(references, tmp_path):
+    import shutil
+
+    folder, manifest = references("tf-slim")
+    src = (folder / manifest["cases"][-1]["files"][0]).parent
+    copy = tmp_path / src.name
+    shutil.copytree(src, copy)
+    shard = copy / "model.ckpt.data-00000-of-00001"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="CRC-32C"):
+        weights.convert("tf-slim", copy / "model.ckpt")
+
+
 def test_tf_slim_released_archive_converts_like_its_checkpoint(references, tmp_path):
     """The releases are .tgz archives holding model.ckpt.* beside other files; convert reads them as they are."""
     import tarfile

@@ -264,6 +264,20 @@ def test_builder_without_weights_is_the_plain_model():
 # ---------------------------------------------------------------- TF checkpoint reader pieces
 
 
+def test_crc32c_known_values():
+    from mobilenets.tf_checkpoint import crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert crc32c(b"") == 0
+    data = bytes(range(256)) * 100 + b"tail"  # several 4096-byte chunks and a tail: the chained path
+    reg = 0xFFFFFFFF
+    for b in data:  # bit by bit, the definition
+        reg ^= b
+        for _ in range(8):
+            reg = (reg >> 1) ^ 0x82F63B78 if reg & 1 else reg >> 1
+    assert crc32c(data) == reg ^ 0xFFFFFFFF
+
+
 def test_snappy_blocks_decode():
     # "abc" as a literal, then a 9-byte copy from 3 back (overlapping its own output)
     assert _snappy_decompress(b"\x0c\x08abc\x15\x03") == b"abcabcabcabc"

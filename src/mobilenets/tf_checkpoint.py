@@ -6,7 +6,8 @@ format): data blocks of prefix-compressed key/value entries, an index block
 that points at them and a 48-byte footer.  Key ``""`` holds a
 ``BundleHeaderProto`` (shard count, endianness); every other key is a
 variable name whose value is a ``BundleEntryProto`` (dtype, shape, shard,
-offset, size) locating the variable's raw little-endian bytes in its shard.
+offset, size, masked CRC-32C) locating the variable's raw little-endian
+bytes in its shard; every tensor read is checked against its CRC.
 Both protos are decoded here from the protobuf wire format, so converting the
 released TF-slim weights needs neither TensorFlow nor protobuf.
 """
@@ -44,6 +45,7 @@ class Entry:
     offset: int
     size: int
     sliced: bool
+    crc32c: int | None  # masked, as TensorFlow stores it
 
 
 # ---------------------------------------------------------------- wire formats
@@ -108,6 +110,7 @@ def _parse_entry(name: str, buf: bytes) -> Entry:
     dtype = shard_id = offset = size = 0
     shape: tuple[int, ...] = ()
     sliced = False
+    crc = None
     for field, value in _proto_fields(buf):
         if field == 1:
             dtype = value
@@ -119,9 +122,65 @@ def _parse_entry(name: str, buf: bytes) -> Entry:
             offset = value
         elif field == 5:
             size = value
+        elif field == 6:
+            crc = value
         elif field == 7:
             sliced = True
-    return Entry(name, dtype, shape, shard_id, offset, size, sliced)
+    return Entry(name, dtype, shape, shard_id, offset, size, sliced, crc)
+
+
+# ---------------------------------------------------------------- CRC-32C, to check every tensor's bytes
+
+_CRC32C_POLY = 0x82F63B78  # Castagnoli, bit-reflected
+_CRC_TABLE = np.zeros(256, dtype=np.uint32)
+for _i in range(256):
+    _c = _i
+    for _ in range(8):
+        _c = (_c >> 1) ^ _CRC32C_POLY if _c & 1 else _c >> 1
+    _CRC_TABLE[_i] = _c
+_CRC_CHUNK = 4096
+_crc_zeros: list[int] = []
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C of ``data``, fast enough in numpy for checkpoint-sized tensors.
+
+    The register update is affine: the register after a chunk is Z(register
+    before) xor the chunk's CRC from a zero register, with Z the linear map of
+    feeding 4096 zero bytes.  So all chunks are CRC'd at once (vectorised over
+    chunks), then chained through Z; the tail is done byte by byte.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
+    n = len(buf) // _CRC_CHUNK
+    reg = 0xFFFFFFFF
+    if n:
+        if not _crc_zeros:  # Z's columns: each basis bit pushed through 4096 zero bytes
+            state = np.left_shift(np.uint32(1), np.arange(32, dtype=np.uint32))
+            for _ in range(_CRC_CHUNK):
+                state = _CRC_TABLE[state & 0xFF] ^ (state >> 8)
+            _crc_zeros.extend(int(v) for v in state)
+        chunks = buf[: n * _CRC_CHUNK].reshape(n, _CRC_CHUNK)
+        raw = np.zeros(n, dtype=np.uint32)
+        for j in range(_CRC_CHUNK):
+            raw = _CRC_TABLE[(raw ^ chunks[:, j]) & 0xFF] ^ (raw >> 8)
+        for r in raw.tolist():
+            z, bit = 0, 0
+            while reg:
+                if reg & 1:
+                    z ^= _crc_zeros[bit]
+                reg >>= 1
+                bit += 1
+            reg = z ^ r
+    table = _CRC_TABLE.tolist()
+    for b in data[n * _CRC_CHUNK:]:
+        reg = table[(reg ^ b) & 0xFF] ^ (reg >> 8)
+    return reg ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TensorFlow stores CRCs masked (rotated right 15 bits plus a constant) so CRCs of CRCs stay distinct."""
+    c = crc32c(data)
+    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _snappy_decompress(data: bytes) -> bytes:
@@ -259,6 +318,9 @@ class CheckpointReader:
         data = self._shard(e.shard_id)[e.offset:e.offset + e.size]
         if len(data) != e.size:
             raise CheckpointFormatError(f"{name}: its data shard is truncated")
+        if e.crc32c is not None and masked_crc32c(data) != e.crc32c:
+            raise CheckpointFormatError(f"{name}: its bytes fail the checkpoint's CRC-32C check; the .data "
+                                        f"shard is corrupted, download or copy it again")
         count = int(np.prod(e.shape, dtype=np.int64))
         if e.dtype == DT_BFLOAT16:
             bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
