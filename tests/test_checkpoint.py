@@ -60,6 +60,10 @@ def test_unreadable_and_foreign_files(tmp_path):
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(checkpoint.CheckpointError, match="cannot read"):
         checkpoint.load(junk)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello world\nline two\n")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read .*notes.txt"):
+        checkpoint.load(text)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.load(tmp_path / "missing.pt")
     with pytest.raises(checkpoint.CheckpointError, match="not a mobilenets checkpoint.*mobilenets convert"):

@@ -71,8 +71,10 @@ def load(path: str | Path) -> dict:
             f"it would run code from the file ({culprit}). Only weights-only files are loaded: re-save the "
             f"state_dict with torch.save(model.state_dict(), ...) or use safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {str(e).splitlines()[0]}") from None
+    # torch.load reports junk in many ways (a text file raises KeyError): all mean "not a checkpoint"
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, UnicodeDecodeError) as e:
+        detail = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {detail}") from None
     return obj
 
 
