@@ -73,7 +73,7 @@ def load(path: str | Path) -> dict:
         ) from None
     # torch.load reports junk in many ways (a text file raises KeyError): all mean "not a checkpoint"
     except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, UnicodeDecodeError) as e:
-        detail = (str(e).splitlines() or [type(e).__name__])[0]
+        detail = "neither a zip archive nor a pickle" if isinstance(e, KeyError) else (str(e).splitlines() or [""])[0]
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {detail}") from None
     return obj
 
