@@ -143,13 +143,11 @@ class ImageFolder(_Dataset):
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not found:
             raise ValueError(f"{root} has no class folders; expected one folder per class, {root}/<class>/*.jpg")
-        if classes is not None and found != list(classes):
+        if classes is not None and found != sorted(classes):
             missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
-            raise ValueError(
-                f"the classes in {root} differ from the training classes: "
-                + "; ".join(s for s in (f"missing {missing}" if missing else "", f"not in training {extra}" if extra else "",
-                                        "same names in another order" if not missing and not extra else "") if s)
-                + "; every split needs the same class folders")
+            differences = [f"missing {missing}"] * bool(missing) + [f"not in training {extra}"] * bool(extra)
+            raise ValueError(f"the classes in {root} differ from the training classes: {'; '.join(differences)}; "
+                             f"every split needs the same class folders")
         self.root = root
         self.classes = list(classes) if classes is not None else found
         self.transform = transform
@@ -289,7 +287,15 @@ def collate(batch):
     return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), skipped
 
 
-def loader(dataset, sampler, batch_size: int, num_workers: int, *, pin_memory: bool = False):
+def loader(dataset, sampler, batch_size: int, num_workers: int, *, pin_memory: bool = False,
+           drop_last: bool = False):
+    """A DataLoader over (index, seed) keys that never draws from the global torch RNG.
+
+    A DataLoader draws its workers' base seed when an iterator starts; with
+    its own generator that draw leaves the global RNG (dropout's) untouched,
+    so stopping and resuming mid-epoch replays the same dropout masks.  The
+    augmentation does not depend on the worker seeds at all.
+    """
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-        pin_memory=pin_memory, persistent_workers=False)
+        pin_memory=pin_memory, drop_last=drop_last, generator=torch.Generator().manual_seed(0))

@@ -526,6 +526,8 @@ def _train(c: TrainConfig, dist: Dist, device: torch.device, resume) -> dict:
         raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch of {c.batch_size} "
                          f"per process; lower --batch-size")
 
+    if c.sync_bn and dist.enabled and device.type == "cpu":
+        raise ValueError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation; drop --sync-bn")
     model.to(device)
     if c.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -607,9 +609,7 @@ def _train(c: TrainConfig, dist: Dist, device: torch.device, resume) -> dict:
             train_model.train()
             sampler = data.EpochSampler(len(train_set), seed=c.seed, epoch=epoch, rank=dist.rank,
                                         world_size=dist.world_size, start=start_step * c.batch_size)
-            train_loader = torch.utils.data.DataLoader(
-                train_set, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers,
-                collate_fn=data.collate, pin_memory=pin, drop_last=True)
+            train_loader = data.loader(train_set, sampler, c.batch_size, c.num_workers, pin_memory=pin, drop_last=True)
             loss_sum = torch.tensor(partial[0], dtype=torch.float64)
             correct = torch.tensor(partial[1], dtype=torch.float64)
             seen = int(partial[2])

@@ -1,0 +1,178 @@
+"""Image folders (odd and broken files, layout errors), the built-in digits, transforms and sampling."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagefolders import make_dataset, make_split
+from mobilenets import data
+from mobilenets.images import IMAGENET, INCEPTION
+
+R = 32
+
+
+def _odd_images(folder):
+    """One file per awkward case the issue lists; all must come out as (3, R, R) RGB tensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (24, 30, 3), dtype=np.uint8), "RGB")
+    rgb.convert("L").save(folder / "gray.png")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "rgba.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((rng.integers(0, 65535, (24, 30))).astype(np.uint16)).save(folder / "sixteen.png")
+    rgb.convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
+    rgb.save(folder / "image.webp")
+    rgb.save(folder / "image.bmp")
+    rgb.save(folder / "image.gif")
+    # EXIF orientation 6: stored 64x32 with red on the left; displayed rotated 90 degrees clockwise (red on top)
+    halves = np.zeros((32, 64, 3), np.uint8)
+    halves[:, :32, 0] = 255
+    halves[:, 32:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(halves).save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    return 9
+
+
+def _broken_files(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not an image\n")
+    return {"truncated.jpg", "empty.png", "notes.jpg"}
+
+
+def test_odd_modes_and_formats_all_come_out_as_rgb(tmp_path):
+    n = _odd_images(tmp_path / "train" / "a")
+    ds = data.ImageFolder(tmp_path / "train", data.EvalTransform(R))
+    assert len(ds) == n
+    for i in range(len(ds)):
+        item = ds[i]
+        assert not isinstance(item, data.Skipped), item
+        x, target = item
+        assert x.shape == (3, R, R) and x.dtype == torch.float32 and target == 0
+        assert -1.0 <= x.min() and x.max() <= 1.0  # x/127.5 - 1
+    # EXIF rotation applied: red on top, blue at the bottom after the 90 degree turn
+    x, _ = ds[[p.name for p in ds.paths].index("rotated.jpg")]
+    top, bottom = x[:, 2, R // 2], x[:, -3, R // 2]
+    assert top[0] > 0.8 and top[2] < -0.8, top
+    assert bottom[2] > 0.8 and bottom[0] < -0.8, bottom
+
+
+def test_broken_files_are_skipped_not_fatal(tmp_path):
+    make_split(tmp_path, 2, 0, classes=("vertical",))
+    broken = _broken_files(tmp_path / "vertical")
+    ds = data.ImageFolder(tmp_path, data.TrainTransform(R))
+    items = [ds[(i, 7)] for i in range(len(ds))]
+    skipped = [it for it in items if isinstance(it, data.Skipped)]
+    assert {s.path.rsplit("/", 1)[-1] for s in skipped} == broken
+    assert all(s.path in s.error for s in skipped)  # the message names the file
+    x, y, dropped = data.collate(items)
+    assert x.shape == (2, 3, R, R) and y.tolist() == [0, 0] and len(dropped) == 3
+    assert data.collate(skipped) == (None, None, skipped)
+
+
+def test_layout_errors_say_what_would_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        data.splits(tmp_path / "nope", R, train_transform=None, eval_transform=None)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="no val/ folder.*ImageFolder layout"):
+        data.splits(tmp_path, R, train_transform=None, eval_transform=None)
+    (tmp_path / "val").mkdir()
+    with pytest.raises(ValueError, match="no class folders"):
+        data.splits(tmp_path, R, train_transform=None, eval_transform=None)
+
+    root = make_dataset(tmp_path / "ds", 2, 1)
+    (root / "train" / "empty").mkdir()
+    (root / "train" / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"class folder .*empty has no images"):
+        data.splits(root, R, train_transform=None, eval_transform=None)
+
+    root = make_dataset(tmp_path / "ds2", 2, 1)
+    (root / "val" / "diagonal").rename(root / "val" / "diagonals")
+    with pytest.raises(ValueError, match=r"differ from the training classes.*missing \['diagonal'\].*"
+                                         r"not in training \['diagonals'\]"):
+        data.splits(root, R, train_transform=None, eval_transform=None)
+
+
+def test_classes_are_sorted_folders_and_hidden_files_ignored(tmp_path):
+    root = make_dataset(tmp_path, 3, 2)
+    (root / "train" / "vertical" / ".DS_Store").write_bytes(b"junk")
+    (root / "train" / ".cache").mkdir()
+    train, val = data.splits(root, R, train_transform=data.TrainTransform(R), eval_transform=data.EvalTransform(R))
+    assert train.classes == val.classes == ["diagonal", "horizontal", "vertical"]
+    assert len(train) == 9 and len(val) == 6
+    assert train.targets == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_builtin_digits_are_real_fixed_and_held_out():
+    train = data.Digits("train", R, data.EvalTransform(R))
+    val = data.Digits("val", R, data.EvalTransform(R))
+    assert len(train) + len(val) == 1797 and len(val) == 359
+    assert train.classes == [str(i) for i in range(10)]
+    assert set(train.paths).isdisjoint(val.paths)
+    assert sorted(np.bincount(val.targets).tolist())[0] >= 35  # stratified: every digit held out
+    assert data.Digits("val", R, data.EvalTransform(R)).paths == val.paths  # fixed split
+    x, _ = val[0]
+    assert x.shape == (3, R, R)
+    # real scans, not noise: a nearest-centroid classifier on the pixels already separates the held-out digits
+    flat = lambda ds: torch.stack([ds[i][0][0].flatten() for i in range(len(ds))])
+    xt, xv = flat(train), flat(val)
+    centroids = torch.stack([xt[torch.tensor(train.targets) == c].mean(0) for c in range(10)])
+    accuracy = (torch.cdist(xv, centroids).argmin(1) == torch.tensor(val.targets)).float().mean()
+    assert accuracy > 0.85
+
+
+def test_train_transform_is_a_function_of_its_seed():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    t = data.TrainTransform(R, min_scale=0.3, hflip=0.5, normalization=IMAGENET)
+    a, b = t(image, random.Random(5)), t(image, random.Random(5))
+    assert torch.equal(a, b) and a.shape == (3, R, R)
+    assert not torch.equal(a, t(image, random.Random(6)))
+    for seed in range(200):
+        left, top, w, h = t.crop_box(70, 50, random.Random(seed))
+        assert 0 <= left and left + w <= 70 and 0 <= top and top + h <= 50
+        assert w * h >= 0.3 * 70 * 50 * 0.9  # area drawn in [min_scale, 1] (rounding aside)
+        assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1 or (w, h) == (70, 50)
+    flipped = data.TrainTransform(R, min_scale=1.0, hflip=1.0)
+    plain = data.TrainTransform(R, min_scale=1.0, hflip=0.0)
+    square = image.crop((0, 0, 50, 50))
+    assert torch.allclose(flipped(square, random.Random(0)), plain(square, random.Random(0)).flip(-1))
+    with pytest.raises(ValueError, match="min_scale"):
+        data.TrainTransform(R, min_scale=0)
+
+
+def test_augmentation_is_milder_for_small_alpha():
+    scales = [data.default_min_scale(a) for a in (1.0, 0.75, 0.5, 0.25)]
+    assert scales[0] == 0.08 and scales == sorted(scales) and scales[-1] == 0.35
+
+
+def test_eval_transform_is_images_eval_transform():
+    from mobilenets.images import eval_transform
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    assert torch.equal(data.EvalTransform(R, INCEPTION)(image), eval_transform(image, R, INCEPTION))
+
+
+def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
+    s = lambda **kw: list(data.EpochSampler(10, **{"seed": 1, "epoch": 0, **kw}))
+    assert s() == s()
+    assert [i for i, _ in s()] != [i for i, _ in s(epoch=1)]
+    assert sorted(i for i, _ in s()) == list(range(10))
+    assert s(start=4) == s()[4:]
+    # two ranks share the epoch: padded to equal length, together covering every index
+    r0, r1 = s(world_size=2, rank=0), s(world_size=2, rank=1)
+    assert len(r0) == len(r1) == 5 and {i for i, _ in r0 + r1} == set(range(10))
+    seeds = {k: v for k, v in s()}
+    assert all(seeds[i] == v for i, v in r0 + r1)  # an image's augmentation does not depend on the rank
+    assert list(data.ShardSampler(5, 1, 2)) == [1, 3]

@@ -1,0 +1,335 @@
+"""Training: the TF RMSprop, the recipes, learning, exact resumption after kill -9 and SIGTERM, DDP, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagefolders import make_dataset
+from mobilenets import checkpoint, cli, train
+from mobilenets.images import IMAGENET
+from mobilenets.model import mobilenet_v1
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"images_per_s", "epoch_time_s"}  # the only fields that may differ between identical runs
+
+
+def tiny(tmp, data, **overrides):
+    """A run small enough for a unit test: alpha 0.25 at 32 px, batch 8, no worker processes."""
+    recipe = overrides.pop("recipe", "paper")
+    options = dict(data=str(data), alpha=0.25, resolution=32, epochs=3, batch_size=8, num_workers=0,
+                   progress=False, plot=False, out=str(tmp), lr=0.01)
+    options.update(overrides)
+    return train.make_config(recipe, **options)
+
+
+def run_cli(*args, env_extra=None, script=None, timeout=240):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    env.update(env_extra or {})
+    command = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "mobilenets", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def rows_without_timing(run):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in train.read_metrics(run)]
+
+
+def assert_same_state(a: Path, b: Path):
+    sa, sb = checkpoint.load(a), checkpoint.load(b)
+    assert (sa["epoch"], sa["step"]) == (sb["epoch"], sb["step"])
+    for k, v in sa["state_dict"].items():
+        assert torch.equal(v, sb["state_dict"][k]), k
+    for (ka, va), (kb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items()):
+        for name in va:
+            assert torch.equal(va[name], vb[name]), (ka, name)
+    assert torch.equal(sa["rng"][0], sb["rng"][0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy CI machine does not stall a spinning second one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("patterns"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    """The reference run that the interrupted-and-resumed runs must reproduce exactly (modern: EMA, warmup)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train.train(tiny(out, dataset, recipe="modern", lr=0.002))
+    return out
+
+
+# ---------------------------------------------------------------- the optimizer and the recipes
+
+
+def test_rmsprop_tf_matches_timm_rmsproptf():
+    """Ours against an implementation we did not write (timm's RMSpropTF, lr inside the momentum buffer)."""
+    from timm.optim import RMSpropTF as TimmRMSpropTF
+
+    torch.manual_seed(0)
+    start = [torch.randn(4, 3), torch.randn(7)]
+    ours = [p.clone().requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    a = train.RMSpropTF(ours, lr=0.045, decay=0.9, momentum=0.9, eps=1.0, weight_decay=4e-5)
+    b = TimmRMSpropTF(theirs, lr=0.045, alpha=0.9, momentum=0.9, eps=1.0, weight_decay=4e-5, lr_in_momentum=True)
+    for step in range(8):
+        grads = [torch.randn_like(p) * 3 for p in start]
+        for opt, params in ((a, ours), (b, theirs)):
+            if step == 4:  # lr changes mid-run: TF keeps the old lr inside the momentum buffer
+                opt.param_groups[0]["lr"] = 0.045 * 0.94
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(ours[0], start[0])
+    # and it is not PyTorch's RMSprop, which differs exactly where TF's eps = 1.0 matters
+    c = [p.clone().requires_grad_() for p in start]
+    torch_opt = torch.optim.RMSprop(c, lr=0.045, alpha=0.9, momentum=0.9, eps=1.0)
+    c[0].grad = torch.ones_like(c[0])
+    torch_opt.step()
+    assert not torch.allclose(c[0], start[0] - 0.045 / (0.1 + 1.0) ** 0.5)
+
+
+def test_no_weight_decay_on_depthwise_bn_or_bias():
+    model = mobilenet_v1(0.25, num_classes=7)
+    decay, no_decay = train.parameter_groups(model, 4e-5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    expected = sorted(["features.0.conv.weight", "classifier.weight"]
+                      + [f"features.{i}.pointwise.conv.weight" for i in range(1, 14)])
+    assert decayed == expected and decay["weight_decay"] == 4e-5
+    assert no_decay["weight_decay"] == 0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_paper_schedule_is_staircase_0_94_every_2_5_epochs():
+    c = train.make_config("paper", epochs=10)
+    s = train.Schedule(c, steps_per_epoch=100, epochs=10)
+    assert s.lr(0) == 0.045 and s.lr(249) == 0.045
+    assert s.lr(250) == pytest.approx(0.045 * 0.94) and s.lr(500) == pytest.approx(0.045 * 0.94 ** 2)
+    assert c.opt == "rmsprop_tf" and c.rmsprop_eps == 1.0 and c.rmsprop_decay == 0.9 and c.momentum == 0.9
+    assert c.weight_decay == 4e-5 and c.label_smoothing == 0 and not c.model_ema
+
+
+def test_modern_schedule_warms_up_then_cosine_to_lr_min():
+    c = train.make_config("modern", epochs=100, lr=1e-3, lr_min=1e-5)
+    s = train.Schedule(c, steps_per_epoch=10, epochs=100)
+    assert s.lr(0) == pytest.approx(1e-5) and s.lr(25) < s.lr(49) < 1e-3
+    assert s.lr(50) == pytest.approx(1e-3)
+    assert s.lr(999) == pytest.approx(1e-5, abs=1e-7)
+    assert c.label_smoothing == 0.1 and c.model_ema and c.opt == "adamw"
+    # flags override the preset
+    assert train.make_config("modern", label_smoothing=0.0, model_ema=False).label_smoothing == 0.0
+
+
+# ---------------------------------------------------------------- a run that learns
+
+
+def test_learns_and_writes_metrics_checkpoints_and_plots(tmp_path, dataset, capsys):
+    data = tmp_path / "data"
+    make_dataset(data, train_per_class=48, val_per_class=16)
+    for name, payload in (("cut.png", (data / "train/vertical/000.png").read_bytes()[:200]),
+                          ("empty.jpg", b""), ("text.webp", b"not an image at all")):
+        (data / "train" / "horizontal" / name).write_bytes(payload)
+    out = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # the paper recipe (TF RMSprop) at 64 px: BN statistics at 32 px (1x1 maps) settle too slowly for a unit test
+        last = train.train(tiny(out, data, epochs=10, resolution=64, batch_size=16, plot=True))
+    skips = [str(w.message) for w in caught if "undecodable" in str(w.message)]
+    assert len(skips) == 3 and all(any(n in m for m in skips) for n in ("cut.png", "empty.jpg", "text.webp"))
+    assert "skipped 3 undecodable file(s)" in capsys.readouterr().err
+
+    rows = train.read_metrics(out)
+    assert [r["epoch"] for r in rows] == list(range(1, 11)) and last == rows[-1]
+    for key in ("train_loss", "val_top1", "val_top5", "lr", "images_per_s"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
+    assert rows[-1]["val_top1"] >= 80  # three classes: chance is 33%
+    assert rows[-1]["val_images"] == 48 and rows[-1]["skipped_files"] == 3
+
+    best = checkpoint.load(out / "best.pt")
+    assert best["metrics"]["val_top1"] == max(r["val_top1"] for r in rows)
+    model, meta = checkpoint.model_from(best)
+    assert meta["labels"] == ["diagonal", "horizontal", "vertical"] and meta["resolution"] == 64
+    assert meta["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    last_ckpt = checkpoint.load(out / "last.pt")
+    assert last_ckpt["epoch"] == 10 and last_ckpt["train_config"]["alpha"] == 0.25
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
+    for png in ("loss.png", "accuracy.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_amp_and_channels_last_run_on_cpu(tmp_path, dataset):
+    out = tmp_path / "run"
+    row = train.train(tiny(out, dataset, epochs=1, amp=True, channels_last=True))
+    assert torch.isfinite(torch.tensor(row["train_loss"]))
+    model, _ = checkpoint.model_from(checkpoint.load(out / "last.pt"))
+    assert all(v.is_contiguous() for v in model.state_dict().values())
+
+
+# ---------------------------------------------------------------- resumption
+
+
+KILL_AFTER_EPOCH_2 = """
+import os, signal, sys
+from mobilenets import checkpoint, cli
+save = checkpoint.save
+def save_then_die(obj, path):
+    written = save(obj, path)
+    if path.name == "last.pt" and obj["epoch"] == 2 and obj["step"] == 0:
+        os.kill(os.getpid(), signal.SIGKILL)  # after the checkpoint, before metrics.jsonl is updated
+    return written
+checkpoint.save = save_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+SIGTERM_IN_EPOCH_2 = """
+import os, signal, sys
+from mobilenets import data, cli
+collate, calls = data.collate, [0]
+def collate_then_signal(batch):
+    calls[0] += 1
+    if calls[0] == 19:  # epoch 1 is 9 training + 2 x 3 validation batches (model, EMA): this is epoch 2, step 4
+        os.kill(os.getpid(), signal.SIGTERM)
+    return collate(batch)
+data.collate = collate_then_signal
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _cli_args(data, out):
+    return ["train", "--data", str(data), "--recipe", "modern", "--lr", "0.002", "--alpha", "0.25",
+            "--resolution", "32", "--epochs", "3", "-b", "8", "-j", "0", "--out", str(out), "--no-progress",
+            "--no-plot"]
+
+
+def test_resume_after_kill_9_loses_and_redoes_no_epoch(tmp_path, dataset, uninterrupted):
+    out = tmp_path / "run"
+    killed = run_cli(*_cli_args(dataset, out), script=KILL_AFTER_EPOCH_2)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint.load(out / "last.pt")["epoch"] == 2
+    assert len(train.read_metrics(out)) == 1  # killed between the checkpoint and the metrics line
+
+    config, file = train.resume_config(out)
+    train.train(config, resume=file)
+    assert [r["epoch"] for r in train.read_metrics(out)] == [1, 2, 3]
+    assert rows_without_timing(out) == rows_without_timing(uninterrupted)
+    assert_same_state(out / "last.pt", uninterrupted / "last.pt")
+    ema_a, ema_b = (checkpoint.load(p / "last.pt")["ema"]["state_dict"] for p in (out, uninterrupted))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_sigterm_saves_mid_epoch_exits_cleanly_and_resumes_exactly(tmp_path, dataset, uninterrupted):
+    out = tmp_path / "run"
+    stopped = run_cli(*_cli_args(dataset, out), script=SIGTERM_IN_EPOCH_2)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert "stopped by SIGTERM" in stopped.stderr and f"--resume {out}" in stopped.stderr
+    saved = checkpoint.load(out / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (1, 4)
+
+    resumed = run_cli("train", "--resume", str(out), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["epoch"] == 3
+    assert rows_without_timing(out) == rows_without_timing(uninterrupted)
+    assert_same_state(out / "last.pt", uninterrupted / "last.pt")
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def test_two_process_ddp_with_gloo(tmp_path, dataset):
+    out = tmp_path / "run"
+    env = {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mobilenets",
+         *_cli_args(dataset, out)[:-6], "--epochs", "2", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = train.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["val_images"] == 24  # the two shards count every validation image once
+    assert rows[-1]["train_top1"] > 0
+    state = checkpoint.load(out / "last.pt")
+    assert len(state["rng"]) == 2  # both ranks' RNG, so a resume on 2 processes is exact
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "best.pt", "last.pt", "loss.png", "metrics.jsonl"]
+    assert result.stdout.count('"run"') == 1  # only rank 0 reports
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def test_finetune_new_head_keeps_body_and_normalization(tmp_path, dataset):
+    torch.manual_seed(3)
+    source = mobilenet_v1(0.25, num_classes=5)
+    path = checkpoint.save({
+        "format": "mobilenets", "version": 1, "config": source.config.to_dict(), "state_dict": source.state_dict(),
+        "meta": {"resolution": 64, "normalization": IMAGENET.to_dict(), "labels": list("abcde"), "source": "test"},
+    }, tmp_path / "source.pt")
+    out = tmp_path / "run"
+    train.train(tiny(out, dataset, epochs=1, finetune=str(path), opt="sgd", lr=1e-12, alpha=None))
+    model, meta = checkpoint.model_from(checkpoint.load(out / "last.pt"))
+    assert model.config.num_classes == 3 and model.config.alpha == 0.25
+    assert meta["normalization"] == IMAGENET.to_dict()
+    assert meta["labels"] == ["diagonal", "horizontal", "vertical"] and "fine-tuned from" in meta["source"]
+    for k, v in source.state_dict().items():
+        if k.endswith("conv.weight"):
+            torch.testing.assert_close(model.state_dict()[k], v)  # the body came from the checkpoint
+    assert model.classifier.weight.shape == (3, source.num_features)
+
+
+# ---------------------------------------------------------------- errors and the CLI
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs: must be an integer >= 1"),
+    (["--lr", "-1"], "--lr: must be a number > 0"),
+    (["--recipe", "fast"], "invalid choice: 'fast'"),
+    (["--hflip", "2"], "--hflip: must be a number in [0, 1]"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+    (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--data", "/no/such/folder"], "/no/such/folder is not a directory"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, capsys, args, message):
+    assert cli.main(["train", "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mobilenets: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_run_folder_is_not_overwritten_and_resume_keeps_its_settings(tmp_path, dataset, uninterrupted, capsys):
+    assert cli.main(["train", "--data", str(dataset), "--out", str(uninterrupted)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(uninterrupted), "--alpha", "0.5"]) == 2
+    assert "--alpha" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # a finished run resumed with no more epochs does nothing and says where it ended
+    assert cli.main(["train", "--resume", str(uninterrupted), "--no-plot"]) == 0
+    assert json.loads(capsys.readouterr().out)["epoch"] == 3
+
+
+def test_plot_command(tmp_path, uninterrupted, capsys):
+    assert cli.main(["plot", str(uninterrupted)]) == 0
+    assert "accuracy.png" in capsys.readouterr().out
+    assert (uninterrupted / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
