@@ -214,6 +214,8 @@ def run_train(args) -> int:
     except train.Interrupted as e:
         print(f"mobilenets: {e}; continue with: mobilenets train --resume {e.path.parent}", file=sys.stderr)
         return 128 + e.signum
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
     summary = {"run": config.out, **{k: row[k] for k in ("epoch", "train_loss", "val_top1", "val_top5") if k in row}}
     if "ema_val_top1" in row:
         summary["ema_val_top1"] = row["ema_val_top1"]
@@ -307,6 +309,212 @@ def add_plot(sub) -> None:
     p.set_defaults(func=run_plot)
 
 
+# ---------------------------------------------------------------- export, benchmark, pick
+
+
+def _deploy_model(args):
+    """(model, resolution, normalization, labels) from --weights/--checkpoint, else a seeded random --alpha model."""
+    from .benchmark import make_model
+    from .images import INCEPTION, Normalization
+
+    if args.weights and args.checkpoint:
+        raise UsageError(f"mobilenets {args.command}: give --weights or --checkpoint, not both")
+    if args.weights or args.checkpoint:
+        from .evaluate import resolve_checkpoint
+        from .weights import load
+
+        model = load(resolve_checkpoint(args.checkpoint) if args.checkpoint else args.weights)
+        meta = getattr(model, "meta", {}) or {}
+    else:
+        model, meta = make_model(args.alpha), {}
+    res = args.resolution or meta.get("resolution") or 224
+    normalization = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else INCEPTION
+    return model, int(res), normalization, meta.get("labels")
+
+
+def _calibration(args, model, resolution, normalization, labels):
+    """(batches, labels or None) from --calib-data DIR, else the built-in digits (labelled when the model has 10 classes)."""
+    from pathlib import Path
+
+    from . import deploy
+
+    if args.calib_data:
+        batches, paths = deploy.image_batches(args.calib_data, resolution, normalization=normalization,
+                                              limit=args.calib_images)
+        # DIR/<class>/* with the model's class names gives labels, so accuracy can be reported
+        names = [Path(p).parent.name for p in paths]
+        y = [labels.index(n) for n in names] if labels and all(n in labels for n in names) else None
+        return batches, y
+    batches, y = deploy.builtin_batches(resolution, normalization=normalization, limit=args.calib_images)
+    return batches, y if model.config.num_classes == 10 else None
+
+
+def _add_weights_arguments(p) -> None:
+    p.add_argument("--weights", metavar="FILE", help="converted weights (.safetensors) or a checkpoint file")
+    p.add_argument("--checkpoint", metavar="RUN_DIR|FILE", help="a training run folder (its best.pt) or a .pt")
+    p.add_argument("--alpha", type=positive_float, default=1.0,
+                   help="without weights: width of a seeded random model (default 1.0)")
+    p.add_argument("--resolution", type=resolution, help="input size (default: the weights', else 224)")
+
+
+def run_export(args) -> int:
+    import torch
+
+    from . import deploy
+
+    model, res, normalization, labels = _deploy_model(args)
+    batches, y = _calibration(args, model, res, normalization, labels)
+    out = args.out
+    path = deploy.export(model, out, args.format, precision=args.precision, calibration=batches, resolution=res)
+    run = deploy.load_exported(path, args.format)
+    x = torch.cat(batches)
+    with torch.no_grad():
+        reference = model.eval()(x)
+    report = {"path": str(path), "format": args.format, "precision": args.precision, "resolution": res,
+              **deploy.parity(reference, run(x), y)}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"wrote {path} ({args.format}, {args.precision}, {res}x{res})")
+    line = (f"parity vs PyTorch fp32 on {report['images']} calibration images: max abs diff "
+            f"{report['max_abs_diff']:.3g}, cosine {report['cosine']:.6f}, top-1 agreement "
+            f"{100 * report['top1_agreement']:.1f}%")
+    if "accuracy" in report:
+        line += f", accuracy {100 * report['accuracy']:.1f}% (PyTorch {100 * report['reference_accuracy']:.1f}%)"
+    print(line)
+    return 0
+
+
+def add_export(sub) -> None:
+    from .deploy import EXPORT_FORMATS, PRECISIONS
+
+    p = sub.add_parser("export", help="write the model for ONNX Runtime, OpenVINO, TorchScript or torch.export",
+                       description="Fold BatchNorm, write the model in --format at --precision (int8 calibrated on "
+                                   "--calib-data), reload it in its runtime and print its parity with PyTorch.")
+    _add_weights_arguments(p)
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--calib-data", metavar="DIR", help="images for int8 calibration and the parity check "
+                                                       "(DIR/<class>/* gives accuracy too); default: built-in digits")
+    p.add_argument("--calib-images", type=_positive_int, default=64, help="images to use (default 64)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .xml, .pt, .pt2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_export)
+
+
+def _csv(kind, choices=None):
+    def parse(text: str):
+        values = [kind(v) for v in text.split(",") if v]
+        if choices:
+            bad = [v for v in values if v not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"{bad} not in {list(choices)}")
+        if not values:
+            raise argparse.ArgumentTypeError("empty list")
+        return values
+    return parse
+
+
+def run_benchmark(args) -> int:
+    from pathlib import Path
+
+    from . import benchmark
+
+    benchmark._quiet()
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
+    if args.grid:
+        data = benchmark.grid(precision=args.precision[0], batch_size=args.batch_size[0], backend=args.backend[0],
+                              rounds=args.rounds, min_time=args.min_time, log=log)
+        if args.plot:
+            print(f"wrote {benchmark.plot_grid(data, Path(args.plot))}", file=sys.stderr)
+        if args.json:
+            Path(args.json).write_text(json.dumps(data, indent=1)) if args.json != "-" else print(json.dumps(data))
+        for r in data["rows"]:
+            print(f"{r['model']:9} {r['mult_adds']:>12,} mult-adds  {r['median_ms']:8.2f} ms  p90 {r['p90_ms']:8.2f}"
+                  f"  {r['backend']}")
+        return 0
+    model, res, normalization, _ = _deploy_model(args)
+    result = benchmark.benchmark(model, resolution=res, batch_sizes=args.batch_size, precisions=args.precision,
+                                 backends=args.backend, peers=not args.no_peers, rounds=args.rounds,
+                                 min_time=args.min_time, normalization=normalization, log=log)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1)) if args.json != "-" else print(json.dumps(result))
+    if args.plot:
+        print(f"wrote {benchmark.plot(result, Path(args.plot))}", file=sys.stderr)
+    if args.json != "-":
+        print(benchmark.format_table(result))
+    return 0
+
+
+def add_benchmark(sub) -> None:
+    from .deploy import BACKENDS, PRECISIONS
+
+    p = sub.add_parser("benchmark", help="latency and throughput beside timm, ONNX Runtime and OpenVINO",
+                       description="Median and p90 latency after warm-up, throughput, achieved mult-adds/s against "
+                                   "a 2048^3 matmul floor, parity with fp32 eager; peers timed in the same run.")
+    _add_weights_arguments(p)
+    p.add_argument("-b", "--batch-size", type=_csv(int), default=[1], help="comma-separated (default 1)")
+    p.add_argument("--precision", type=_csv(str, PRECISIONS), default=["fp32"], help="comma-separated fp32,bf16,int8")
+    p.add_argument("--backend", type=_csv(str, ("auto", *BACKENDS)), default=["auto"],
+                   help="our backends to time, comma-separated (default auto)")
+    p.add_argument("--no-peers", action="store_true", help="time only ours")
+    p.add_argument("--rounds", type=_positive_int, default=5, help="interleaved timing rounds (default 5)")
+    p.add_argument("--min-time", type=positive_float, default=0.4, help="seconds per candidate per round")
+    p.add_argument("--grid", action="store_true", help="the 16 alpha x resolution models at the first "
+                                                       "--precision/--batch-size/--backend: latency vs mult-adds")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': print JSON only)")
+    p.add_argument("--plot", metavar="PNG", help="write a latency chart (with --grid: latency vs mult-adds)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=run_benchmark)
+
+
+def run_pick(args) -> int:
+    from pathlib import Path
+
+    from . import benchmark
+
+    benchmark._quiet()
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
+    data, cache, cached = benchmark.cached_grid(precision=args.precision, batch_size=args.batch, backend=args.backend,
+                                                remeasure=args.remeasure, log=log)
+    result = benchmark.pick(args.latency_ms, data)
+    plot = benchmark.plot_pick(result, data, Path(args.plot))
+    if args.json:
+        print(json.dumps({**result, "grid": str(cache), "cached": cached, "plot": str(plot)}))
+        return 0
+    source = f"cached grid {cache}" if cached else f"measured now, cached in {cache}"
+    print(f"{args.precision}, batch {args.batch}, backend {args.backend} ({source})")
+    print(benchmark.format_pick(result))
+    c = result["choice"]
+    if c:
+        print(f"pick: {c['model']} (alpha {c['alpha']:g}, resolution {c['resolution']}): {c['median_ms']:.2f} ms "
+              f"<= {args.latency_ms:g} ms, published top-1 {c['accuracy']:.1f}%")
+    else:
+        f = result["fastest"]
+        print(f"no model fits {args.latency_ms:g} ms here; the fastest is {f['model']} at {f['median_ms']:.2f} ms "
+              f"(try --precision int8 or a larger --latency-ms)")
+    print(f"wrote {plot}")
+    return 0 if c else 1
+
+
+def add_pick(sub) -> None:
+    from .deploy import BACKENDS, PRECISIONS
+
+    p = sub.add_parser("pick", help="the most accurate alpha x resolution model that fits a latency budget here",
+                       description="Measures (or reuses a cached measurement of) the 16 published models on this "
+                                   "machine and recommends the most accurate within --latency-ms, by the published "
+                                   "ImageNet top-1 (int8 column for --precision int8).")
+    p.add_argument("--latency-ms", type=positive_float, required=True, help="budget per batch, milliseconds")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto")
+    p.add_argument("--remeasure", action="store_true", help="ignore the cached grid and measure again")
+    p.add_argument("--plot", metavar="PNG", default="pick.png", help="accuracy vs latency chart (default pick.png)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=run_pick)
+
+
 # ---------------------------------------------------------------- convert, predict
 
 
@@ -382,7 +590,7 @@ def add_predict(sub) -> None:
 
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_summary, add_paper, add_train, add_evaluate, add_plot, add_convert, add_predict]
+COMMANDS = [add_summary, add_paper, add_train, add_evaluate, add_plot, add_export, add_benchmark, add_pick, add_convert, add_predict]
 
 
 def build_parser() -> argparse.ArgumentParser:
