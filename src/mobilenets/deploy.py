@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -252,14 +253,21 @@ def builtin_batches(resolution: int, *, normalization=None, batch_size: int = 8,
     noise, so activation ranges are those of natural inputs; for ImageNet
     models calibrate on your own images.
     """
-    from . import data, images
+    from . import images
 
-    digits = data.Digits("val", resolution, data.EvalTransform(resolution, normalization or images.INCEPTION))
+    x, labels = _builtin(int(resolution), normalization or images.INCEPTION, int(limit))
+    return list(x.split(batch_size)), list(labels)
+
+
+@functools.lru_cache(maxsize=8)
+def _builtin(resolution: int, normalization, limit: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    from . import data
+
+    digits = data.Digits("val", resolution, data.EvalTransform(resolution, normalization))
     # round-robin over the ten digits so a short calibration set still sees every class
     by_class = [[i for i, t in enumerate(digits.targets) if t == c] for c in range(10)]
     order = [i for group in zip(*by_class) for i in group][:limit]
-    x = torch.stack([digits[i][0] for i in order])
-    return list(x.split(batch_size)), [digits.targets[i] for i in order]
+    return torch.stack([digits[i][0] for i in order]), tuple(digits.targets[i] for i in order)
 
 
 def rebatch(batches: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
@@ -544,6 +552,23 @@ def time_run(run: Callable, x: torch.Tensor, *, warmup: int = 3, min_time: float
     return times
 
 
+def interleaved(runs: dict[str, Callable], x, *, warmup: int = 3, rounds: int = 5, min_time: float = 0.4,
+                min_iters: int = 3) -> dict[str, list[float]]:
+    """Per-call ms of each candidate, timed in ``rounds`` alternating rounds of >= ``min_time`` s each.
+
+    Alternating spreads load from other processes over every candidate alike,
+    so their ratio holds on a shared CPU where one long block each would not.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run(x)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name] += time_run(run, x, warmup=0, min_time=min_time, min_iters=min_iters)
+    return times
+
+
 def _auto_key(model: MobileNetV1, precision: str, batch_size: int, resolution: int, candidates) -> str:
     import importlib.metadata as md
 
@@ -614,7 +639,7 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
         return predictor
 
     x = _example(batch_size, resolution)
-    built, timings = {}, {}
+    built = {}
     for name in candidates:
         try:
             built[name] = _build(name, folded, precision, batches, batch_size, resolution, workdir)
@@ -622,8 +647,8 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
             if name == "torch":
                 raise
             warnings.warn(f"auto: skipping {name}: {type(e).__name__}: {e}", stacklevel=2)
-            continue
-        timings[name] = statistics.median(time_run(built[name][0], x))
+    times = interleaved({name: run for name, (run, _) in built.items()}, x, rounds=3, min_time=0.3)
+    timings = {name: statistics.median(t) for name, t in times.items()}
     chosen = min(timings, key=timings.get)
     cache = _read_json(_auto_cache())
     cache[key] = {"backend": chosen, "timings": timings, "precision": precision, "batch_size": batch_size,
@@ -649,6 +674,18 @@ def _batch_dim():
     return torch.export.Dim("batch", min=1, max=4096)
 
 
+def check_export(format: str, precision: str) -> None:
+    """Refuse, with what would work, a format or a precision the format cannot hold."""
+    _check_precision(precision)
+    if format not in EXPORT_FORMATS:
+        raise DeployError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
+    unsupported = {("onnx", "bf16"): "ONNX Runtime has no bf16 CPU kernels; export bf16 as openvino or exported-program",
+                   ("torchscript", "int8"): "TorchScript cannot hold PT2E int8; export int8 as onnx, openvino or "
+                                            "exported-program"}
+    if (format, precision) in unsupported:
+        raise DeployError(f"cannot export {precision} as {format}: {unsupported[format, precision]}")
+
+
 def export(model: MobileNetV1, path, format: str = "onnx", *, precision: str = "fp32", calibration=None,
            resolution: int | None = None) -> Path:
     """Write ``model`` (BatchNorm folded) for another runtime; returns the written path.
@@ -664,14 +701,7 @@ def export(model: MobileNetV1, path, format: str = "onnx", *, precision: str = "
 
     int8 needs ``calibration`` batches, as for :func:`compile`.
     """
-    _check_precision(precision)
-    if format not in EXPORT_FORMATS:
-        raise DeployError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
-    unsupported = {("onnx", "bf16"): "ONNX Runtime has no bf16 CPU kernels; export bf16 as openvino or exported-program",
-                   ("torchscript", "int8"): "TorchScript cannot hold PT2E int8; export int8 as onnx, openvino or "
-                                            "exported-program"}
-    if (format, precision) in unsupported:
-        raise DeployError(f"cannot export {precision} as {format}: {unsupported[format, precision]}")
+    check_export(format, precision)
     resolution = DEFAULT_RESOLUTION if resolution is None else int(resolution)
     path = Path(path)
     if path.suffix == "":

@@ -1,0 +1,539 @@
+"""Timing on this machine: our compiled predictors beside the runtimes users would otherwise pick, and the picker.
+
+What is measured, and how:
+
+- latency: wall time of one call on a fixed (batch, 3, ρ, ρ) input, after
+  warm-up; median and p90 over all timed calls.  Candidates are timed in
+  interleaved rounds (a few calls of each in turn, repeated), so load from
+  other processes falls on every candidate alike and ratios stay meaningful
+  on a shared CPU.
+- throughput: images per second at the median, batch / median.
+- achieved mult-adds/s: the model's exact mult-adds (``cost.py``) x batch /
+  median, against the machine's floor at that precision: a 2048^3 matrix
+  product's mult-adds/s (the best a dense kernel reaches here).
+- parity: cosine and top-1 agreement of each candidate's logits with fp32
+  eager PyTorch on real images (the built-in digits).
+
+Peers, on the same weights: timm ``mobilenetv1_100`` in eager PyTorch, NCHW
+and channels_last (for α = 1; our own eager module for other widths), and
+ONNX Runtime and OpenVINO at the same precision (when installed).
+
+``grid`` times the 16 published α x ρ models; ``pick`` recommends the most
+accurate one (TF-slim ImageNet top-1, ``paper.PUBLISHED_ACCURACY``) that fits
+a latency budget, reusing a cached grid in ``$MOBILENETS_CACHE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import deploy, paper
+from .cost import cost
+from .model import mobilenet_v1
+
+SEED = 0
+
+
+@dataclass
+class Row:
+    """One timed candidate at one (precision, batch size)."""
+
+    name: str
+    kind: str  # "ours" or "peer"
+    backend: str
+    precision: str
+    batch_size: int
+    alpha: float
+    resolution: int
+    median_ms: float
+    p90_ms: float
+    throughput: float  # images/s at the median
+    mult_adds_per_s: float
+    floor_fraction: float | None  # of the matmul floor at this precision
+    cosine: float | None  # vs fp32 eager on real images
+    top1_agreement: float | None
+    build_s: float
+    detail: str = ""
+    ratios: dict = field(default_factory=dict)  # peer name -> peer median / this median (>1: this is faster)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "timm", "onnxruntime", "openvino", "nncf", "torchao"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    flags = deploy.cpu_flags()
+    try:
+        load = [round(v, 2) for v in __import__("os").getloadavg()]
+    except OSError:
+        load = None
+    return {"cpu": deploy.cpu_name(), "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags, "avx512_vnni": "avx512_vnni" in flags,
+            "versions": versions, "loadavg": load, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def matmul_floor(precision: str, n: int = 2048, repeats: int = 10) -> float:
+    """Mult-adds per second of an n^3 matrix product at ``precision`` (int8: torch._int_mm, int32 accumulate)."""
+    g = torch.Generator().manual_seed(SEED)
+    if precision == "int8":
+        a = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=g)
+        op = lambda: torch._int_mm(a, b)  # noqa: E731
+    else:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        a = torch.randn(n, n, generator=g).to(dtype)
+        b = torch.randn(n, n, generator=g).to(dtype)
+        op = lambda: torch.mm(a, b)  # noqa: E731
+    times = deploy.time_run(lambda _: op(), None, warmup=2, min_time=0.3, min_iters=repeats, max_iters=repeats)
+    return n ** 3 / (min(times) / 1e3)  # the best call: a floor is what the hardware can do
+
+
+# ---------------------------------------------------------------- peers
+
+
+def timm_peer(model) -> torch.nn.Module | None:
+    """timm ``mobilenetv1_100`` holding ``model``'s weights (α = 1, symmetric padding, ReLU6), or None.
+
+    timm lists the same tensors in the same order (stem, then dw/pw conv+BN
+    per block, classifier), so the state dicts pair up by position; every
+    shape is checked.
+    """
+    cfg = model.config
+    if (cfg.alpha, cfg.padding, cfg.activation, cfg.full_conv, cfg.shallow, cfg.output_stride) != (
+            1.0, "symmetric", "relu6", False, False, None):
+        return None
+    try:
+        import timm
+    except ImportError:
+        return None
+    peer = timm.create_model("mobilenetv1_100", pretrained=False, num_classes=cfg.num_classes)
+    ours, theirs = model.state_dict(), peer.state_dict()
+    if len(ours) != len(theirs):
+        return None
+    mapped = {}
+    for (k, v), (tk, tv) in zip(ours.items(), theirs.items()):
+        if v.shape != tv.shape:
+            return None
+        mapped[tk] = v
+    peer.load_state_dict(mapped)
+    for m in peer.modules():  # timm defaults to BN eps 1e-5; ours carries the config's
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = cfg.bn_eps
+    return peer.eval()
+
+
+def _eager(module: torch.nn.Module, channels_last: bool) -> Callable:
+    module = module.eval()
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+
+    def run(x):
+        with torch.no_grad():
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return module(x)
+
+    return run
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _p90(values: list[float]) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+
+
+def _inputs(resolution: int, batch_size: int, normalization=None) -> torch.Tensor:
+    """``batch_size`` real images (built-in digits, repeated if needed) at ``resolution``."""
+    batches, _ = deploy.builtin_batches(resolution, normalization=normalization, limit=min(batch_size, 64))
+    return deploy.rebatch(batches, batch_size)[0]
+
+
+def model_name(alpha: float, resolution: int) -> str:
+    """The release's name for a model: 1.0-224, 0.75-160."""
+    a = f"{alpha:g}"
+    return f"{a if '.' in a else a + '.0'}-{resolution}"
+
+
+def make_model(alpha: float, *, seed: int = SEED, num_classes: int = 1000, steps: int = 40,
+               resolution: int = 32, batch_size: int = 64):
+    """A seeded model briefly fitted to the built-in digits (labels 0-9 of its ``num_classes``).
+
+    Speed does not depend on the weights, but every parity figure does: at
+    initialisation a BatchNorm network amplifies small perturbations layer
+    after layer (and BN statistics of the init saturate every ReLU6), so a
+    random model makes bf16/int8 look either much worse or much better than on
+    trained weights.  ``steps`` AdamW steps on the digits at ``resolution``
+    give weights with real features and BN statistics measured on real images;
+    they are deterministic for a seed.  Pass trained weights for real numbers.
+    """
+    from . import data, images
+
+    torch.manual_seed(seed)
+    model = mobilenet_v1(alpha, num_classes=num_classes, dropout=0.0)
+    digits = data.Digits("train", resolution, data.EvalTransform(resolution, images.INCEPTION))
+    x = torch.stack([digits[i][0] for i in range(len(digits))])
+    y = torch.tensor(digits.targets)
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch_size,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    # final BN statistics: a plain average over the training images rather than the last steps' EMA
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        for i in range(0, min(len(x), 512), batch_size):
+            model(x[i:i + batch_size])
+        for m in bns:
+            m.momentum = model.config.bn_momentum
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_sizes=(1,),
+              precisions=("fp32",), backends=("auto",), peers: bool = True, calibration=None,
+              rounds: int = 5, min_time: float = 0.4, warmup: int = 3, normalization=None, floor_size: int = 2048,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Time ``model`` (default a seeded α model) with our ``backends`` and the peers; returns a JSON-able dict.
+
+    ``backends`` are names for :func:`deploy.compile` ("auto", "torch",
+    "onnxruntime", "openvino"); each gives an "ours" row per precision and
+    batch size.  ``peers`` adds timm/eager, ONNX Runtime and OpenVINO rows.
+    Each row has ``ratios``: peer median / its median (> 1 means faster).
+    """
+    log = log or (lambda s: None)
+    model = model if model is not None else make_model(alpha)
+    alpha = model.config.alpha
+    mult_adds = cost(alpha, resolution, num_classes=model.config.num_classes, min_depth=model.config.min_depth,
+                     full_conv=model.config.full_conv, shallow=model.config.shallow).mult_adds
+    if calibration is None:
+        calibration, _ = deploy.builtin_batches(resolution, normalization=normalization, limit=32)
+    floors = {p: matmul_floor(p, n=floor_size) for p in precisions}
+    log("matmul floors (G mult-adds/s): " + ", ".join(f"{p} {v / 1e9:.0f}" for p, v in floors.items()))
+    available = deploy.available_backends()
+    timm_model = timm_peer(model) if peers else None
+    rows: list[Row] = []
+    for batch_size in batch_sizes:
+        x = _inputs(resolution, batch_size, normalization)
+        with torch.no_grad():
+            reference = model(x)
+        for precision in precisions:
+            candidates: dict[str, tuple[str, str, Callable, float, str]] = {}
+
+            def add(name, kind, backend, build):
+                t0 = time.perf_counter()
+                try:
+                    run, detail = build()
+                except Exception as e:  # a peer that cannot run here is reported, not fatal
+                    if kind == "ours":
+                        raise
+                    log(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                    return
+                candidates[name] = (kind, backend, run, time.perf_counter() - t0, detail)
+                log(f"  built {name} in {time.perf_counter() - t0:.1f}s")
+
+            log(f"batch {batch_size}, {precision}: building")
+            for backend in backends:
+                def build_ours(backend=backend):
+                    p = deploy.compile(model, precision, calibration=calibration, batch_size=batch_size,
+                                       resolution=resolution, backend=backend)
+                    chosen = f" -> {p.backend}" if backend == "auto" else ""
+                    return p, f"{p.detail}{chosen}"
+                add(f"mobilenets {backend}", "ours", backend, build_ours)
+            if peers:
+                if precision == "fp32":
+                    eager = timm_model if timm_model is not None else model
+                    label = "timm mobilenetv1_100" if timm_model is not None else "eager PyTorch"
+                    add(f"{label} eager NCHW", "peer", "eager", lambda: (_eager(eager, False), "eager"))
+                    add(f"{label} eager channels_last", "peer", "eager",
+                        lambda: (_eager(eager, True), "eager channels_last"))
+                folded = deploy.fold_batchnorm(model)
+                batches = deploy.rebatch(deploy.calibration_batches(calibration, resolution), batch_size) \
+                    if precision == "int8" else []
+                for backend in ("onnxruntime", "openvino"):
+                    if backend in available and deploy.backend_supports(backend, precision) and backend not in backends:
+                        def build_peer(backend=backend):
+                            import tempfile
+
+                            return deploy._build(backend, folded, precision, batches, batch_size, resolution,
+                                                 Path(tempfile.mkdtemp(prefix="mobilenets-bench-")))
+                        add(backend, "peer", backend, build_peer)
+            log(f"batch {batch_size}, {precision}: timing {len(candidates)} candidates in {rounds} rounds")
+            times = deploy.interleaved({n: c[2] for n, c in candidates.items()}, x, warmup=warmup, rounds=rounds,
+                                min_time=min_time)
+            group = []
+            for name, (kind, backend, run, build_s, detail) in candidates.items():
+                med = statistics.median(times[name])
+                with torch.no_grad():
+                    out = run(x).float()
+                rate = mult_adds * batch_size / (med / 1e3)
+                group.append(Row(
+                    name=name, kind=kind, backend=backend, precision=precision if backend != "eager" else "fp32",
+                    batch_size=batch_size, alpha=alpha, resolution=resolution, median_ms=med,
+                    p90_ms=_p90(times[name]), throughput=batch_size / (med / 1e3), mult_adds_per_s=rate,
+                    floor_fraction=rate / floors[precision] if backend != "eager" else rate / floors.get("fp32", rate),
+                    cosine=float(torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)),
+                    top1_agreement=float((out.argmax(1) == reference.argmax(1)).float().mean()),
+                    build_s=build_s, detail=detail))
+            for row in group:
+                row.ratios = {p.name: p.median_ms / row.median_ms for p in group if p.kind == "peer"}
+                log(f"  {row.name:42} median {row.median_ms:8.2f} ms  p90 {row.p90_ms:8.2f}  "
+                    f"{row.throughput:8.1f} img/s  cos {row.cosine:.5f}")
+            rows += group
+    return {"machine": machine(), "model": {"alpha": alpha, "resolution": resolution, "mult_adds": mult_adds,
+                                            "config": model.config.to_dict()},
+            "floors": floors, "rows": [r.to_dict() for r in rows]}
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table: one line per candidate, ratios to the fastest peer of its group."""
+    lines = []
+    rows = result["rows"]
+    head = f"{'batch':>5} {'precision':9} {'candidate':44} {'median ms':>9} {'p90 ms':>8} {'img/s':>8} " \
+           f"{'G MA/s':>7} {'floor':>6} {'cosine':>7} {'top1':>5} {'x fastest peer':>14}"
+    lines.append(head)
+    lines.append("-" * len(head))
+    for r in rows:
+        group = [p for p in rows if p["kind"] == "peer" and p["batch_size"] == r["batch_size"]
+                 and p["precision"] == r["precision"] and p["backend"] != "eager"]
+        best = min(group, key=lambda p: p["median_ms"]) if group else None
+        ratio = f"{best['median_ms'] / r['median_ms']:.2f}" if best else "-"
+        floor = f"{100 * r['floor_fraction']:.1f}%" if r["floor_fraction"] is not None else "-"
+        name = r["name"] + (f" ({r['detail'].split('-> ')[-1]})" if " -> " in r["detail"] else "")
+        lines.append(f"{r['batch_size']:>5} {r['precision']:9} {name:44} {r['median_ms']:9.2f} {r['p90_ms']:8.2f} "
+                     f"{r['throughput']:8.1f} {r['mult_adds_per_s'] / 1e9:7.1f} {floor:>6} {r['cosine']:7.4f} "
+                     f"{r['top1_agreement']:5.2f} {ratio:>14}")
+    floors = ", ".join(f"{p} {v / 1e9:.0f}" for p, v in result["floors"].items())
+    lines.append(f"matmul floor (2048^3), G mult-adds/s: {floors}; model {result['model']['mult_adds']:,} mult-adds")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> Path:
+    """Bar chart of median latency per candidate, one panel per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    batches = sorted({r["batch_size"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 0.45 * len(rows) / len(batches) + 2),
+                             squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        group = [r for r in rows if r["batch_size"] == b]
+        labels = [f"{r['name']} [{r['precision']}]" for r in group]
+        colors = ["tab:blue" if r["kind"] == "ours" else "tab:gray" for r in group]
+        ax.barh(range(len(group)), [r["median_ms"] for r in group], color=colors)
+        ax.set_yticks(range(len(group)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("median latency per batch (ms, log scale)")
+        for i, r in enumerate(group):
+            ax.text(r["median_ms"], i, f" {r['median_ms']:.2f}", va="center", fontsize=7)
+        m = result["model"]
+        ax.set_title(f"MobileNet v1 {model_name(m['alpha'], m['resolution'])}, batch {b} (blue: mobilenets)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- the 16 models, and the picker
+
+
+def grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto", alphas=paper.ALPHAS,
+         resolutions=paper.RESOLUTIONS, rounds: int = 3, min_time: float = 0.3,
+         log: Callable[[str], None] | None = None) -> dict:
+    """Median latency of each α x ρ model at one precision and batch size, with its mult-adds and published top-1."""
+    log = log or (lambda s: None)
+    deploy._check_precision(precision)
+    rows = []
+    for alpha in alphas:
+        model = make_model(alpha, steps=0)  # latency only: no need to fit
+        for resolution in resolutions:
+            calibration = deploy.builtin_batches(resolution, limit=32)[0] if precision == "int8" else None
+            t0 = time.perf_counter()
+            predictor = deploy.compile(model, precision, calibration=calibration, batch_size=batch_size,
+                                       resolution=resolution, backend=backend)
+            build_s = time.perf_counter() - t0
+            x = _inputs(resolution, batch_size)
+            times = deploy.interleaved({"m": predictor}, x, rounds=rounds, min_time=min_time)["m"]
+            published = paper.PUBLISHED_ACCURACY.get((float(alpha), int(resolution)))
+            row = {"model": model_name(alpha, resolution), "alpha": float(alpha), "resolution": int(resolution),
+                   "mult_adds": cost(alpha, resolution).mult_adds, "median_ms": statistics.median(times),
+                   "p90_ms": _p90(times), "backend": predictor.backend, "build_s": build_s,
+                   "top1": published[0] if published else None, "top1_int8": published[1] if published else None}
+            log(f"  {row['model']:9} {row['mult_adds']:>12,} mult-adds  {row['median_ms']:8.2f} ms  ({row['backend']})")
+            rows.append(row)
+    return {"machine": machine(), "precision": precision, "batch_size": batch_size, "backend": backend, "rows": rows}
+
+
+def grid_cache_path(precision: str, batch_size: int, backend: str) -> Path:
+    m = machine()
+    key = {"cpu": m["cpu"], "threads": m["threads"], "versions": m["versions"], "precision": precision,
+           "batch_size": batch_size, "backend": backend}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return deploy.cache_dir() / f"grid-{precision}-b{batch_size}-{backend}-{digest}.json"
+
+
+def cached_grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto", remeasure: bool = False,
+                log=None) -> tuple[dict, Path, bool]:
+    """The 16-model grid for this machine: read from the cache when present, else measured and cached.
+
+    Returns (grid, cache path, whether it came from the cache).
+    """
+    path = grid_cache_path(precision, batch_size, backend)
+    if not remeasure and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if len(data.get("rows", [])) == len(paper.ALPHAS) * len(paper.RESOLUTIONS):
+                return data, path, True
+        except (OSError, ValueError):
+            pass
+    data = grid(precision=precision, batch_size=batch_size, backend=backend, log=log)
+    from .checkpoint import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+    return data, path, False
+
+
+def pareto(rows: list[dict], accuracy_key: str) -> list[dict]:
+    """Rows sorted by latency, each marked ``pareto`` when no other model is both faster and more accurate."""
+    out = []
+    for r in sorted(rows, key=lambda r: (r["median_ms"], -r[accuracy_key])):
+        dominated = any(o is not r and o["median_ms"] <= r["median_ms"] and o[accuracy_key] >= r[accuracy_key]
+                        and (o["median_ms"] < r["median_ms"] or o[accuracy_key] > r[accuracy_key]) for o in rows)
+        out.append({**r, "accuracy": r[accuracy_key], "pareto": not dominated})
+    return out
+
+
+def pick(latency_ms: float, grid_data: dict) -> dict:
+    """The most accurate published model whose measured median latency fits ``latency_ms``.
+
+    Accuracy is the TF-slim ImageNet top-1: the int8 column when the grid was
+    measured at int8, the float column otherwise.  Returns {"choice": row or
+    None, "table": pareto rows, "accuracy_column": ...}.
+    """
+    if not latency_ms > 0:
+        raise ValueError(f"--latency-ms must be > 0, got {latency_ms}")
+    key = "top1_int8" if grid_data["precision"] == "int8" else "top1"
+    rows = [r for r in grid_data["rows"] if r.get(key) is not None]
+    table = pareto(rows, key)
+    fits = [r for r in table if r["median_ms"] <= latency_ms]
+    choice = max(fits, key=lambda r: (r["accuracy"], -r["median_ms"])) if fits else None
+    return {"choice": choice, "table": table, "accuracy_column": key, "latency_ms": latency_ms,
+            "fastest": table[0] if table else None}
+
+
+def plot_grid(grid_data: dict, path) -> Path:
+    """Measured latency against mult-adds for the α x ρ models (log-log): how cost grows with the work."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for alpha in sorted({r["alpha"] for r in grid_data["rows"]}, reverse=True):
+        rs = sorted((r for r in grid_data["rows"] if r["alpha"] == alpha), key=lambda r: r["mult_adds"])
+        ax.plot([r["mult_adds"] / 1e6 for r in rs], [r["median_ms"] for r in rs], "o-", label=f"α = {alpha:g}")
+        for r in rs:
+            ax.annotate(str(r["resolution"]), (r["mult_adds"] / 1e6, r["median_ms"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, -8))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("mult-adds (millions, log)")
+    ax.set_ylabel("median latency (ms, log)")
+    ax.set_title(f"MobileNet v1 on {grid_data['machine']['cpu'][:40]}\n"
+                 f"{grid_data['precision']}, batch {grid_data['batch_size']}, backend {grid_data['backend']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_pick(result: dict, grid_data: dict, path) -> Path:
+    """Published accuracy against measured latency, the Pareto front joined, the budget and the choice marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    table = result["table"]
+    for alpha in sorted({r["alpha"] for r in table}, reverse=True):
+        rs = [r for r in table if r["alpha"] == alpha]
+        ax.scatter([r["median_ms"] for r in rs], [r["accuracy"] for r in rs], label=f"α = {alpha:g}")
+        for r in rs:
+            ax.annotate(r["model"], (r["median_ms"], r["accuracy"]), fontsize=7, textcoords="offset points",
+                        xytext=(3, 3))
+    front = [r for r in table if r["pareto"]]
+    ax.plot([r["median_ms"] for r in front], [r["accuracy"] for r in front], "k--", lw=1, label="Pareto front")
+    ax.axvline(result["latency_ms"], color="tab:red", lw=1, label=f"budget {result['latency_ms']:g} ms")
+    if result["choice"]:
+        c = result["choice"]
+        ax.scatter([c["median_ms"]], [c["accuracy"]], s=200, facecolors="none", edgecolors="tab:red",
+                   label=f"pick: {c['model']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("measured median latency (ms, log)")
+    column = "int8" if result["accuracy_column"] == "top1_int8" else "float"
+    ax.set_ylabel(f"published ImageNet top-1, {column} (%)")
+    ax.set_title(f"{grid_data['precision']}, batch {grid_data['batch_size']}, backend {grid_data['backend']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def format_pick(result: dict) -> str:
+    lines = [f"{'model':9} {'mult-adds':>12} {'median ms':>10} {'top-1 %':>8} {'backend':12} pareto  fits"]
+    for r in result["table"]:
+        mark = "<- pick" if result["choice"] and r["model"] == result["choice"]["model"] else ""
+        lines.append(f"{r['model']:9} {r['mult_adds']:>12,} {r['median_ms']:10.2f} {r['accuracy']:8.1f} "
+                     f"{r['backend']:12} {'yes' if r['pareto'] else '':6}  "
+                     f"{'yes' if r['median_ms'] <= result['latency_ms'] else 'no':4} {mark}")
+    return "\n".join(lines)
+
+
+def _quiet():
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)

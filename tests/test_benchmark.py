@@ -1,0 +1,177 @@
+"""benchmark and the export/benchmark/pick commands, on tiny models and few iterations; timing is never asserted."""
+
+import json
+
+import pytest
+import torch
+
+from mobilenets import benchmark, checkpoint, cli, deploy, mobilenet_v1, paper
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_timm_peer_computes_our_logits():
+    """timm's mobilenetv1_100, an implementation we did not write, given our weights gives our logits."""
+    model = mobilenet_v1(1.0).eval()
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    peer = benchmark.timm_peer(model)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(peer(x), model(x), rtol=1e-4, atol=1e-4)
+    assert benchmark.timm_peer(mobilenet_v1(0.25)) is None  # no timm model of that width: ours runs eager instead
+    assert benchmark.timm_peer(mobilenet_v1(1.0, padding="tf_same")) is None
+
+
+def test_matmul_floor_is_a_rate():
+    for precision in deploy.PRECISIONS:
+        rate = benchmark.matmul_floor(precision, n=256, repeats=2)
+        assert 1e8 < rate < 1e15
+
+
+def _grid(precision="fp32", latencies=None):
+    rows = []
+    for i, (alpha, resolution) in enumerate(paper.PUBLISHED_ACCURACY):
+        top1, top1_int8 = paper.PUBLISHED_ACCURACY[alpha, resolution]
+        from mobilenets.cost import cost
+
+        ma = cost(alpha, resolution).mult_adds
+        rows.append({"model": benchmark.model_name(alpha, resolution), "alpha": alpha, "resolution": resolution, "mult_adds": ma,
+                     "median_ms": (latencies or {}).get((alpha, resolution), ma / 1e8), "p90_ms": 0.0,
+                     "backend": "openvino", "build_s": 0.0, "top1": top1, "top1_int8": top1_int8})
+    return {"machine": benchmark.machine(), "precision": precision, "batch_size": 1, "backend": "auto", "rows": rows}
+
+
+def test_pick_takes_the_most_accurate_model_within_budget():
+    g = _grid()  # latency proportional to mult-adds: 1.0-224 takes 5.69 ms, 0.75-224 3.25 ms
+    r = benchmark.pick(4.0, g)
+    fits = [row for row in g["rows"] if row["median_ms"] <= 4.0]
+    assert r["choice"]["model"] == max(fits, key=lambda row: row["top1"])["model"] == "0.75-224"
+    assert benchmark.pick(100.0, g)["choice"]["model"] == "1.0-224"
+    none = benchmark.pick(0.01, g)
+    assert none["choice"] is None and none["fastest"]["model"] == "0.25-128"
+
+
+def test_pick_uses_the_int8_column_at_int8():
+    g = _grid("int8")
+    r = benchmark.pick(100.0, g)
+    assert r["accuracy_column"] == "top1_int8" and r["choice"]["accuracy"] == 69.7
+
+
+def test_pareto_marks_dominated_models():
+    g = _grid(latencies={(0.5, 224): 0.1})  # 0.5-224 made fastest: it now dominates the small slow models
+    table = {r["model"]: r for r in benchmark.pareto(g["rows"], "top1")}
+    assert table["0.5-224"]["pareto"] and not table["0.25-224"]["pareto"] and not table["0.5-128"]["pareto"]
+    assert table["1.0-224"]["pareto"]
+
+
+def test_grid_times_models_and_plots(tmp_path):
+    g = benchmark.grid(backend="onnxruntime", alphas=(0.25,), resolutions=(128, 160), rounds=1, min_time=0.01)
+    assert [r["model"] for r in g["rows"]] == ["0.25-128", "0.25-160"]
+    assert [r["top1"] for r in g["rows"]] == [41.5, 45.5]
+    assert all(r["median_ms"] > 0 and r["backend"] == "onnxruntime" for r in g["rows"])
+    assert benchmark.plot_grid(g, tmp_path / "g.png").stat().st_size > 1000
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_benchmark_command_times_ours_and_the_peers(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "benchmark", "--alpha", "0.25", "--resolution", "32", "-b", "2",
+                             "--precision", "fp32,int8", "--backend", "onnxruntime", "--rounds", "1",
+                             "--min-time", "0.01", "--floor-size", "256", "--json", "-", "-q")
+    assert code == 0, err
+    result = json.loads(out)
+    rows = {(r["name"], r["precision"]): r for r in result["rows"]}
+    assert set(rows) == {("mobilenets onnxruntime", "fp32"), ("eager PyTorch eager NCHW", "fp32"),
+                         ("eager PyTorch eager channels_last", "fp32"), ("openvino", "fp32"),
+                         ("mobilenets onnxruntime", "int8"), ("openvino", "int8")}
+    for (name, precision), r in rows.items():
+        assert r["cosine"] >= (0.999 if precision == "fp32" else 0.98), name
+        assert r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] and r["throughput"] > 0
+        assert r["mult_adds_per_s"] == pytest.approx(result["model"]["mult_adds"] * 2 / (r["median_ms"] / 1e3))
+    ours = rows["mobilenets onnxruntime", "fp32"]
+    assert set(ours["ratios"]) == {"eager PyTorch eager NCHW", "eager PyTorch eager channels_last", "openvino"}
+    assert set(result["floors"]) == {"fp32", "int8"}
+
+    code, out, err = run_cli(capsys, "benchmark", "--alpha", "0.25", "--resolution", "32", "--backend", "torch",
+                             "--no-peers", "--rounds", "1", "--min-time", "0.01", "--floor-size", "256", "--plot", str(tmp_path / "b.png"),
+                             "-q")
+    assert code == 0, err
+    assert "mobilenets torch" in out and "matmul floor" in out and (tmp_path / "b.png").is_file()
+
+
+def test_benchmark_command_refuses_unknown_choices(capsys):
+    code, out, err = run_cli(capsys, "benchmark", "--precision", "fp16")
+    assert code == 2 and "fp16" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _labelled_checkpoint(tmp_path):
+    """A 2-class checkpoint, as training writes it, and a folder of labelled images for it."""
+    import numpy as np
+    from PIL import Image
+
+    model = benchmark.make_model(0.25, num_classes=2, steps=0)
+    path = checkpoint.save({"format": "mobilenets", "version": 1, "config": model.config.to_dict(),
+                            "state_dict": model.state_dict(),
+                            "meta": {"resolution": 32, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
+                                     "labels": ["cat", "dog"], "source": "test"}}, tmp_path / "run" / "best.pt")
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / label / f"{i}.png")
+    return path
+
+
+def test_export_command_prints_parity_and_accuracy(capsys, tmp_path):
+    ckpt = _labelled_checkpoint(tmp_path)
+    code, out, err = run_cli(capsys, "export", "--checkpoint", str(ckpt.parent), "--format", "onnx",
+                             "--precision", "int8", "--calib-data", str(tmp_path / "images"),
+                             "--out", str(tmp_path / "m.onnx"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["resolution"] == 32 and report["images"] == 6 and (tmp_path / "m.onnx").is_file()
+    assert {"max_abs_diff", "cosine", "top1_agreement", "accuracy", "reference_accuracy"} <= set(report)
+
+    code, out, err = run_cli(capsys, "export", "--alpha", "0.25", "--resolution", "32", "--format", "exported-program",
+                             "--calib-images", "8", "--out", str(tmp_path / "m.pt2"))
+    assert code == 0, err
+    assert "wrote" in out and "max abs diff" in out and "top-1 agreement 100.0%" in out
+
+
+def test_export_command_errors_are_one_line(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "export", "--alpha", "0.25", "--resolution", "32", "--format", "onnx",
+                             "--precision", "bf16", "--out", str(tmp_path / "m.onnx"))
+    assert code == 2 and "no bf16" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(capsys, "export", "--weights", str(tmp_path / "missing.safetensors"),
+                             "--out", str(tmp_path / "m.onnx"))
+    assert code == 2 and "missing.safetensors" in err
+
+
+def test_pick_command_reuses_the_cached_grid(capsys, tmp_path, cache):
+    path = benchmark.grid_cache_path("fp32", 1, "auto")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(_grid()))
+    png = tmp_path / "pick.png"
+    code, out, err = run_cli(capsys, "pick", "--latency-ms", "4", "--plot", str(png))
+    assert code == 0, err
+    assert "cached grid" in out and "pick: 0.75-224" in out and png.stat().st_size > 1000
+    assert len([l for l in out.splitlines() if l[:1].isdigit()]) == 16  # the Pareto table lists all 16 models
+
+    code, out, err = run_cli(capsys, "pick", "--latency-ms", "0.001", "--plot", str(png))
+    assert code == 1 and "no model fits" in out and "0.25-128" in out
+
+    code, out, err = run_cli(capsys, "pick", "--latency-ms", "-3")
+    assert code == 2 and "--latency-ms" in err

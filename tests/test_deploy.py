@@ -1,0 +1,271 @@
+"""deploy: BatchNorm folding, every backend's parity with fp32 eager, int8 calibration, auto, export round trips.
+
+Models are tiny (alpha 0.25 at 32 px) so Inductor compiles in seconds; timing is never asserted.  The model
+is briefly fitted to the built-in digits (benchmark.make_model): parity on random BatchNorm networks means
+little, they amplify any perturbation (or saturate and hide it).
+"""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mobilenets import deploy, mobilenet_v1
+from mobilenets.benchmark import make_model
+
+RES = 32
+
+
+def cosine(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(0.25, steps=70, resolution=RES)
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    batches, labels = deploy.builtin_batches(RES, limit=32)
+    return batches
+
+
+@pytest.fixture(scope="module")
+def images(calibration):
+    return torch.cat(calibration)[:16]
+
+
+@pytest.fixture(scope="module")
+def reference(model, images):
+    with torch.no_grad():
+        return model(images)
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+# ---------------------------------------------------------------- folding
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"padding": "tf_same"}, {"activation": "relu"}, {"num_classes": 0}, {"shallow": True},
+    {"output_stride": 16}, {"bn_eps": 1e-5},
+])
+def test_fold_batchnorm_gives_the_eval_logits(options):
+    m = mobilenet_v1(0.25, **options)
+    g = torch.Generator().manual_seed(1)
+    for bn in m.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.weight.data.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.data.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+    m.eval()
+    x = torch.randn(3, 3, 67, 75, generator=g)  # odd sizes exercise TF SAME's asymmetric padding
+    folded = deploy.fold_batchnorm(m)
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), m(x), rtol=1e-4, atol=1e-5)
+    assert m.training is False and all(p.requires_grad for p in m.parameters())  # the original is untouched
+
+
+def test_fold_refuses_other_modules():
+    with pytest.raises(TypeError, match="MobileNetV1"):
+        deploy.fold_batchnorm(torch.nn.Conv2d(3, 8, 3))
+
+
+# ---------------------------------------------------------------- each backend's parity
+
+CASES = [
+    ("torch", "fp32", 0.999), ("torch", "bf16", 0.98), ("torch", "int8", 0.98),
+    ("onnxruntime", "fp32", 0.999), ("onnxruntime", "int8", 0.98),
+    ("openvino", "fp32", 0.999), ("openvino", "bf16", 0.98), ("openvino", "int8", 0.98),
+]
+
+
+@pytest.mark.parametrize("backend,precision,min_cosine", CASES)
+def test_backend_parity_with_fp32_eager(model, calibration, images, reference, backend, precision, min_cosine):
+    predictor = deploy.compile(model, precision, calibration=calibration, batch_size=4, resolution=RES,
+                               backend=backend)
+    assert (predictor.backend, predictor.precision, predictor.batch_size) == (backend, precision, 4)
+    out = predictor(images)  # 16 images through a batch-4 predictor: four chunks
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    assert cosine(out, reference) >= min_cosine
+    assert float((out.argmax(1) == reference.argmax(1)).float().mean()) >= 0.8
+    if precision == "fp32":
+        torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-3)
+
+
+def test_predictor_pads_odd_batches_and_takes_numpy(model, images, reference):
+    predictor = deploy.compile(model, "fp32", batch_size=3, resolution=RES, backend="onnxruntime")
+    out = predictor(images[:5].numpy())  # 3 + 2 (padded to 3)
+    torch.testing.assert_close(out, reference[:5], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(predictor(images[0]), reference[:1], rtol=1e-3, atol=1e-4)  # one (3, H, W) image
+
+
+def test_predictor_errors_say_what_would_work(model, images):
+    predictor = deploy.compile(model, "fp32", batch_size=2, resolution=RES, backend="onnxruntime")
+    with pytest.raises(ValueError, match=r"compiled for 32x32.*resolution=96"):
+        predictor(torch.zeros(2, 3, 96, 96))
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
+        predictor(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(TypeError, match="float"):
+        predictor(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_bad_arguments_are_refused_before_building(model, calibration):
+    with pytest.raises(deploy.DeployError, match="precision must be one of"):
+        deploy.compile(model, "fp16")
+    with pytest.raises(deploy.DeployError, match="backend must be"):
+        deploy.compile(model, backend="tensorrt")
+    with pytest.raises(deploy.DeployError, match="no bf16"):
+        deploy.compile(model, "bf16", backend="onnxruntime")
+    with pytest.raises(deploy.DeployError, match="calibration"):
+        deploy.compile(model, "int8", backend="onnxruntime", resolution=RES)
+    with pytest.raises(deploy.DeployError, match="batch_size"):
+        deploy.compile(model, batch_size=0)
+    with pytest.raises(deploy.DeployError, match="resolution must be"):
+        deploy.compile(model, resolution=16)
+    with pytest.raises(ValueError, match="compiled for 32x32"):
+        deploy.compile(model, "int8", calibration=[torch.zeros(2, 3, 64, 64)], resolution=RES, backend="onnxruntime")
+    with pytest.raises(deploy.DeployError, match="empty"):
+        deploy.compile(model, "int8", calibration=[], resolution=RES, backend="onnxruntime")
+
+
+def test_calibration_takes_loader_pairs_and_any_batch_size(model, calibration, reference, images):
+    pairs = [(b, torch.zeros(len(b), dtype=torch.long)) for b in calibration]  # what a DataLoader yields
+    predictor = deploy.compile(model, "int8", calibration=pairs, batch_size=5, resolution=RES, backend="onnxruntime")
+    assert cosine(predictor(images), reference) >= 0.98
+
+
+def test_int8_calibration_matters(model, images, reference):
+    """Calibrating on blank images instead of real ones must cost agreement: the activation ranges are used."""
+    good = deploy.compile(model, "int8", calibration=[images], resolution=RES, backend="onnxruntime")
+    blank = deploy.compile(model, "int8", calibration=[torch.full_like(images, -1.0)], resolution=RES,
+                           backend="onnxruntime")
+    assert cosine(good(images), reference) > cosine(blank(images), reference)
+
+
+# ---------------------------------------------------------------- auto
+
+
+def test_auto_measures_once_then_reuses_its_choice(model, images, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
+    first = deploy.compile(model, "fp32", batch_size=2, resolution=RES)
+    assert first.backend in deploy.available_backends()
+    assert set(first.timings) == {"torch", "onnxruntime", "openvino"}  # every candidate was timed
+    assert first.backend == min(first.timings, key=first.timings.get)
+    cache = json.loads((tmp_path / "auto-backend.json").read_text())
+    assert [v["backend"] for v in cache.values()] == [first.backend]
+
+    # a second compile builds only the cached winner: prove it by making the others fail to build
+    def boom(*a, **k):
+        raise AssertionError("auto rebuilt a candidate although its choice was cached")
+
+    for name in ("_build_torch", "_build_onnxruntime", "_build_openvino"):
+        if not name.endswith(first.backend):
+            monkeypatch.setattr(deploy, name, boom)
+    second = deploy.compile(model, "fp32", batch_size=2, resolution=RES)
+    assert second.backend == first.backend and second.timings == first.timings
+    assert cosine(second(images), reference) >= 0.999
+
+
+def test_auto_never_offers_onnxruntime_for_bf16(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
+    monkeypatch.setattr(deploy, "_build_torch", lambda *a: (lambda x: x, "stub"))  # keep the test quick
+    monkeypatch.setattr(deploy, "_build_openvino", lambda *a: (lambda x: x, "stub"))
+    p = deploy.compile(model, "bf16", batch_size=1, resolution=RES)
+    assert set(p.timings) == {"torch", "openvino"}
+
+
+def test_cpu_feature_detection_reads_proc_cpuinfo():
+    flags = deploy.cpu_flags()
+    assert deploy.bf16_supported() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
+# ---------------------------------------------------------------- export
+
+
+EXPORTS = [(f, p) for f in deploy.EXPORT_FORMATS for p in deploy.PRECISIONS
+           if (f, p) not in {("onnx", "bf16"), ("torchscript", "int8")}]
+
+
+@pytest.mark.parametrize("fmt,precision", EXPORTS)
+def test_export_reloads_with_parity(model, calibration, images, reference, tmp_path, fmt, precision):
+    path = deploy.export(model, tmp_path / "model", fmt, precision=precision, calibration=calibration,
+                         resolution=RES)
+    assert path.is_file() and path.suffix == deploy._format_suffix(fmt)
+    run = deploy.load_exported(path)
+    out = run(images[:3])  # a batch size not used for export or calibration: the batch is dynamic
+    p = deploy.parity(reference[:3], out)
+    assert p["cosine"] >= (0.999 if precision == "fp32" else 0.98)
+    if precision == "fp32":
+        assert p["max_abs_diff"] < 1e-3
+
+
+def test_openvino_export_keeps_its_precision(model, tmp_path):
+    """OpenVINO runs float IR in bf16 on AMX unless told: an fp32 export must reload as fp32."""
+    import openvino as ov
+
+    path = deploy.export(model, tmp_path / "m.xml", "openvino", precision="fp32", resolution=RES)
+    assert ov.Core().read_model(str(path)).get_rt_info(
+        ["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str) == "f32"
+
+
+@pytest.mark.parametrize("fmt,precision,match", [
+    ("onnx", "bf16", "no bf16"), ("torchscript", "int8", "TorchScript"), ("tflite", "fp32", "format must be"),
+])
+def test_export_refuses_what_the_format_cannot_hold(model, tmp_path, fmt, precision, match):
+    with pytest.raises(deploy.DeployError, match=match):
+        deploy.export(model, tmp_path / "m", fmt, precision=precision, resolution=RES)
+
+
+def test_load_exported_needs_a_known_format(tmp_path):
+    (tmp_path / "m.bin").write_bytes(b"x")
+    with pytest.raises(deploy.DeployError, match="cannot tell the format"):
+        deploy.load_exported(tmp_path / "m.bin")
+    with pytest.raises(FileNotFoundError):
+        deploy.load_exported(tmp_path / "missing.onnx")
+
+
+# ---------------------------------------------------------------- calibration data
+
+
+def test_image_batches_read_a_folder_and_skip_broken_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        batches, paths = deploy.image_batches(tmp_path, 32, batch_size=2)
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 32, 32), (2, 3, 32, 32), (1, 3, 32, 32)]
+    assert len(paths) == 5
+
+
+def test_builtin_calibration_is_real_labelled_images():
+    batches, labels = deploy.builtin_batches(32, limit=20)
+    x = torch.cat(batches)
+    assert x.shape == (20, 3, 32, 32) and sorted(set(labels)) == list(range(10))
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.std()) > 0.1
+
+
+def test_rebatch_repeats_or_trims_rows():
+    rows = [torch.arange(3.0).view(3, 1, 1, 1)]
+    assert [b.shape[0] for b in deploy.rebatch(rows, 5)] == [5]
+    assert [b.shape[0] for b in deploy.rebatch(rows * 3, 4)] == [4, 4]
+
+
+def test_parity_reports_accuracy_with_labels():
+    ref = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = deploy.parity(ref, torch.tensor([[1.0, 0.1], [0.2, 0.1]]), labels=[0, 1])
+    assert p["top1_agreement"] == 0.5 and p["reference_accuracy"] == 1.0 and p["accuracy"] == 0.5
