@@ -362,6 +362,7 @@ def run_export(args) -> int:
 
     from . import deploy
 
+    deploy.check_export(args.format, args.precision)  # before anything is loaded or fitted
     model, res, normalization, labels = _deploy_model(args)
     batches, y = _calibration(args, model, res, normalization, labels)
     out = args.out
@@ -436,7 +437,8 @@ def run_benchmark(args) -> int:
     model, res, normalization, _ = _deploy_model(args)
     result = benchmark.benchmark(model, resolution=res, batch_sizes=args.batch_size, precisions=args.precision,
                                  backends=args.backend, peers=not args.no_peers, rounds=args.rounds,
-                                 min_time=args.min_time, normalization=normalization, log=log)
+                                 min_time=args.min_time, normalization=normalization, floor_size=args.floor_size,
+                                 log=log)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1)) if args.json != "-" else print(json.dumps(result))
     if args.plot:
@@ -460,6 +462,7 @@ def add_benchmark(sub) -> None:
     p.add_argument("--no-peers", action="store_true", help="time only ours")
     p.add_argument("--rounds", type=_positive_int, default=5, help="interleaved timing rounds (default 5)")
     p.add_argument("--min-time", type=positive_float, default=0.4, help="seconds per candidate per round")
+    p.add_argument("--floor-size", type=_positive_int, default=2048, help="n of the n^3 matmul floor (default 2048)")
     p.add_argument("--grid", action="store_true", help="the 16 alpha x resolution models at the first "
                                                        "--precision/--batch-size/--backend: latency vs mult-adds")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': print JSON only)")
