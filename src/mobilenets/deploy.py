@@ -643,8 +643,8 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
     for name in candidates:
         try:
             built[name] = _build(name, folded, precision, batches, batch_size, resolution, workdir)
-        except Exception as e:  # a runtime that fails here is skipped, never fatal: torch always works
-            if name == "torch":
+        except Exception as e:  # a runtime that cannot serve this request is skipped; all failing is fatal
+            if name == candidates[-1] and not built:
                 raise
             warnings.warn(f"auto: skipping {name}: {type(e).__name__}: {e}", stacklevel=2)
     times = interleaved({name: run for name, (run, _) in built.items()}, x, rounds=3, min_time=0.3)
