@@ -7,17 +7,20 @@ Writes benchmarks/results/inference.{json,md,png} (and grid-*.{json,png} with
 processes falls on every candidate alike; compare ratios within one run.
 OMP_WAIT_POLICY=PASSIVE (set before torch loads, for every PyTorch candidate
 alike, timm's included) keeps PyTorch's OpenMP threads from spinning on a
-shared CPU: without it, one busy neighbour makes every PyTorch call 10-100x slower.
+shared CPU: without it, one busy neighbour makes every PyTorch call 10-100x slower.  On a quiet
+machine passive waiting costs PyTorch's many short parallel regions; --omp-default keeps OpenMP's
+default (spin, then sleep) to measure that case.
 """
 
 import os
+import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "--omp-default" not in sys.argv:  # must be decided before torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -44,6 +47,7 @@ def main() -> int:
     ap.add_argument("--grid", action="store_true", help="also time the 16 alpha x resolution models (fp32, batch 1)")
     ap.add_argument("--grid-precisions", default="fp32")
     ap.add_argument("--name", default="inference")
+    ap.add_argument("--omp-default", action="store_true", help="leave OMP_WAIT_POLICY unset (OpenMP's default)")
     args = ap.parse_args()
     benchmark._quiet()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731

@@ -408,7 +408,7 @@ def grid_cache_path(precision: str, batch_size: int, backend: str) -> Path:
 
 
 def cached_grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto", remeasure: bool = False,
-                log=None) -> tuple[dict, Path, bool]:
+                log=None, **timing) -> tuple[dict, Path, bool]:
     """The 16-model grid for this machine: read from the cache when present, else measured and cached.
 
     Returns (grid, cache path, whether it came from the cache).
@@ -421,7 +421,7 @@ def cached_grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = 
                 return data, path, True
         except (OSError, ValueError):
             pass
-    data = grid(precision=precision, batch_size=batch_size, backend=backend, log=log)
+    data = grid(precision=precision, batch_size=batch_size, backend=backend, log=log, **timing)
     from .checkpoint import atomic_write
 
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))

@@ -424,8 +424,11 @@ def run_benchmark(args) -> int:
     benchmark._quiet()
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
     if args.grid:
-        data = benchmark.grid(precision=args.precision[0], batch_size=args.batch_size[0], backend=args.backend[0],
-                              rounds=args.rounds, min_time=args.min_time, log=log)
+        # measured afresh, and cached where `mobilenets pick` looks for it
+        data, cache, _ = benchmark.cached_grid(precision=args.precision[0], batch_size=args.batch_size[0],
+                                               backend=args.backend[0], remeasure=True, rounds=args.rounds,
+                                               min_time=args.min_time, log=log)
+        print(f"cached for 'mobilenets pick' in {cache}", file=sys.stderr)
         if args.plot:
             print(f"wrote {benchmark.plot_grid(data, Path(args.plot))}", file=sys.stderr)
         if args.json:
