@@ -296,6 +296,17 @@ def test_finetune_new_head_keeps_body_and_normalization(tmp_path, dataset):
             torch.testing.assert_close(model.state_dict()[k], v)  # the body came from the checkpoint
     assert model.classifier.weight.shape == (3, source.num_features)
 
+    # a converted .safetensors file (what 'mobilenets convert' writes) fine-tunes the same way
+    from mobilenets import weights
+
+    converted = weights.save(weights.read(path), tmp_path / "source.safetensors")
+    out = tmp_path / "run2"
+    train.train(tiny(out, dataset, epochs=1, finetune=str(converted), opt="sgd", lr=1e-12, alpha=None))
+    model, meta = checkpoint.model_from(checkpoint.load(out / "last.pt"))
+    assert meta["normalization"] == IMAGENET.to_dict() and model.config.num_classes == 3
+    torch.testing.assert_close(model.state_dict()["features.5.pointwise.conv.weight"],
+                               source.state_dict()["features.5.pointwise.conv.weight"])
+
 
 # ---------------------------------------------------------------- errors and the CLI
 

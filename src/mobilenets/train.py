@@ -445,19 +445,18 @@ def _skip_reporter():
     return report
 
 
-def _build_model(c: TrainConfig, labels: list[str]) -> MobileNetV1:
-    """A fresh model, or the --finetune checkpoint's body with a new head when the classes differ."""
-    if c.finetune is None:
+def _build_model(c: TrainConfig, labels: list[str], source=None) -> MobileNetV1:
+    """A fresh model, or the --finetune weights' body with a new head when the classes differ."""
+    if source is None:
         return MobileNetV1(MobileNetV1Config(alpha=c.alpha, num_classes=len(labels)))
-    model, meta = checkpoint.model_from(checkpoint.load(c.finetune), path=c.finetune)
-    if model.config.num_classes == len(labels) and meta.get("labels") == labels:
-        return model  # same classes: keep the head too
-    # new head for the new classes; every other tensor comes from the checkpoint
-    fresh = MobileNetV1(dataclasses.replace(model.config, num_classes=len(labels)))
-    body = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
-    missing, unexpected = fresh.load_state_dict(body, strict=False)
+    if source.config.num_classes == len(labels) and source.meta.get("labels") == labels:
+        return source.model().train()  # same classes: keep the head too
+    # new head for the new classes; every other tensor comes from the source
+    model = MobileNetV1(dataclasses.replace(source.config, num_classes=len(labels)))
+    body = {k: v for k, v in source.state_dict.items() if not k.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(body, strict=False)
     assert not unexpected and all(k.startswith("classifier.") for k in missing), (missing, unexpected)
-    return fresh
+    return model
 
 
 def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> dict:
@@ -504,14 +503,14 @@ def _train(c: TrainConfig, dist: Dist, device: torch.device, resume) -> dict:
 
     # data first: every layout problem is reported before a model is built
     hflip = c.hflip if c.hflip is not None else (0.0 if c.data is None else 0.5)
-    normalization = INCEPTION
+    normalization, source = INCEPTION, None
     if c.finetune is not None:
-        source = checkpoint.load(c.finetune)
-        if not checkpoint.is_mobilenets_checkpoint(source):
-            checkpoint.model_from(source, path=c.finetune)  # raises the error that says how to convert
+        from . import weights  # a converted .safetensors file or a mobilenets checkpoint
+
+        source = weights.read(c.finetune)  # a feature extractor (num_classes 0, e.g. "_no_top") gets a head too
         # the normalisation belongs to the weights being fine-tuned, and so does the width
-        normalization = Normalization.from_dict((source.get("meta") or {}).get("normalization", INCEPTION.to_dict()))
-        c = dataclasses.replace(c, alpha=float(source["config"]["alpha"]))
+        normalization = Normalization.from_dict(source.meta.get("normalization") or INCEPTION.to_dict())
+        c = dataclasses.replace(c, alpha=float(source.config.alpha))
     min_scale = c.min_scale if c.min_scale is not None else data.default_min_scale(c.alpha)
     train_set, val_set = data.splits(
         c.data, c.resolution,
@@ -519,7 +518,7 @@ def _train(c: TrainConfig, dist: Dist, device: torch.device, resume) -> dict:
         eval_transform=data.EvalTransform(c.resolution, normalization))
     labels = train_set.classes
     torch.manual_seed(c.seed)  # identical initialisation on every rank
-    model = _build_model(c, labels)
+    model = _build_model(c, labels, source)
 
     steps_per_epoch = (len(train_set) // dist.world_size + (len(train_set) % dist.world_size > 0)) // c.batch_size
     if steps_per_epoch == 0:
