@@ -343,6 +343,7 @@ def plot(result: dict, path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = result["rows"]
     batches = sorted({r["batch_size"] for r in rows})
@@ -356,6 +357,8 @@ def plot(result: dict, path) -> Path:
         ax.set_yticks(range(len(group)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_xlabel("median latency per batch (ms, log scale)")
         for i, r in enumerate(group):
             ax.text(r["median_ms"], i, f" {r['median_ms']:.2f}", va="center", fontsize=7)
@@ -375,10 +378,14 @@ def plot(result: dict, path) -> Path:
 def grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto", alphas=paper.ALPHAS,
          resolutions=paper.RESOLUTIONS, rounds: int = 3, min_time: float = 0.3,
          log: Callable[[str], None] | None = None) -> dict:
-    """Median latency of each α x ρ model at one precision and batch size, with its mult-adds and published top-1."""
+    """Median latency of each α x ρ model at one precision and batch size, with its mult-adds and published top-1.
+
+    Every model is built first, then all are timed in the same interleaved
+    rounds, so the curve compares models under the same load.
+    """
     log = log or (lambda s: None)
     deploy._check_precision(precision)
-    rows = []
+    built = {}
     for alpha in alphas:
         model = make_model(alpha, steps=0)  # latency only: no need to fit
         for resolution in resolutions:
@@ -386,16 +393,20 @@ def grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto",
             t0 = time.perf_counter()
             predictor = deploy.compile(model, precision, calibration=calibration, batch_size=batch_size,
                                        resolution=resolution, backend=backend)
-            build_s = time.perf_counter() - t0
-            x = _inputs(resolution, batch_size)
-            times = deploy.interleaved({"m": predictor}, x, rounds=rounds, min_time=min_time)["m"]
-            published = paper.PUBLISHED_ACCURACY.get((float(alpha), int(resolution)))
-            row = {"model": model_name(alpha, resolution), "alpha": float(alpha), "resolution": int(resolution),
-                   "mult_adds": cost(alpha, resolution).mult_adds, "median_ms": statistics.median(times),
-                   "p90_ms": _p90(times), "backend": predictor.backend, "build_s": build_s,
-                   "top1": published[0] if published else None, "top1_int8": published[1] if published else None}
-            log(f"  {row['model']:9} {row['mult_adds']:>12,} mult-adds  {row['median_ms']:8.2f} ms  ({row['backend']})")
-            rows.append(row)
+            name = model_name(alpha, resolution)
+            built[name] = (alpha, resolution, predictor, _inputs(resolution, batch_size), time.perf_counter() - t0)
+            log(f"  built {name} in {built[name][4]:.1f}s ({predictor.backend})")
+    times = deploy.interleaved({n: (lambda _, p=b[2], x=b[3]: p(x)) for n, b in built.items()}, None,
+                               rounds=rounds, min_time=min_time)
+    rows = []
+    for name, (alpha, resolution, predictor, _, build_s) in built.items():
+        published = paper.PUBLISHED_ACCURACY.get((float(alpha), int(resolution)))
+        row = {"model": name, "alpha": float(alpha), "resolution": int(resolution),
+               "mult_adds": cost(alpha, resolution).mult_adds, "median_ms": statistics.median(times[name]),
+               "p90_ms": _p90(times[name]), "backend": predictor.backend, "build_s": build_s,
+               "top1": published[0] if published else None, "top1_int8": published[1] if published else None}
+        log(f"  {row['model']:9} {row['mult_adds']:>12,} mult-adds  {row['median_ms']:8.2f} ms  ({row['backend']})")
+        rows.append(row)
     return {"machine": machine(), "precision": precision, "batch_size": batch_size, "backend": backend, "rows": rows}
 
 
