@@ -313,7 +313,7 @@ def add_plot(sub) -> None:
 
 
 def _deploy_model(args):
-    """(model, resolution, normalization, labels) from --weights/--checkpoint, else a seeded random --alpha model."""
+    """(model, resolution, normalization, labels) from --weights/--checkpoint, else a seeded --alpha model."""
     from .benchmark import make_model
     from .images import INCEPTION, Normalization
 
@@ -353,7 +353,7 @@ def _add_weights_arguments(p) -> None:
     p.add_argument("--weights", metavar="FILE", help="converted weights (.safetensors) or a checkpoint file")
     p.add_argument("--checkpoint", metavar="RUN_DIR|FILE", help="a training run folder (its best.pt) or a .pt")
     p.add_argument("--alpha", type=positive_float, default=1.0,
-                   help="without weights: width of a seeded random model (default 1.0)")
+                   help="without weights: width of a seeded model briefly fitted to the built-in digits (default 1.0)")
     p.add_argument("--resolution", type=resolution, help="input size (default: the weights', else 224)")
 
 

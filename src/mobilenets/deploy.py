@@ -647,7 +647,7 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
             if name == candidates[-1] and not built:
                 raise
             warnings.warn(f"auto: skipping {name}: {type(e).__name__}: {e}", stacklevel=2)
-    times = interleaved({name: run for name, (run, _) in built.items()}, x, rounds=3, min_time=0.3)
+    times = interleaved({name: run for name, (run, _) in built.items()}, x, rounds=5, min_time=0.3)
     timings = {name: statistics.median(t) for name, t in times.items()}
     chosen = min(timings, key=timings.get)
     cache = _read_json(_auto_cache())
