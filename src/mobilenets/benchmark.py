@@ -473,6 +473,7 @@ def plot_grid(grid_data: dict, path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for alpha in sorted({r["alpha"] for r in grid_data["rows"]}, reverse=True):
@@ -483,6 +484,9 @@ def plot_grid(grid_data: dict, path) -> Path:
                         textcoords="offset points", xytext=(3, -8))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("mult-adds (millions, log)")
     ax.set_ylabel("median latency (ms, log)")
     ax.set_title(f"MobileNet v1 on {grid_data['machine']['cpu'][:40]}\n"
