@@ -84,6 +84,18 @@ def test_fold_refuses_other_modules():
         deploy.fold_batchnorm(torch.nn.Conv2d(3, 8, 3))
 
 
+def test_torch_path_runs_onednn_convolutions_with_relu6_fused(model):
+    """What the PyTorch path promises: BN gone, weights frozen into prepacked oneDNN convs, ReLU6 a post-op."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(lambda: deploy._build_torch(deploy.fold_batchnorm(model), "fp32", [], 1, RES))
+    code = "\n".join(codes)
+    assert code.count("mkldnn._convolution_pointwise") == 27  # 1 stem + 13 x (depthwise + pointwise)
+    assert code.count("'hardtanh', [0.0, 6.0]") == 27
+    assert "batch_norm" not in code and "_frozen_param" in code
+
+
 # ---------------------------------------------------------------- each backend's parity
 
 CASES = [
