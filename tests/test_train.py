@@ -318,6 +318,7 @@ def test_finetune_new_head_keeps_body_and_normalization(tmp_path, dataset):
     (["--hflip", "2"], "--hflip: must be a number in [0, 1]"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
     (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--threads", "0"], "--threads: must be an integer >= 1"),
     (["--data", "/no/such/folder"], "/no/such/folder is not a directory"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, args, message):

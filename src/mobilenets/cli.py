@@ -193,7 +193,7 @@ def run_train(args) -> int:
         "data", "alpha", "resolution", "epochs", "batch_size", "opt", "lr", "momentum", "rmsprop_decay",
         "rmsprop_eps", "weight_decay", "lr_scheduler", "lr_step_size", "lr_gamma", "lr_warmup_epochs", "lr_min",
         "label_smoothing", "model_ema", "model_ema_decay", "min_scale", "hflip", "seed", "num_workers", "amp",
-        "channels_last", "sync_bn", "finetune", "device")}
+        "channels_last", "sync_bn", "finetune", "device", "threads")}
     for flag in ("amp", "channels_last", "sync_bn"):
         options[flag] = options[flag] or None  # store_true: absent means "not given"
     options["progress"] = False if args.no_progress else None
@@ -261,6 +261,8 @@ def add_train(sub) -> None:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
     p.add_argument("--finetune", metavar="CHECKPOINT", help="start from these weights; new head if classes differ")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="CPU threads per process (default: all cores; 1 is faster for small models on a busy CPU)")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/mobilenet)")
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR|FILE",
                    help="continue a stopped run (default: --out) from its last.pt")

@@ -101,6 +101,7 @@ class TrainConfig:
     sync_bn: bool = False
     finetune: str | None = None
     device: str | None = None
+    threads: int | None = None  # CPU intra-op threads; None: torch's default (all cores)
     progress: bool = True
     plot: bool = True
 
@@ -143,6 +144,7 @@ def check_config(c: TrainConfig) -> None:
     need(0 <= c.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {c.label_smoothing}")
     need(0 < c.model_ema_decay < 1, f"--model-ema-decay must be in (0, 1), got {c.model_ema_decay}")
     need(c.num_workers >= 0, f"--num-workers must be >= 0, got {c.num_workers}")
+    need(c.threads is None or c.threads >= 1, f"--threads must be >= 1, got {c.threads}")
     need(c.min_scale is None or 0 < c.min_scale <= 1, f"--min-scale must be in (0, 1], got {c.min_scale}")
     need(c.hflip is None or 0 <= c.hflip <= 1, f"--hflip must be a probability in [0, 1], got {c.hflip}")
     need(c.resolution >= 32, f"--resolution must be >= 32, got {c.resolution}")
@@ -461,6 +463,8 @@ def _build_model(c: TrainConfig, labels: list[str], source=None) -> MobileNetV1:
 
 def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> dict:
     """Run (or resume) training; returns the last metrics row.  Raises :class:`Interrupted` on Ctrl-C/SIGTERM."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
     dist, device = init_distributed(config.device)
     try:
         return _train(config, dist, device, resume)
@@ -480,7 +484,7 @@ def resume_config(path: str | Path, **overrides) -> tuple[TrainConfig, Path]:
     stored = state["train_config"]
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in stored.items() if k in known})
-    allowed = {"epochs", "num_workers", "device", "progress", "plot"}
+    allowed = {"epochs", "num_workers", "device", "threads", "progress", "plot"}
     changed = {k: v for k, v in overrides.items() if v is not None and k in known and getattr(config, k) != v}
     refused = sorted(set(changed) - allowed)
     if refused:
