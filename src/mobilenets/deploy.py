@@ -41,7 +41,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 import warnings
@@ -129,7 +128,7 @@ def _check_backend(backend: str, precision: str) -> None:
         raise DeployError(f"backend {backend!r} is not installed; pip install 'mobilenets[deploy]' "
                           f"(or pip install {backend}), or use one of {available_backends()}")
     if not backend_supports(backend, precision):
-        raise DeployError(f"onnxruntime has no bf16 CPU kernels; for bf16 use backend 'torch' or 'openvino'")
+        raise DeployError("onnxruntime has no bf16 CPU kernels; for bf16 use backend 'torch' or 'openvino'")
 
 
 # ---------------------------------------------------------------- folding
