@@ -337,6 +337,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(result: dict, path) -> Path:
     """Bar chart of median latency per candidate, one panel per batch size."""
     import matplotlib
@@ -364,12 +375,7 @@ def plot(result: dict, path) -> Path:
             ax.text(r["median_ms"], i, f" {r['median_ms']:.2f}", va="center", fontsize=7)
         m = result["model"]
         ax.set_title(f"MobileNet v1 {model_name(m['alpha'], m['resolution'])}, batch {b} (blue: mobilenets)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------- the 16 models, and the picker
@@ -493,12 +499,7 @@ def plot_grid(grid_data: dict, path) -> Path:
                  f"{grid_data['precision']}, batch {grid_data['batch_size']}, backend {grid_data['backend']}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_pick(result: dict, grid_data: dict, path) -> Path:
@@ -530,12 +531,7 @@ def plot_pick(result: dict, grid_data: dict, path) -> Path:
     ax.set_title(f"{grid_data['precision']}, batch {grid_data['batch_size']}, backend {grid_data['backend']}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def format_pick(result: dict) -> str:

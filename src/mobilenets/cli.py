@@ -15,6 +15,8 @@ import math
 import os
 import sys
 
+from .architecture import MIN_RESOLUTION
+
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs that the user can fix; printed as one line."""
@@ -25,32 +27,32 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0 such as 1.0, 0.75, 0.5, 0.25; got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0 such as 1.0, 0.75, 0.5, 0.25; got {text!r}")
-    return value
+def _number(convert, ok, allowed: str):
+    """An argparse type: ``convert(text)`` must succeed and satisfy ``ok``, else the message says what is allowed."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}; got {text!r}")
+        return value
+
+    return parse
 
 
-def resolution(text: str) -> int:
-    from .architecture import MIN_RESOLUTION
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128; got {text!r}") from None
-    if value < MIN_RESOLUTION:
-        raise argparse.ArgumentTypeError(
-            f"must be an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128; got {text!r}")
-    return value
+alpha = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0 such as 1.0, 0.75, 0.5, 0.25")
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+resolution = _number(int, lambda v: v >= MIN_RESOLUTION,
+                     f"an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128")
+_probability = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+_nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--alpha", type=positive_float, default=1.0, help="width multiplier (default 1.0)")
+    p.add_argument("--alpha", type=alpha, default=1.0, help="width multiplier (default 1.0)")
     p.add_argument("--resolution", type=resolution, default=224, help="input size in pixels (default 224)")
     p.add_argument("--full-conv", action="store_true", help="Table 4 ablation: standard 3x3 convs instead of separable")
     p.add_argument("--shallow", action="store_true", help="Table 5 ablation: remove the five 14x14x512 pairs")
@@ -156,36 +158,6 @@ def add_paper(sub) -> None:
 # ---------------------------------------------------------------- train, evaluate, plot
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}")
-    return value
-
-
 def run_train(args) -> int:
     from . import train
 
@@ -231,7 +203,7 @@ def add_train(sub) -> None:
                                    "Run under torchrun --nproc_per_node=N for data-parallel training.")
     p.add_argument("--data", metavar="DIR", help="DIR/train/<class>/* and DIR/val/<class>/*; default: built-in digits")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="named preset (default paper)")
-    p.add_argument("--alpha", type=positive_float, help="width multiplier (default 1.0)")
+    p.add_argument("--alpha", type=alpha, help="width multiplier (default 1.0)")
     p.add_argument("--resolution", type=resolution, help="input size in pixels (default 224)")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("-b", "--batch-size", type=_positive_int, help="images per process per step (default 64)")
@@ -354,7 +326,7 @@ def _calibration(args, model, resolution, normalization, labels):
 def _add_weights_arguments(p) -> None:
     p.add_argument("--weights", metavar="FILE", help="converted weights (.safetensors) or a checkpoint file")
     p.add_argument("--checkpoint", metavar="RUN_DIR|FILE", help="a training run folder (its best.pt) or a .pt")
-    p.add_argument("--alpha", type=positive_float, default=1.0,
+    p.add_argument("--alpha", type=alpha, default=1.0,
                    help="without weights: width of a seeded model briefly fitted to the built-in digits (default 1.0)")
     p.add_argument("--resolution", type=resolution, help="input size (default: the weights', else 224)")
 
@@ -584,7 +556,7 @@ def add_predict(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--weights", required=True, metavar="FILE|imagenet",
                    help="a converted .safetensors or training checkpoint, or 'imagenet' for the released weights")
-    p.add_argument("--alpha", type=positive_float, default=1.0,
+    p.add_argument("--alpha", type=alpha, default=1.0,
                    help="with --weights imagenet: width multiplier 1.0, 0.75, 0.5 or 0.25 (default 1.0)")
     p.add_argument("--resolution", type=resolution, default=None,
                    help="with imagenet: 224, 192, 160 or 128 (default 224); with a FILE: override its resolution")

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, data
@@ -742,31 +741,26 @@ def plot(run_dir: str | Path) -> list[Path]:
         raise ValueError(f"{Path(run_dir) / METRICS} has no finished epochs yet")
     epochs = [r["epoch"] for r in rows]
     run_dir = Path(run_dir)
+    charts = (  # file, y label, y limits, (label, metrics key, marker); EMA lines only when the run kept an EMA
+        ("loss", "cross-entropy loss", None,
+         (("train", "train_loss", "o"), ("val", "val_loss", "o"), ("val (EMA)", "ema_val_loss", "."))),
+        ("accuracy", "accuracy (%)", (0, 100),
+         (("train top-1", "train_top1", "o"), ("val top-1", "val_top1", "o"), ("val top-5", "val_top5", "o"),
+          ("val top-1 (EMA)", "ema_val_top1", "."))),
+    )
     written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
-    ax.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="val")
-    if "ema_val_loss" in rows[-1]:
-        ax.plot(epochs, [r.get("ema_val_loss") for r in rows], marker=".", label="val (EMA)")
-    ax.set(xlabel="epoch", ylabel="cross-entropy loss", title=f"loss: {run_dir.name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    written.append(run_dir / "loss.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [r["train_top1"] for r in rows], marker="o", label="train top-1")
-    ax.plot(epochs, [r["val_top1"] for r in rows], marker="o", label="val top-1")
-    ax.plot(epochs, [r["val_top5"] for r in rows], marker="o", label="val top-5")
-    if "ema_val_top1" in rows[-1]:
-        ax.plot(epochs, [r.get("ema_val_top1") for r in rows], marker=".", label="val top-1 (EMA)")
-    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy: {run_dir.name}", ylim=(0, 100))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    written.append(run_dir / "accuracy.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    for name, ylabel, ylim, series in charts:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, key, marker in series:
+            if key in rows[-1]:
+                ax.plot(epochs, [r.get(key) for r in rows], marker=marker, label=label)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{name}: {run_dir.name}")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        written.append(run_dir / f"{name}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
     return written
