@@ -345,3 +345,22 @@ def test_plot_command(tmp_path, uninterrupted, capsys):
     assert (uninterrupted / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_ddp_survives_a_rank_whose_batch_is_all_undecodable(tmp_path):
+    # 42 files, 30 broken, 2 ranks x 7 batches of 3 (none dropped): some rank's batch is left with fewer than 2
+    # images while the other's is not; before ranks agreed on skipping such a step, this run hung in DDP's backward
+    data = make_dataset(tmp_path / "data", train_per_class=4, val_per_class=2)
+    for i in range(30):
+        (data / "train" / "horizontal" / f"broken{i:02d}.jpg").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mobilenets",
+         "train", "--data", str(data), "--alpha", "0.25", "--resolution", "32", "--epochs", "1", "-b", "3",
+         "-j", "0", "--out", str(out), "--no-progress", "--no-plot"],
+        capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = train.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1]
+    assert rows[0]["skipped_files"] == 30

@@ -620,7 +620,12 @@ def _train(c: TrainConfig, dist: Dist, device: torch.device, resume) -> dict:
             step = start_step
             for x, y, skipped in train_loader:
                 report_skip(skipped)
-                if x is not None and len(x) >= 2:
+                usable = x is not None and len(x) >= 2  # BatchNorm needs two samples to normalise by
+                if dist.enabled:
+                    # DDP's backward is collective: all ranks step or none does, else a rank whose batch had
+                    # nothing decodable would leave the others waiting for its gradients forever
+                    usable = dist.all_sum([0.0 if usable else 1.0], device)[0] == 0
+                if usable:
                     global_step = epoch * steps_per_epoch + step
                     lr = schedule.lr(global_step)
                     for group in optimizer.param_groups:
@@ -661,7 +666,7 @@ def _train(c: TrainConfig, dist: Dist, device: torch.device, resume) -> dict:
                 "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "val_images": val["images"],
                 "lr": schedule.lr((epoch + 1) * steps_per_epoch - 1),
                 "images_per_s": images_total / train_time if train_time > 0 else 0.0,
-                "epoch_time_s": train_time, "skipped_files": len(report_skip.seen),
+                "epoch_time_s": train_time, "skipped_files": len(_all_skipped(report_skip.seen, dist)),
             }
             weights, top1 = model, val["top1"]
             if ema is not None:
@@ -688,11 +693,7 @@ def _train(c: TrainConfig, dist: Dist, device: torch.device, resume) -> dict:
             if _stop_now(stop, dist, device):
                 raise Interrupted(stop.signal or signal.SIGTERM, out / LAST)
 
-    skipped = report_skip.seen
-    if dist.enabled:
-        gathered = [None] * dist.world_size
-        torch.distributed.all_gather_object(gathered, sorted(skipped))
-        skipped = set().union(*map(set, gathered))
+    skipped = _all_skipped(report_skip.seen, dist)
     if dist.main:
         if skipped:
             print(f"skipped {len(skipped)} undecodable file(s) in total", file=sys.stderr)
@@ -700,6 +701,15 @@ def _train(c: TrainConfig, dist: Dist, device: torch.device, resume) -> dict:
             plot(out)
     dist.barrier()
     return row
+
+
+def _all_skipped(seen: set, dist: Dist) -> set:
+    """The undecodable files every rank has met so far: ranks see different shards, so their sets differ."""
+    if not dist.enabled:
+        return seen
+    gathered = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, sorted(seen))
+    return set().union(*map(set, gathered))
 
 
 def _bare(model: nn.Module) -> nn.Module:
