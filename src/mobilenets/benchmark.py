@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 
 from . import deploy, paper
+from .checkpoint import atomic_write
 from .cost import cost
 from .model import mobilenet_v1
 
@@ -439,7 +440,6 @@ def cached_grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = 
         except (OSError, ValueError):
             pass
     data = grid(precision=precision, batch_size=batch_size, backend=backend, log=log, **timing)
-    from .checkpoint import atomic_write
 
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
     return data, path, False

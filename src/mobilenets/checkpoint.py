@@ -31,8 +31,11 @@ class CheckpointError(ValueError):
     """A file that is not a usable checkpoint; the message says why and what would work."""
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(file_object)`` on a temp file beside ``path``, then atomically rename it into place."""
+def atomic_write(path: str | Path, write, *, check=None) -> Path:
+    """Call ``write(file_object)`` on a temp file beside ``path``, then atomically rename it into place.
+
+    ``check(temp_path)``, if given, inspects the finished file before the rename and raises to discard it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,6 +44,8 @@ def atomic_write(path: str | Path, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import atomic_write
 from .model import ConvBNAct, MobileNetV1
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -655,7 +656,6 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
     cache = _read_json(_auto_cache())
     cache[key] = {"backend": chosen, "timings": timings, "precision": precision, "batch_size": batch_size,
                   "resolution": resolution, "alpha": model.config.alpha, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    from .checkpoint import atomic_write
 
     atomic_write(_auto_cache(), lambda f: f.write(json.dumps(cache, indent=1).encode()))
     run, detail = built[chosen]
@@ -731,7 +731,6 @@ def export(model: MobileNetV1, path, format: str = "onnx", *, precision: str = "
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(module, example.to(dtype))
-        from .checkpoint import atomic_write
 
         return atomic_write(path, lambda f: torch.jit.save(traced, f))
     # exported-program
@@ -740,7 +739,6 @@ def export(model: MobileNetV1, path, format: str = "onnx", *, precision: str = "
         program = torch.export.export(quantized, (example,), dynamic_shapes=({0: _batch_dim()},))
     else:
         program = torch.export.export(folded.to(dtype), (example.to(dtype),), dynamic_shapes=({0: _batch_dim()},))
-    from .checkpoint import atomic_write
 
     return atomic_write(path, lambda f: torch.export.save(program, f))
 

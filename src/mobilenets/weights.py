@@ -25,7 +25,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
@@ -611,34 +610,28 @@ def _file_sha256(path: Path) -> str:
 def download(url: str, path, *, progress: bool = True, timeout: float = 30.0) -> Path:
     """Fetch ``url`` to ``path`` through a temp file (never a half-written ``path``); progress on stderr."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            try:
-                response = urllib.request.urlopen(url, timeout=timeout)
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                reason = getattr(e, "reason", None) or e
-                raise WeightsError(f"cannot download {url} ({reason}); download that file yourself and "
-                                   f"put it at {path} (or set MOBILENETS_CACHE to the folder that has it)") from None
-            with response:
-                total = int(response.headers.get("Content-Length") or 0)
-                done = 0
-                for chunk in iter(lambda: response.read(1 << 16), b""):
-                    f.write(chunk)
-                    done += len(chunk)
-                    if progress:
-                        _progress(path.name, done, total)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def fetch(f) -> None:
+        try:
+            response = urllib.request.urlopen(url, timeout=timeout)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise WeightsError(f"cannot download {url} ({reason}); download that file yourself and "
+                               f"put it at {path} (or set MOBILENETS_CACHE to the folder that has it)") from None
+        with response:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            for chunk in iter(lambda: response.read(1 << 16), b""):
+                f.write(chunk)
+                done += len(chunk)
+                if progress:
+                    _progress(path.name, done, total)
         if total and done != total:
             raise WeightsError(f"download of {url} stopped at {done} of {total} bytes; try again")
         if progress:
             print(file=sys.stderr)
-        _check_hdf5(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+    checkpoint.atomic_write(path, fetch, check=_check_hdf5)
     return path
 
 
