@@ -1,0 +1,13 @@
+"""The one error base class: a mistake the user can fix, printed by the CLI as one line.
+
+Every module raises a subclass of :class:`MobilenetsError` for bad input (a
+file, an argument, a folder) so that the CLI can catch exactly these and let
+a programming bug surface as a traceback. Messages name parameters, not flags,
+and say what would work.
+"""
+
+from __future__ import annotations
+
+
+class MobilenetsError(ValueError):
+    """Bad input a user can fix. Subclasses ``ValueError`` so ``except ValueError`` callers keep working."""
