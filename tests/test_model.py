@@ -218,3 +218,36 @@ def test_bad_input_is_a_clear_error(shape, dtype, message):
     model = mobilenet_v1(0.25).eval()
     with pytest.raises((ValueError, TypeError), match=message):
         model(torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("padding", ["symmetric", "tf_same"])
+def test_fx_traceable_and_feature_extractor(padding):
+    # torchvision's feature extraction traces with torch.fx: the input check and TF-SAME padding must not break it
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    m = mobilenet_v1(0.25, padding=padding).eval()
+    x = torch.randn(2, 3, 96, 96)
+    assert torch.equal(torch.fx.symbolic_trace(m)(x), m(x))
+    features = create_feature_extractor(m, return_nodes={"features.5": "c5", "features.13": "c13"})(x)
+    expected = m.forward_endpoints(x, [5, 13])
+    assert torch.equal(features["c5"], expected[5]) and torch.equal(features["c13"], expected[13])
+    # tracing must not switch the check off for real calls
+    with pytest.raises(ValueError, match="at least"):
+        m(torch.randn(1, 3, 16, 16))
+
+
+def test_reset_classifier_and_forward_head():
+    torch.manual_seed(0)
+    m = mobilenet_v1(0.25).eval()
+    x = torch.randn(2, 3, 64, 64)
+    features = m.forward_features(x)
+    pooled = m.forward_head(features, pre_logits=True)
+    assert torch.allclose(pooled, features.mean((2, 3)), atol=1e-6)
+    m.reset_classifier(7)
+    assert m(x).shape == (2, 7) and m.config.num_classes == 7 and m.get_classifier().out_features == 7
+    assert torch.allclose(m(x), pooled @ m.classifier.weight.T + m.classifier.bias, atol=1e-5)
+    m.reset_classifier(0)
+    assert torch.equal(m(x), pooled) and m.config.num_classes == 0
+    with pytest.raises(ValueError, match="num_classes"):
+        m.reset_classifier(-1)

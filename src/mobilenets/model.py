@@ -9,9 +9,11 @@ the last layer is ``classifier``.  These names are stable.
 from __future__ import annotations
 
 from collections import OrderedDict
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -110,10 +112,14 @@ class ConvBNAct(nn.Module):
 
 
 def _pad_same(x: torch.Tensor, kernel: int, stride: int, dilation: int) -> torch.Tensor:
+    # shape-dependent padding: a leaf for torch.fx (see the wrap below), since a traced shape cannot be compared
     ih, iw = x.shape[-2], x.shape[-1]
     ph = max((-(-ih // stride) - 1) * stride + (kernel - 1) * dilation + 1 - ih, 0)
     pw = max((-(-iw // stride) - 1) * stride + (kernel - 1) * dilation + 1 - iw, 0)
     return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+torch.fx.wrap("_pad_same")
 
 
 class DepthwiseSeparable(nn.Module):
@@ -176,13 +182,36 @@ class MobileNetV1(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map, (N, channels, ceil(H/32), ceil(W/32)) at output_stride 32."""
+        # the input check reads concrete shapes: skip it while scripting, compiling or fx-tracing
+        # (torchvision's create_feature_extractor), where x is symbolic
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             self._check_input(x)
         return self.features(x)
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool a feature map to (N, channels) and classify; ``pre_logits=True`` stops before the classifier."""
         x = torch.flatten(self.pool(x), 1)
+        if pre_logits:
+            return x
         return self.classifier(self.dropout(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, freshly initialised head for ``num_classes`` classes (0: pooled features), as timm's models have.
+
+        ``config.num_classes`` follows, so saving and reloading the model keeps the new head.
+        """
+        config = dataclasses.replace(self.config, num_classes=num_classes)  # validates num_classes
+        fc = architecture.classifier(self.blocks, num_classes)
+        classifier = nn.Linear(fc.in_channels, fc.out_channels) if fc else nn.Identity()
+        if fc:
+            nn.init.trunc_normal_(classifier.weight, std=0.09, a=-0.18, b=0.18)
+            nn.init.zeros_(classifier.bias)
+        old = next(self.features.parameters())
+        self.classifier = classifier.to(device=old.device, dtype=old.dtype)
+        self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -220,6 +249,8 @@ class MobileNetV1(nn.Module):
 
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
+        if isinstance(x, torch.fx.Proxy):
+            return
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor of shape (N, 3, H, W), got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != 3:
