@@ -1,6 +1,7 @@
 """The command line: summary and paper, JSON output, plots, and one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -105,3 +106,31 @@ def test_summary_grid_is_the_readme_table(capsys):
     assert lines[2] == "| 1.0-224 | 568,740,352 | 4,210,088 | 4,231,976 | 70.9 | 69.7 |"
     code, out, _ = run(capsys, "summary", "--grid", "--json")
     assert [g["model"] for g in json.loads(out)][-1] == "0.25-128"
+
+
+def test_version():
+    from mobilenets import __version__
+
+    run = subprocess.run([sys.executable, "-m", "mobilenets", "--version"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == f"mobilenets {__version__}"
+
+
+def test_closed_pipe_is_quiet():
+    # `mobilenets paper | head -c 1`: the reader is gone before we write; no BrokenPipeError traceback
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    run = subprocess.run([sys.executable, "-m", "mobilenets", "paper", "--json"], stdout=write_end,
+                         stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    assert run.returncode == 141, run.stderr
+    assert run.stderr == ""
+
+
+def test_cli_starts_without_torch_and_waits_passively():
+    # OpenMP reads OMP_WAIT_POLICY once, when PyTorch loads it: the CLI must set it before importing torch
+    script = ("import sys, os, mobilenets.cli; assert 'torch' not in sys.modules; "
+              "mobilenets.cli.main(['summary', '--alpha', '0.25']); print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "PASSIVE"

@@ -1,10 +1,39 @@
-"""MobileNet v1 (Howard et al., 2017): any width alpha and resolution, with its exact cost."""
+"""MobileNet v1 (Howard et al., 2017): any width alpha and resolution, with its exact cost.
 
-from .architecture import CONV_DEFS, body, depth
-from .cost import cost, measure
-from .model import MobileNetV1, MobileNetV1Config
-from .weights import load, mobilenet_v1
+Names are imported on first use (PEP 562), so ``import mobilenets`` and the
+CLI start without loading PyTorch; the CLI must set OpenMP's wait policy
+before PyTorch's runtime starts.
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-__all__ = ["CONV_DEFS", "MobileNetV1", "MobileNetV1Config", "body", "cost", "depth", "load", "measure", "mobilenet_v1"]
+import importlib
+
+__version__ = "0.2.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "CONV_DEFS": "architecture", "body": "architecture", "depth": "architecture",
+    "cost": "cost", "measure": "cost",
+    "MobileNetV1": "model", "MobileNetV1Config": "model",
+    "load": "weights", "mobilenet_v1": "weights",
+    "MobilenetsError": "errors",
+}
+_SUBMODULES = {"architecture", "benchmark", "cache", "checkpoint", "cli", "cost", "data", "deploy", "errors",
+               "evaluate", "images", "model", "paper", "predict", "train", "weights"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mobilenets' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

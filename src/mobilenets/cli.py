@@ -574,7 +574,10 @@ COMMANDS = [add_summary, add_paper, add_train, add_evaluate, add_plot, add_expor
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="mobilenets", description="MobileNet v1: build, cost, train, load, deploy.")
+    parser.add_argument("--version", action="version", version=f"mobilenets {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in COMMANDS:
         add(sub)
@@ -582,9 +585,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while waiting take the cores that image decoding, data loaders and other
+    # processes need: on a busy machine that cost 10-100x. Passive waiting costs little when the machine is
+    # quiet. It must be set before PyTorch's OpenMP runtime starts, hence here, before any import of torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe must fail here, inside the handler, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (`mobilenets predict ... | head`): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except (UsageError, ValueError, TypeError, OSError) as e:
         if os.environ.get("MOBILENETS_DEBUG"):
             raise
