@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -121,7 +126,7 @@ def test_cli_bad_inputs_fail_in_one_line(weights_file, images, tmp_path, capsys)
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
     for argv, needle in [
         ([str(broken)], "cannot decode image"),
-        ([str(tmp_path / "missing.png")], "neither an image file nor a folder"),
+        ([str(tmp_path / "missing.png")], "does not exist"),
         ([str(images / "rgb.jpg"), "--topk", "0"], "integer >= 1"),
     ]:
         assert cli.main(["predict", *argv, "--weights", str(weights_file)]) == 2
@@ -159,3 +164,123 @@ def test_cli_imagenet_weights_from_the_server(tmp_path, images, monkeypatch, cap
     model = mobilenets.load(tmp_path / "cache" / "mobilenet_2_5_128_tf.safetensors")
     p = expected_probabilities(model, images / "rgb.jpg", 128, weights.INCEPTION)
     assert first["top"][0]["class_index"] == int(p.argmax())
+
+
+# ---------------------------------------------------------------- inputs of every kind, the worker pipeline
+
+
+def test_a_single_path_a_pil_image_and_tensors_are_one_image_each(weights_file, images):
+    model = mobilenets.load(weights_file)
+    path = images / "rgb.jpg"
+    (by_path,) = predict(model, str(path), topk=3)  # a string is a path, not a list of characters
+    assert by_path.image == str(path)
+    pil = load_rgb(path)
+    (by_pil,) = predict(model, pil, topk=3)
+    uint8 = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # as torchvision.io.read_image gives
+    by_uint8 = list(predict(model, torch.stack([uint8, uint8]), topk=3))
+    prep = eval_transform(pil, 64, weights.INCEPTION)
+    (by_float,) = predict(model, prep, topk=3)
+    for r in [by_pil, *by_uint8, by_float]:
+        assert [t["class_index"] for t in r.top] == [t["class_index"] for t in by_path.top]
+        assert np.allclose([t["probability"] for t in r.top], [t["probability"] for t in by_path.top], atol=1e-6)
+    mixed = list(predict(model, [path, pil, prep], topk=3))
+    assert [r.image for r in mixed] == [str(path), "<image 1>", "<tensor 2>"]
+    with pytest.raises(ValueError, match="3 x 64 x 64"):
+        list(predict(model, torch.zeros(3, 32, 32)))
+    with pytest.raises(ValueError, match="cannot classify a int"):
+        list(predict(model, [3]))
+
+
+def test_workers_and_batching_equal_the_per_image_path(weights_file, tmp_path):
+    # 23 JPEGs and one broken file in a folder, 3 workers, batches of 4: same labels, order and probabilities
+    model = mobilenets.load(weights_file)
+    rng = np.random.default_rng(1)
+    for i in range(23):
+        Image.fromarray(rng.integers(0, 256, (50 + i, 80, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.jpg")
+    (tmp_path / "10b.jpg").write_bytes(b"not a jpeg")
+    with pytest.warns(UserWarning, match="10b.jpg"):
+        results = list(predict(model, tmp_path, topk=2, batch_size=4, workers=3, draft=False))
+    assert [r.image for r in results] == [str(tmp_path / f"{i:02d}.jpg") for i in range(23)]
+    for r in results:
+        p = expected_probabilities(model, r.image, 64, weights.INCEPTION)
+        values, indices = p.topk(2)
+        assert [t["class_index"] for t in r.top] == indices.tolist()
+        assert np.allclose([t["probability"] for t in r.top], values.tolist(), atol=1e-6)
+
+
+def test_a_compiled_runtime_gives_the_eager_answers(weights_file, images):
+    pytest.importorskip("onnxruntime")
+    model = mobilenets.load(weights_file)
+    eager = list(predict(model, images, topk=3, batch_size=3, backend="eager"))
+    compiled = list(predict(model, images, topk=3, batch_size=3, backend="onnxruntime"))
+    assert [r.image for r in compiled] == [r.image for r in eager]
+    for a, b in zip(eager, compiled):
+        assert [t["class_index"] for t in a.top] == [t["class_index"] for t in b.top]
+        assert np.allclose([t["probability"] for t in a.top], [t["probability"] for t in b.top], atol=1e-4)
+
+
+def test_decode_predictions_matches_softmax_topk():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    top = mobilenets.predict.decode_predictions(logits, k=2, labels=["a", "b", "c"])
+    e = np.exp([0.0, 2.0, 1.0])
+    assert [t["label"] for t in top[0]] == ["b", "c"] and top[1][0]["label"] == "a"
+    assert np.isclose(top[0][0]["probability"], e[1] / e.sum())
+    imagenet = mobilenets.predict.decode_predictions(torch.eye(1000)[[281]] * 10, k=1)
+    assert imagenet[0][0]["label"] == weights.imagenet_labels()[281]
+
+
+def test_a_long_strip_is_classified_in_bounded_memory(tmp_path):
+    # a 1 x 100000 PNG is a few hundred bytes; resizing its short side to 256 before cropping asked ~20 GB
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.full((1, 100_000, 3), 200, np.uint8)).save(strip)
+    assert strip.stat().st_size < 2000
+    script = ("import resource, sys; from mobilenets import images; im = images.load_rgb(sys.argv[1]); "
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+              "x = images.eval_transform(im, 224); assert tuple(x.shape) == (3, 224, 224); "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    run = subprocess.run([sys.executable, "-c", script, str(strip)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) < 100_000  # kB: under 100 MB
+
+
+def test_eval_transform_equals_resize_then_crop_by_torchvision():
+    # torchvision's Resize + CenterCrop on the same PIL image; sizes where both centre the crop alike (torchvision
+    # rounds an odd margin up, TF-slim and we down)
+    from torchvision import transforms
+
+    rng = np.random.default_rng(2)
+    for h, w in [(300, 450), (256, 256), (200, 300), (144, 96)]:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        reference = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BILINEAR),
+                                        transforms.CenterCrop(224), transforms.PILToTensor()])(image)
+        ours = eval_transform(image, 224, IMAGENET.__class__((0, 0, 0), (1 / 255, 1 / 255, 1 / 255)))
+        assert (ours - reference.float()).abs().max() <= 1.0 + 1e-4  # at most one grey level (8-bit rounding)
+
+
+def test_interrupting_predict_leaves_no_worker(weights_file, tmp_path):
+    rng = np.random.default_rng(3)
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(tmp_path / f"{i:03d}.jpg")
+    proc = subprocess.Popen([sys.executable, "-m", "mobilenets", "predict", str(tmp_path), "--weights",
+                             str(weights_file), "--workers", "2", "--backend", "eager", "--batch-size", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # it has started classifying
+    children = _children(proc.pid)
+    assert len(children) >= 2  # the decoding workers
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    time.sleep(1)
+    assert [c for c in children if os.path.exists(f"/proc/{c}")] == []
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found

@@ -538,8 +538,12 @@ def run_predict(args) -> int:
     else:
         model = weights.load(args.weights)
         resolution_override = args.resolution
+    calibration = args.calib_data if args.precision == "int8" else None
+    if args.precision == "int8" and calibration is None:
+        raise UsageError("predict --precision int8 needs --calib-data DIR: a folder of images like the inputs")
     results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
-                              resolution=resolution_override)
+                              resolution=resolution_override, precision=args.precision, backend=args.backend,
+                              workers=args.workers, draft=not args.exact_decode, calibration=calibration)
     if args.json:
         for r in results:
             print(json.dumps(r.to_dict()), flush=True)
@@ -562,6 +566,15 @@ def add_predict(sub) -> None:
                    help="with imagenet: 224, 192, 160 or 128 (default 224); with a FILE: override its resolution")
     p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="how the model computes (default fp32; int8 needs --calib-data)")
+    p.add_argument("--backend", choices=("eager", "auto", "torch", "onnxruntime", "openvino"), default=None,
+                   help="runtime (default: eager PyTorch for a few images, else the fastest measured, 'auto')")
+    p.add_argument("--calib-data", metavar="DIR", default=None, help="images for int8 calibration")
+    p.add_argument("--workers", type=_nonnegative_int, default=None,
+                   help="image decoding processes (default: one per core but one; 0 decodes in this process)")
+    p.add_argument("--exact-decode", action="store_true",
+                   help="decode JPEGs at full size (default: at the smallest DCT scale still >= the resize size)")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per image: {"image", "top": [{"class_index", "label", "probability"}]}')
     p.add_argument("-q", "--quiet", action="store_true", help="no download progress on stderr")

@@ -7,6 +7,7 @@ image is seen the same way everywhere.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +45,23 @@ INCEPTION = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # TF-slim, Keras an
 IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, *, min_side: int | None = None) -> Image.Image:
     """Open an image of any mode (grayscale, palette, RGBA, CMYK, 16-bit) as 8-bit RGB, EXIF rotation applied.
 
+    ``min_side``: the caller needs only a shorter side of at least this many
+    pixels, so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale in the DCT
+    domain (PIL's ``draft``): a 12-megapixel photo decodes about 20x faster.
     Raises :class:`ImageError` naming the file when it cannot be decoded
     (empty, truncated, not an image).
     """
     path = Path(path)
     try:
         with Image.open(path) as im:
+            if min_side and im.format == "JPEG":
+                w, h = im.size
+                scale = min_side / min(w, h)
+                if scale < 1:  # draft never goes below the size asked for
+                    im.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
             im.load()  # decode now: a truncated file must fail here, not later in a worker
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
@@ -75,15 +84,27 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def resize_size(resolution: int) -> int:
+    """The shorter side an image is resized to before the centre crop: resolution / 0.875 (256 for 224)."""
+    return int(round(resolution / CROP_FRACTION))
+
+
 def eval_transform(image: Image.Image, resolution: int, normalization: Normalization = INCEPTION) -> torch.Tensor:
-    """Resize the shorter side to resolution / 0.875, centre-crop resolution x resolution, normalise: (3, R, R)."""
-    resize = int(round(resolution / CROP_FRACTION))
+    """Resize the shorter side to resolution / 0.875, centre-crop resolution x resolution, normalise: (3, R, R).
+
+    Computed as one resize of the crop's source box, which samples exactly the
+    pixels that resizing the whole image and then cropping would (the same
+    scale and offsets), but never allocates the whole resized image: a 1 x
+    100000 strip would otherwise ask for gigabytes.
+    """
+    resize = resize_size(resolution)
     w, h = image.size
     scale = resize / min(w, h)
-    image = image.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR)
-    w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    new_w, new_h = max(resize, round(w * scale)), max(resize, round(h * scale))
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    sx, sy = new_w / w, new_h / h  # the scale actually applied on each axis, after rounding
+    box = (left / sx, top / sy, (left + resolution) / sx, (top + resolution) / sy)
+    image = image.resize((resolution, resolution), Image.BILINEAR, box=box)
     return to_tensor(image, normalization)
 
 

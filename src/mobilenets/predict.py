@@ -1,20 +1,30 @@
-"""Classifying image files with a set of weights, preprocessed as those weights expect.
+"""Classifying images with a set of weights, preprocessed as those weights expect.
 
 The resolution and normalization come from the weights' metadata
 (``model.meta``), so an image is resized by resolution / 0.875 and
 centre-cropped exactly as in evaluation (:func:`images.eval_transform`).
+Files are decoded in worker processes (:mod:`pipeline`) while the model runs;
+large inputs run through :func:`deploy.compile`, the fastest runtime present.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from .images import ImageError, Normalization, eval_transform, list_images, load_rgb, warn_skipped
+from . import pipeline
+from .errors import MobilenetsError
+from .images import ImageError, Normalization, list_images, warn_skipped
 from .model import MobileNetV1
+
+# Below this many images, compiling a runtime (seconds) costs more than it saves; the eager model runs them.
+COMPILE_FROM = 256
 
 
 @dataclass(frozen=True)
@@ -28,38 +38,110 @@ class Prediction:
         return {"image": self.image, "top": self.top}
 
 
-def expand(inputs: Iterable[str | Path]) -> list[tuple[Path, bool]]:
-    """Files as given and the images found in folders, in order; the flag marks files found in a folder."""
-    found: list[tuple[Path, bool]] = []
+@dataclass(frozen=True)
+class _Source:
+    name: str
+    item: object  # a Path, a PIL image, or a preprocessed (3, R, R) tensor
+    in_folder: bool = False
+
+
+def _sources(inputs) -> list[_Source]:
+    """One source per image: a path (file or folder), a PIL image, an (N,) 3 x H x W tensor, or a list of these."""
+    if isinstance(inputs, (str, Path, Image.Image, torch.Tensor, np.ndarray)):
+        inputs = [inputs]
+    elif not isinstance(inputs, Iterable):
+        raise MobilenetsError(f"inputs must be a path, a folder, a PIL image, a tensor or a list of these, "
+                              f"got {type(inputs).__name__}")
+    found: list[_Source] = []
     for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found.extend((f, True) for f in list_images(p))
-        elif p.is_file():
-            found.append((p, False))
+        if isinstance(item, (str, Path)):
+            p = Path(item)
+            if p.is_dir():
+                found.extend(_Source(str(f), f, True) for f in list_images(p))
+            elif p.is_file():
+                found.append(_Source(str(p), p))
+            elif p.exists():
+                raise MobilenetsError(f"{p} is neither a regular file nor a folder")
+            else:
+                raise MobilenetsError(f"{p} does not exist; pass image files or folders")
+        elif isinstance(item, Image.Image):
+            found.append(_Source(f"<image {len(found)}>", item))
+        elif isinstance(item, (torch.Tensor, np.ndarray)):
+            found.extend(_tensor_sources(torch.as_tensor(item), len(found)))
         else:
-            raise FileNotFoundError(f"{p} is neither an image file nor a folder")
+            raise MobilenetsError(f"cannot classify a {type(item).__name__}; pass a path, a folder, a PIL image or "
+                                  f"a tensor")
     if not found:
-        raise ValueError("no images to classify; pass image files or folders")
+        raise MobilenetsError("no images to classify; pass image files or folders")
     return found
 
 
-def predict(model: MobileNetV1, inputs: Iterable[str | Path], *, topk: int = 5, batch_size: int = 32,
-            resolution: int | None = None, normalization: Normalization | None = None) -> Iterator[Prediction]:
-    """Classify image files and the images in folders, ``batch_size`` at a time.
+def _tensor_sources(t: torch.Tensor, start: int) -> list[_Source]:
+    """uint8 tensors are images (C, H, W as torchvision.io.read_image gives); float ones are preprocessed input."""
+    if t.dim() == 3:
+        t = t.unsqueeze(0)
+    if t.dim() != 4 or t.shape[1] != 3:
+        raise MobilenetsError(f"a tensor must be (3, H, W) or (N, 3, H, W), got {tuple(t.shape)}")
+    if t.dtype == torch.uint8:
+        return [_Source(f"<tensor {start + i}>", Image.fromarray(t[i].permute(1, 2, 0).numpy(), "RGB"))
+                for i in range(len(t))]
+    if not t.is_floating_point():
+        raise MobilenetsError(f"a tensor must be uint8 (an image) or float (preprocessed input), got {t.dtype}")
+    return [_Source(f"<tensor {start + i}>", t[i].float()) for i in range(len(t))]
 
-    ``resolution`` and ``normalization`` default to ``model.meta`` (set by
-    :func:`mobilenets.load` and :func:`mobilenets.mobilenet_v1`).  A file
-    named directly that cannot be decoded is an error; one found in a folder
-    is skipped with a warning.
+
+def _batches(sources: list[_Source], resolution: int, normalization, batch_size: int, workers, draft):
+    """pipeline.batches over the images to decode, with preprocessed tensors passed through in place."""
+    decode = [i for i, s in enumerate(sources) if not isinstance(s.item, torch.Tensor)]
+    if len(decode) == len(sources):
+        yield from pipeline.batches([s.item for s in sources], resolution=resolution, normalization=normalization,
+                                    batch_size=batch_size, workers=workers, draft=draft)
+        return
+    for start in range(0, len(sources), batch_size):  # a mix: small inputs given in memory, decode here
+        chunk = range(start, min(start + batch_size, len(sources)))
+        tensors = [i for i in chunk if isinstance(sources[i].item, torch.Tensor)]
+        for t in tensors:
+            if tuple(sources[t].item.shape[-2:]) != (resolution, resolution):
+                raise MobilenetsError(f"a preprocessed tensor must be 3 x {resolution} x {resolution} for these "
+                                      f"weights, got {tuple(sources[t].item.shape)}")
+        images_ = [i for i in chunk if i not in tensors]
+        decoded = {}
+        failed = []
+        if images_:
+            for b in pipeline.batches([sources[i].item for i in images_], resolution=resolution,
+                                      normalization=normalization, batch_size=len(images_), workers=0, draft=draft):
+                decoded.update({images_[j]: b.x[k] for k, j in enumerate(b.indices)})
+                failed += [(images_[j], why) for j, why in b.failed]
+        good = [i for i in chunk if i in decoded or i in tensors]
+        x = torch.stack([decoded[i] if i in decoded else sources[i].item for i in good]) if good else None
+        yield pipeline.Batch(good, x, failed)
+
+
+def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, resolution: int | None = None,
+            normalization: Normalization | None = None, precision: str = "fp32", backend: str | None = None,
+            workers: int | None = None, draft: bool = True, calibration=None) -> Iterator[Prediction]:
+    """Classify images, ``batch_size`` at a time, yielding one :class:`Prediction` per image in input order.
+
+    ``inputs``: an image file, a folder (every image below it, sorted), a PIL
+    image, a tensor (uint8 (3, H, W) / (N, 3, H, W) images, or float
+    preprocessed input), or a list of these.  ``resolution`` and
+    ``normalization`` default to ``model.meta`` (set by
+    :func:`mobilenets.load` and :func:`mobilenets.mobilenet_v1`).
+    ``precision`` ("fp32", "bf16", "int8") and ``backend`` (None: eager
+    PyTorch below :data:`COMPILE_FROM` images at fp32, else
+    :func:`deploy.compile`'s "auto") choose how the model runs; int8 needs
+    ``calibration`` (see :func:`deploy.compile`).  ``workers`` decoding
+    processes (default from the cores), ``draft`` JPEG reduced-scale decoding.
+    A file named directly that cannot be decoded is an error; one found in a
+    folder is skipped with a warning.
     """
-    if topk < 1:
-        raise ValueError(f"topk must be at least 1, got {topk}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise MobilenetsError(f"topk must be an integer >= 1, got {topk!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MobilenetsError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if model.config.num_classes == 0:
-        raise ValueError("these weights have no classifier (a feature extractor, e.g. a _no_top file); "
-                         "classifying needs weights with their classification head")
+        raise MobilenetsError("these weights have no classifier (a feature extractor, e.g. a _no_top file); "
+                              "classifying needs weights with their classification head")
     meta = getattr(model, "meta", None) or {}
     resolution = resolution or int(meta.get("resolution") or 224)
     if normalization is None:
@@ -68,34 +150,68 @@ def predict(model: MobileNetV1, inputs: Iterable[str | Path], *, topk: int = 5, 
     if labels is not None and len(labels) != model.config.num_classes:
         labels = None
     topk = min(topk, model.config.num_classes)
-    device = next(model.parameters()).device
-    model.eval()
+    sources = _sources(inputs)
+    if isinstance(calibration, (str, Path)):  # a folder of images, read like the inputs
+        calibration = [b.x for b in pipeline.batches(list_images(calibration), resolution=resolution,
+                                                     normalization=normalization, batch_size=8) if b.x is not None]
+    run = _runner(model, len(sources), precision, backend, calibration, batch_size, resolution)
 
-    batch: list[tuple[str, torch.Tensor]] = []
-    for path, in_folder in expand(inputs):
-        try:
-            x = eval_transform(load_rgb(path), resolution, normalization)
-        except ImageError as e:
-            if not in_folder:
-                raise
-            warn_skipped(path, e)
+    for batch in _batches(sources, resolution, normalization, batch_size, workers, draft):
+        for i, why in batch.failed:
+            if not sources[i].in_folder:
+                raise ImageError(why)
+            warn_skipped(Path(sources[i].name), ImageError(why))
+        if batch.x is None:
             continue
-        batch.append((str(path), x))
-        if len(batch) == batch_size:
-            yield from _classify(model, batch, topk, labels, device)
-            batch = []
-    if batch:
-        yield from _classify(model, batch, topk, labels, device)
-
-
-def _classify(model, batch, topk, labels, device) -> Iterator[Prediction]:
-    with torch.inference_mode():
-        logits = model(torch.stack([x for _, x in batch]).to(device))
-        probabilities = torch.softmax(logits.float(), dim=1)
+        probabilities = torch.softmax(run(batch.x).float(), dim=1)
         values, indices = probabilities.topk(topk, dim=1)
-    for (name, _), vs, ixs in zip(batch, values.tolist(), indices.tolist()):
-        top = [{"class_index": i, "label": labels[i] if labels else str(i), "probability": v} for v, i in zip(vs, ixs)]
-        yield Prediction(name, top)
+        for i, vs, ixs in zip(batch.indices, values.tolist(), indices.tolist()):
+            yield Prediction(sources[i].name, [{"class_index": c, "label": labels[c] if labels else str(c),
+                                                "probability": v} for v, c in zip(vs, ixs)])
+
+
+def _runner(model: MobileNetV1, count: int, precision: str, backend: str | None, calibration, batch_size: int,
+            resolution: int):
+    """The function that turns a batch into logits: eager PyTorch, or a compiled predictor."""
+    if backend is None and precision == "fp32" and count < COMPILE_FROM:
+        backend = "eager"
+    if backend == "eager":
+        if precision != "fp32":
+            raise MobilenetsError(f"the eager model runs fp32 only; for {precision} pass backend=None or a runtime")
+        model.eval()
+        device = next(model.parameters()).device
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return model(x.to(device))
+
+        return run
+    from . import deploy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporters' chatter; deploy's own warnings concern benchmarks
+        return deploy.compile(model.cpu(), precision=precision, calibration=calibration,
+                              batch_size=min(batch_size, count), resolution=resolution, backend=backend or "auto")
+
+
+def decode_predictions(logits: torch.Tensor, k: int = 5, labels: list[str] | None = None) -> list[list[dict]]:
+    """The top ``k`` classes of each row of ``logits`` (N, classes), most probable first, as ``predict`` gives them.
+
+    ``labels`` default to the ImageNet class names when there are 1000 classes.
+    """
+    logits = torch.as_tensor(logits)
+    if logits.dim() == 1:
+        logits = logits.unsqueeze(0)
+    if logits.dim() != 2:
+        raise MobilenetsError(f"logits must be (N, classes), got {tuple(logits.shape)}")
+    if labels is None and logits.shape[1] == 1000:
+        from .weights import imagenet_labels
+
+        labels = imagenet_labels()
+    k = min(k, logits.shape[1])
+    values, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
+    return [[{"class_index": c, "label": labels[c] if labels else str(c), "probability": v}
+             for v, c in zip(vs, ixs)] for vs, ixs in zip(values.tolist(), indices.tolist())]
 
 
 def format_table(predictions: Iterable[Prediction]) -> Iterator[str]:

@@ -1,0 +1,95 @@
+"""Image files to preprocessed batches: decoded in parallel worker processes, in input order, in bounded memory.
+
+``predict``, ``evaluate`` and int8 calibration read folders through
+:func:`batches`, so an image is decoded and preprocessed the same way
+everywhere (:func:`images.load_rgb` + :func:`images.eval_transform`).
+Workers decode the next batches while the caller runs the model on this one;
+at most ``2 x workers`` batches wait in memory, whatever the number of files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import images
+from .images import INCEPTION, ImageError, Normalization
+
+
+@dataclass(frozen=True)
+class Batch:
+    """``x`` holds the decodable images of ``indices`` (positions in the input); ``failed`` the others."""
+
+    indices: list[int]
+    x: torch.Tensor | None
+    failed: list[tuple[int, str]]  # (position, why)
+
+
+def cpu_count() -> int:
+    """Cores this process may use (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(count: int, batch_size: int) -> int:
+    """Decoding processes for ``count`` images: none for a batch or two (starting a process costs more than
+    it saves), else one per core but one, which is left to the model (at least one worker)."""
+    if count <= 2 * batch_size:
+        return 0
+    return max(1, min(cpu_count() - 1, 8))
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Item i: the preprocessed (3, R, R) tensor of source i, or the reason it could not be decoded."""
+
+    def __init__(self, sources: Sequence, resolution: int, normalization: Normalization, draft: bool):
+        self.sources = sources
+        self.resolution = resolution
+        self.normalization = normalization
+        self.min_side = images.resize_size(resolution) if draft else None
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int):
+        source = self.sources[i]
+        try:
+            image = source if isinstance(source, Image.Image) else images.load_rgb(source, min_side=self.min_side)
+            return i, images.eval_transform(image, self.resolution, self.normalization)
+        except ImageError as e:
+            return i, str(e)
+
+
+def _collate(items) -> Batch:
+    good = [(i, x) for i, x in items if isinstance(x, torch.Tensor)]
+    failed = [(i, x) for i, x in items if not isinstance(x, torch.Tensor)]
+    x = torch.stack([x for _, x in good]) if good else None
+    return Batch([i for i, _ in good], x, failed)
+
+
+def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
+            normalization: Normalization = INCEPTION, batch_size: int = 32, workers: int | None = None,
+            draft: bool = True) -> Iterator[Batch]:
+    """Preprocessed batches of ``sources`` (image files or PIL images), in order.
+
+    ``workers``: decoding processes (default :func:`default_workers`; 0
+    decodes here).  ``draft``: let JPEGs decode at a reduced scale that still
+    leaves the shorter side at least the resize size (exact preprocessing
+    otherwise; see the README for its effect on the answers).
+    """
+    if workers is None:
+        workers = default_workers(len(sources), batch_size)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+    loader = torch.utils.data.DataLoader(
+        _Decode(sources, resolution, normalization, draft), batch_size=batch_size, shuffle=False,
+        num_workers=workers, collate_fn=_collate, prefetch_factor=2 if workers else None,
+        persistent_workers=False)
+    yield from loader
