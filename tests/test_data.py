@@ -176,3 +176,23 @@ def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
     seeds = {k: v for k, v in s()}
     assert all(seeds[i] == v for i, v in r0 + r1)  # an image's augmentation does not depend on the rank
     assert list(data.ShardSampler(5, 1, 2)) == [1, 3]
+
+
+def test_large_jpegs_decode_at_reduced_scale_only_as_far_as_every_crop_keeps_its_detail(tmp_path):
+    import math
+
+    from mobilenets.data import EvalTransform, TrainTransform
+    from mobilenets.images import load_rgb
+
+    rng = np.random.default_rng(0)
+    big = tmp_path / "phone.jpg"
+    Image.fromarray(rng.integers(0, 256, (1500, 2000, 3), dtype=np.uint8)).save(big)
+    train = TrainTransform(64, min_scale=0.25)
+    image = load_rgb(big, min_side=train.min_side)
+    w, h = image.size
+    assert (w, h) in [(1000, 750), (500, 375), (250, 188)] and w < 2000  # a DCT scale, smaller than the file
+    assert math.sqrt(0.25 * w * h * 3 / 4) >= 64  # the smallest possible crop still has 64 pixels a side
+    assert math.sqrt(0.25 * (w / 2) * (h / 2) * 3 / 4) < 64  # and the next coarser scale would not have
+    evaluation = load_rgb(big, min_side=EvalTransform(224).min_side)
+    assert min(evaluation.size) >= 256 and min(evaluation.size) < 2 * 256 + 2
+    assert load_rgb(big).size == (2000, 1500)

@@ -118,3 +118,25 @@ def test_clear_errors(tmp_path, capsys):
     (tmp_path / "pickle.pt").write_bytes(b"not a checkpoint at all")
     assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "pickle.pt"), "--data", str(root)]) == 2
     assert "mobilenets: error:" in capsys.readouterr().err
+
+
+def test_imagenet_wordnet_id_folders(tmp_path):
+    # ImageNet's own val layout: val/n01440764/*.JPEG is class 0 (tench), n01443537 class 1 (goldfish)
+    from mobilenets.labels import imagenet_labels
+
+    labels = list(imagenet_labels())
+    model = save_model(tmp_path / "m.pt", 1000, labels)
+    root = tmp_path / "val"
+    make_split(root, 3, 4, classes=("horizontal", "vertical"))
+    (root / "horizontal").rename(root / "n01440764")
+    (root / "vertical").rename(root / "n01443537")
+    result = evaluate_checkpoint(tmp_path / "m.pt", root, num_workers=0)
+    top1 = top5 = 0
+    for target, wnid in enumerate(["n01440764", "n01443537"]):
+        for path in list_images(root / wnid):
+            with torch.no_grad():
+                ranked = model(eval_transform(load_rgb(path), 32, IMAGENET)[None])[0].argsort(descending=True).tolist()
+            top1 += ranked[0] == target
+            top5 += target in ranked[:5]
+    assert result["images"] == 6
+    assert result["top1"] == pytest.approx(100 * top1 / 6) and result["top5"] == pytest.approx(100 * top5 / 6)

@@ -86,6 +86,12 @@ class TrainTransform:
             w, h = width, height
         return (width - w) // 2, (height - h) // 2, w, h
 
+    def min_side(self, width: int, height: int) -> int:
+        """The shorter side a JPEG may be decoded at: its smallest possible crop (area min_scale, aspect 3:4)
+        still covers resolution pixels, so reduced-scale decoding never lowers the detail of what is kept."""
+        smallest_crop_side = math.sqrt(self.min_scale * width * height * 3 / 4)
+        return math.ceil(min(width, height) * self.resolution / max(smallest_crop_side, 1))
+
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         left, top, w, h = self.crop_box(*image.size, rng)
         image = image.resize((self.resolution, self.resolution), Image.BILINEAR, box=(left, top, left + w, top + h))
@@ -100,6 +106,9 @@ class EvalTransform:
 
     resolution: int
     normalization: Normalization = INCEPTION
+
+    def min_side(self, width: int, height: int) -> int:
+        return images.resize_size(self.resolution)
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         return images.eval_transform(image, self.resolution, self.normalization)
@@ -163,7 +172,7 @@ class ImageFolder(_Dataset):
             self.targets += [target] * len(files)
 
     def _load(self, index: int) -> Image.Image:
-        return images.load_rgb(self.paths[index])
+        return images.load_rgb(self.paths[index], min_side=self.transform.min_side)
 
 
 def _digits_images(resolution: int) -> tuple[list[Image.Image], np.ndarray]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, data
 from .images import INCEPTION, Normalization
+from .labels import imagenet_labels, imagenet_wnids
 
 
 @torch.no_grad()
@@ -81,7 +82,11 @@ class _Labelled(data.ImageFolder):
 
     def __init__(self, root: Path, transform, labels: list[str]):
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        unknown = [f for f in folders if f not in labels]
+        index = {name: i for i, name in enumerate(labels)}
+        if len(labels) == 1000 and tuple(labels) == imagenet_labels():
+            # ImageNet's own layout names class folders by WordNet ID (val/n01440764/...)
+            index.update({wnid: i for i, wnid in enumerate(imagenet_wnids())})
+        unknown = [f for f in folders if f not in index]
         if unknown:
             hint = ""
             if {"train", "val"} <= set(folders):
@@ -89,7 +94,6 @@ class _Labelled(data.ImageFolder):
             raise ValueError(f"class folders {unknown[:5]} in {root} are not among the model's {len(labels)} labels "
                              f"({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''}){hint}")
         super().__init__(root, transform, classes=folders)
-        index = {name: i for i, name in enumerate(labels)}
         self.targets = [index[folders[t]] for t in self.targets]
         self.classes = list(labels)
 
