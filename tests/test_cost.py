@@ -1,11 +1,11 @@
-"""The cost accounting reproduces SPEC.md section 2 exactly and agrees with a count measured on the module."""
+"""The cost accounting reproduces docs/architecture.md section 2 exactly and agrees with a count measured on the module."""
 
 import pytest
 import torch
 
 from mobilenets import cost, measure, mobilenet_v1
 
-# SPEC.md section 2: (alpha, resolution, options) -> (mult-adds, params without BN, params with BN gamma/beta or None)
+# docs/architecture.md section 2: (alpha, resolution, options) -> (mult-adds, params without BN, params with BN gamma/beta or None)
 SPEC = [
     (1.0, 224, {}, 568_740_352, 4_210_088, 4_231_976),
     (0.75, 224, {}, 325_400_448, 2_569_144, 2_585_560),
@@ -79,7 +79,7 @@ def test_per_layer_rows_follow_table1():
 
 
 def test_separable_factorisation_ratio():
-    # SPEC 1: a separable kxk conv costs 1/N + 1/k^2 of the standard one
+    # docs/architecture.md section 1: a separable kxk conv costs 1/N + 1/k^2 of the standard one
     full = cost(1.0, 224, full_conv=True).layers
     separable = cost(1.0, 224).layers
     std = next(l for l in full if l.name == "Conv2d_7")

@@ -7,7 +7,7 @@ from :func:`layers`.  Because both read one table they cannot disagree.
 Howard et al., 2017, "MobileNets: Efficient Convolutional Neural Networks for
 Mobile Vision Applications", arXiv:1704.04861, Table 1 (corrected: the
 14x14x512 pair repeats five times and the last depthwise convolution has
-stride 1; see SPEC.md, Errata).
+stride 1; see docs/architecture.md, Errata).
 """
 
 from __future__ import annotations

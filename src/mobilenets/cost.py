@@ -1,6 +1,6 @@
 """Mult-adds and parameters per layer, computed from the table in ``architecture.py``.
 
-Counting conventions (SPEC.md section 2, the paper's): mult-adds count the
+Counting conventions (docs/architecture.md section 2, the paper's): mult-adds count the
 convolutions and the fully connected layer, not BatchNorm, activations or
 pooling; ``params`` are weights plus the classifier bias, without BatchNorm.
 ``bn_params`` are BatchNorm's trainable gamma and beta; ``trainable_params``
