@@ -190,9 +190,9 @@ def _tensor(buf: memoryview, limit: int) -> np.ndarray:
             raise _Malformed(f"a constant of shape {shape} lists {len(flat)} values")
         if 0 < len(flat) < count:  # TensorFlow repeats the last listed value to fill the shape
             flat = np.concatenate([flat, np.full(count - len(flat), flat[-1])])
+        if 13 in values:  # half_val carries the 16-bit patterns of float16 (or bfloat16) values
+            flat = flat.astype(np.uint16).view(dtype.newbyteorder("="))
         array = flat.astype(dtype.newbyteorder("=")) if len(flat) else np.zeros(count, dtype=dtype)
-        if dtype_code == 19 and 13 in values:  # half_val carries float16 bit patterns
-            array = flat.astype(np.uint16).view(np.float16)
     if dtype_code == DT_BFLOAT16:
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array.reshape(shape)
@@ -312,7 +312,7 @@ def read_graph(path) -> FrozenGraph:
         return FrozenGraph(_pb_from_archive(path), name=f"{path}")
     size = path.stat().st_size
     if size > MAX_GRAPH_BYTES:
-        raise FrozenGraphError(f"{path} has {size} bytes, more than any GraphDef can (2 GiB); "
+        raise FrozenGraphError(f"{path} has {size} bytes, more than any GraphDef can have ({MAX_GRAPH_BYTES}); "
                                f"expected a frozen graph such as mobilenet_v1_1.0_224_frozen.pb")
     return FrozenGraph(path.read_bytes(), name=str(path))
 
@@ -331,10 +331,11 @@ def _pb_from_archive(path: Path) -> bytes:
             member = members[0]
             if member.size > MAX_GRAPH_BYTES:
                 raise FrozenGraphError(f"{path}: {member.name} declares {member.size} bytes, more than any "
-                                       f"GraphDef can (2 GiB)")
+                                       f"GraphDef can have ({MAX_GRAPH_BYTES})")
             data = tar.extractfile(member).read(member.size + 1)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise FrozenGraphError(f"{path} is not a readable tar archive ({e}); expected a release archive "
+        reason = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")  # tarfile lists each method it tried
+        raise FrozenGraphError(f"{path} is not a readable tar archive ({reason}); expected a release archive "
                                f"such as mobilenet_v1_1.0_224.tgz") from None
     if len(data) != member.size:
         raise FrozenGraphError(f"{path}: {member.name} is truncated in the archive; download it again")
