@@ -10,7 +10,8 @@ body and 1001-way ``MobilenetV1/Logits`` are the released weights (input
 ``mobilenets.cache.cache_dir() / "test-data"``, and its sha256 is checked
 against :data:`GRAPH_SHA256` on every use.  When the registry cannot be
 reached the caller is skipped with the reason, except under CI (``$CI`` set),
-where the registry is reachable and a failure fails.  :func:`real_model`
+where the registry is reachable and a failure fails (outside pytest, as a
+benchmark, these raise pytest's Skipped / Failed).  :func:`real_model`
 converts it with our reader (1000 classes, background dropped).
 
 **Photos.**  :func:`photos` are the real photographs that installed packages

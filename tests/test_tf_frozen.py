@@ -80,7 +80,8 @@ def test_real_graph_logits_match_tensorflow(real_pb, tmp_path):
     ours = logits(with_background, x)
     rel = relative_difference(ours, tf_logits)
     agree = float((ours.argmax(1) == tf_logits.argmax(1)).mean())
-    print(f"\nreal graph, {CROPS} held-out photo crops: max|ours - TF|/max|TF| = {rel:.2e}, top-1 agreement {agree:.0%}")
+    print(f"\nreal graph, {CROPS} held-out photo crops: max|ours - TF|/max|TF| = {rel:.2e}, "
+          f"top-1 agreement {agree:.0%}")
     assert rel <= TOLERANCE
     assert agree == 1.0
     # the default drops class 0 (background): ImageNet class k is TensorFlow's k + 1
@@ -233,7 +234,8 @@ def test_graphs_that_are_not_mobilenet(tmp_path, crafted):
 
 
 def test_graph_missing_layers_names_the_first_missing_variable(tmp_path):
-    kernel = varint(1 << 3) + varint(1) + field(2, b"".join(field(2, varint(1 << 3) + varint(d)) for d in (3, 3, 3, 32)))
+    dims = b"".join(field(2, varint(1 << 3) + varint(d)) for d in (3, 3, 3, 32))
+    kernel = varint(1 << 3) + varint(1) + field(2, dims)  # dtype float32, shape 3x3x3x32
     kernel += field(4, np.zeros(3 * 3 * 3 * 32, np.float32).tobytes())
     only_first = tmp_path / "first_layer_only.pb"
     only_first.write_bytes(const_node("MobilenetV1/Conv2d_0/weights", kernel))
