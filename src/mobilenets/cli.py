@@ -501,7 +501,11 @@ def add_pick(sub) -> None:
 def run_convert(args) -> int:
     from . import weights
 
-    converted = weights.convert(args.source, args.src, keep_background=args.keep_background,
+    source = args.source or ("tf-frozen" if args.src.lower().endswith(".pb") else None)
+    if source is None:
+        raise UsageError(f"mobilenets convert: say where {args.src} comes from with --from "
+                         f"keras|tf-slim|tf-frozen|timm (only a .pb file is recognised on its own)")
+    converted = weights.convert(source, args.src, keep_background=args.keep_background,
                                 resolution=args.resolution)
     out = weights.save(converted, args.out)
     c = converted.config
@@ -513,16 +517,17 @@ def run_convert(args) -> int:
 
 
 def add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert released weights (Keras .h5, TF-slim checkpoint, timm) to .safetensors",
+    p = sub.add_parser("convert", help="convert released weights (Keras .h5, TF-slim checkpoint, frozen .pb, timm) "
+                                       "to .safetensors",
                        description="Convert official weights to a .safetensors file that 'mobilenets.load' and "
                                    "'--weights FILE' read; alpha, classes and the preprocessing go with it.")
     p.add_argument("src", help="Keras .h5 file; TF-slim checkpoint prefix, .index file, folder or .tgz; "
-                              "timm .pth/.bin/.safetensors")
-    p.add_argument("--from", dest="source", required=True, choices=("keras", "tf-slim", "timm"),
-                   help="where the weights come from")
+                              "frozen TensorFlow graph .pb (or the release .tgz with one); timm .pth/.bin/.safetensors")
+    p.add_argument("--from", dest="source", default=None, choices=("keras", "tf-slim", "tf-frozen", "timm"),
+                   help="where the weights come from (default: tf-frozen for a .pb file, else required)")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the converted file")
     p.add_argument("--keep-background", action="store_true",
-                   help="tf-slim: keep class 0 ('background'), giving 1001 classes")
+                   help="tf-slim, tf-frozen: keep class 0 ('background'), giving 1001 classes")
     p.add_argument("--resolution", type=resolution, default=None,
                    help="the resolution the weights were trained at (default: from the file name, else 224)")
     p.set_defaults(func=run_convert)

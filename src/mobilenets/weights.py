@@ -1,6 +1,6 @@
 """The official ImageNet weights: convert, load and fetch them; the public ``mobilenet_v1`` builder.
 
-Three released sources map onto our state dict (``model.py`` names):
+Four released sources map onto our state dict (``model.py`` names):
 
 - **keras**: legacy HDF5 files (``mobilenet_1_0_224_tf.h5`` and ``_no_top``),
   written by Keras 2 (``conv_dw_1/depthwise_kernel:0``) or by Keras 3's legacy
@@ -8,6 +8,9 @@ Three released sources map onto our state dict (``model.py`` names):
 - **tf-slim**: TensorFlow checkpoints (``model.ckpt.index`` + ``.data-*``),
   read by :mod:`mobilenets.tf_checkpoint` without TensorFlow.  1001 classes,
   class 0 is "background" and is dropped unless asked to keep it.
+- **tf-frozen**: frozen TensorFlow graphs (``*_frozen.pb``, retrained
+  graphs), read by :mod:`mobilenets.tf_frozen` without TensorFlow; their
+  constants carry the TF-slim names and convert as tf-slim does.
 - **timm**: ``mobilenetv1_100``-style state dicts (.pth/.bin/.safetensors).
   Symmetric padding, BN epsilon 1e-5.
 
@@ -27,6 +30,7 @@ import re
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -35,10 +39,11 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .errors import MobilenetsError
 from .images import INCEPTION, Normalization
 from .model import MobileNetV1, MobileNetV1Config
 
-SOURCES = ("keras", "tf-slim", "timm")
+SOURCES = ("keras", "tf-slim", "tf-frozen", "timm")
 
 # The released Keras files: keras.applications.mobilenet names alpha 0.75 "7_5" and so on.
 KERAS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
@@ -56,7 +61,7 @@ _BN_KEYS = ("gamma", "beta", "moving_mean", "moving_variance")
 _BN_TORCH = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 
 
-class WeightsError(ValueError):
+class WeightsError(MobilenetsError):
     """Weights that cannot be converted, loaded or fetched; the message says why and what would work."""
 
 
@@ -276,42 +281,76 @@ def from_tf_slim(path, *, keep_background: bool = False, resolution: int | None 
     from . import tf_checkpoint
 
     with tf_checkpoint.open_checkpoint(path) as reader:
-        names = set(reader.names())
-        scope = "MobilenetV1"
+        return from_tf_slim_variables(_CheckpointVariables(reader), path=path, keep_background=keep_background,
+                                      resolution=resolution)
 
-        def get(name):
-            if name not in names:
-                raise WeightsError(f"{path}: no variable {name} in the checkpoint "
-                                   f"(it has {len(names)} variables, e.g. {sorted(names)[:3]})")
-            return reader.read(name)
 
-        def bn(layer):
-            out = {k: get(f"{layer}/BatchNorm/{k}") for k in ("beta", "moving_mean", "moving_variance")}
-            # slim's batch_norm has scale=True in mobilenet_v1_arg_scope; without it gamma is 1
-            gamma = f"{layer}/BatchNorm/gamma"
-            out["gamma"] = reader.read(gamma) if gamma in names else np.ones_like(out["beta"])
-            return out
+class _CheckpointVariables(Mapping):
+    """A checkpoint's variables as a read-on-demand mapping, so optimizer slots and EMA copies are never read."""
 
-        tf_layers = {"features.0": (get(f"{scope}/Conv2d_0/weights"), bn(f"{scope}/Conv2d_0"))}
-        for i in range(1, 14):
-            dw, pw = f"{scope}/Conv2d_{i}_depthwise", f"{scope}/Conv2d_{i}_pointwise"
-            tf_layers[f"features.{i}.depthwise"] = (get(f"{dw}/depthwise_weights"), bn(dw))
-            tf_layers[f"features.{i}.pointwise"] = (get(f"{pw}/weights"), bn(pw))
-        classifier, labels = None, None
-        logits = f"{scope}/Logits/Conv2d_1c_1x1"
-        if f"{logits}/weights" in names:
-            w, b = get(f"{logits}/weights"), get(f"{logits}/biases")
-            if w.shape[-1] == 1001:
-                if keep_background:
-                    labels = ["background"] + imagenet_labels()
-                else:  # index 0 is "background", index k the ImageNet class k - 1
-                    w, b = w[..., 1:], b[1:]
-            classifier = (w, b)
+    def __init__(self, reader):
+        self.reader, self.names = reader, reader.names()
+
+    def __contains__(self, name):  # Mapping's default would read the tensor to answer
+        return name in self.reader.entries
+
+    def __getitem__(self, name):
+        if name not in self.reader.entries:
+            raise KeyError(name)
+        return self.reader.read(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+
+def from_tf_slim_variables(variables: Mapping[str, np.ndarray], *, path, source: str = "tf-slim",
+                           keep_background: bool = False, resolution: int | None = None,
+                           bn_eps: float = 1e-3) -> Converted:
+    """Convert MobileNet v1 variables under their TF-slim names (``MobilenetV1/Conv2d_0/weights``, ...).
+
+    ``variables`` maps names to arrays in TF layout, from a checkpoint or a
+    frozen graph's constants; ``path`` and ``source`` name where they came
+    from in messages and metadata.  A 1001-way head drops class 0
+    ("background") unless ``keep_background``.
+    """
+    scope = "MobilenetV1"
+
+    def get(name):
+        if name not in variables:
+            names = sorted(variables)
+            raise WeightsError(f"{path}: no variable {name} (it has {len(names)} variables, e.g. {names[:3]})")
+        return variables[name]
+
+    def bn(layer):
+        out = {k: get(f"{layer}/BatchNorm/{k}") for k in ("beta", "moving_mean", "moving_variance")}
+        # slim's batch_norm has scale=True in mobilenet_v1_arg_scope; without it gamma is 1
+        gamma = f"{layer}/BatchNorm/gamma"
+        out["gamma"] = variables[gamma] if gamma in variables else np.ones_like(out["beta"])
+        return out
+
+    tf_layers = {"features.0": (get(f"{scope}/Conv2d_0/weights"), bn(f"{scope}/Conv2d_0"))}
+    for i in range(1, 14):
+        dw, pw = f"{scope}/Conv2d_{i}_depthwise", f"{scope}/Conv2d_{i}_pointwise"
+        tf_layers[f"features.{i}.depthwise"] = (get(f"{dw}/depthwise_weights"), bn(dw))
+        tf_layers[f"features.{i}.pointwise"] = (get(f"{pw}/weights"), bn(pw))
+    classifier, labels = None, None
+    logits = f"{scope}/Logits/Conv2d_1c_1x1"
+    if f"{logits}/weights" in variables:
+        w, b = get(f"{logits}/weights"), get(f"{logits}/biases")
+        if w.shape[-1] == 1001:
+            if keep_background:
+                labels = ["background"] + imagenet_labels()
+            else:  # index 0 is "background", index k the ImageNet class k - 1
+                w, b = w[..., 1:], b[1:]
+        classifier = (w, b)
     sd = _tf_layers_to_state_dict(tf_layers, classifier, str(path))
     # the released archives are named mobilenet_v1_<alpha>_<resolution>
     resolution = resolution or _resolution_from_name(path, r"mobilenet_v1_[\d.]+_(\d+)")
-    return _finish(sd, source="tf-slim", path=path, resolution=resolution, normalization=INCEPTION,
-                   options={"padding": "tf_same", "bn_eps": 1e-3, "activation": "relu6"}, labels=labels)
+    return _finish(sd, source=source, path=path, resolution=resolution, normalization=INCEPTION,
+                   options={"padding": "tf_same", "bn_eps": bn_eps, "activation": "relu6"}, labels=labels)
 
 
 # ---------------------------------------------------------------- timm
@@ -370,11 +409,15 @@ def from_timm(path, *, resolution: int | None = None) -> Converted:
 
 
 def convert(source: str, path, *, keep_background: bool = False, resolution: int | None = None) -> Converted:
-    """Convert released weights (``source`` one of "keras", "tf-slim", "timm") to our layout."""
+    """Convert released weights (``source`` one of "keras", "tf-slim", "tf-frozen", "timm") to our layout."""
     if source == "keras":
         return from_keras(path, resolution=resolution)
     if source == "tf-slim":
         return from_tf_slim(path, keep_background=keep_background, resolution=resolution)
+    if source == "tf-frozen":
+        from .tf_frozen import from_tf_frozen
+
+        return from_tf_frozen(path, keep_background=keep_background, resolution=resolution)
     if source == "timm":
         return from_timm(path, resolution=resolution)
     raise WeightsError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")

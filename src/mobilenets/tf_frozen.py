@@ -1,0 +1,447 @@
+"""Frozen TensorFlow graphs of MobileNet v1 (``*_frozen.pb``), read without TensorFlow.
+
+A frozen graph is a serialized ``GraphDef``: a list of ``NodeDef`` (name, op,
+inputs, attributes) in which every variable has become a ``Const`` node of
+the same name whose ``value`` attribute holds a ``TensorProto`` (dtype, shape,
+and the values either as raw little-endian ``tensor_content`` or as repeated
+``float_val``/``int_val``...).  The official release archives ship one beside
+the checkpoint, and TensorFlow's "image retraining" example writes one
+(``retrained_graph.pb``) that keeps the MobileNet body and its 1001-way
+``MobilenetV1/Logits`` under TF-slim names, with the new head on top.
+
+The wire format is decoded here (a few protobuf message types, fields by
+number, see tensorflow/core/framework/{graph,node_def,attr_value,tensor,
+tensor_shape}.proto).  Every length and every declared tensor size is checked
+against the file before anything is sliced or allocated, so a damaged or
+hostile file gives one :class:`FrozenGraphError` line, not a traceback or an
+out-of-memory.  The constants are then converted exactly as a TF-slim
+checkpoint's variables are (:func:`mobilenets.weights.from_tf_slim_variables`),
+with BatchNorm's epsilon and the input resolution read from the graph.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MobilenetsError
+from .tf_checkpoint import DT_BFLOAT16, DTYPES
+
+# protobuf refuses messages over 2 GiB, so no real GraphDef is larger
+MAX_GRAPH_BYTES = (1 << 31) - 1
+SCOPE = "MobilenetV1/"
+ANCHOR = SCOPE + "Conv2d_0/weights"  # the first layer's kernel: present in every MobileNet v1 graph
+DEFAULT_BN_EPS = 1e-3  # slim's batch_norm default, what mobilenet_v1_arg_scope uses
+BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+VARIABLE_OPS = ("VariableV2", "Variable", "VarHandleOp")
+
+# wire types (protobuf encoding): varint, 64-bit, length-delimited, 32-bit
+VARINT, I64, LEN, I32 = 0, 1, 2, 5
+# TensorProto's repeated value fields: field number -> numpy dtype of one element on the wire
+_VALUE_FIELDS = {5: "<f4", 6: "<f8", 7: "int32", 10: "int64", 11: "bool", 13: "uint16"}
+
+
+class FrozenGraphError(MobilenetsError):
+    """Not a readable frozen TensorFlow graph of MobileNet v1; the message says which file, why, and what works."""
+
+
+class _Malformed(Exception):
+    """A wire-format fault, caught at the file boundary and reported with the file's name."""
+
+
+# ---------------------------------------------------------------- protobuf wire format
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    end = len(buf)
+    while True:
+        if pos >= end:
+            raise _Malformed("a varint runs past the end of its message")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise _Malformed("a varint is longer than 64 bits")
+
+
+def _fields(buf: memoryview):
+    """(field number, wire type, value) per field: an int for varints, a memoryview slice otherwise."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise _Malformed("a field numbered 0")
+        if wire == VARINT:
+            value, pos = _varint(buf, pos)
+        else:
+            if wire == LEN:
+                size, pos = _varint(buf, pos)
+            elif wire in (I64, I32):
+                size = 8 if wire == I64 else 4
+            else:  # 3 and 4 are proto2 groups, which no TensorFlow message uses
+                raise _Malformed(f"wire type {wire} (field {field})")
+            if size > end - pos:
+                raise _Malformed(f"field {field} declares {size} bytes but only {end - pos} remain")
+            value, pos = buf[pos:pos + size], pos + size
+        yield field, wire, value
+
+
+def _expect(field: int, wire: int, want: int) -> None:
+    if wire != want:
+        raise _Malformed(f"field {field} has wire type {wire}, expected {want}")
+
+
+def _text(value) -> str:
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Malformed("a name that is not UTF-8") from None
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _shape(buf: memoryview) -> tuple[int, ...] | None:
+    """A TensorShapeProto: dims (-1 where unknown), or None for an unknown rank."""
+    dims = []
+    for field, wire, value in _fields(buf):
+        if field == 2:  # dim
+            _expect(field, wire, LEN)
+            size = 0
+            for f, w, v in _fields(value):
+                if f == 1:
+                    _expect(f, w, VARINT)
+                    size = _signed(v)
+            dims.append(size)
+        elif field == 3 and wire == VARINT and value:
+            return None
+    return tuple(dims)
+
+
+def _decode_values(field: int, wire: int, value) -> np.ndarray:
+    """One occurrence of a repeated value field, packed (LEN) or a single element."""
+    kind = np.dtype(_VALUE_FIELDS[field])
+    if kind.kind == "f":
+        if wire == LEN:
+            if len(value) % kind.itemsize:
+                raise _Malformed(f"packed field {field} is not a whole number of {kind.itemsize}-byte values")
+            return np.frombuffer(value, dtype=kind)
+        _expect(field, wire, I32 if kind.itemsize == 4 else I64)
+        return np.frombuffer(value, dtype=kind)
+    if wire == LEN:  # packed varints
+        out, pos = [], 0
+        while pos < len(value):
+            v, pos = _varint(value, pos)
+            out.append(_signed(v))
+        return np.array(out, dtype=np.int64)
+    _expect(field, wire, VARINT)
+    return np.array([_signed(value)], dtype=np.int64)
+
+
+def _tensor(buf: memoryview, limit: int) -> np.ndarray:
+    """A TensorProto as an array; ``limit`` bounds the bytes it may declare (the file's size)."""
+    dtype_code, shape, content = 0, (), None
+    values: dict[int, list[np.ndarray]] = {}
+    for field, wire, value in _fields(buf):
+        if field == 1:
+            _expect(field, wire, VARINT)
+            dtype_code = value
+        elif field == 2:
+            _expect(field, wire, LEN)
+            shape = _shape(value)
+        elif field == 4:
+            _expect(field, wire, LEN)
+            content = value
+        elif field in _VALUE_FIELDS:
+            values.setdefault(field, []).append(_decode_values(field, wire, value))
+    if shape is None or any(d < 0 for d in shape):
+        raise _Malformed(f"a constant of unknown shape {shape}")
+    if dtype_code == DT_BFLOAT16:
+        dtype = np.dtype("<u2")
+    elif dtype_code in DTYPES:
+        dtype = np.dtype(DTYPES[dtype_code]).newbyteorder("<")
+    else:
+        raise _Malformed(f"a constant of TensorFlow dtype {dtype_code}, which this reader does not decode")
+    count = 1
+    for d in shape:
+        count *= d
+    nbytes = count * dtype.itemsize
+    # a weight stored in a file can be no larger than the file; this refuses a shape that would allocate more
+    if nbytes > limit:
+        raise _Malformed(f"a constant of shape {shape} declares {nbytes} bytes, more than the file's {limit}")
+    if content is not None and len(content):
+        if len(content) != nbytes:
+            raise _Malformed(f"a constant of shape {shape} has {len(content)} bytes of content, expected {nbytes}")
+        array = np.frombuffer(content, dtype=dtype).astype(dtype.newbyteorder("="))
+    else:
+        parts = [v for chunks in values.values() for v in chunks]
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+        if len(flat) > count:
+            raise _Malformed(f"a constant of shape {shape} lists {len(flat)} values")
+        if 0 < len(flat) < count:  # TensorFlow repeats the last listed value to fill the shape
+            flat = np.concatenate([flat, np.full(count - len(flat), flat[-1])])
+        if 13 in values:  # half_val carries the 16-bit patterns of float16 (or bfloat16) values
+            flat = flat.astype(np.uint16).view(dtype.newbyteorder("="))
+        array = flat.astype(dtype.newbyteorder("=")) if len(flat) else np.zeros(count, dtype=dtype)
+    if dtype_code == DT_BFLOAT16:
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array.reshape(shape)
+
+
+# ---------------------------------------------------------------- the graph
+
+
+@dataclass(frozen=True)
+class Node:
+    """One NodeDef: its attributes stay raw AttrValue bytes until asked for."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    attrs: Mapping[str, memoryview]
+
+
+class FrozenGraph:
+    """The nodes of a serialized GraphDef by name; constants decoded on demand by :meth:`constant`."""
+
+    def __init__(self, data: bytes, *, name: str = "<graph>"):
+        self.name = name
+        self.size = len(data)
+        self.nodes: dict[str, Node] = {}
+        try:
+            for field, wire, value in _fields(memoryview(data)):
+                if field == 1:  # GraphDef.node; versions and the function library are not needed
+                    _expect(field, wire, LEN)
+                    node = _node(value)
+                    self.nodes[node.name] = node
+        except _Malformed as e:
+            raise FrozenGraphError(f"{name} is not a readable TensorFlow GraphDef ({e}); expected a frozen graph "
+                                   f"such as mobilenet_v1_1.0_224_frozen.pb, whole and uncorrupted") from None
+        if not self.nodes:
+            raise FrozenGraphError(f"{name} holds no graph nodes; expected a frozen TensorFlow graph (.pb) "
+                                   f"such as mobilenet_v1_1.0_224_frozen.pb")
+
+    def _attr(self, node: Node, key: str) -> dict[int, tuple[int, object]]:
+        """An AttrValue's fields by number (s=2, i=3, f=4, b=5, type=6, shape=7, tensor=8)."""
+        raw = node.attrs.get(key)
+        return {} if raw is None else {f: (w, v) for f, w, v in _fields(raw)}
+
+    def constant(self, name: str) -> np.ndarray:
+        node = self.nodes[name]
+        if node.op != "Const":
+            raise FrozenGraphError(f"{self.name}: node {name} is a {node.op}, not a constant")
+        try:
+            wire, value = self._attr(node, "value").get(8, (None, None))
+            if wire != LEN:
+                raise _Malformed("its value attribute holds no tensor")
+            return _tensor(value, self.size)
+        except _Malformed as e:
+            raise FrozenGraphError(f"{self.name}: constant {name} is unreadable ({e}); the file is damaged, "
+                                   f"download or export it again") from None
+
+    def float_attr(self, name: str, key: str) -> float | None:
+        try:
+            wire, value = self._attr(self.nodes[name], key).get(4, (None, None))
+        except _Malformed:
+            return None
+        return float(np.frombuffer(value, dtype="<f4")[0]) if wire == I32 else None
+
+    def shape_attr(self, name: str, key: str = "shape") -> tuple[int, ...] | None:
+        try:
+            wire, value = self._attr(self.nodes[name], key).get(7, (None, None))
+            return _shape(value) if wire == LEN else None
+        except _Malformed:
+            return None
+
+    def source(self, ref: str) -> str:
+        """The node an input reference reads, looking through ``^control``, ``:output`` and Identity nodes."""
+        name = ref.lstrip("^").split(":")[0]
+        seen = set()
+        while name in self.nodes and self.nodes[name].op == "Identity" and name not in seen:
+            seen.add(name)
+            name = self.nodes[name].inputs[0].lstrip("^").split(":")[0] if self.nodes[name].inputs else name
+        return name
+
+
+def _node(buf: memoryview) -> Node:
+    name = op = ""
+    inputs: list[str] = []
+    attrs: dict[str, memoryview] = {}
+    for field, wire, value in _fields(buf):
+        if field in (1, 2, 3, 5):
+            _expect(field, wire, LEN)
+        if field == 1:
+            name = _text(value)
+        elif field == 2:
+            op = _text(value)
+        elif field == 3:
+            inputs.append(_text(value))
+        elif field == 5:  # map<string, AttrValue>: entries of key = 1, value = 2
+            key, attr = "", memoryview(b"")
+            for f, w, v in _fields(value):
+                _expect(f, w, LEN)
+                if f == 1:
+                    key = _text(v)
+                elif f == 2:
+                    attr = v
+            attrs[key] = attr
+    if not name:
+        raise _Malformed("a node without a name")
+    return Node(name, op, tuple(inputs), attrs)
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_graph(path) -> FrozenGraph:
+    """The graph in a ``.pb`` file, or in the one frozen ``.pb`` of a release ``.tgz``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.name.endswith((".tgz", ".tar.gz", ".tar")):
+        return FrozenGraph(_pb_from_archive(path), name=f"{path}")
+    size = path.stat().st_size
+    if size > MAX_GRAPH_BYTES:
+        raise FrozenGraphError(f"{path} has {size} bytes, more than any GraphDef can have ({MAX_GRAPH_BYTES}); "
+                               f"expected a frozen graph such as mobilenet_v1_1.0_224_frozen.pb")
+    return FrozenGraph(path.read_bytes(), name=str(path))
+
+
+def _pb_from_archive(path: Path) -> bytes:
+    """The bytes of the archive's frozen graph, read in memory: no member is ever written to disk."""
+    try:
+        with tarfile.open(path) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".pb")]
+            if len(members) > 1:  # a release holds one *_frozen.pb; anything else beside it is not the model
+                members = [m for m in members if m.name.endswith("_frozen.pb")] or members
+            if len(members) != 1:
+                found = [m.name for m in members]
+                raise FrozenGraphError(f"{path} holds {len(members)} frozen graphs {found[:4]}; expected one "
+                                       f"*_frozen.pb (extract the one you want and pass it)")
+            member = members[0]
+            if member.size > MAX_GRAPH_BYTES:
+                raise FrozenGraphError(f"{path}: {member.name} declares {member.size} bytes, more than any "
+                                       f"GraphDef can have ({MAX_GRAPH_BYTES})")
+            data = tar.extractfile(member).read(member.size + 1)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")  # tarfile lists each method it tried
+        raise FrozenGraphError(f"{path} is not a readable tar archive ({reason}); expected a release archive "
+                               f"such as mobilenet_v1_1.0_224.tgz") from None
+    if len(data) != member.size:
+        raise FrozenGraphError(f"{path}: {member.name} is truncated in the archive; download it again")
+    return data
+
+
+class _Constants(Mapping):
+    """The graph's MobilenetV1 constants under their TF-slim names, decoded when read."""
+
+    def __init__(self, graph: FrozenGraph, prefix: str):
+        self.graph, self.prefix = graph, prefix
+        self.names = [n[len(prefix):] for n, node in graph.nodes.items()
+                      if node.op == "Const" and n.startswith(prefix + SCOPE)]
+
+    def __contains__(self, name):
+        node = self.graph.nodes.get(self.prefix + str(name))
+        return node is not None and node.op == "Const"
+
+    def __getitem__(self, name):
+        if name not in self:
+            raise KeyError(name)
+        return self.graph.constant(self.prefix + name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+
+def _scope_prefix(graph: FrozenGraph) -> str:
+    """What precedes ``MobilenetV1/`` in the graph's names: "" unless it was imported under a name scope."""
+    found = [n for n in graph.nodes if n == ANCHOR or n.endswith("/" + ANCHOR)]
+    if not found:
+        sample = sorted(graph.nodes)[:3]
+        raise FrozenGraphError(f"{graph.name} is a TensorFlow graph but not a MobileNet v1 one: no node named "
+                               f"{ANCHOR} among its {len(graph.nodes)} nodes (e.g. {sample}); expected a frozen "
+                               f"MobileNet v1 graph under TF-slim names, such as mobilenet_v1_1.0_224_frozen.pb")
+    name = min(found, key=len)
+    op = graph.nodes[name].op
+    if op in VARIABLE_OPS:
+        raise FrozenGraphError(f"{graph.name} holds variables, not constants: it is not frozen; convert its "
+                               f"checkpoint instead (source 'tf-slim')")
+    if op != "Const":
+        raise FrozenGraphError(f"{graph.name}: {name} is a {op} node, not a constant; expected a frozen graph")
+    return name[: -len(ANCHOR)]
+
+
+def bn_epsilon(graph: FrozenGraph, prefix: str = "") -> float:
+    """BatchNorm's epsilon as the graph applies it: a FusedBatchNorm attribute, or the constant that unfused
+    batch_norm adds to moving_variance; slim's default when the graph shows neither."""
+    found = set()
+    for node in graph.nodes.values():
+        if not node.name.startswith(prefix):
+            continue
+        if node.op in BATCH_NORM_OPS:
+            eps = graph.float_attr(node.name, "epsilon")
+            if eps is not None:
+                found.add(eps)
+        elif node.op in ("Add", "AddV2") and len(node.inputs) == 2:
+            sources = [graph.source(i) for i in node.inputs]
+            if sources[0].endswith("/BatchNorm/moving_variance"):
+                other = graph.nodes.get(sources[1])
+                if other is not None and other.op == "Const":
+                    found.add(float(graph.constant(other.name).reshape(-1)[0]))
+    if len(found) > 1:
+        raise FrozenGraphError(f"{graph.name}: its BatchNorm layers use different epsilons {sorted(found)}; "
+                               f"a MobileNet v1 uses one")
+    # stored as float32: 0.001 reads back as 0.0010000000475, so keep the 7 digits float32 carries
+    return float(f"{found.pop():.7g}") if found else DEFAULT_BN_EPS
+
+
+def input_resolution(graph: FrozenGraph, prefix: str = "") -> int | None:
+    """The square input size of the placeholder the first convolution reads from, if its shape is known."""
+    weights = prefix + ANCHOR
+    first = [n for n in graph.nodes.values() if n.op == "Conv2D" and len(n.inputs) == 2
+             and graph.source(n.inputs[1]) == weights]
+    todo, seen = [graph.source(n.inputs[0]) for n in first], set()
+    sizes = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in graph.nodes:
+            continue
+        seen.add(name)
+        node = graph.nodes[name]
+        if node.op in ("Placeholder", "PlaceholderWithDefault"):
+            shape = graph.shape_attr(name)
+            if shape is not None and len(shape) == 4 and shape[1] == shape[2] and shape[1] > 0:
+                sizes.add(shape[1])
+        todo.extend(graph.source(i) for i in node.inputs)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def from_tf_frozen(path, *, keep_background: bool = False, resolution: int | None = None):
+    """Convert a frozen MobileNet v1 graph (``.pb``, or the release ``.tgz`` holding one) to our layout.
+
+    Returns the same :class:`mobilenets.weights.Converted` as the other
+    converters: alpha from the layer widths, ``resolution`` (unless given)
+    from the input placeholder's shape, else the file name, else 224; a
+    1001-way head loses class 0 ("background") unless ``keep_background``.
+    """
+    from .weights import from_tf_slim_variables  # weights dispatches here, so import it when called
+
+    graph = read_graph(path)
+    prefix = _scope_prefix(graph)
+    return from_tf_slim_variables(_Constants(graph, prefix), path=path, source="tf-frozen",
+                                  keep_background=keep_background,
+                                  resolution=resolution or input_resolution(graph, prefix),
+                                  bn_eps=bn_epsilon(graph, prefix))

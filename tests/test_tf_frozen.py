@@ -1,0 +1,303 @@
+"""Frozen TensorFlow graphs convert without TensorFlow and give TensorFlow's logits.
+
+The authority is TensorFlow itself (tests/frozen_peer.py, in a subprocess):
+it runs the real graph (Google's MobileNet v1 1.0-224 ImageNet weights, from
+the nudity==0.2.3 sdist, see tests/real_data.py) on crops of real photos, and
+it builds and serializes the crafted graphs whose constants and logits the
+reader must reproduce.  The bar: max |ours - TF| <= 1e-4 * max |TF| and the
+same top-1 on every crop.  ``pytest tests/test_tf_frozen.py -s`` prints the
+measured numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mobilenets
+import real_data
+from mobilenets import weights
+from mobilenets.errors import MobilenetsError
+from mobilenets.tf_frozen import FrozenGraphError, from_tf_frozen, read_graph
+
+TOLERANCE = 1e-4
+PEER = Path(__file__).with_name("frozen_peer.py")
+CROPS = 32
+
+
+def tensorflow_peer(*args: str) -> None:
+    if importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("tensorflow is not installed (pip install -e '.[test]' installs it)")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, str(PEER), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def real_pb() -> Path:
+    return real_data.real_graph_path()
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("crafted")
+    tensorflow_peer("craft", str(out))
+    return out
+
+
+def logits(model, x_nchw: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(x_nchw).numpy()
+
+
+def relative_difference(ours: np.ndarray, theirs: np.ndarray) -> float:
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+# ---------------------------------------------------------------- the real graph against TensorFlow
+
+
+def test_real_graph_logits_match_tensorflow(real_pb, tmp_path):
+    crops = real_data.heldout_crops(CROPS)
+    np.save(tmp_path / "x.npy", real_data.inception_input(crops, layout="nhwc"))
+    tensorflow_peer("logits", str(real_pb), real_data.INPUT_NODE, real_data.LOGITS_NODE,
+                    str(tmp_path / "x.npy"), str(tmp_path / "tf.npy"))
+    tf_logits = np.load(tmp_path / "tf.npy")
+    assert tf_logits.shape == (CROPS, 1001)
+
+    x = real_data.inception_input(crops)
+    with_background = from_tf_frozen(real_pb, keep_background=True).model()
+    ours = logits(with_background, x)
+    rel = relative_difference(ours, tf_logits)
+    agree = float((ours.argmax(1) == tf_logits.argmax(1)).mean())
+    print(f"\nreal graph, {CROPS} held-out photo crops: max|ours - TF|/max|TF| = {rel:.2e}, "
+          f"top-1 agreement {agree:.0%}")
+    assert rel <= TOLERANCE
+    assert agree == 1.0
+    # the default drops class 0 (background): ImageNet class k is TensorFlow's k + 1
+    model = real_data.real_model()
+    assert model.config.num_classes == 1000 and len(model.meta["labels"]) == 1000
+    assert relative_difference(logits(model, x), tf_logits[:, 1:]) <= TOLERANCE
+    # real weights classify real photos: the cat (chelsea.png) crops are mostly cats
+    cats = [k for k, box in enumerate(real_data.heldout_boxes(CROPS))
+            if real_data.photos()[box[0]][0] == "chelsea.png"]
+    labels = [model.meta["labels"][i] for i in logits(model, x[cats]).argmax(1)]
+    assert cats and sum("cat" in label for label in labels) > len(cats) / 2, labels
+
+
+def test_real_graph_metadata(real_pb):
+    converted = real_data.real_converted()
+    c = converted.config
+    assert (c.alpha, c.padding, c.bn_eps, c.activation) == (1.0, "tf_same", 1e-3, "relu6")
+    assert converted.meta["resolution"] == 224  # the input placeholder's 1x224x224x3
+    assert converted.meta["source"] == "tf-frozen:retrained_graph.pb"
+    assert converted.meta["normalization"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+def test_cli_chooses_tf_frozen_for_pb_and_load_gives_the_same_model(real_pb, tmp_path):
+    out = tmp_path / "real.safetensors"
+    env = dict(os.environ, PYTHONPATH="src")
+    root = Path(__file__).parents[1]
+    run = subprocess.run([sys.executable, "-m", "mobilenets", "convert", str(real_pb), "--out", str(out)],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert '"source": "tf-frozen:retrained_graph.pb"' in run.stdout
+    x = real_data.inception_input(real_data.heldout_crops(4))
+    assert np.array_equal(logits(mobilenets.load(out), x), logits(real_data.real_model(), x))
+    # without --from, other files need it
+    run = subprocess.run([sys.executable, "-m", "mobilenets", "convert", str(out), "--out", str(tmp_path / "y")],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert run.returncode == 2 and "--from keras|tf-slim|tf-frozen|timm" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_release_archive_holding_the_graph(real_pb, tmp_path):
+    archive = tmp_path / "mobilenet_v1_1.0_224.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(real_pb, arcname="./mobilenet_v1_1.0_224_frozen.pb")
+        tar.addfile(tarfile.TarInfo("./mobilenet_v1_1.0_224_info.txt"), io.BytesIO())
+        info = tarfile.TarInfo("../../escaped_eval.pb")  # a path outside the folder: read, never extracted
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"\x0a\x02\x0a\x00"))
+    converted = weights.convert("tf-frozen", archive)
+    plain = real_data.real_converted()
+    assert converted.meta["source"] == "tf-frozen:mobilenet_v1_1.0_224.tgz"
+    assert all(torch.equal(converted.state_dict[k], v) for k, v in plain.state_dict.items())
+    assert not (tmp_path.parent / "escaped_eval.pb").exists() and not Path("escaped_eval.pb").exists()
+
+
+# ---------------------------------------------------------------- graphs TensorFlow writes
+
+
+def test_every_tensor_encoding_reads_as_tensorflow_reads_it(crafted):
+    graph = read_graph(crafted / "values.pb")
+    expected = np.load(crafted / "values.npz")
+    for name in expected.files:
+        ours = graph.constant(name)
+        assert ours.dtype == expected[name].dtype and ours.shape == expected[name].shape, name
+        np.testing.assert_array_equal(ours, expected[name], err_msg=name)
+
+
+def test_crafted_graph_alpha_resolution_epsilon_from_the_graph(crafted):
+    """alpha 0.5, 160 px, fused BatchNorm with epsilon 1e-5, a layer without gamma, names under 'import/'."""
+    converted = from_tf_frozen(crafted / "mobilenet_050.pb", keep_background=True)
+    ref = np.load(crafted / "mobilenet_050.npz")
+    assert (converted.config.alpha, converted.config.bn_eps, converted.meta["resolution"]) == (0.5, 1e-5, 160)
+    assert converted.config.num_classes == 1001 and converted.meta["labels"][0] == "background"
+    sd = converted.state_dict
+    dw = ref["const:MobilenetV1/Conv2d_5_depthwise/depthwise_weights"]  # H, W, C, 1 -> C, 1, H, W
+    np.testing.assert_array_equal(sd["features.5.depthwise.conv.weight"].numpy(), dw.transpose(2, 3, 0, 1))
+    pw = ref["const:MobilenetV1/Conv2d_5_pointwise/weights"]  # H, W, I, O -> O, I, H, W
+    np.testing.assert_array_equal(sd["features.5.pointwise.conv.weight"].numpy(), pw.transpose(3, 2, 0, 1))
+    assert torch.equal(sd["features.3.depthwise.bn.weight"], torch.ones(64))  # scale=False: gamma is 1
+    ours = logits(converted.model(), torch.from_numpy(ref["x"]).permute(0, 3, 1, 2))
+    rel = relative_difference(ours, ref["y"])
+    print(f"\ncrafted alpha 0.5, 160 px, eps 1e-5: max|ours - TF|/max|TF| = {rel:.2e}")
+    assert rel <= TOLERANCE
+
+
+def test_resolution_argument_wins_over_the_placeholder(crafted):
+    assert from_tf_frozen(crafted / "mobilenet_050.pb", resolution=192).meta["resolution"] == 192
+
+
+# ---------------------------------------------------------------- bad files: one line that says what would work
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def field(number: int, payload: bytes) -> bytes:
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def const_node(name: str, tensor: bytes) -> bytes:
+    attr = field(1, b"value") + field(2, field(8, tensor))  # map entry: key, AttrValue.tensor
+    return field(1, field(1, name.encode()) + field(2, b"Const") + field(5, attr))
+
+
+def one_line_error(path, match: str, kind=FrozenGraphError) -> str:
+    with pytest.raises(kind, match=match) as e:
+        from_tf_frozen(path)
+    assert isinstance(e.value, MobilenetsError)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.999])
+def test_truncated_graph(real_pb, tmp_path, fraction):
+    data = real_pb.read_bytes()
+    bad = tmp_path / "truncated.pb"
+    bad.write_bytes(data[: int(len(data) * fraction)])
+    one_line_error(bad, "not a readable TensorFlow GraphDef .*whole and uncorrupted")
+
+
+def test_huge_declared_lengths_are_refused_before_allocating(tmp_path):
+    bad = tmp_path / "huge_length.pb"
+    bad.write_bytes(varint(1 << 3 | 2) + varint(1 << 40) + b"\x00" * 16)  # a node of 1 TB
+    one_line_error(bad, r"declares 1099511627776 bytes but only 16 remain")
+    # a well-formed constant whose shape (2**20 x 2**20 floats, listed as one value) would need 4 TiB
+    shape = field(2, varint(1 << 3) + varint(1 << 20)) * 2
+    tensor = varint(1 << 3) + varint(1) + field(2, shape) + field(5, np.float32(0).tobytes())
+    bad = tmp_path / "huge_shape.pb"
+    bad.write_bytes(const_node("MobilenetV1/Conv2d_0/weights", tensor))
+    one_line_error(bad, r"shape \(1048576, 1048576\) declares 4398046511104 bytes, more than the file's")
+
+
+def test_graphs_that_are_not_mobilenet(tmp_path, crafted):
+    one_line_error(crafted / "values.pb", r"not a MobileNet v1 one: no node named MobilenetV1/Conv2d_0/weights "
+                                          r"among its 11 nodes")
+    empty = tmp_path / "empty.pb"
+    empty.write_bytes(b"")
+    one_line_error(empty, "holds no graph nodes")
+    png = tmp_path / "photo.pb"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    one_line_error(png, "not a readable TensorFlow GraphDef")
+    unfrozen = tmp_path / "unfrozen.pb"
+    unfrozen.write_bytes(field(1, field(1, b"MobilenetV1/Conv2d_0/weights") + field(2, b"VariableV2")))
+    one_line_error(unfrozen, r"holds variables, not constants: it is not frozen; convert its checkpoint instead")
+
+
+def test_graph_missing_layers_names_the_first_missing_variable(tmp_path):
+    dims = b"".join(field(2, varint(1 << 3) + varint(d)) for d in (3, 3, 3, 32))
+    kernel = varint(1 << 3) + varint(1) + field(2, dims)  # dtype float32, shape 3x3x3x32
+    kernel += field(4, np.zeros(3 * 3 * 3 * 32, np.float32).tobytes())
+    only_first = tmp_path / "first_layer_only.pb"
+    only_first.write_bytes(const_node("MobilenetV1/Conv2d_0/weights", kernel))
+    one_line_error(only_first, "no variable MobilenetV1/Conv2d_0/BatchNorm/beta", kind=weights.WeightsError)
+
+
+def test_archives_without_one_graph(tmp_path, crafted):
+    none = tmp_path / "no_graph.tgz"
+    with tarfile.open(none, "w:gz") as tar:
+        tar.addfile(tarfile.TarInfo("model.ckpt.index"), io.BytesIO())
+    one_line_error(none, r"holds 0 frozen graphs")
+    two = tmp_path / "two_graphs.tgz"
+    with tarfile.open(two, "w:gz") as tar:
+        tar.add(crafted / "values.pb", arcname="a.pb")
+        tar.add(crafted / "values.pb", arcname="b.pb")
+    one_line_error(two, r"holds 2 frozen graphs \['a.pb', 'b.pb'\]")
+    huge = tmp_path / "huge_member.tar"
+    info = tarfile.TarInfo("mobilenet_v1_1.0_224_frozen.pb")
+    info.size = 3 << 30  # declares 3 GiB, holds a few bytes
+    huge.write_bytes(info.tobuf() + b"\x0a\x00" * 256)
+    one_line_error(huge, r"not a readable tar archive \(unexpected end of data\)")
+
+
+def test_archive_member_size_is_bounded_before_reading(tmp_path, crafted, monkeypatch):
+    from mobilenets import tf_frozen
+
+    archive = tmp_path / "mobilenet_v1_0.5_160.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(crafted / "mobilenet_050.pb", arcname="mobilenet_v1_0.5_160_frozen.pb")
+    size = (crafted / "mobilenet_050.pb").stat().st_size
+    assert from_tf_frozen(archive).config.alpha == 0.5
+    monkeypatch.setattr(tf_frozen, "MAX_GRAPH_BYTES", size - 1)
+    one_line_error(archive, rf"mobilenet_v1_0.5_160_frozen.pb declares {size} bytes, more than any GraphDef "
+                            rf"can have \({size - 1}\)")
+    one_line_error(crafted / "mobilenet_050.pb", rf"has {size} bytes, more than any GraphDef can have")
+
+
+def test_not_a_tar_archive(tmp_path):
+    garbage = tmp_path / "garbage.tgz"
+    garbage.write_bytes(b"not a tar archive at all" * 40)
+    one_line_error(garbage, "not a readable tar archive")
+
+
+def test_cli_reports_a_bad_graph_in_one_line(tmp_path):
+    bad = tmp_path / "bad.pb"
+    bad.write_bytes(varint(1 << 3 | 2) + varint(1 << 40))
+    run = subprocess.run([sys.executable, "-m", "mobilenets", "convert", str(bad), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH="src"),
+                         cwd=Path(__file__).parents[1], timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.startswith("mobilenets: error: ") and len(run.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in run.stderr
+
+
+# ---------------------------------------------------------------- the real photos are what they claim
+
+
+def test_calibration_and_heldout_crops_are_disjoint_real_photos():
+    calibration, heldout = real_data.calibration_crops(16), real_data.heldout_crops(16)
+    assert calibration.shape == heldout.shape == (16, 224, 224, 3) and calibration.dtype == np.uint8
+    assert not set(real_data.calibration_boxes(real_data.MAX_CALIBRATION)) & set(real_data.heldout_boxes(512))
+    assert np.array_equal(real_data.calibration_crops(8), calibration[:8])  # a larger n extends a smaller one
+    names = {name for name, _ in real_data.photos()}
+    assert len(names) == 15 and {"astronaut.png", "chelsea.png", "grace_hopper.jpg"} <= names
+    assert min(float(c.std()) for c in heldout) > 5  # crops of photos, not flat fills
