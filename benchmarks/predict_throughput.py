@@ -1,0 +1,256 @@
+"""End to end, image files to labels: `mobilenets predict` against the timm and Keras pipelines, same files, one run.
+
+    .venv/bin/python benchmarks/predict_throughput.py [--files 1000] [--phone-files 100] [--rounds 3]
+
+Writes benchmarks/results/predict_throughput.{json,md}.  Two folders are made
+from the real photos that packages ship (tests/real_data.py: scikit-image's
+and matplotlib's): "imagenet-like", 500x375 JPEGs (quality 90), and "phone",
+4000x3000 JPEGs.  The weights are Google's MobileNet v1 1.0-224 (the frozen
+graph of tests/real_data.py); the peers run the same architecture with their
+own initialisation (speed does not depend on the values).
+
+Every candidate runs in a fresh process, in interleaved rounds (each round runs
+every candidate once on each folder), so a neighbour's load falls on all alike.
+Reported per candidate: setup (import, model build, compile), the images/s
+from the first answer to the last, and peak memory (max RSS).  Candidates:
+
+- timm: create_model + resolve_data_config/create_transform + torchvision
+  ImageFolder + DataLoader (2 workers), channels_last, inference_mode.
+- keras: keras.utils.image_dataset_from_directory + keras.applications.MobileNet
+  .predict (TensorFlow backend).
+- mobilenets fp32 / int8: mobilenets.predict.predict on the folder (its
+  defaults: decoding workers, JPEG draft decoding, deploy.compile's fastest
+  runtime; int8 calibrated on 64 crops of the same photos, never the
+  benchmark files).
+
+--draft-check also measures what JPEG draft decoding does to the answers:
+top-1 agreement of predict with and without it on both folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def cpu_name() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def make_folder(folder: Path, count: int, size: tuple[int, int], seed: int) -> Path:
+    """``count`` JPEGs of ``size`` (w, h; a quarter of them portrait) cut from the packaged photos."""
+    import real_data
+
+    target = folder / "photos"
+    if target.is_dir() and len(list(target.glob("*.jpg"))) == count:
+        return folder
+    target.mkdir(parents=True, exist_ok=True)
+    photos = [Image.fromarray(a) for _, a in real_data.photos()]
+    rng = np.random.default_rng(seed)
+    for k in range(count):
+        im = photos[int(rng.integers(len(photos)))]
+        w, h = size if k % 4 else size[::-1]
+        # the largest box of aspect w:h inside the photo, scaled by 50-100%, anywhere
+        s = min(im.width / w, im.height / h) * rng.uniform(0.5, 1.0)
+        bw, bh = w * s, h * s
+        left, top = rng.uniform(0, im.width - bw), rng.uniform(0, im.height - bh)
+        crop = im.resize((w, h), Image.BICUBIC, box=(left, top, left + bw, top + bh))
+        if rng.integers(2):
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        crop.save(target / f"{k:05d}.jpg", quality=90)
+    return folder
+
+
+RUNNERS = {
+    "timm": """
+import time, json, resource, torch, timm
+from timm.data import resolve_data_config, create_transform
+from torchvision.datasets import ImageFolder
+t0 = time.perf_counter()
+model = timm.create_model("mobilenetv1_100", pretrained=False).eval().to(memory_format=torch.channels_last)
+transform = create_transform(**resolve_data_config({}, model=model))
+loader = torch.utils.data.DataLoader(ImageFolder(FOLDER, transform), batch_size=32, num_workers=2)
+setup = time.perf_counter() - t0
+n, first = 0, None
+with torch.inference_mode():
+    for x, _ in loader:
+        labels = model(x.contiguous(memory_format=torch.channels_last)).argmax(1)
+        first = first or time.perf_counter()
+        n += len(labels)
+""",
+    "keras": """
+import os, time, json, resource
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import keras
+t0 = time.perf_counter()
+model = keras.applications.MobileNet(weights=None)
+ds = keras.utils.image_dataset_from_directory(FOLDER, labels=None, image_size=(224, 224), batch_size=32,
+                                              shuffle=False, verbose=False)
+ds = ds.map(keras.applications.mobilenet.preprocess_input)
+setup = time.perf_counter() - t0
+n, first = 0, None
+for x in ds:
+    labels = model.predict_on_batch(x).argmax(1)
+    first = first or time.perf_counter()
+    n += len(labels)
+""",
+    "mobilenets fp32": """
+import time, json, resource, mobilenets
+from mobilenets.predict import predict
+t0 = time.perf_counter()
+model = mobilenets.load(WEIGHTS)
+results = predict(model, FOLDER, topk=1)
+n, first = 0, None
+for r in results:
+    if first is None:
+        first = time.perf_counter()
+        setup = first - t0  # the first answer includes compiling: count it as setup
+    n += 1
+""",
+    "mobilenets int8": """
+import time, json, resource, mobilenets
+from mobilenets.predict import predict
+t0 = time.perf_counter()
+model = mobilenets.load(WEIGHTS)
+results = predict(model, FOLDER, topk=1, precision="int8", calibration=CALIB)
+n, first = 0, None
+for r in results:
+    if first is None:
+        first = time.perf_counter()
+        setup = first - t0
+    n += 1
+""",
+}
+FOOTER = """
+end = time.perf_counter()
+print("RESULT " + json.dumps({"setup_s": setup, "images": n, "run_s": end - first,
+                               "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                               "children_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def run_candidate(name: str, folder: Path, weights: Path, calib: Path) -> dict:
+    script = f"FOLDER = {str(folder)!r}\nWEIGHTS = {str(weights)!r}\nCALIB = {str(calib)!r}\n"
+    script += textwrap.dedent(RUNNERS[name]) + FOOTER
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_WAIT_POLICY": "PASSIVE", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=3600)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    if done.returncode or not lines:
+        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+    r = json.loads(lines[-1][7:])
+    # images/s over the steady stream: (n - first batch) / time after the first answer
+    r["images_per_s"] = (r["images"] - 1) / r["run_s"] if r["run_s"] > 0 else float("nan")
+    return r
+
+
+def draft_agreement(folder: Path, weights: Path) -> dict:
+    import mobilenets
+    from mobilenets.predict import predict
+
+    model = mobilenets.load(weights)
+    exact = [r.top[0]["class_index"] for r in predict(model, folder, topk=1, draft=False, backend="eager")]
+    draft = [r.top[0]["class_index"] for r in predict(model, folder, topk=1, draft=True, backend="eager")]
+    same = sum(a == b for a, b in zip(exact, draft))
+    return {"images": len(exact), "top1_agreement": same / len(exact)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=1000)
+    ap.add_argument("--phone-files", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--candidates", default=",".join(RUNNERS))
+    ap.add_argument("--draft-check", action="store_true")
+    ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "mobilenets-predict-bench"))
+    ap.add_argument("--name", default="predict_throughput")
+    args = ap.parse_args()
+    import real_data
+    from mobilenets import weights as weights_module
+
+    work = Path(args.work)
+    folders = {"imagenet-like 500x375": make_folder(work / "imagenet-like", args.files, (500, 375), 1),
+               "phone 4000x3000": make_folder(work / "phone", args.phone_files, (4000, 3000), 2)}
+    weights = work / "real-1.0-224.safetensors"
+    if not weights.is_file():
+        weights_module.save(real_data.real_converted(), weights)
+    calib = work / "calibration"
+    if not calib.is_dir():
+        calib.mkdir(parents=True)
+        for k, crop in enumerate(real_data.calibration_crops(64, size=256)):
+            Image.fromarray(crop).save(calib / f"{k:03d}.png")
+    candidates = args.candidates.split(",")
+    command = "nice -n 0 .venv/bin/python " + " ".join(["benchmarks/predict_throughput.py", *sys.argv[1:]])
+    before = os.getloadavg()
+    runs: dict = {f: {c: [] for c in candidates} for f in folders}
+    for round_ in range(args.rounds):
+        for fname, folder in folders.items():
+            for c in candidates:
+                r = run_candidate(c, folder, weights, calib)
+                print(f"round {round_ + 1} {fname:24s} {c:18s} {r}", file=sys.stderr, flush=True)
+                runs[fname][c].append(r)
+    summary = {}
+    for fname in folders:
+        rows = {}
+        for c in candidates:
+            ok = [r for r in runs[fname][c] if "error" not in r]
+            if not ok:
+                rows[c] = {"error": runs[fname][c][-1]["error"]}
+                continue
+            rows[c] = {k: statistics.median(r[k] for r in ok)
+                       for k in ("images_per_s", "setup_s", "maxrss_mb", "children_maxrss_mb")}
+        peers = [rows[p]["images_per_s"] for p in ("timm", "keras") if p in rows and "error" not in rows[p]]
+        for c in rows:
+            if peers and "error" not in rows[c]:
+                rows[c]["vs_faster_peer"] = rows[c]["images_per_s"] / max(peers)
+        summary[fname] = rows
+    result = {"command": command, "cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "loadavg_before": before, "loadavg_after": os.getloadavg(), "files": args.files,
+              "phone_files": args.phone_files, "rounds": args.rounds, "summary": summary, "runs": runs}
+    if args.draft_check:
+        result["draft"] = {f: draft_agreement(folder, weights) for f, folder in folders.items()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Image files to labels, end to end ({result['date']})", "",
+             f"    {command}", "",
+             f"CPU: {result['cpu']} ({result['cores']} cores); load average before {before[0]:.2f}, "
+             f"after {result['loadavg_after'][0]:.2f}. Medians of {args.rounds} interleaved rounds; "
+             f"each candidate in a fresh process.", "",
+             "| folder | candidate | images/s | vs faster peer | setup s | peak RSS MB (main / workers) |",
+             "|---|---|---|---|---|---|"]
+    for fname, rows in summary.items():
+        for c, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {fname} | {c} | failed: {r['error']} | | | |")
+                continue
+            ratio = f"{r['vs_faster_peer']:.2f}x" if "vs_faster_peer" in r else ""
+            lines.append(f"| {fname} | {c} | {r['images_per_s']:.1f} | {ratio} | {r['setup_s']:.1f} | "
+                         f"{r['maxrss_mb']:.0f} / {r['children_maxrss_mb']:.0f} |")
+    if "draft" in result:
+        lines += ["", "JPEG draft decoding vs exact decoding, top-1 agreement of predict (real weights):", ""]
+        lines += [f"- {f}: {d['top1_agreement']:.2%} of {d['images']} images" for f, d in result["draft"].items()]
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
