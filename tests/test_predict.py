@@ -11,7 +11,7 @@ from PIL import Image
 
 import mobilenets
 from mobilenets import checkpoint, cli, weights
-from mobilenets.images import IMAGENET, eval_transform, load_rgb
+from mobilenets.images import IMAGENET, INCEPTION, eval_transform, load_rgb
 from mobilenets.predict import predict
 
 from weights_helpers import Server, write_keras2_h5
@@ -54,7 +54,7 @@ def test_folder_in_every_mode_with_preprocessing_from_metadata(weights_file, ima
     assert len(results) == 7
     assert [r.image for r in results] == sorted(r.image for r in results)  # folder order, recursive
     for r in results:
-        p = expected_probabilities(model, r.image, 64, weights.INCEPTION)
+        p = expected_probabilities(model, r.image, 64, INCEPTION)
         values, indices = p.topk(3)
         assert [t["class_index"] for t in r.top] == indices.tolist()
         assert np.allclose([t["probability"] for t in r.top], values.tolist(), atol=1e-6)
@@ -157,5 +157,5 @@ def test_cli_imagenet_weights_from_the_server(tmp_path, images, monkeypatch, cap
     finally:
         server.close()
     model = mobilenets.load(tmp_path / "cache" / "mobilenet_2_5_128_tf.safetensors")
-    p = expected_probabilities(model, images / "rgb.jpg", 128, weights.INCEPTION)
+    p = expected_probabilities(model, images / "rgb.jpg", 128, INCEPTION)
     assert first["top"][0]["class_index"] == int(p.argmax())

@@ -294,10 +294,9 @@ def _deploy_model(args):
     if args.weights and args.checkpoint:
         raise UsageError(f"mobilenets {args.command}: give --weights or --checkpoint, not both")
     if args.weights or args.checkpoint:
-        from .evaluate import resolve_checkpoint
         from .weights import load
 
-        model = load(resolve_checkpoint(args.checkpoint) if args.checkpoint else args.weights)
+        model = load(args.checkpoint or args.weights)
         meta = getattr(model, "meta", {}) or {}
     else:
         model, meta = make_model(args.alpha), {}
@@ -532,8 +531,7 @@ def run_predict(args) -> int:
     from . import predict, weights
 
     if args.weights == "imagenet":
-        model = weights.mobilenet_v1(args.alpha, weights="imagenet", resolution=args.resolution or 224,
-                                     progress=not args.quiet)
+        model = weights.load("imagenet", alpha=args.alpha, resolution=args.resolution, progress=not args.quiet)
         resolution_override = None
     else:
         model = weights.load(args.weights)
