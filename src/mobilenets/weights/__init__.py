@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from ..model import MobileNetV1
 from . import registry
-from .download import download, pretrained, verify_sha256
+from . import download  # the module: download.download, download.verify_sha256
+from .download import pretrained, verify_sha256
 from .file import save, tensors_sha256
 from .keras import from_keras
 from .layout import Converted, MissingWeightsError, WeightsError, build, imagenet_labels, infer_config

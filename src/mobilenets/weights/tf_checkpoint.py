@@ -104,18 +104,30 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+def _expect(value, kind: type, what: str):
+    """A field of the wire type the schema says; a damaged message may carry any type under any number."""
+    if not isinstance(value, kind):
+        raise CheckpointFormatError(f"{what} has the wrong protobuf wire type")
+    return value
+
+
 def _parse_shape(buf: bytes) -> tuple[int, ...]:
     dims = []
     for field, value in _proto_fields(buf):
         if field == 2:  # TensorShapeProto.dim
+            _expect(value, bytes, "a shape dimension")
             size = 0
             for f, v in _proto_fields(value):
                 if f == 1:
-                    size = _signed64(v)
+                    size = _signed64(_expect(v, int, "a dimension size"))
             dims.append(size)
         elif field == 3 and value:
             raise CheckpointFormatError("a tensor of unknown rank")
     return tuple(dims)
+
+
+# BundleEntryProto: dtype, shape, shard_id, offset, size, crc32c, slices
+_ENTRY_TYPES = {1: int, 2: bytes, 3: int, 4: int, 5: int, 6: int, 7: bytes}
 
 
 def _parse_entry(name: str, buf: bytes) -> Entry:
@@ -124,6 +136,8 @@ def _parse_entry(name: str, buf: bytes) -> Entry:
     sliced = False
     crc = None
     for field, value in _proto_fields(buf):
+        if field in _ENTRY_TYPES:
+            _expect(value, _ENTRY_TYPES[field], f"field {field} of {name}'s entry")
         if field == 1:
             dtype = value
         elif field == 2:
@@ -298,7 +312,7 @@ class CheckpointReader:
                 else:
                     name = key.decode("utf8")
                     self.entries[name] = _parse_entry(name, value)
-        except (IndexError, UnicodeDecodeError) as e:  # a damaged index: offsets past a block, bad names
+        except (IndexError, TypeError, UnicodeDecodeError) as e:  # a damaged index: offsets past a block, bad names
             raise CheckpointFormatError(f"{index} is not a readable TensorFlow checkpoint index: {e}") from None
         except CheckpointFormatError as e:
             raise CheckpointFormatError(f"{index} is not a readable TensorFlow checkpoint index: {e}") from None
@@ -307,7 +321,7 @@ class CheckpointReader:
     def _header(self, value: bytes) -> None:
         for field, v in _proto_fields(value):
             if field == 1:
-                self.num_shards = v
+                self.num_shards = _expect(v, int, "the shard count")
             elif field == 2 and v != 0:
                 raise CheckpointFormatError("big-endian checkpoints are not supported")
 
