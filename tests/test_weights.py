@@ -1,7 +1,7 @@
 """Converting, saving, loading and fetching weights: metadata, checksums, clear errors, no code from files.
 
 Logit parity with Keras, TF-slim and timm is in test_parity.py; here the
-files are written in the released layouts directly (tests/keras_layout.py).
+files are written in the released layouts directly (tests/weights_helpers.py).
 """
 
 from __future__ import annotations

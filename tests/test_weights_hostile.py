@@ -7,8 +7,8 @@ readers must refuse before acting on it.
 
 from __future__ import annotations
 
+import gzip
 import http.server
-import io
 import json
 import multiprocessing
 import os
@@ -22,7 +22,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 
 import mobilenets
 from mobilenets import checkpoint, cli, weights
@@ -180,8 +179,6 @@ def _tgz_with_member_of(tmp_path, size: int) -> Path:
     info.size = size
     raw = info.tobuf(format=tarfile.GNU_FORMAT) + b"\0" * 1024  # the header claims it, the archive holds none of it
     path = tmp_path / "mobilenet_v1_0.25_128.tgz"
-    import gzip
-
     path.write_bytes(gzip.compress(raw))
     return path
 
