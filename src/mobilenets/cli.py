@@ -259,7 +259,8 @@ def run_evaluate(args) -> int:
 
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="top-1/top-5 of a checkpoint on an image folder")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE", help="a run folder (its best.pt), a .pt or a converted .safetensors")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE",
+                   help="a run folder (its best.pt), a .pt or a converted .safetensors")
     p.add_argument("--data", metavar="DIR", help="DIR/<class>/*; default: the built-in held-out digits")
     p.add_argument("--resolution", type=resolution, help="input size (default: the checkpoint's)")
     p.add_argument("-b", "--batch-size", type=_positive_int, default=64)
