@@ -38,7 +38,7 @@ def mobilenet_v1(alpha: float = 1.0, *, weights: str | os.PathLike | None = None
             model = MobileNetV1(MobileNetV1Config(alpha=alpha, **kwargs))
         except TypeError as e:
             raise WeightsError(f"unknown model option ({e})") from None
-        res = check_resolution(resolution, "resolution") if resolution is not None else DEFAULT_RESOLUTION
+        res = check_resolution(resolution, "mobilenet_v1") if resolution is not None else DEFAULT_RESOLUTION
         model.meta = {"alpha": model.config.alpha, "resolution": res, "normalization": INCEPTION.to_dict(),
                       "labels": None, "source": "initialised"}
         model.pretrained_cfg = pretrained_cfg(model.config, model.meta)
@@ -51,7 +51,7 @@ def mobilenet_v1(alpha: float = 1.0, *, weights: str | os.PathLike | None = None
             raise WeightsError(f"{weights} holds alpha {converted.config.alpha:g} weights, not alpha {alpha:g}; "
                                f"pass alpha={converted.config.alpha:g} or use mobilenets.load({str(weights)!r})")
         if resolution is not None:
-            converted.meta["resolution"] = check_resolution(resolution, "resolution")
+            converted.meta["resolution"] = check_resolution(resolution, "mobilenet_v1")
     return _weights.build(converted, kwargs, weights)
 
 
