@@ -120,7 +120,7 @@ def real_graph_path() -> Path:
 @functools.cache
 def real_converted():
     """The real weights converted by our frozen-graph reader (a ``weights.Converted``; 1000 classes)."""
-    from mobilenets.tf_frozen import from_tf_frozen
+    from mobilenets.weights.tf_frozen import from_tf_frozen
 
     return from_tf_frozen(real_graph_path())
 

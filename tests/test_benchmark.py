@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from mobilenets import benchmark, checkpoint, cli, deploy, mobilenet_v1, paper
+from mobilenets import benchmark, checkpoint, cli, deploy, mobilenet_v1
+from mobilenets.weights import registry
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +39,8 @@ def test_matmul_floor_is_a_rate():
 
 def _grid(precision="fp32", latencies=None):
     rows = []
-    for i, (alpha, resolution) in enumerate(paper.PUBLISHED_ACCURACY):
-        top1, top1_int8 = paper.PUBLISHED_ACCURACY[alpha, resolution]
+    for i, ((alpha, resolution), entry) in enumerate(registry.WEIGHTS.items()):
+        top1, top1_int8 = entry.top1, entry.top1_int8
         from mobilenets.cost import cost
 
         ma = cost(alpha, resolution).mult_adds

@@ -5,6 +5,7 @@ import struct
 import pytest
 
 from mobilenets import paper
+from mobilenets.weights import registry
 
 
 def cells(table):
@@ -65,5 +66,6 @@ def test_figures_are_png(tmp_path):
 @pytest.mark.parametrize("alpha", paper.ALPHAS)
 def test_published_grid_covers_official_weights(alpha):
     for resolution in paper.RESOLUTIONS:
-        top1, int8 = paper.PUBLISHED_ACCURACY[(alpha, resolution)]
+        entry = registry.get(alpha, resolution)
+        top1, int8 = entry.top1, entry.top1_int8
         assert 0 < int8 <= top1 < 100

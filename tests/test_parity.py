@@ -156,7 +156,7 @@ def test_tf_checkpoint_reader_matches_tensorflow(references):
                          env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     theirs = {k.replace("|", "/"): v for k, v in np.load(out).items()}
-    from mobilenets.tf_checkpoint import CheckpointReader
+    from mobilenets.weights.tf_checkpoint import CheckpointReader
 
     with CheckpointReader(prefix) as reader:
         assert reader.names() == sorted(theirs)  # global_step (int64) included

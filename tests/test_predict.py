@@ -16,7 +16,7 @@ from PIL import Image
 
 import mobilenets
 from mobilenets import checkpoint, cli, weights
-from mobilenets.images import IMAGENET, eval_transform, load_rgb
+from mobilenets.images import IMAGENET, INCEPTION, eval_transform, load_rgb
 from mobilenets.predict import predict
 
 from weights_helpers import Server, write_keras2_h5
@@ -59,7 +59,7 @@ def test_folder_in_every_mode_with_preprocessing_from_metadata(weights_file, ima
     assert len(results) == 7
     assert [r.image for r in results] == sorted(r.image for r in results)  # folder order, recursive
     for r in results:
-        p = expected_probabilities(model, r.image, 64, weights.INCEPTION)
+        p = expected_probabilities(model, r.image, 64, INCEPTION)
         values, indices = p.topk(3)
         assert [t["class_index"] for t in r.top] == indices.tolist()
         assert np.allclose([t["probability"] for t in r.top], values.tolist(), atol=1e-6)
@@ -162,7 +162,7 @@ def test_cli_imagenet_weights_from_the_server(tmp_path, images, monkeypatch, cap
     finally:
         server.close()
     model = mobilenets.load(tmp_path / "cache" / "mobilenet_2_5_128_tf.safetensors")
-    p = expected_probabilities(model, images / "rgb.jpg", 128, weights.INCEPTION)
+    p = expected_probabilities(model, images / "rgb.jpg", 128, INCEPTION)
     assert first["top"][0]["class_index"] == int(p.argmax())
 
 
@@ -178,7 +178,7 @@ def test_a_single_path_a_pil_image_and_tensors_are_one_image_each(weights_file, 
     (by_pil,) = predict(model, pil, topk=3)
     uint8 = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # as torchvision.io.read_image gives
     by_uint8 = list(predict(model, torch.stack([uint8, uint8]), topk=3))
-    prep = eval_transform(pil, 64, weights.INCEPTION)
+    prep = eval_transform(pil, 64, INCEPTION)
     (by_float,) = predict(model, prep, topk=3)
     for r in [by_pil, *by_uint8, by_float]:
         assert [t["class_index"] for t in r.top] == [t["class_index"] for t in by_path.top]
@@ -202,7 +202,7 @@ def test_workers_and_batching_equal_the_per_image_path(weights_file, tmp_path):
         results = list(predict(model, tmp_path, topk=2, batch_size=4, workers=3, draft=False))
     assert [r.image for r in results] == [str(tmp_path / f"{i:02d}.jpg") for i in range(23)]
     for r in results:
-        p = expected_probabilities(model, r.image, 64, weights.INCEPTION)
+        p = expected_probabilities(model, r.image, 64, INCEPTION)
         values, indices = p.topk(2)
         assert [t["class_index"] for t in r.top] == indices.tolist()
         assert np.allclose([t["probability"] for t in r.top], values.tolist(), atol=1e-6)

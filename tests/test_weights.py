@@ -1,7 +1,7 @@
 """Converting, saving, loading and fetching weights: metadata, checksums, clear errors, no code from files.
 
 Logit parity with Keras, TF-slim and timm is in test_parity.py; here the
-files are written in the released layouts directly (tests/keras_layout.py).
+files are written in the released layouts directly (tests/weights_helpers.py).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import mobilenets
-from mobilenets import checkpoint, cli, weights
+from mobilenets import cache, checkpoint, cli, weights
 from mobilenets.checkpoint import CheckpointError
-from mobilenets.tf_checkpoint import _snappy_decompress, find_prefix
+from mobilenets.weights.tf_checkpoint import _snappy_decompress, find_prefix
 from mobilenets.weights import WeightsError
 
 from weights_helpers import Server, write_keras2_h5
@@ -204,7 +204,7 @@ def test_checkpoint_mismatch_names_tensor_and_shapes(tmp_path):
     sd["classifier.bias"] = torch.zeros(7)
     checkpoint.save({"format": "mobilenets", "version": 1, "config": model.config.to_dict(), "state_dict": sd,
                      "meta": {}}, tmp_path / "c.pt")
-    with pytest.raises(CheckpointError, match=r"classifier\.bias: file has \(7,\), model expects \(1000,\)"):
+    with pytest.raises(WeightsError, match=r"classifier\.bias: file has \(7,\), the config expects \(1000,\)"):
         mobilenets.load(tmp_path / "c.pt")
 
 
@@ -265,7 +265,7 @@ def test_builder_without_weights_is_the_plain_model():
 
 
 def test_crc32c_known_values():
-    from mobilenets.tf_checkpoint import crc32c
+    from mobilenets.weights.tf_checkpoint import crc32c
 
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     assert crc32c(b"") == 0
@@ -390,9 +390,9 @@ def test_pretrained_sizes_are_checked_first():
 def test_cache_dir_default_and_override(monkeypatch, tmp_path):
     monkeypatch.delenv("MOBILENETS_CACHE", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert weights.cache_dir() == Path.home() / ".cache" / "mobilenets"
+    assert cache.cache_dir() == Path.home() / ".cache" / "mobilenets"
     monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
-    assert weights.cache_dir() == tmp_path
+    assert cache.cache_dir() == tmp_path
 
 
 def test_imagenet_labels_ship_with_the_package():

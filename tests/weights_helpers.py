@@ -79,3 +79,73 @@ class Server:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# ---------------------------------------------------------------- a TF-slim checkpoint, written without TensorFlow
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:  # a length-delimited protobuf field
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _bundle_entry(shape, offset: int, size: int) -> bytes:
+    dims = b"".join(_field(2, _varint(1 << 3) + _varint(d)) for d in shape)
+    return (_varint(1 << 3) + _varint(1)  # dtype DT_FLOAT
+            + _field(2, dims) + _varint(4 << 3) + _varint(offset) + _varint(5 << 3) + _varint(size))
+
+
+def _block(entries) -> bytes:
+    """An SSTable block without prefix sharing, one restart point; then the uncompressed-block trailer."""
+    body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in entries)
+    return body + (0).to_bytes(4, "little") + (1).to_bytes(4, "little") + b"\x00" + b"\x00" * 4
+
+
+def write_tf_checkpoint(prefix, variables: dict[str, np.ndarray]) -> Path:
+    """``prefix``.index (an SSTable of BundleEntryProtos, keys sorted) and one .data shard, as TF writes them.
+
+    No CRCs are stored (TensorFlow's reader treats them as optional too).
+    """
+    prefix = Path(prefix)
+    data, entries = bytearray(), [(b"", _varint(1 << 3) + _varint(1))]  # header: num_shards = 1
+    for name in sorted(variables):
+        raw = np.ascontiguousarray(variables[name], dtype="<f4").tobytes()
+        entries.append((name.encode(), _bundle_entry(variables[name].shape, len(data), len(raw))))
+        data += raw
+    data_block = _block(entries)
+    index_block = _block([(entries[-1][0], _varint(0) + _varint(len(data_block) - 5))])
+    footer = (_varint(0) + _varint(0) + _varint(len(data_block)) + _varint(len(index_block) - 5)).ljust(40, b"\0")
+    footer += (0xDB4775248B80FB57).to_bytes(8, "little")
+    Path(str(prefix) + ".index").write_bytes(data_block + index_block + footer)
+    Path(str(prefix) + ".data-00000-of-00001").write_bytes(bytes(data))
+    return prefix
+
+
+def tf_slim_variables(alpha: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """The released TF-slim variable names and HWIO shapes, with a 1001-class head (class 0 background)."""
+    layers = keras_layers(alpha, include_top=True, seed=seed)
+    scope = "MobilenetV1"
+    out = {}
+
+    def put(tf_scope, kernel_name, conv, bn):
+        out[f"{tf_scope}/{kernel_name}"] = layers[conv]["kernel" if "kernel" in layers[conv] else "depthwise_kernel"]
+        for k, v in layers[bn].items():
+            out[f"{tf_scope}/BatchNorm/{k}"] = v
+
+    put(f"{scope}/Conv2d_0", "weights", "conv1", "conv1_bn")
+    for i in range(1, 14):
+        put(f"{scope}/Conv2d_{i}_depthwise", "depthwise_weights", f"conv_dw_{i}", f"conv_dw_{i}_bn")
+        put(f"{scope}/Conv2d_{i}_pointwise", "weights", f"conv_pw_{i}", f"conv_pw_{i}_bn")
+    w, b = layers["conv_preds"]["kernel"], layers["conv_preds"]["bias"]
+    out[f"{scope}/Logits/Conv2d_1c_1x1/weights"] = np.concatenate([np.zeros_like(w[..., :1]), w], axis=-1)
+    out[f"{scope}/Logits/Conv2d_1c_1x1/biases"] = np.concatenate([np.zeros(1, np.float32), b])
+    return out

@@ -16,11 +16,11 @@ _EXPORTS = {
     "CONV_DEFS": "architecture", "body": "architecture", "depth": "architecture",
     "cost": "cost", "measure": "cost",
     "MobileNetV1": "model", "MobileNetV1Config": "model",
-    "load": "weights", "mobilenet_v1": "weights",
+    "load": "builders", "mobilenet_v1": "builders", "save": "builders",
     "MobilenetsError": "errors",
 }
-_SUBMODULES = {"architecture", "benchmark", "cache", "checkpoint", "cli", "cost", "data", "deploy", "errors",
-               "evaluate", "images", "model", "paper", "predict", "train", "weights"}
+_SUBMODULES = {"architecture", "benchmark", "builders", "cache", "checkpoint", "cli", "cost", "data", "deploy",
+               "errors", "evaluate", "images", "labels", "model", "paper", "pipeline", "predict", "train", "weights"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -19,7 +19,7 @@ and channels_last (for α = 1; our own eager module for other widths), and
 ONNX Runtime and OpenVINO at the same precision (when installed).
 
 ``grid`` times the 16 published α x ρ models; ``pick`` recommends the most
-accurate one (TF-slim ImageNet top-1, ``paper.PUBLISHED_ACCURACY``) that fits
+accurate one (TF-slim ImageNet top-1, ``weights.registry``) that fits
 a latency budget, reusing a cached grid in ``$MOBILENETS_CACHE``.
 """
 
@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 
 from . import deploy, paper
+from .weights import registry
 from .checkpoint import atomic_write
 from .cost import cost
 from .model import mobilenet_v1
@@ -407,7 +408,7 @@ def grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto",
                                rounds=rounds, min_time=min_time)
     rows = []
     for name, (alpha, resolution, predictor, _, build_s) in built.items():
-        published = paper.PUBLISHED_ACCURACY.get((float(alpha), int(resolution)))
+        published = registry.published_top1().get((float(alpha), int(resolution)))
         row = {"model": name, "alpha": float(alpha), "resolution": int(resolution),
                "mult_adds": cost(alpha, resolution).mult_adds, "median_ms": statistics.median(times[name]),
                "p90_ms": _p90(times[name]), "backend": predictor.backend, "build_s": build_s,

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import MobilenetsError
+
 FORMAT = "mobilenets"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MobilenetsError):
     """A file that is not a usable checkpoint; the message says why and what would work."""
 
 

@@ -259,7 +259,8 @@ def run_evaluate(args) -> int:
 
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="top-1/top-5 of a checkpoint on an image folder")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE", help="a run folder (its best.pt) or a .pt")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE",
+                   help="a run folder (its best.pt), a .pt or a converted .safetensors")
     p.add_argument("--data", metavar="DIR", help="DIR/<class>/*; default: the built-in held-out digits")
     p.add_argument("--resolution", type=resolution, help="input size (default: the checkpoint's)")
     p.add_argument("-b", "--batch-size", type=_positive_int, default=64)
@@ -294,10 +295,9 @@ def _deploy_model(args):
     if args.weights and args.checkpoint:
         raise UsageError(f"mobilenets {args.command}: give --weights or --checkpoint, not both")
     if args.weights or args.checkpoint:
-        from .evaluate import resolve_checkpoint
         from .weights import load
 
-        model = load(resolve_checkpoint(args.checkpoint) if args.checkpoint else args.weights)
+        model = load(args.checkpoint or args.weights)
         meta = getattr(model, "meta", {}) or {}
     else:
         model, meta = make_model(args.alpha), {}
@@ -537,8 +537,7 @@ def run_predict(args) -> int:
     from . import predict, weights
 
     if args.weights == "imagenet":
-        model = weights.mobilenet_v1(args.alpha, weights="imagenet", resolution=args.resolution or 224,
-                                     progress=not args.quiet)
+        model = weights.load("imagenet", alpha=args.alpha, resolution=args.resolution, progress=not args.quiet)
         resolution_override = None
     else:
         model = weights.load(args.weights)

@@ -1,7 +1,8 @@
 """Accuracy of a checkpoint on a folder of labelled images (or on the built-in held-out digits).
 
-``evaluate_checkpoint`` reads a checkpoint (a run folder means its best.pt),
-rebuilds the model with ``checkpoint.model_from`` and preprocesses every image
+``evaluate_checkpoint`` reads a model file through ``weights.resolve`` (a run
+folder means its best.pt; checkpoints and converted .safetensors files both
+work) and preprocesses every image
 with the resolution and normalisation stored beside the weights, as
 ``images.eval_transform`` does: resize to resolution / 0.875, centre crop.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data
+from . import data, weights
 from .images import INCEPTION, Normalization
 from .labels import imagenet_labels, imagenet_wnids
 
@@ -63,20 +64,6 @@ def evaluate(model, loader, *, device="cpu", amp: bool = False, channels_last: b
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss_sum / n, "images": int(count)}
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder means its best.pt (else last.pt); a file is used as is."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"{path} is a folder without best.pt or last.pt; pass a training run folder "
-                                f"(mobilenets train --out) or a checkpoint file")
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a training run folder or a .pt file")
-    return path
-
-
 class _Labelled(data.ImageFolder):
     """An ImageFolder whose class indices are the checkpoint's labels (a folder may hold only some classes)."""
 
@@ -105,8 +92,9 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path | None
 
     Returns ``{"top1", "top5", "loss", "images", "checkpoint", "resolution", "data"}``; top-1/top-5 are percentages.
     """
-    path = resolve_checkpoint(checkpoint_path)
-    model, meta = checkpoint.model_from(checkpoint.load(path), path=path)
+    path = weights.resolve(checkpoint_path)
+    model = weights.load(path)
+    meta = model.meta
     resolution = resolution or meta.get("resolution")
     if not resolution:
         raise ValueError(f"{path} stores no resolution; pass --resolution")

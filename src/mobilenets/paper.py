@@ -11,17 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cost import cost
+from .weights import registry
 
-ALPHAS = (1.0, 0.75, 0.5, 0.25)
-RESOLUTIONS = (224, 192, 160, 128)
-
-# TF-slim 2018 releases, ImageNet top-1 (%): {(alpha, resolution): (float, int8)}.  SPEC.md section 4.
-PUBLISHED_ACCURACY: dict[tuple[float, int], tuple[float, float]] = {
-    (1.0, 224): (70.9, 69.7), (1.0, 192): (70.0, 69.0), (1.0, 160): (68.0, 67.3), (1.0, 128): (65.2, 64.0),
-    (0.75, 224): (68.4, 67.9), (0.75, 192): (67.2, 66.2), (0.75, 160): (65.3, 63.9), (0.75, 128): (62.1, 59.8),
-    (0.5, 224): (63.3, 62.2), (0.5, 192): (61.7, 60.4), (0.5, 160): (59.1, 57.7), (0.5, 128): (56.3, 54.9),
-    (0.25, 224): (49.8, 48.2), (0.25, 192): (47.7, 45.8), (0.25, 160): (45.5, 43.5), (0.25, 128): (41.5, 39.9),
-}
+# The 16 released models and their published ImageNet top-1 live in the weights registry (docs/published.md).
+ALPHAS, RESOLUTIONS = registry.ALPHAS, registry.RESOLUTIONS
 
 
 @dataclass(frozen=True)
@@ -167,7 +160,8 @@ def grid() -> list[dict]:
     for alpha in ALPHAS:
         for resolution in RESOLUTIONS:
             c = cost(alpha, resolution)
-            top1, top1_int8 = PUBLISHED_ACCURACY[(alpha, resolution)]
+            entry = registry.get(alpha, resolution)
+            top1, top1_int8 = entry.top1, entry.top1_int8
             out.append({
                 "model": f"{alpha}-{resolution}",
                 "alpha": alpha,

@@ -205,9 +205,9 @@ def decode_predictions(logits: torch.Tensor, k: int = 5, labels: list[str] | Non
     if logits.dim() != 2:
         raise MobilenetsError(f"logits must be (N, classes), got {tuple(logits.shape)}")
     if labels is None and logits.shape[1] == 1000:
-        from .weights import imagenet_labels
+        from .labels import imagenet_labels
 
-        labels = imagenet_labels()
+        labels = list(imagenet_labels())
     k = min(k, logits.shape[1])
     values, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
     return [[{"class_index": c, "label": labels[c] if labels else str(c), "probability": v}

@@ -15,12 +15,16 @@ released TF-slim weights needs neither TensorFlow nor protobuf.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import MobilenetsError
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48  # two block handles padded to 40 bytes, then the 8-byte magic
@@ -30,10 +34,18 @@ BLOCK_TRAILER_SIZE = 5  # compression type byte + crc32c
 DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16, 6: np.int8,
           9: np.int64, 10: np.bool_, 17: np.uint16, 19: np.float16, 22: np.uint32, 23: np.uint64}
 DT_BFLOAT16 = 14
+# The released 1.0-224 archive's largest member (the .data shard) is about 17 MB; members over this bound
+# are refused before extraction, so a small archive cannot expand into all of memory or disk.
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+MAX_ARCHIVE_BYTES = 1024 * 1024 * 1024  # all checkpoint members together
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(MobilenetsError):
     """Not a readable TensorFlow checkpoint; the message says which file and why."""
+
+
+class CheckpointMissingError(CheckpointFormatError, FileNotFoundError):
+    """A checkpoint file that does not exist (also a FileNotFoundError)."""
 
 
 @dataclass(frozen=True)
@@ -92,18 +104,30 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+def _expect(value, kind: type, what: str):
+    """A field of the wire type the schema says; a damaged message may carry any type under any number."""
+    if not isinstance(value, kind):
+        raise CheckpointFormatError(f"{what} has the wrong protobuf wire type")
+    return value
+
+
 def _parse_shape(buf: bytes) -> tuple[int, ...]:
     dims = []
     for field, value in _proto_fields(buf):
         if field == 2:  # TensorShapeProto.dim
+            _expect(value, bytes, "a shape dimension")
             size = 0
             for f, v in _proto_fields(value):
                 if f == 1:
-                    size = _signed64(v)
+                    size = _signed64(_expect(v, int, "a dimension size"))
             dims.append(size)
         elif field == 3 and value:
             raise CheckpointFormatError("a tensor of unknown rank")
     return tuple(dims)
+
+
+# BundleEntryProto: dtype, shape, shard_id, offset, size, crc32c, slices
+_ENTRY_TYPES = {1: int, 2: bytes, 3: int, 4: int, 5: int, 6: int, 7: bytes}
 
 
 def _parse_entry(name: str, buf: bytes) -> Entry:
@@ -112,6 +136,8 @@ def _parse_entry(name: str, buf: bytes) -> Entry:
     sliced = False
     crc = None
     for field, value in _proto_fields(buf):
+        if field in _ENTRY_TYPES:
+            _expect(value, _ENTRY_TYPES[field], f"field {field} of {name}'s entry")
         if field == 1:
             dtype = value
         elif field == 2:
@@ -277,7 +303,7 @@ class CheckpointReader:
         self.prefix = str(prefix)
         index = Path(self.prefix + ".index")
         if not index.is_file():
-            raise FileNotFoundError(f"no TensorFlow checkpoint index {index}")
+            raise CheckpointMissingError(f"no TensorFlow checkpoint index {index}")
         try:
             self.num_shards, self.entries = 1, {}
             for key, value in _table_entries(index.read_bytes()):
@@ -286,6 +312,8 @@ class CheckpointReader:
                 else:
                     name = key.decode("utf8")
                     self.entries[name] = _parse_entry(name, value)
+        except (IndexError, TypeError, UnicodeDecodeError) as e:  # a damaged index: offsets past a block, bad names
+            raise CheckpointFormatError(f"{index} is not a readable TensorFlow checkpoint index: {e}") from None
         except CheckpointFormatError as e:
             raise CheckpointFormatError(f"{index} is not a readable TensorFlow checkpoint index: {e}") from None
         self._shards: dict[int, bytes] = {}
@@ -293,7 +321,7 @@ class CheckpointReader:
     def _header(self, value: bytes) -> None:
         for field, v in _proto_fields(value):
             if field == 1:
-                self.num_shards = v
+                self.num_shards = _expect(v, int, "the shard count")
             elif field == 2 and v != 0:
                 raise CheckpointFormatError("big-endian checkpoints are not supported")
 
@@ -307,7 +335,7 @@ class CheckpointReader:
         if shard_id not in self._shards:
             path = Path(f"{self.prefix}.data-{shard_id:05d}-of-{self.num_shards:05d}")
             if not path.is_file():
-                raise FileNotFoundError(f"checkpoint data shard {path} is missing")
+                raise CheckpointMissingError(f"checkpoint data shard {path} is missing")
             self._shards[shard_id] = path.read_bytes()
         return self._shards[shard_id]
 
@@ -321,8 +349,12 @@ class CheckpointReader:
         if e.crc32c is not None and masked_crc32c(data) != e.crc32c:
             raise CheckpointFormatError(f"{name}: its bytes fail the checkpoint's CRC-32C check; the .data "
                                         f"shard is corrupted, download or copy it again")
-        count = int(np.prod(e.shape, dtype=np.int64))
+        if any(d < 0 for d in e.shape):
+            raise CheckpointFormatError(f"{name}: negative dimension in its shape {e.shape}")
+        count = int(np.prod(e.shape, dtype=object))
         if e.dtype == DT_BFLOAT16:
+            if count * 2 != e.size:
+                raise CheckpointFormatError(f"{name}: {e.size} bytes do not hold shape {e.shape} of bfloat16")
             bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
             return bits.view(np.float32).reshape(e.shape)
         if e.dtype not in DTYPES:
@@ -357,8 +389,36 @@ def find_prefix(path: str | Path) -> str:
         return name[: name.rindex(".data-")]
     if Path(name + ".index").is_file():
         return name
-    raise FileNotFoundError(f"{path} is not a TensorFlow checkpoint (no {name}.index); pass the prefix "
+    raise CheckpointMissingError(f"{path} is not a TensorFlow checkpoint (no {name}.index); pass the prefix "
                             f"(model.ckpt), its .index file, its folder or the released .tgz")
+
+
+def extract_checkpoint(archive: Path, folder: str | Path) -> None:
+    """Copy the checkpoint files (.index, .data-*) of a tar archive into ``folder``, flat, by base name.
+
+    Member sizes are checked as the archive is read, before a member is
+    extracted: one over :data:`MAX_MEMBER_BYTES`, or all of them over
+    :data:`MAX_ARCHIVE_BYTES`, is refused.
+    """
+    found, total = 0, 0
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for m in tar:  # streamed: a huge member is refused before the ones after it are even read
+                if not (m.isfile() and (m.name.endswith(".index") or ".data-" in m.name)):
+                    continue
+                total += m.size
+                if m.size > MAX_MEMBER_BYTES or total > MAX_ARCHIVE_BYTES:
+                    raise CheckpointFormatError(
+                        f"{archive}: member {m.name} declares {m.size:,} bytes ({total:,} so far); a MobileNet "
+                        f"checkpoint member is at most {MAX_MEMBER_BYTES:,} bytes, so it is not extracted")
+                src = tar.extractfile(m)
+                with open(Path(folder, Path(m.name).name), "wb") as dst:  # base name: nothing lands outside
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                found += 1
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise CheckpointFormatError(f"cannot read {archive} as a tar archive: {e}") from None
+    if not found:
+        raise CheckpointFormatError(f"{archive} holds no checkpoint (.index and .data-* files)")
 
 
 @contextlib.contextmanager
@@ -367,14 +427,7 @@ def open_checkpoint(path: str | Path):
     p = Path(path)
     if p.is_file() and (p.name.endswith((".tgz", ".tar.gz", ".tar"))):
         with tempfile.TemporaryDirectory() as tmp:
-            with tarfile.open(p) as tar:
-                members = [m for m in tar.getmembers()
-                           if m.isfile() and (m.name.endswith(".index") or ".data-" in m.name)]
-                if not members:
-                    raise CheckpointFormatError(f"{p} holds no checkpoint (.index and .data-* files)")
-                for m in members:  # flat, by base name: nothing lands outside tmp
-                    src = tar.extractfile(m)
-                    Path(tmp, Path(m.name).name).write_bytes(src.read())
+            extract_checkpoint(p, tmp)
             with CheckpointReader(find_prefix(tmp)) as reader:
                 yield reader
         return

@@ -15,7 +15,7 @@ tensor_shape}.proto).  Every length and every declared tensor size is checked
 against the file before anything is sliced or allocated, so a damaged or
 hostile file gives one :class:`FrozenGraphError` line, not a traceback or an
 out-of-memory.  The constants are then converted exactly as a TF-slim
-checkpoint's variables are (:func:`mobilenets.weights.from_tf_slim_variables`),
+checkpoint's variables are (:func:`.tf_slim.from_tf_slim_variables`),
 with BatchNorm's epsilon and the input resolution read from the graph.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MobilenetsError
+from ..errors import MobilenetsError
 from .tf_checkpoint import DT_BFLOAT16, DTYPES
 
 # protobuf refuses messages over 2 GiB, so no real GraphDef is larger
@@ -342,28 +342,20 @@ def _pb_from_archive(path: Path) -> bytes:
     return data
 
 
-class _Constants(Mapping):
-    """The graph's MobilenetV1 constants under their TF-slim names, decoded when read."""
+class _Constants:
+    """The graph's MobilenetV1 constants under their TF-slim names, decoded when read (no sizes to check
+    first: read_graph bounds every constant by the file)."""
 
     def __init__(self, graph: FrozenGraph, prefix: str):
         self.graph, self.prefix = graph, prefix
-        self.names = [n[len(prefix):] for n, node in graph.nodes.items()
+        self.names_ = [n[len(prefix):] for n, node in graph.nodes.items()
                       if node.op == "Const" and n.startswith(prefix + SCOPE)]
 
-    def __contains__(self, name):
-        node = self.graph.nodes.get(self.prefix + str(name))
-        return node is not None and node.op == "Const"
+    def names(self) -> list[str]:
+        return self.names_
 
-    def __getitem__(self, name):
-        if name not in self:
-            raise KeyError(name)
+    def read(self, name: str):
         return self.graph.constant(self.prefix + name)
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self):
-        return len(self.names)
 
 
 def _scope_prefix(graph: FrozenGraph) -> str:
@@ -437,7 +429,7 @@ def from_tf_frozen(path, *, keep_background: bool = False, resolution: int | Non
     from the input placeholder's shape, else the file name, else 224; a
     1001-way head loses class 0 ("background") unless ``keep_background``.
     """
-    from .weights import from_tf_slim_variables  # weights dispatches here, so import it when called
+    from .tf_slim import from_tf_slim_variables
 
     graph = read_graph(path)
     prefix = _scope_prefix(graph)

@@ -1,0 +1,108 @@
+"""The released ImageNet weights: one typed entry per alpha x resolution, the one place their facts live.
+
+Each :class:`Weights` names the Keras file and its URL, the preprocessing the
+weights were trained with (Inception normalisation x/127.5 - 1, resize by
+1/0.875 and centre-crop, bilinear), the 1000 ImageNet labels and the
+published ImageNet top-1 of the TF-slim 2018 release, float and 8-bit
+(docs/published.md).  ``paper.py`` and the benchmark picker read the
+accuracy from here; ``download.pretrained`` reads the file names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..images import CROP_FRACTION, INCEPTION, Normalization, eval_transform
+from .layout import WeightsError, imagenet_labels, timm_cfg
+
+ALPHAS = (1.0, 0.75, 0.5, 0.25)
+RESOLUTIONS = (224, 192, 160, 128)
+KERAS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
+# keras.applications.mobilenet names alpha 0.75 "7_5" and so on
+KERAS_ALPHAS = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}
+
+# TF-slim 2018 releases, ImageNet top-1 (%): {(alpha, resolution): (float, int8)}; docs/published.md.
+_PUBLISHED_TOP1 = {
+    (1.0, 224): (70.9, 69.7), (1.0, 192): (70.0, 69.0), (1.0, 160): (68.0, 67.3), (1.0, 128): (65.2, 64.0),
+    (0.75, 224): (68.4, 67.9), (0.75, 192): (67.2, 66.2), (0.75, 160): (65.3, 63.9), (0.75, 128): (62.1, 59.8),
+    (0.5, 224): (63.3, 62.2), (0.5, 192): (61.7, 60.4), (0.5, 160): (59.1, 57.7), (0.5, 128): (56.3, 54.9),
+    (0.25, 224): (49.8, 48.2), (0.25, 192): (47.7, 45.8), (0.25, 160): (45.5, 43.5), (0.25, 128): (41.5, 39.9),
+}
+
+
+@dataclass(frozen=True)
+class EvalPreprocess:
+    """The evaluation preprocessing of a set of weights as a callable: PIL image -> normalised (3, R, R) tensor."""
+
+    resolution: int
+    normalization: Normalization = INCEPTION
+
+    def __call__(self, image):
+        return eval_transform(image, self.resolution, self.normalization)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One released set of ImageNet weights (Keras ``keras.applications.MobileNet``, converted once)."""
+
+    alpha: float
+    resolution: int
+    top1: float  # published ImageNet top-1 (%), float model
+    top1_int8: float  # published ImageNet top-1 (%), the 8-bit release
+    # Keras publishes no digests for these files (keras.applications downloads them unchecked), so
+    # none is pinned: download.verify_sha256 records the first download's digest and checks it after
+    # (trust on first use). Set a hex digest here to pin a file.
+    sha256: str | None = None
+    normalization: Normalization = INCEPTION
+    crop_pct: float = CROP_FRACTION
+    interpolation: str = "bilinear"
+    num_classes: int = 1000
+
+    @property
+    def name(self) -> str:
+        return f"mobilenet_v1_{self.alpha:g}_{self.resolution}"
+
+    @property
+    def keras_file(self) -> str:
+        return f"mobilenet_{KERAS_ALPHAS[self.alpha]}_{self.resolution}_tf.h5"
+
+    @property
+    def url(self) -> str:
+        return KERAS_BASE_URL + self.keras_file
+
+    @property
+    def labels(self) -> list[str]:
+        return imagenet_labels()
+
+    def transforms(self) -> EvalPreprocess:
+        """The exact evaluation preprocessing: resize the short side to resolution / 0.875 (bilinear),
+        centre-crop resolution x resolution, normalise with mean = std = 0.5."""
+        return EvalPreprocess(self.resolution, self.normalization)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The same preprocessing in timm's ``pretrained_cfg`` keys."""
+        return timm_cfg(self.resolution, self.normalization, self.num_classes, crop_pct=self.crop_pct,
+                        interpolation=self.interpolation)
+
+
+WEIGHTS: dict[tuple[float, int], Weights] = {
+    (alpha, resolution): Weights(alpha, resolution, *_PUBLISHED_TOP1[(alpha, resolution)])
+    for alpha in ALPHAS for resolution in RESOLUTIONS
+}
+
+
+def get(alpha: float, resolution: int) -> Weights:
+    """The released weights for ``alpha`` x ``resolution``; a clear error for sizes that were never released."""
+    try:
+        return WEIGHTS[(float(alpha), int(resolution))]
+    except (KeyError, TypeError, ValueError):
+        raise WeightsError(
+            f"ImageNet weights exist for alpha in {sorted(ALPHAS)} and resolution in {list(RESOLUTIONS)}; "
+            f"got alpha={alpha!r}, resolution={resolution!r} (use weights=None for other sizes, or another "
+            f"pretrained size and a different input size)") from None
+
+
+def published_top1() -> dict[tuple[float, int], tuple[float, float]]:
+    """{(alpha, resolution): (float top-1, int8 top-1)} of the 16 released models, in percent."""
+    return {key: (w.top1, w.top1_int8) for key, w in WEIGHTS.items()}
