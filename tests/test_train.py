@@ -271,7 +271,7 @@ def test_two_process_ddp_with_gloo(tmp_path, dataset):
     assert rows[-1]["train_top1"] > 0
     state = checkpoint.load(out / "last.pt")
     assert len(state["rng"]) == 2  # both ranks' RNG, so a resume on 2 processes is exact
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "best.pt", "last.pt", "loss.png", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "accuracy.png", "best.pt", "last.pt", "loss.png", "metrics.jsonl"]
     assert result.stdout.count('"run"') == 1  # only rank 0 reports
 
 
@@ -316,8 +316,8 @@ def test_finetune_new_head_keeps_body_and_normalization(tmp_path, dataset):
     (["--lr", "-1"], "--lr: must be a number > 0"),
     (["--recipe", "fast"], "invalid choice: 'fast'"),
     (["--hflip", "2"], "--hflip: must be a number in [0, 1]"),
-    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
-    (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--label-smoothing", "1.5"], "--label-smoothing: must be a number in [0, 1)"),
+    (["--batch-size", "1"], "--batch-size: must be an integer >= 2"),
     (["--threads", "0"], "--threads: must be an integer >= 1"),
     (["--data", "/no/such/folder"], "/no/such/folder is not a directory"),
 ])
@@ -331,7 +331,7 @@ def test_run_folder_is_not_overwritten_and_resume_keeps_its_settings(tmp_path, d
     assert cli.main(["train", "--data", str(dataset), "--out", str(uninterrupted)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(uninterrupted), "--alpha", "0.5"]) == 2
-    assert "--alpha" in capsys.readouterr().err
+    assert "cannot change: alpha" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     # a finished run resumed with no more epochs does nothing and says where it ended
