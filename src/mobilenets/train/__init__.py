@@ -57,6 +57,9 @@ def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> di
         torch.set_num_threads(config.threads)
     dist, device = init_distributed(config.device)
     try:
+        if config.sync_bn and device.type == "cpu":
+            raise ConfigError("sync_bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation; "
+                              "train without sync_bn")
         # rank 0 writes, so rank 0 holds the folder; under torchrun the other ranks stop with it
         with RunLock(config.out) if dist.main else contextlib.nullcontext():
             file = None if not resume else Path(config.out) / LAST if resume is True else Path(resume)

@@ -146,9 +146,6 @@ def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None)
     if steps_per_epoch == 0:
         raise MobilenetsError(f"the training set has {len(train_set)} images, fewer than one batch of "
                               f"{c.batch_size} per process; lower batch_size")
-    if c.sync_bn and device.type == "cpu":
-        raise MobilenetsError("sync_bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation; "
-                              "train without sync_bn")
     model.to(device)
     if c.channels_last:
         model.to(memory_format=torch.channels_last)
