@@ -340,6 +340,12 @@ def test_finetune_new_head_keeps_body_and_normalization(tmp_path, dataset):
     (["--batch-size", "1"], "--batch-size: must be an integer >= 2"),
     (["--threads", "0"], "--threads: must be an integer >= 1"),
     (["--data", "/no/such/folder"], "/no/such/folder is not a directory"),
+    (["--device", "foo"], "device must be cpu, cuda or cuda:N, got 'foo'"),
+    (["--alpha", "50"], "--alpha: must be a number in (0, 4]"),
+    (["--resolution", "20000"], "--resolution: must be an integer in [32, 2048]"),
+    (["--wd", "inf"], "--weight-decay: must be a number >= 0; got 'inf'"),
+    (["--lr", "nan"], "--lr: must be a number > 0; got 'nan'"),
+    (["--sync-bn", "--device", "cpu"], "sync_bn needs GPUs"),  # the README's claim
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, args, message):
     assert cli.main(["train", "--out", str(tmp_path / "r"), *args]) == 2
@@ -579,3 +585,151 @@ def test_ddp_ranks_end_bit_equal_and_match_one_process_on_the_global_batch(tmp_p
             update = before[n] - after[n]
             error = (lr * grads[n] - update).abs().max().item()
             assert error <= 1e-3 * update.abs().max().item(), (k, n, error)
+
+
+# ---------------------------------------------------------------- nothing lost, nothing late
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once_and_touches_nothing(tmp_path, dataset, capsys):
+    import fcntl
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a live run holds
+        start = time.perf_counter()
+        code = cli.main(["train", "--data", str(dataset), "--out", str(out), "--alpha", "0.25", "--resolution", "32",
+                         "--epochs", "1", "-b", "8", "-j", "0", "--no-progress"])
+        elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == 2 and "in use by another training run" in err and err.count("\n") == 1, err
+    assert elapsed < 5  # refused before any data is read
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_an_unwritable_out_is_refused_before_any_data_is_read(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # the data folder does not exist either: the run folder being checked first is what makes this message
+    assert cli.main(["train", "--data", str(tmp_path / "missing"), "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to the run folder" in err and err.count("\n") == 1, err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "read-only"
+        locked.mkdir(mode=0o500)
+        assert cli.main(["train", "--data", str(tmp_path / "missing"), "--out", str(locked)]) == 2
+        assert "cannot write to the run folder" in capsys.readouterr().err
+
+
+def test_another_runs_folder_needs_resume(tmp_path, uninterrupted, capsys):
+    assert cli.main(["train", "--out", str(uninterrupted), "--alpha", "0.25"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "resume" in err and "another out folder" in err
+
+
+KILL_DURING_LAST_WRITE = """
+import os, signal, sys, tempfile
+from mobilenets import checkpoint, cli
+atomic_write, writes = checkpoint.atomic_write, [0]
+def dies_mid_write(path, write, **kwargs):
+    if path.name == "last.pt":
+        writes[0] += 1
+        if writes[0] == int(os.environ["KILL_AT_WRITE"]):
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.write(fd, b"PK\\x03\\x04 half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+    return atomic_write(path, write, **kwargs)
+checkpoint.atomic_write = dies_mid_write
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("write", [1, 2], ids=["before-training", "end-of-epoch-1"])
+def test_a_kill_during_the_first_checkpoint_writes_loses_nothing(tmp_path, dataset, uninterrupted, write):
+    out = tmp_path / "run"
+    killed = run_cli(*_cli_args(dataset, out), script=KILL_DURING_LAST_WRITE, env_extra={"KILL_AT_WRITE": str(write)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [p.name for p in out.glob(".last.pt.*.tmp")]  # the killed writer's leftover
+    if write == 1:  # nothing was trained: the same command starts the run afresh
+        again = run_cli(*_cli_args(dataset, out))
+    else:  # last.pt from before training survived: the run resumes from the start
+        assert checkpoint.load(out / "last.pt")["epoch"] == 0
+        again = run_cli("train", "--resume", str(out), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert rows_without_timing(out) == rows_without_timing(uninterrupted)
+    assert_same_state(out / "last.pt", uninterrupted / "last.pt")
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, dataset, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--data", str(dataset), "--out", str(out), "--alpha", "0.25", "--resolution", "32",
+                     "--epochs", "3", "-b", "8", "-j", "0", "--opt", "sgd", "--lr", "1e30", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "the training loss became nan" in captured.err and "diverged" in captured.err
+    assert captured.err.count("\n") == 1
+    assert checkpoint.load(out / "last.pt")["epoch"] == 0 and not (out / "metrics.jsonl").exists()
+
+
+def test_json_output_is_never_bare_nan():
+    line = train.json_line({"val_loss": float("nan"), "rows": [float("inf"), 1.5], "epoch": 2})
+    assert json.loads(line) == {"val_loss": None, "rows": [None, 1.5], "epoch": 2}
+    assert "NaN" not in line and "Infinity" not in line
+
+
+SIGINT_IN_EPOCH_1 = SIGTERM_IN_EPOCH_2.replace("calls[0] == 19", "calls[0] == 3").replace("SIGTERM)", "SIGINT)")
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path, dataset):
+    out = tmp_path / "run"
+    stopped = run_cli(*_cli_args(dataset, out), script=SIGINT_IN_EPOCH_1)
+    assert stopped.returncode == 130, stopped.stderr  # the README's promise: 128 + SIGINT
+    assert "stopped by SIGINT" in stopped.stderr and "Traceback" not in stopped.stderr
+    saved = checkpoint.load(out / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (0, 3)
+
+
+# ---------------------------------------------------------------- one source of settings; the fine-tuning preset
+
+
+def test_every_setting_is_a_flag_with_its_help_and_recipes_list_only_changes(capsys):
+    import dataclasses
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(train.TrainConfig):
+        flag = (f.metadata["flags"] or ("--" + f.name.replace("_", "-"),))[-1]
+        assert flag in text, f.name
+        assert " ".join(f.metadata["help"].split()) in text, f.name
+    assert "(default 0.045; modern: 0.002)" in text  # the lr help carries both recipes' values
+    defaults = train.TrainConfig()
+    for name, values in train.RECIPES.items():
+        assert all(getattr(defaults, k) != v for k, v in values.items()), name
+    assert train.make_config("paper") == dataclasses.replace(defaults, recipe="paper")
+
+
+def test_finetune_preset_lowers_lr_and_warms_up_unless_given(tmp_path, dataset, capsys):
+    torch.manual_seed(3)
+    source = mobilenet_v1(0.25, num_classes=5)
+    path = checkpoint.save(checkpoint.model_checkpoint(
+        source.config.to_dict(), source.state_dict(),
+        {"resolution": 32, "normalization": IMAGENET.to_dict(), "labels": list("abcde"), "source": "test"}),
+        tmp_path / "source.pt")
+    out = tmp_path / "run"
+    code = cli.main(["train", "--finetune", str(path), "--data", str(dataset), "--out", str(out), "--resolution",
+                     "32", "--epochs", "1", "-b", "8", "-j", "0", "--no-progress", "--no-plot"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    stored = checkpoint.load(out / "last.pt")["train_config"]
+    assert stored["lr"] == pytest.approx(0.045 / 10) and stored["lr_warmup_epochs"] == 1.0
+    assert "fine-tuning preset: --lr 0.0045, --lr-warmup-epochs 1" in err
+    assert "replaced the classifier (5 classes -> 3)" in err and "classifier.weight (3, 256)" in err
+    # a value the user gives is kept; the preset fills only the rest
+    c = train.make_config("modern", finetune=str(path), lr=0.01)
+    assert (c.lr, c.lr_warmup_epochs) == (0.01, 1.0)
+    assert train.make_config("modern", finetune=str(path)).lr == pytest.approx(2e-3 / 10)
