@@ -276,14 +276,26 @@ def test_sigterm_saves_mid_epoch_exits_cleanly_and_resumes_exactly(tmp_path, dat
 # ---------------------------------------------------------------- distributed
 
 
-def test_two_process_ddp_with_gloo(tmp_path, dataset):
-    out = tmp_path / "run"
-    env = {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mobilenets",
-         *_cli_args(dataset, out)[:-6], "--epochs", "2", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env})
+def torchrun(*args, script=None, timeout=300):
+    program = [str(script)] if script else ["-m", "mobilenets"]
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *program, *args],
+        capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
+
+
+def _ddp_args(data, out):
+    return [*_cli_args(data, out)[:-6], "--epochs", "2", "--out", str(out), "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    return out, torchrun(*_ddp_args(dataset, out))
+
+
+def test_two_process_ddp_with_gloo(ddp_run):
+    out, result = ddp_run
     assert result.returncode == 0, result.stderr[-3000:]
     rows = train.read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -291,8 +303,24 @@ def test_two_process_ddp_with_gloo(tmp_path, dataset):
     assert rows[-1]["train_top1"] > 0
     state = checkpoint.load(out / "last.pt")
     assert len(state["rng"]) == 2  # both ranks' RNG, so a resume on 2 processes is exact
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "accuracy.png", "best.pt", "last.pt", "loss.png", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "accuracy.png", "best.pt", "last.pt", "loss.png",
+                                                      "metrics.jsonl"]
     assert result.stdout.count('"run"') == 1  # only rank 0 reports
+
+
+def test_ddp_resumes_after_kill_9_exactly(tmp_path, dataset, ddp_run):
+    reference, _ = ddp_run
+    out = tmp_path / "run"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AFTER_EPOCH_2.replace('obj["epoch"] == 2', 'obj["epoch"] == 1'))
+    killed = torchrun(*_ddp_args(dataset, out), script=script)
+    assert killed.returncode != 0
+    assert checkpoint.load(out / "last.pt")["epoch"] == 1 and not (out / "metrics.jsonl").exists()
+    resumed = torchrun("train", "--resume", str(out), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert rows_without_timing(out) == rows_without_timing(reference)
+    assert_same_state(out / "last.pt", reference / "last.pt")
+    assert torch.equal(checkpoint.load(out / "last.pt")["rng"][1], checkpoint.load(reference / "last.pt")["rng"][1])
 
 
 # ---------------------------------------------------------------- fine-tuning

@@ -54,6 +54,12 @@ class Dist:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return int(t.item())
 
+    def broadcast_from_main(self, tensors) -> None:
+        """Overwrite ``tensors`` in place with rank 0's values."""
+        if self.enabled:
+            for t in tensors:
+                torch.distributed.broadcast(t, src=0)
+
     def barrier(self):
         if self.enabled:
             torch.distributed.barrier()

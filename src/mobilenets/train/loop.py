@@ -277,6 +277,11 @@ def train_one_epoch(s: TrainState, stop: StopRequest) -> dict:
 def end_epoch(s: TrainState, sums: dict) -> dict:
     """Validate, keep the best weights, checkpoint, append the metrics row; returns the row."""
     c, dist, device = s.config, s.dist, s.device
+    # Each rank's BN statistics (and so its EMA's) drifted with its own batches, while rank 0's alone are
+    # saved: evaluate rank 0's, so the metrics describe the saved weights and a resumed run matches
+    dist.broadcast_from_main(list(s.model.buffers()))
+    if s.ema is not None:
+        dist.broadcast_from_main(list(s.ema.module.state_dict().values()))
     loss_total, correct_total, seen_total, images_total = dist.all_sum(
         [sums["loss_sum"], sums["correct"], float(sums["seen"]), float(sums["images"])], device)
     val = evaluate(s.model, s.val_loader, device=device, amp=c.amp, channels_last=c.channels_last, dist=dist,
