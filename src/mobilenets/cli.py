@@ -46,7 +46,6 @@ alpha = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0 such 
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 resolution = _number(int, lambda v: v >= MIN_RESOLUTION,
                      f"an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128")
-_probability = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 _nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 

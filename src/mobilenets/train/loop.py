@@ -112,8 +112,8 @@ def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None)
     out = Path(c.out)
     state = checkpoint.load(resume, training=True) if resume is not None else None
     if state is None and (out / LAST).exists():
-        raise MobilenetsError(f"{out} already holds a run ({LAST}); pass resume (--resume) to continue it, or "
-                              f"choose another out folder")
+        raise MobilenetsError(f"{out} already holds a run ({LAST}); continue it with resume=True "
+                              f"(mobilenets train --resume), or choose another out folder")
     if dist.main:
         checkpoint.remove_stale_temporaries(out)  # only the lock holder gets here, so no writer is live
 
