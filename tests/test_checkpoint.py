@@ -85,3 +85,45 @@ def test_mismatch_names_tensor_and_both_shapes():
     with pytest.raises(checkpoint.CheckpointError, match=r"missing \['features.3.pointwise.bn.running_var'\].*"
                                                          r"unexpected \['extra.weight'\]"):
         checkpoint.load_state_dict(mobilenet_v1(0.25, num_classes=10), state)
+
+
+def test_sha256_covers_the_content_and_flipped_bytes_are_refused_naming_the_file(tmp_path):
+    import hashlib
+
+    model = mobilenet_v1(0.25, num_classes=5)
+    path = checkpoint.save(make(model, resolution=64) | {"epoch": 3, "train_config": {"alpha": 0.25}},
+                           tmp_path / "last.pt")
+    stored = checkpoint.load(path, training=True)
+    assert len(stored["sha256"]) == 64 and int(stored["sha256"], 16) >= 0
+    # the digest covers tensor bytes: the same dict with one weight nudged has another digest
+    other = dict(stored)
+    other["state_dict"] = {**stored["state_dict"], "classifier.bias": stored["state_dict"]["classifier.bias"] + 1}
+    assert checkpoint.digest(other) != stored["sha256"] == checkpoint.digest(stored)
+
+    raw = bytearray(path.read_bytes())
+    # 64 bytes inside the largest tensor's data (found from outside the code: its bytes in the file)
+    weight = model.state_dict()["features.13.pointwise.conv.weight"]
+    blob = weight.numpy().tobytes()
+    at = raw.find(blob[:256])
+    assert at > 0
+    for i in range(at + 100, at + 164):
+        raw[i] ^= 0xFF
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointError, match=r"damaged\.pt is damaged") as e:
+        checkpoint.load(damaged)
+    assert "\n" not in str(e.value)
+    # a training checkpoint without its sha256 cannot prove its integrity
+    bare = tmp_path / "bare.pt"
+    torch.save({k: v for k, v in stored.items() if k != "sha256"}, bare)
+    with pytest.raises(checkpoint.CheckpointError, match="carries no sha256"):
+        checkpoint.load(bare, training=True)
+    assert hashlib.sha256(bytes(raw)).hexdigest() != hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_stale_temporary_files_are_found_and_removed(tmp_path):
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "keep.tmp").write_bytes(b"not ours: no leading dot")
+    checkpoint.save({"format": "mobilenets", "epoch": 1}, tmp_path / "last.pt")
+    assert [p.name for p in checkpoint.remove_stale_temporaries(tmp_path)] == [".last.pt.abc123.tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["keep.tmp", "last.pt"]

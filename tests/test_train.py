@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch import nn
 
 from imagefolders import make_dataset
-from mobilenets import checkpoint, cli, train
+from mobilenets import checkpoint, cli, data, train
 from mobilenets.images import IMAGENET
-from mobilenets.model import mobilenet_v1
+from mobilenets.model import MobileNetV1, MobileNetV1Config, mobilenet_v1
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"images_per_s", "epoch_time_s"}  # the only fields that may differ between identical runs
@@ -177,9 +180,26 @@ def test_learns_and_writes_metrics_checkpoints_and_plots(tmp_path, dataset, caps
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def conv_output_dtypes(record: list):
+    """A global forward hook noting the dtype of every training-mode convolution's output."""
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Conv2d) and module.training:
+            record.append(output.dtype)
+
+    return torch.nn.modules.module.register_module_forward_hook(hook)
+
+
 def test_amp_and_channels_last_run_on_cpu(tmp_path, dataset):
     out = tmp_path / "run"
-    row = train.train(tiny(out, dataset, epochs=1, amp=True, channels_last=True))
+    dtypes = []
+    handle = conv_output_dtypes(dtypes)
+    try:
+        row = train.train(tiny(out, dataset, epochs=1, amp=True, channels_last=True))
+    finally:
+        handle.remove()
+    # autocast really ran the convolutions in bfloat16 (every conv of every one of the 9 training steps)
+    assert len(dtypes) == 9 * 27 and set(dtypes) == {torch.bfloat16}
     assert torch.isfinite(torch.tensor(row["train_loss"]))
     model, _ = checkpoint.model_from(checkpoint.load(out / "last.pt"))
     assert all(v.is_contiguous() for v in model.state_dict().values())
@@ -256,14 +276,26 @@ def test_sigterm_saves_mid_epoch_exits_cleanly_and_resumes_exactly(tmp_path, dat
 # ---------------------------------------------------------------- distributed
 
 
-def test_two_process_ddp_with_gloo(tmp_path, dataset):
-    out = tmp_path / "run"
-    env = {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mobilenets",
-         *_cli_args(dataset, out)[:-6], "--epochs", "2", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env})
+def torchrun(*args, script=None, timeout=300):
+    program = [str(script)] if script else ["-m", "mobilenets"]
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *program, *args],
+        capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
+
+
+def _ddp_args(data, out):
+    return [*_cli_args(data, out)[:-6], "--epochs", "2", "--out", str(out), "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    return out, torchrun(*_ddp_args(dataset, out))
+
+
+def test_two_process_ddp_with_gloo(ddp_run):
+    out, result = ddp_run
     assert result.returncode == 0, result.stderr[-3000:]
     rows = train.read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -271,8 +303,24 @@ def test_two_process_ddp_with_gloo(tmp_path, dataset):
     assert rows[-1]["train_top1"] > 0
     state = checkpoint.load(out / "last.pt")
     assert len(state["rng"]) == 2  # both ranks' RNG, so a resume on 2 processes is exact
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "best.pt", "last.pt", "loss.png", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "accuracy.png", "best.pt", "last.pt", "loss.png",
+                                                      "metrics.jsonl"]
     assert result.stdout.count('"run"') == 1  # only rank 0 reports
+
+
+def test_ddp_resumes_after_kill_9_exactly(tmp_path, dataset, ddp_run):
+    reference, _ = ddp_run
+    out = tmp_path / "run"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AFTER_EPOCH_2.replace('obj["epoch"] == 2', 'obj["epoch"] == 1'))
+    killed = torchrun(*_ddp_args(dataset, out), script=script)
+    assert killed.returncode != 0
+    assert checkpoint.load(out / "last.pt")["epoch"] == 1 and not (out / "metrics.jsonl").exists()
+    resumed = torchrun("train", "--resume", str(out), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert rows_without_timing(out) == rows_without_timing(reference)
+    assert_same_state(out / "last.pt", reference / "last.pt")
+    assert torch.equal(checkpoint.load(out / "last.pt")["rng"][1], checkpoint.load(reference / "last.pt")["rng"][1])
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -316,10 +364,16 @@ def test_finetune_new_head_keeps_body_and_normalization(tmp_path, dataset):
     (["--lr", "-1"], "--lr: must be a number > 0"),
     (["--recipe", "fast"], "invalid choice: 'fast'"),
     (["--hflip", "2"], "--hflip: must be a number in [0, 1]"),
-    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
-    (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--label-smoothing", "1.5"], "--label-smoothing: must be a number in [0, 1)"),
+    (["--batch-size", "1"], "--batch-size: must be an integer >= 2"),
     (["--threads", "0"], "--threads: must be an integer >= 1"),
     (["--data", "/no/such/folder"], "/no/such/folder is not a directory"),
+    (["--device", "foo"], "device must be cpu, cuda or cuda:N, got 'foo'"),
+    (["--alpha", "50"], "--alpha: must be a number in (0, 4]"),
+    (["--resolution", "20000"], "--resolution: must be an integer in [32, 2048]"),
+    (["--wd", "inf"], "--weight-decay: must be a number >= 0; got 'inf'"),
+    (["--lr", "nan"], "--lr: must be a number > 0; got 'nan'"),
+    (["--sync-bn", "--device", "cpu"], "sync_bn needs GPUs"),  # the README's claim
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, args, message):
     assert cli.main(["train", "--out", str(tmp_path / "r"), *args]) == 2
@@ -331,7 +385,7 @@ def test_run_folder_is_not_overwritten_and_resume_keeps_its_settings(tmp_path, d
     assert cli.main(["train", "--data", str(dataset), "--out", str(uninterrupted)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(uninterrupted), "--alpha", "0.5"]) == 2
-    assert "--alpha" in capsys.readouterr().err
+    assert "cannot change: alpha" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     # a finished run resumed with no more epochs does nothing and says where it ended
@@ -364,3 +418,346 @@ def test_ddp_survives_a_rank_whose_batch_is_all_undecodable(tmp_path):
     rows = train.read_metrics(out)
     assert [r["epoch"] for r in rows] == [1]
     assert rows[0]["skipped_files"] == 30
+
+
+# ---------------------------------------------------------------- the EMA, label smoothing, autocast: from outside
+
+
+def test_ema_follows_tf_formula_with_its_warm_up_on_a_toy_module():
+    """decay_t = min(decay, (1 + t) / (10 + t)) (TF's ExponentialMovingAverage with num_updates), by hand."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    decay = 0.5  # (1 + t) / (10 + t) < 0.5 for t < 8: both regimes within 12 updates
+    ema = train.ModelEMA(net, decay)
+    expected = {k: v.double().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+    for t in range(12):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].running_mean.add_(1.0)
+            net[1].num_batches_tracked += 1
+        d = min(decay, (1 + t) / (10 + t))
+        current = net.state_dict()
+        for k in expected:
+            expected[k] = d * expected[k] + (1 - d) * current[k].double()
+        ema.update(net)
+        for k, v in expected.items():
+            torch.testing.assert_close(ema.module.state_dict()[k].double(), v, rtol=1e-6, atol=1e-6)
+    assert int(ema.module.state_dict()["1.num_batches_tracked"]) == 12  # counters copied, not averaged
+
+
+@pytest.fixture(scope="module")
+def instrumented(dataset, tmp_path_factory):
+    """One modern-recipe epoch (EMA, label smoothing 0.1), watched from outside the loop.
+
+    Global hooks record the parameters after every optimizer step, each step's logits, targets and loss,
+    and the dtype of every convolution's output.
+    """
+    out = tmp_path_factory.mktemp("instrumented") / "run"
+    seen = {"model": None, "initial": None, "after_step": [], "logits": None, "targets": None, "steps": [],
+            "conv_dtypes": []}
+
+    def forward_hook(module, inputs, output):
+        if isinstance(module, MobileNetV1) and module.training:
+            seen["model"] = seen["model"] or module
+            seen["logits"] = output.detach().clone()
+        if isinstance(module, nn.Conv2d) and module.training:
+            seen["conv_dtypes"].append(output.dtype)
+
+    def params():
+        return {n: p.detach().double().clone() for n, p in seen["model"].named_parameters()}
+
+    def before_step(optimizer, args, kwargs):
+        if seen["initial"] is None:
+            seen["initial"] = params()
+
+    def after_step(optimizer, args, kwargs):
+        seen["after_step"].append(params())
+
+    collate, backward = data.collate, torch.Tensor.backward
+
+    def recording_collate(batch):
+        x, y, skipped = collate(batch)
+        seen["targets"] = y
+        return x, y, skipped
+
+    def recording_backward(self, *args, **kwargs):
+        seen["steps"].append((seen["logits"], seen["targets"], self.detach().clone()))
+        return backward(self, *args, **kwargs)
+
+    handles = [torch.nn.modules.module.register_module_forward_hook(forward_hook),
+               register_optimizer_step_pre_hook(before_step),
+               register_optimizer_step_post_hook(after_step)]
+    data.collate, torch.Tensor.backward = recording_collate, recording_backward
+    try:
+        train.train(tiny(out, dataset, recipe="modern", lr=0.002, epochs=1))
+    finally:
+        data.collate, torch.Tensor.backward = collate, backward
+        for h in handles:
+            h.remove()
+    return out, seen
+
+
+def test_ema_of_a_training_run_is_the_formula_over_the_weights_it_saw(instrumented):
+    out, seen = instrumented
+    state = checkpoint.load(out / "last.pt")
+    steps = seen["after_step"]
+    assert len(steps) == 9 == state["ema"]["updates"]
+    decay = state["train_config"]["model_ema_decay"]
+    expected = dict(seen["initial"])
+    for t, weights in enumerate(steps):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = {k: d * expected[k] + (1 - d) * weights[k] for k in expected}
+    ema = state["ema"]["state_dict"]
+    for k, v in expected.items():
+        torch.testing.assert_close(ema[k].double(), v, rtol=1e-5, atol=1e-6)
+    # and it is neither the raw weights nor the initial ones
+    raw = state["state_dict"]
+    moved = max((ema[k].double() - raw[k].double()).abs().max().item() for k in expected)
+    from_start = max((ema[k].double() - seen["initial"][k]).abs().max().item() for k in expected)
+    assert moved > 1e-4 and from_start > 1e-4
+
+
+def test_label_smoothing_changes_the_loss_by_its_formula(instrumented):
+    """loss = mean_i[-(1 - eps) log p_i[y_i] - eps/K sum_k log p_i[k]] (Szegedy et al. 2016), computed by hand."""
+    _, seen = instrumented
+    eps = 0.1
+    assert len(seen["steps"]) == 9
+    for logits, targets, loss in seen["steps"]:
+        log_p = logits.double().log_softmax(1)
+        nll = -log_p.gather(1, targets[:, None]).squeeze(1)
+        smoothed = ((1 - eps) * nll - eps * log_p.mean(1)).mean()
+        assert loss.double().item() == pytest.approx(smoothed.item(), rel=1e-5)
+        assert abs(smoothed.item() - nll.mean().item()) > 1e-3  # the smoothing term is not negligible here
+
+
+def test_without_amp_the_convolutions_run_in_float32(instrumented):
+    _, seen = instrumented
+    assert len(seen["conv_dtypes"]) == 9 * 27 and set(seen["conv_dtypes"]) == {torch.float32}
+
+
+# ---------------------------------------------------------------- DDP: ranks agree, and agree with one process
+
+
+DDP_RECORDER = """
+import os, sys, torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from mobilenets import cli, data
+from mobilenets.model import MobileNetV1
+record = {"batches": [], "dropout": [], "params": []}
+model = []
+collate = data.collate
+def recording_collate(batch):
+    x, y, skipped = collate(batch)
+    record["batches"].append((x, y))
+    return x, y, skipped
+data.collate = recording_collate
+def forward_hook(module, inputs, output):
+    if isinstance(module, MobileNetV1) and module.training and not model:
+        model.append(module)
+    if isinstance(module, torch.nn.Dropout) and module.training:
+        record["dropout"].append((inputs[0].detach().clone(), output.detach().clone()))
+torch.nn.modules.module.register_module_forward_hook(forward_hook)
+def snapshot(optimizer, args, kwargs):
+    record["params"].append({n: p.detach().clone() for n, p in model[0].named_parameters()})
+register_optimizer_step_pre_hook(lambda o, a, k: None if record["params"] else snapshot(o, a, k))
+register_optimizer_step_post_hook(snapshot)
+code = cli.main(sys.argv[1:])
+torch.save(record, os.path.join(os.environ["RECORD_DIR"], f"rank{os.environ['RANK']}.pt"))
+sys.exit(code)
+"""
+
+
+def test_ddp_ranks_end_bit_equal_and_match_one_process_on_the_global_batch(tmp_path):
+    # 18 images, 2 ranks x batch 4: two steps of a global batch of 8; plain SGD, constant lr, no decay
+    data_dir = make_dataset(tmp_path / "data", train_per_class=6, val_per_class=2)
+    script = tmp_path / "record.py"
+    script.write_text(DDP_RECORDER)
+    lr = 0.05
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         "train", "--data", str(data_dir), "--alpha", "0.25", "--resolution", "32", "--epochs", "1", "-b", "4",
+         "-j", "0", "--opt", "sgd", "--momentum", "0", "--wd", "0", "--lr-scheduler", "constant", "--lr", str(lr),
+         "--out", str(tmp_path / "run"), "--no-progress", "--no-plot"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "RECORD_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    steps = len(ranks[0]["params"]) - 1
+    assert steps == 2
+    for k in range(steps + 1):
+        for name, value in ranks[0]["params"][k].items():
+            assert torch.equal(value, ranks[1]["params"][k][name]), (k, name)
+    assert not torch.equal(ranks[0]["batches"][0][0], ranks[1]["batches"][0][0])  # the ranks saw different images
+
+    # one process, the same global batch: the mean of the two halves' gradients (each half normalised by its
+    # own batch statistics, as DDP without SyncBatchNorm does), with each rank's recorded dropout mask
+    model = MobileNetV1(MobileNetV1Config(alpha=0.25, num_classes=3)).train()
+    params = dict(model.named_parameters())
+    mask = [None]
+    model.dropout.register_forward_hook(lambda m, i, o: i[0] * mask[0])
+    for k in range(steps):
+        before, after = ranks[0]["params"][k], ranks[0]["params"][k + 1]
+        model.load_state_dict(before, strict=False)  # each step from the run's own weights: errors do not compound
+        grads = {n: torch.zeros_like(p) for n, p in params.items()}
+        for rank in ranks:
+            x, y = rank["batches"][k]
+            seen_in, seen_out = rank["dropout"][k]
+            mask[0] = torch.where(seen_in != 0, seen_out / seen_in, torch.zeros_like(seen_in))
+            loss = F.cross_entropy(model(x), y)
+            for (n, p), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+                grads[n] += g / len(ranks)
+        for n in params:
+            # float32 sums in a different order: measured within 1e-4 of each tensor's largest update; one
+            # rank's half alone (no gradient exchange) is off by the size of the update itself
+            update = before[n] - after[n]
+            error = (lr * grads[n] - update).abs().max().item()
+            assert error <= 1e-3 * update.abs().max().item(), (k, n, error)
+
+
+# ---------------------------------------------------------------- nothing lost, nothing late
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once_and_touches_nothing(tmp_path, dataset, capsys):
+    import fcntl
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a live run holds
+        start = time.perf_counter()
+        code = cli.main(["train", "--data", str(dataset), "--out", str(out), "--alpha", "0.25", "--resolution", "32",
+                         "--epochs", "1", "-b", "8", "-j", "0", "--no-progress"])
+        elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == 2 and "in use by another training run" in err and err.count("\n") == 1, err
+    assert elapsed < 5  # refused before any data is read
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_an_unwritable_out_is_refused_before_any_data_is_read(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # the data folder does not exist either: the run folder being checked first is what makes this message
+    assert cli.main(["train", "--data", str(tmp_path / "missing"), "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to the run folder" in err and err.count("\n") == 1, err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "read-only"
+        locked.mkdir(mode=0o500)
+        assert cli.main(["train", "--data", str(tmp_path / "missing"), "--out", str(locked)]) == 2
+        assert "cannot write to the run folder" in capsys.readouterr().err
+
+
+def test_another_runs_folder_needs_resume(tmp_path, uninterrupted, capsys):
+    assert cli.main(["train", "--out", str(uninterrupted), "--alpha", "0.25"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "resume" in err and "another out folder" in err
+
+
+KILL_DURING_LAST_WRITE = """
+import os, signal, sys, tempfile
+from mobilenets import checkpoint, cli
+atomic_write, writes = checkpoint.atomic_write, [0]
+def dies_mid_write(path, write, **kwargs):
+    if path.name == "last.pt":
+        writes[0] += 1
+        if writes[0] == int(os.environ["KILL_AT_WRITE"]):
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.write(fd, b"PK\\x03\\x04 half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+    return atomic_write(path, write, **kwargs)
+checkpoint.atomic_write = dies_mid_write
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("write", [1, 2], ids=["before-training", "end-of-epoch-1"])
+def test_a_kill_during_the_first_checkpoint_writes_loses_nothing(tmp_path, dataset, uninterrupted, write):
+    out = tmp_path / "run"
+    killed = run_cli(*_cli_args(dataset, out), script=KILL_DURING_LAST_WRITE, env_extra={"KILL_AT_WRITE": str(write)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [p.name for p in out.glob(".last.pt.*.tmp")]  # the killed writer's leftover
+    if write == 1:  # nothing was trained: the same command starts the run afresh
+        again = run_cli(*_cli_args(dataset, out))
+    else:  # last.pt from before training survived: the run resumes from the start
+        assert checkpoint.load(out / "last.pt")["epoch"] == 0
+        again = run_cli("train", "--resume", str(out), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert rows_without_timing(out) == rows_without_timing(uninterrupted)
+    assert_same_state(out / "last.pt", uninterrupted / "last.pt")
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, dataset, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--data", str(dataset), "--out", str(out), "--alpha", "0.25", "--resolution", "32",
+                     "--epochs", "3", "-b", "8", "-j", "0", "--opt", "sgd", "--lr", "1e30", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "the training loss became nan" in captured.err and "diverged" in captured.err
+    assert captured.err.count("\n") == 1
+    assert checkpoint.load(out / "last.pt")["epoch"] == 0 and not (out / "metrics.jsonl").exists()
+
+
+def test_json_output_is_never_bare_nan():
+    line = train.json_line({"val_loss": float("nan"), "rows": [float("inf"), 1.5], "epoch": 2})
+    assert json.loads(line) == {"val_loss": None, "rows": [None, 1.5], "epoch": 2}
+    assert "NaN" not in line and "Infinity" not in line
+
+
+SIGINT_IN_EPOCH_1 = SIGTERM_IN_EPOCH_2.replace("calls[0] == 19", "calls[0] == 3").replace("SIGTERM)", "SIGINT)")
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path, dataset):
+    out = tmp_path / "run"
+    stopped = run_cli(*_cli_args(dataset, out), script=SIGINT_IN_EPOCH_1)
+    assert stopped.returncode == 130, stopped.stderr  # the README's promise: 128 + SIGINT
+    assert "stopped by SIGINT" in stopped.stderr and "Traceback" not in stopped.stderr
+    saved = checkpoint.load(out / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (0, 3)
+
+
+# ---------------------------------------------------------------- one source of settings; the fine-tuning preset
+
+
+def test_every_setting_is_a_flag_with_its_help_and_recipes_list_only_changes(capsys):
+    import dataclasses
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(train.TrainConfig):
+        flag = (f.metadata["flags"] or ("--" + f.name.replace("_", "-"),))[-1]
+        assert flag in text, f.name
+        assert " ".join(f.metadata["help"].split()) in text, f.name
+    assert "(default 0.045; modern: 0.002)" in text  # the lr help carries both recipes' values
+    defaults = train.TrainConfig()
+    for name, values in train.RECIPES.items():
+        assert all(getattr(defaults, k) != v for k, v in values.items()), name
+    assert train.make_config("paper") == dataclasses.replace(defaults, recipe="paper")
+
+
+def test_finetune_preset_lowers_lr_and_warms_up_unless_given(tmp_path, dataset, capsys):
+    torch.manual_seed(3)
+    source = mobilenet_v1(0.25, num_classes=5)
+    path = checkpoint.save(checkpoint.model_checkpoint(
+        source.config.to_dict(), source.state_dict(),
+        {"resolution": 32, "normalization": IMAGENET.to_dict(), "labels": list("abcde"), "source": "test"}),
+        tmp_path / "source.pt")
+    out = tmp_path / "run"
+    code = cli.main(["train", "--finetune", str(path), "--data", str(dataset), "--out", str(out), "--resolution",
+                     "32", "--epochs", "1", "-b", "8", "-j", "0", "--no-progress", "--no-plot"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    stored = checkpoint.load(out / "last.pt")["train_config"]
+    assert stored["lr"] == pytest.approx(0.045 / 10) and stored["lr_warmup_epochs"] == 1.0
+    assert "fine-tuning preset: --lr 0.0045, --lr-warmup-epochs 1" in err
+    assert "replaced the classifier (5 classes -> 3)" in err and "classifier.weight (3, 256)" in err
+    # a value the user gives is kept; the preset fills only the rest
+    c = train.make_config("modern", finetune=str(path), lr=0.01)
+    assert (c.lr, c.lr_warmup_epochs) == (0.01, 1.0)
+    assert train.make_config("modern", finetune=str(path)).lr == pytest.approx(2e-3 / 10)

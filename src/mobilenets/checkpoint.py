@@ -8,14 +8,22 @@ it loads with ``weights_only=True`` (no code from the file ever runs)::
      "state_dict": model.state_dict(),
      "meta": {"resolution": int, "normalization": {"mean": [...], "std": [...]},
               "labels": [str, ...] or None, "source": str},
-     ...training state (optimizer, scheduler, ema, epoch, rng) for training checkpoints}
+     ...training state (optimizer, scheduler, ema, epoch, rng) for training checkpoints,
+     "sha256": digest of everything above}
 
 Writes are atomic: a temporary file in the same folder, fsync, then rename, so
-a crash leaves either the old file or the new one, never half of one.
+a crash leaves either the old file or the new one, never half of one; the
+temporary files a killed writer leaves behind are removed by
+:func:`remove_stale_temporaries`.  The ``sha256`` covers every tensor's bytes,
+dtype and shape and every other value, so a corrupted file is refused on load
+instead of training on from damaged weights.  This module is the only writer
+and reader of the format: training builds its files with
+:func:`model_checkpoint` and :func:`training_checkpoint`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -55,12 +63,77 @@ def atomic_write(path: str | Path, write, *, check=None) -> Path:
     return path
 
 
+def temporary_files(folder: str | Path) -> list[Path]:
+    """The temporary files :func:`atomic_write` leaves in ``folder`` when its process is killed mid-write."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob(".*.tmp") if p.is_file()) if folder.is_dir() else []
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what killed writers left in ``folder``; call only while no other process writes there."""
+    removed = temporary_files(folder)
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def _feed(h, obj) -> None:
+    """Hash ``obj`` canonically: tensors by dtype, shape and bytes; containers in order, dict keys sorted."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.dtype, torch.device, torch.Size)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"a checkpoint holds tensors and plain data only, not {type(obj).__name__}")
+
+
+def digest(obj: dict) -> str:
+    """The sha256 of a checkpoint dict's content, its own ``sha256`` entry excluded."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in obj.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+def model_checkpoint(config: dict, state_dict: dict, meta: dict, **extra) -> dict:
+    """A checkpoint of weights: what ``mobilenets.load`` and ``evaluate`` read (``best.pt``)."""
+    return {"format": FORMAT, "version": VERSION, "config": config,
+            "state_dict": {k: v.detach().contiguous() for k, v in state_dict.items()}, "meta": meta, **extra}
+
+
+def training_checkpoint(config: dict, state_dict: dict, meta: dict, *, train_config: dict, optimizer: dict,
+                        scheduler: dict, ema: dict | None, epoch: int, step: int, partial: list, rng: list,
+                        history: list, best_top1: float) -> dict:
+    """The full state of a run (``last.pt``): weights plus all a resume needs to continue exactly."""
+    return model_checkpoint(config, state_dict, meta, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                            epoch=epoch, step=step, partial=list(partial), rng=list(rng), history=history,
+                            best_top1=best_top1, train_config=train_config)
+
+
 def save(obj: dict, path: str | Path) -> Path:
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """Write ``obj`` atomically with its ``sha256``."""
+    stamped = {**obj, "sha256": digest(obj)}
+    return atomic_write(path, lambda f: torch.save(stamped, f))
 
 
-def load(path: str | Path) -> dict:
-    """Load a checkpoint with ``weights_only=True``; refuse pickles that would run code."""
+def load(path: str | Path, *, training: bool = False) -> dict:
+    """Load a checkpoint with ``weights_only=True``; refuse pickles that would run code and damaged files.
+
+    A file with a ``sha256`` must match it.  ``training=True`` asks for a
+    training checkpoint (``last.pt``), which must carry both its training
+    state and its ``sha256``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -82,6 +155,21 @@ def load(path: str | Path) -> dict:
     except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, UnicodeDecodeError) as e:
         detail = "neither a zip archive nor a pickle" if isinstance(e, KeyError) else (str(e).splitlines() or [""])[0]
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {detail}") from None
+    if isinstance(obj, dict) and "sha256" in obj:
+        try:
+            actual = digest(obj)
+        except TypeError:
+            actual = None
+        if actual != obj["sha256"]:
+            raise CheckpointError(f"{path} is damaged: its content no longer matches the sha256 stored in it; "
+                                  f"restore it from a copy, or use the run's other checkpoint")
+    if training:
+        if not isinstance(obj, dict) or "train_config" not in obj:
+            raise CheckpointError(f"{path} has no training state (is it a best.pt or a converted model?); resume "
+                                  f"from the run's last.pt, or fine-tune from its weights")
+        if "sha256" not in obj:
+            raise CheckpointError(f"{path} carries no sha256, so its integrity cannot be checked; it was damaged "
+                                  f"or written by another program")
     return obj
 
 

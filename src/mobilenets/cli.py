@@ -46,7 +46,6 @@ alpha = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0 such 
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 resolution = _number(int, lambda v: v >= MIN_RESOLUTION,
                      f"an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128")
-_probability = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 _nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 
@@ -161,17 +160,11 @@ def add_paper(sub) -> None:
 def run_train(args) -> int:
     from . import train
 
-    options = {k: getattr(args, k) for k in (
-        "data", "alpha", "resolution", "epochs", "batch_size", "opt", "lr", "momentum", "rmsprop_decay",
-        "rmsprop_eps", "weight_decay", "lr_scheduler", "lr_step_size", "lr_gamma", "lr_warmup_epochs", "lr_min",
-        "label_smoothing", "model_ema", "model_ema_decay", "min_scale", "hflip", "seed", "num_workers", "amp",
-        "channels_last", "sync_bn", "finetune", "device", "threads")}
-    for flag in ("amp", "channels_last", "sync_bn"):
-        options[flag] = options[flag] or None  # store_true: absent means "not given"
-    options["progress"] = False if args.no_progress else None
-    options["plot"] = False if args.no_plot else None
+    options = {name: getattr(args, name) for name in train.fields() if hasattr(args, name)}
+    out = options.pop("out")
+    recipe = options.pop("recipe")
     if args.resume:
-        where = args.out if args.resume is True else args.resume
+        where = out if args.resume is True else args.resume
         if where is None:
             raise UsageError("mobilenets train: --resume needs the run: --resume RUN_DIR (or --out RUN_DIR --resume)")
         config, file = train.resume_config(where, **options)
@@ -179,7 +172,12 @@ def run_train(args) -> int:
     else:
         if args.finetune and args.alpha is not None:
             raise UsageError("mobilenets train: --alpha comes from the --finetune checkpoint; drop --alpha")
-        config = train.make_config(args.recipe or "paper", out=args.out or "runs/mobilenet", **options)
+        config = train.make_config(recipe or "paper", out=out or "runs/mobilenet", **options)
+        preset = train.preset_applied(config, options)
+        if preset and int(os.environ.get("RANK", "0")) == 0:
+            print("mobilenets: fine-tuning preset: " + ", ".join(f"--{k.replace('_', '-')} {v:g}"
+                                                                 for k, v in preset.items())
+                  + " (give the flags to choose other values)", file=sys.stderr)
         resume = None
     try:
         row = train.train(config, resume=resume)
@@ -188,58 +186,49 @@ def run_train(args) -> int:
         return 128 + e.signum
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports
-    summary = {"run": config.out, **{k: row[k] for k in ("epoch", "train_loss", "val_top1", "val_top5") if k in row}}
-    if "ema_val_top1" in row:
-        summary["ema_val_top1"] = row["ema_val_top1"]
-    print(json.dumps(summary))
+    keys = ("epoch", "train_loss", "val_top1", "val_top5", "ema_val_top1")
+    print(train.json_line({"run": config.out, **{k: row[k] for k in keys if k in row}}))
     return 0
 
 
+def add_config_arguments(p: argparse.ArgumentParser, config_fields: dict, recipes: dict) -> None:
+    """One flag per field of TrainConfig, from its metadata; every default is None so "not given" is visible."""
+    from .train.config import field_type
+
+    for name, f in config_fields.items():
+        m = f.metadata
+        flags = m["flags"] or ("--" + name.replace("_", "-"),)
+        if m["cli"] == "negate":
+            p.add_argument(*flags, dest=name, action="store_const", const=False, default=None, help=m["help"])
+            continue
+        overrides = [f"{recipe}: {values[name]}" for recipe, values in recipes.items() if name in values]
+        default = "" if f.default is None else f"default {f.default}"
+        text = m["help"] + (f" ({'; '.join(filter(None, [default, *overrides]))})" if default or overrides else "")
+        if m["cli"] == "switch":
+            p.add_argument(*flags, dest=name, action="store_const", const=True, default=None, help=m["help"])
+        elif m["cli"] == "toggle":
+            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif m["choices"]:
+            p.add_argument(*flags, dest=name, choices=m["choices"], help=text)
+        else:
+            kind, bound = field_type(name), m["bound"]
+            parse = kind
+            if bound is not None:
+                allowed = ("an integer " if kind is int else "a number ") + bound.describe()
+                allowed += f" such as {m['example']}" if m["example"] else ""
+                parse = _number(kind, bound.contains, allowed)
+            p.add_argument(*flags, dest=name, type=parse, metavar=m["metavar"], help=text)
+
+
 def add_train(sub) -> None:
-    from .train import OPTIMIZERS, RECIPES, SCHEDULERS
+    from .train import RECIPES, fields
 
     p = sub.add_parser("train", help="train or fine-tune on an image folder (or the built-in digits)",
                        description="Train MobileNet v1. A --recipe sets every default; flags override it. "
                                    "Run under torchrun --nproc_per_node=N for data-parallel training.")
-    p.add_argument("--data", metavar="DIR", help="DIR/train/<class>/* and DIR/val/<class>/*; default: built-in digits")
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="named preset (default paper)")
-    p.add_argument("--alpha", type=alpha, help="width multiplier (default 1.0)")
-    p.add_argument("--resolution", type=resolution, help="input size in pixels (default 224)")
-    p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("-b", "--batch-size", type=_positive_int, help="images per process per step (default 64)")
-    p.add_argument("--opt", choices=OPTIMIZERS)
-    p.add_argument("--lr", type=positive_float, help="initial learning rate, used as given (no batch scaling)")
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--rmsprop-decay", type=float, help="RMSprop decay of the mean square (TF: 0.9)")
-    p.add_argument("--rmsprop-eps", type=positive_float, help="RMSprop epsilon, inside the square root (TF-slim: 1.0)")
-    p.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float,
-                   help="L2 on conv/FC weights; never on depthwise, BN or bias")
-    p.add_argument("--lr-scheduler", choices=SCHEDULERS)
-    p.add_argument("--lr-step-size", type=positive_float, help="epochs between exponential decays (paper: 2.5)")
-    p.add_argument("--lr-gamma", type=positive_float, help="exponential decay factor (paper: 0.94)")
-    p.add_argument("--lr-warmup-epochs", type=float)
-    p.add_argument("--lr-min", type=float, help="final lr of the cosine schedule")
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep an EMA of the weights (modern: on)")
-    p.add_argument("--model-ema-decay", type=float)
-    p.add_argument("--min-scale", type=positive_float, help="smallest training crop area (default by alpha)")
-    p.add_argument("--hflip", type=_probability, help="horizontal flip probability (default 0.5; digits 0)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("-j", "--num-workers", "--workers", dest="num_workers", type=_nonnegative_int,
-                   help="data loading processes (default 2)")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
-    p.add_argument("--finetune", metavar="CHECKPOINT", help="start from these weights; new head if classes differ")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
-    p.add_argument("--threads", type=_positive_int,
-                   help="CPU threads per process (default: all cores; 1 is faster for small models on a busy CPU)")
-    p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/mobilenet)")
+    add_config_arguments(p, fields(), RECIPES)
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR|FILE",
                    help="continue a stopped run (default: --out) from its last.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress line")
-    p.add_argument("--no-plot", action="store_true", help="no loss/accuracy PNGs at the end")
     p.set_defaults(func=run_train)
 
 

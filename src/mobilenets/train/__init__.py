@@ -1,0 +1,95 @@
+"""Training and fine-tuning: recipes, the loop, checkpoints, exact resumption, distributed data parallel.
+
+    config.py       TrainConfig (the one source of every setting and its CLI flag), recipes, fine-tuning preset
+    optim.py        RMSprop as TensorFlow implements it, parameter groups, the lr schedule, the EMA
+    distributed.py  torchrun's process group and the collectives the loop needs
+    rundir.py       the run folder: file names, its lock, metrics.jsonl
+    console.py      the progress line, Ctrl-C and SIGTERM
+    loop.py         setup -> train_one_epoch -> end_epoch over one TrainState
+    plots.py        loss.png and accuracy.png
+
+Both checkpoints of a run are in the format of ``mobilenets.checkpoint``;
+``last.pt`` adds the optimizer, schedule, EMA, epoch, step and RNG state, so a
+resume continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..errors import MobilenetsError
+from .config import (MAX_ALPHA, MAX_RESOLUTION, OPTIMIZERS, RECIPES, SCHEDULERS, ConfigError, TrainConfig,
+                     check_config, fields, finetune_preset, make_config, preset_applied)
+from .console import Interrupted, Progress, StopRequest
+from .distributed import Dist, init_distributed
+from .loop import NonFiniteLoss, TrainState, end_epoch, run, setup, train_one_epoch
+from .optim import ModelEMA, RMSpropTF, Schedule, make_optimizer, parameter_groups
+from .plots import plot
+from .rundir import BEST, LAST, LOCK, METRICS, RunFolderError, RunLock, json_line, read_metrics
+
+__all__ = [
+    "BEST", "LAST", "LOCK", "MAX_ALPHA", "MAX_RESOLUTION", "METRICS", "OPTIMIZERS", "RECIPES", "SCHEDULERS",
+    "ConfigError", "Dist", "Interrupted", "ModelEMA", "NonFiniteLoss", "Progress", "RMSpropTF", "RunFolderError",
+    "RunLock", "Schedule", "StopRequest", "TrainConfig", "TrainState", "check_config", "end_epoch", "fields",
+    "finetune_preset", "init_distributed", "json_line", "make_config", "make_optimizer", "parameter_groups",
+    "plot", "preset_applied", "read_metrics", "resume_config", "run", "setup", "train", "train_one_epoch",
+]
+
+# the settings a resumed run may change: they do not alter what it computes
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "device", "threads", "progress", "plot")
+
+
+def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> dict:
+    """Run (or resume) training; returns the last metrics row.  Raises :class:`Interrupted` on Ctrl-C/SIGTERM.
+
+    ``resume``: True for ``config.out``'s ``last.pt``, or a path.  The run
+    folder is locked first, so a second run on it and an unwritable folder
+    fail before any data is read.
+    """
+    check_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dist, device = init_distributed(config.device)
+    try:
+        if config.sync_bn and device.type == "cpu":
+            raise ConfigError("sync_bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation; "
+                              "train without sync_bn")
+        # rank 0 writes, so rank 0 holds the folder; under torchrun the other ranks stop with it
+        with RunLock(config.out) if dist.main else contextlib.nullcontext():
+            file = None if not resume else Path(config.out) / LAST if resume is True else Path(resume)
+            state = setup(config, dist, device, file)
+            row = run(state)
+            skipped = state.skips.everywhere(dist)
+            if dist.main:
+                if skipped:
+                    print(f"skipped {len(skipped)} undecodable file(s) in total", file=sys.stderr, flush=True)
+                if config.plot and state.history:
+                    plot(config.out)
+            dist.barrier()
+            return row
+    finally:
+        dist.close()
+
+
+def resume_config(path: str | Path, **overrides) -> tuple[TrainConfig, Path]:
+    """The stored settings of a run (from RUN_DIR or its last.pt), with the few a resume may change."""
+    path = Path(path)
+    file = path / LAST if path.is_dir() else path
+    state = checkpoint.load(file, training=True)
+    known = fields()
+    config = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known})
+    changed = {k: v for k, v in overrides.items() if v is not None and k in known and getattr(config, k) != v}
+    refused = sorted(set(changed) - set(RESUME_MAY_CHANGE))
+    if refused:
+        raise MobilenetsError(f"a resume continues the stored run; these settings differ from it and cannot "
+                              f"change: {', '.join(refused)} (only {', '.join(RESUME_MAY_CHANGE)} can)")
+    config = dataclasses.replace(config, **changed)
+    config.out = str(file.parent)
+    check_config(config)
+    return config, file

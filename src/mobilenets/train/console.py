@@ -1,0 +1,86 @@
+"""What the user sees and does at the terminal during a run: the progress line, Ctrl-C and SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+
+class Progress:
+    """One status line on stderr: epoch, step, loss, images/s and ETA.
+
+    On a terminal the line is rewritten in place; in a log file it is printed
+    about ten times an epoch so logs stay short.
+    """
+
+    def __init__(self, enabled: bool, batch: int, stream=None):
+        self.batch = batch  # images per step, all ranks together
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.last_tenth = -1
+
+    def update(self, epoch: int, epochs: int, step: int, steps: int, loss: float, images_per_s: float) -> None:
+        if not self.enabled:
+            return
+        tenth = 10 * step // max(steps, 1)
+        if not self.tty and (tenth == self.last_tenth or step == steps):
+            return
+        self.last_tenth = tenth
+        eta = (steps - step) * self.batch / images_per_s if images_per_s else 0.0
+        width = 24
+        filled = width * step // max(steps, 1)
+        line = (f"epoch {epoch}/{epochs} [{'#' * filled}{'.' * (width - filled)}] {step}/{steps} "
+                f"loss {loss:.4f} {images_per_s:.1f} img/s eta {_duration(eta)}")
+        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        self.stream.flush()
+
+    def end_epoch(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        parts = [f"epoch {row['epoch']}/{row['epochs']}", f"train loss {row['train_loss']:.4f}",
+                 f"val top-1 {row['val_top1']:.2f}%", f"top-5 {row['val_top5']:.2f}%"]
+        if "ema_val_top1" in row:
+            parts.append(f"EMA top-1 {row['ema_val_top1']:.2f}%")
+        parts += [f"lr {row['lr']:.3g}", f"{row['images_per_s']:.1f} img/s", f"{row['epoch_time_s']:.1f} s"]
+        self.stream.write("  ".join(parts) + "\n")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class StopRequest:
+    """Ctrl-C and SIGTERM set a flag; the loop finishes the current step, saves, and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C does not wait
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, path: Path):
+        self.signum, self.path = signum, path
+        super().__init__(f"stopped by {signal.Signals(signum).name}; saved {path}")
