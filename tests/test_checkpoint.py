@@ -127,3 +127,18 @@ def test_stale_temporary_files_are_found_and_removed(tmp_path):
     checkpoint.save({"format": "mobilenets", "epoch": 1}, tmp_path / "last.pt")
     assert [p.name for p in checkpoint.remove_stale_temporaries(tmp_path)] == [".last.pt.abc123.tmp"]
     assert sorted(os.listdir(tmp_path)) == ["keep.tmp", "last.pt"]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    from mobilenets.checkpoint import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
+        assert path.stat().st_mode & 0o777 == 0o644  # as `touch` would make it, not mkstemp's 0600
+        os.umask(0o077)
+        assert atomic_write(tmp_path / "b.bin", lambda f: f.write(b"x")).stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
