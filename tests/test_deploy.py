@@ -89,7 +89,7 @@ def test_torch_path_runs_onednn_convolutions_with_relu6_fused(model):
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    _, codes = run_and_get_code(lambda: deploy._build_torch(deploy.fold_batchnorm(model), "fp32", [], 1, RES))
+    _, codes = run_and_get_code(lambda: deploy.backend.build("torch", deploy.fold_batchnorm(model), "fp32", [], 1, RES))
     code = "\n".join(codes)
     assert code.count("mkldnn._convolution_pointwise") == 27  # 1 stem + 13 x (depthwise + pointwise)
     assert code.count("'hardtanh', [0.0, 6.0]") == 27
@@ -184,9 +184,9 @@ def test_auto_measures_once_then_reuses_its_choice(model, images, reference, tmp
     def boom(*a, **k):
         raise AssertionError("auto rebuilt a candidate although its choice was cached")
 
-    for name in ("_build_torch", "_build_onnxruntime", "_build_openvino"):
-        if not name.endswith(first.backend):
-            monkeypatch.setattr(deploy, name, boom)
+    for name in deploy.BACKENDS:
+        if name != first.backend:
+            monkeypatch.setattr(deploy.backend.get(name), "build", boom)
     second = deploy.compile(model, "fp32", batch_size=2, resolution=RES)
     assert second.backend == first.backend and second.timings == first.timings
     assert cosine(second(images), reference) >= 0.999
@@ -194,8 +194,8 @@ def test_auto_measures_once_then_reuses_its_choice(model, images, reference, tmp
 
 def test_auto_never_offers_onnxruntime_for_bf16(model, tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
-    monkeypatch.setattr(deploy, "_build_torch", lambda *a: (lambda x: x, "stub"))  # keep the test quick
-    monkeypatch.setattr(deploy, "_build_openvino", lambda *a: (lambda x: x, "stub"))
+    for name in ("torch", "openvino"):  # stubs keep the test quick
+        monkeypatch.setattr(deploy.backend.get(name), "build", lambda *a: (lambda x: x))
     p = deploy.compile(model, "bf16", batch_size=1, resolution=RES)
     assert set(p.timings) == {"torch", "openvino"}
 
@@ -208,6 +208,7 @@ def test_cpu_feature_detection_reads_proc_cpuinfo():
 # ---------------------------------------------------------------- export
 
 
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt", "exported-program": ".pt2"}
 EXPORTS = [(f, p) for f in deploy.EXPORT_FORMATS for p in deploy.PRECISIONS
            if (f, p) not in {("onnx", "bf16"), ("torchscript", "int8")}]
 
@@ -216,7 +217,7 @@ EXPORTS = [(f, p) for f in deploy.EXPORT_FORMATS for p in deploy.PRECISIONS
 def test_export_reloads_with_parity(model, calibration, images, reference, tmp_path, fmt, precision):
     path = deploy.export(model, tmp_path / "model", fmt, precision=precision, calibration=calibration,
                          resolution=RES)
-    assert path.is_file() and path.suffix == deploy._format_suffix(fmt)
+    assert path.is_file() and path.suffix == SUFFIXES[fmt]
     run = deploy.load_exported(path)
     out = run(images[:3])  # a batch size not used for export or calibration: the batch is dynamic
     p = deploy.parity(reference[:3], out)
