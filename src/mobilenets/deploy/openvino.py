@@ -60,6 +60,18 @@ def openvino_compile(model, *, precision: str, throughput: bool = False):
     return ov.Core().compile_model(model, "CPU", config)
 
 
+class Request:
+    """``run(x) -> logits`` on one infer request; ``compiled_model`` is what the CPU plugin runs (inspectable)."""
+
+    def __init__(self, compiled_model):
+        self.compiled_model = compiled_model
+        self._request = compiled_model.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._request.infer({0: x.numpy()}, share_inputs=True)
+        return torch.from_numpy(self._request.get_output_tensor(0).data.copy())
+
+
 class OpenVINO(Backend):
     name = "openvino"
     requires = ("openvino",)
@@ -70,13 +82,7 @@ class OpenVINO(Backend):
 
     def build(self, folded, precision, batches, batch_size, resolution, workdir) -> Run:
         model = openvino_model(folded, precision, batches, resolution=resolution, batch_size=batch_size)
-        request = openvino_compile(model, precision=precision).create_infer_request()
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            request.infer({0: x.numpy()}, share_inputs=True)
-            return torch.from_numpy(request.get_output_tensor(0).data.copy())
-
-        return run
+        return Request(openvino_compile(model, precision=precision))
 
     def save(self, folded, path, format, precision, batches, resolution) -> Path:
         import openvino as ov
