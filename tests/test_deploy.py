@@ -143,6 +143,9 @@ def test_predictor_errors_say_what_would_work(model, images):
 
 
 def test_bad_arguments_are_refused_before_building(model, calibration):
+    from mobilenets.errors import MobilenetsError
+
+    assert issubclass(deploy.DeployError, MobilenetsError)  # the CLI prints these as one line
     with pytest.raises(deploy.DeployError, match="precision must be one of"):
         deploy.compile(model, "fp16")
     with pytest.raises(deploy.DeployError, match="backend must be"):
@@ -380,6 +383,19 @@ def test_export_command_refuses_a_contradicting_suffix_in_one_line(tmp_path):
     assert bad.returncode == 2, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     assert "x.xml" in bad.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def test_export_command_takes_the_format_from_the_suffix(tmp_path, capsys):
+    from mobilenets import cli
+
+    code = cli.main(["export", "--alpha", "0.25", "--resolution", "32", "--calib-images", "8",
+                     "--out", str(tmp_path / "m.xml"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["format"] == "openvino" and report["path"] == str(tmp_path / "m.xml")
+    assert (tmp_path / "m.xml").read_text().lstrip().startswith("<?xml") and (tmp_path / "m.bin").is_file()
+    assert report["mean_kl"] < 1e-6 and report["top1_agreement"] == 1.0
 
 
 # ---------------------------------------------------------------- int8 really is quantized
