@@ -11,8 +11,8 @@ What is measured, and how:
 - achieved mult-adds/s: the model's exact mult-adds (``cost.py``) x batch /
   median, against the machine's floor at that precision: a 2048^3 matrix
   product's mult-adds/s (the best a dense kernel reaches here).
-- parity: cosine and top-1 agreement of each candidate's logits with fp32
-  eager PyTorch on real images (the built-in digits).
+- parity: cosine, top-1 agreement and mean KL (nats) of each candidate's
+  logits against fp32 eager PyTorch on real images (the built-in digits).
 
 Peers, on the same weights: timm ``mobilenetv1_100`` in eager PyTorch, NCHW
 and channels_last (for α = 1; our own eager module for other widths), and
@@ -20,7 +20,7 @@ ONNX Runtime and OpenVINO at the same precision (when installed).
 
 ``grid`` times the 16 published α x ρ models; ``pick`` recommends the most
 accurate one (TF-slim ImageNet top-1, ``weights.registry``) that fits
-a latency budget, reusing a cached grid in ``$MOBILENETS_CACHE``.
+a latency budget, reusing a cached grid in the cache folder (``cache.cache_dir()``).
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ from typing import Callable
 import torch
 
 from . import deploy, paper
-from .weights import registry
+from .cache import cache_dir
 from .checkpoint import atomic_write
 from .cost import cost
 from .model import mobilenet_v1
+from .weights import registry
 
 SEED = 0
 
@@ -64,6 +65,7 @@ class Row:
     floor_fraction: float | None  # of the matmul floor at this precision
     cosine: float | None  # vs fp32 eager on real images
     top1_agreement: float | None
+    mean_kl: float | None  # mean KL(softmax(fp32 eager) || softmax(this)), nats
     build_s: float
     detail: str = ""
     ratios: dict = field(default_factory=dict)  # peer name -> peer median / this median (>1: this is faster)
@@ -284,10 +286,8 @@ def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_si
                 for backend in ("onnxruntime", "openvino"):
                     if backend in available and deploy.backend_supports(backend, precision) and backend not in backends:
                         def build_peer(backend=backend):
-                            import tempfile
-
-                            return deploy._build(backend, folded, precision, batches, batch_size, resolution,
-                                                 Path(tempfile.mkdtemp(prefix="mobilenets-bench-")))
+                            run = deploy.backend.build(backend, folded, precision, batches, batch_size, resolution)
+                            return run, deploy.backend.get(backend).describe(precision)
                         add(backend, "peer", backend, build_peer)
             log(f"batch {batch_size}, {precision}: timing {len(candidates)} candidates in {rounds} rounds")
             times = deploy.interleaved({n: c[2] for n, c in candidates.items()}, x, warmup=warmup, rounds=rounds,
@@ -296,15 +296,14 @@ def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_si
             for name, (kind, backend, run, build_s, detail) in candidates.items():
                 med = statistics.median(times[name])
                 with torch.no_grad():
-                    out = run(x).float()
+                    fidelity = deploy.parity(reference, run(x).float())
                 rate = mult_adds * batch_size / (med / 1e3)
                 group.append(Row(
                     name=name, kind=kind, backend=backend, precision=precision if backend != "eager" else "fp32",
                     batch_size=batch_size, alpha=alpha, resolution=resolution, median_ms=med,
                     p90_ms=_p90(times[name]), throughput=batch_size / (med / 1e3), mult_adds_per_s=rate,
                     floor_fraction=rate / floors[precision] if backend != "eager" else rate / floors.get("fp32", rate),
-                    cosine=float(torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)),
-                    top1_agreement=float((out.argmax(1) == reference.argmax(1)).float().mean()),
+                    cosine=fidelity["cosine"], top1_agreement=fidelity["top1_agreement"], mean_kl=fidelity["mean_kl"],
                     build_s=build_s, detail=detail))
             for row in group:
                 row.ratios = {p.name: p.median_ms / row.median_ms for p in group if p.kind == "peer"}
@@ -321,7 +320,7 @@ def format_table(result: dict) -> str:
     lines = []
     rows = result["rows"]
     head = f"{'batch':>5} {'precision':9} {'candidate':44} {'median ms':>9} {'p90 ms':>8} {'img/s':>8} " \
-           f"{'G MA/s':>7} {'floor':>6} {'cosine':>7} {'top1':>5} {'x fastest peer':>14}"
+           f"{'G MA/s':>7} {'floor':>6} {'cosine':>7} {'top1':>5} {'KL nats':>8} {'x fastest peer':>14}"
     lines.append(head)
     lines.append("-" * len(head))
     for r in rows:
@@ -333,7 +332,7 @@ def format_table(result: dict) -> str:
         name = r["name"] + (f" ({r['detail'].split('-> ')[-1]})" if " -> " in r["detail"] else "")
         lines.append(f"{r['batch_size']:>5} {r['precision']:9} {name:44} {r['median_ms']:9.2f} {r['p90_ms']:8.2f} "
                      f"{r['throughput']:8.1f} {r['mult_adds_per_s'] / 1e9:7.1f} {floor:>6} {r['cosine']:7.4f} "
-                     f"{r['top1_agreement']:5.2f} {ratio:>14}")
+                     f"{r['top1_agreement']:5.2f} {r.get('mean_kl') or 0.0:8.2g} {ratio:>14}")
     floors = ", ".join(f"{p} {v / 1e9:.0f}" for p, v in result["floors"].items())
     lines.append(f"matmul floor (2048^3), G mult-adds/s: {floors}; model {result['model']['mult_adds']:,} mult-adds")
     return "\n".join(lines)
@@ -392,7 +391,7 @@ def grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto",
     rounds, so the curve compares models under the same load.
     """
     log = log or (lambda s: None)
-    deploy._check_precision(precision)
+    deploy.backend.check_precision(precision)
     built = {}
     for alpha in alphas:
         model = make_model(alpha, steps=0)  # latency only: no need to fit
@@ -423,7 +422,7 @@ def grid_cache_path(precision: str, batch_size: int, backend: str) -> Path:
     key = {"cpu": m["cpu"], "threads": m["threads"], "versions": m["versions"], "precision": precision,
            "batch_size": batch_size, "backend": backend}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return deploy.cache_dir() / f"grid-{precision}-b{batch_size}-{backend}-{digest}.json"
+    return cache_dir() / f"grid-{precision}-b{batch_size}-{backend}-{digest}.json"
 
 
 def cached_grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto", remeasure: bool = False,

@@ -325,24 +325,24 @@ def run_export(args) -> int:
 
     from . import deploy
 
-    deploy.check_export(args.format, args.precision)  # before anything is loaded or fitted
+    out, fmt = deploy.export_target(args.out, args.format)  # the format follows --out's suffix unless given
+    deploy.check_export(fmt, args.precision)  # before anything is loaded or fitted
     model, res, normalization, labels = _deploy_model(args)
     batches, y = _calibration(args, model, res, normalization, labels)
-    out = args.out
-    path = deploy.export(model, out, args.format, precision=args.precision, calibration=batches, resolution=res)
-    run = deploy.load_exported(path, args.format)
+    path = deploy.export(model, out, fmt, precision=args.precision, calibration=batches, resolution=res)
+    run = deploy.load_exported(path, fmt)
     x = torch.cat(batches)
     with torch.no_grad():
         reference = model.eval()(x)
-    report = {"path": str(path), "format": args.format, "precision": args.precision, "resolution": res,
+    report = {"path": str(path), "format": fmt, "precision": args.precision, "resolution": res,
               **deploy.parity(reference, run(x), y)}
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"wrote {path} ({args.format}, {args.precision}, {res}x{res})")
+    print(f"wrote {path} ({fmt}, {args.precision}, {res}x{res})")
     line = (f"parity vs PyTorch fp32 on {report['images']} calibration images: max abs diff "
-            f"{report['max_abs_diff']:.3g}, cosine {report['cosine']:.6f}, top-1 agreement "
-            f"{100 * report['top1_agreement']:.1f}%")
+            f"{report['max_abs_diff']:.3g}, cosine {report['cosine']:.6f}, mean KL {report['mean_kl']:.2g} nats, "
+            f"top-1 agreement {100 * report['top1_agreement']:.1f}%")
     if "accuracy" in report:
         line += f", accuracy {100 * report['accuracy']:.1f}% (PyTorch {100 * report['reference_accuracy']:.1f}%)"
     print(line)
@@ -356,7 +356,8 @@ def add_export(sub) -> None:
                        description="Fold BatchNorm, write the model in --format at --precision (int8 calibrated on "
                                    "--calib-data), reload it in its runtime and print its parity with PyTorch.")
     _add_weights_arguments(p)
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    p.add_argument("--format", choices=EXPORT_FORMATS,
+                   help="default: the one --out's suffix names (.onnx, .xml, .pt, .pt2); onnx without a suffix")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--calib-data", metavar="DIR", help="images for int8 calibration and the parity check "
                                                        "(DIR/<class>/* gives accuracy too); default: built-in digits")

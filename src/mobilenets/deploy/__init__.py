@@ -1,0 +1,40 @@
+"""Fast CPU inference: BatchNorm folding, compiled PyTorch, int8, export, and the optional runtimes.
+
+``compile(model, precision, calibration, batch_size, resolution, backend)``
+returns a :class:`Predictor`: call it with a preprocessed ``(N, 3, H, W)``
+float tensor or array and it returns ``(N, classes)`` float32 logits.
+``export(model, path)`` writes the model for another runtime (the format
+follows the file's suffix), ``load_exported(path)`` runs such a file, and
+``parity(reference, logits)`` says how close two sets of logits are (top-1
+agreement, cosine, mean KL in nats).
+
+Backends, one module each behind :class:`~.backend.Backend`:
+
+- ``"torch"`` (:mod:`.pytorch`): Inductor with freezing (oneDNN convolutions,
+  ReLU6 fused), bf16, PT2E int8 through torchao.
+- ``"onnxruntime"`` (:mod:`.onnxruntime`, extra ``deploy``): fp32 and static
+  QDQ int8.
+- ``"openvino"`` (:mod:`.openvino`, extra ``deploy``): fp32/bf16 and NNCF int8.
+- ``"auto"`` (:mod:`.auto`): times each available backend once and caches
+  the fastest in ``mobilenets.cache.cache_dir()``.
+"""
+
+from __future__ import annotations
+
+from .auto import interleaved, time_run
+from .backend import BACKENDS, PRECISIONS, Backend, available_backends, backend_supports, export_formats
+from .calibration import builtin_batches, calibration_batches, image_batches, rebatch
+from .fidelity import parity
+from .folding import fold_batchnorm
+from .formats import check_export, export, export_target, load_exported
+from .machine import DeployError, bf16_supported, cpu_flags, cpu_name
+from .predictor import Predictor, compile
+
+EXPORT_FORMATS = tuple(export_formats())
+
+__all__ = [
+    "BACKENDS", "EXPORT_FORMATS", "PRECISIONS", "Backend", "DeployError", "Predictor", "available_backends",
+    "backend_supports", "bf16_supported", "builtin_batches", "calibration_batches", "check_export", "compile",
+    "cpu_flags", "cpu_name", "export", "export_target", "fold_batchnorm", "image_batches", "interleaved",
+    "load_exported", "parity", "rebatch", "time_run",
+]

@@ -1,0 +1,112 @@
+"""Timing, and backend="auto": time every available backend once, keep the fastest, cache that choice.
+
+The choice is keyed by CPU, thread count, library versions, model shape,
+precision, batch size and resolution, and kept in
+``cache.cache_dir() / "auto-backend.json"``, so later calls build only the
+winner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..cache import cache_dir
+from ..checkpoint import atomic_write
+from . import backend
+from .backend import Run
+from .calibration import example_input
+from .machine import cpu_name
+
+
+def time_run(run: Callable, x, *, warmup: int = 3, min_time: float = 0.5,
+             min_iters: int = 5, max_iters: int = 1000) -> list[float]:
+    """Per-call wall times in ms after ``warmup`` calls: at least ``min_iters`` and ``min_time`` seconds."""
+    for _ in range(warmup):
+        run(x)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        run(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def interleaved(runs: dict[str, Callable], x, *, warmup: int = 3, rounds: int = 5, min_time: float = 0.4,
+                min_iters: int = 3) -> dict[str, list[float]]:
+    """Per-call ms of each candidate, timed in ``rounds`` alternating rounds of >= ``min_time`` s each.
+
+    Alternating spreads load from other processes over every candidate alike,
+    so their ratio holds on a shared CPU where one long block each would not.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run(x)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name] += time_run(run, x, warmup=0, min_time=min_time, min_iters=min_iters)
+    return times
+
+
+def choice_key(config: dict, precision: str, batch_size: int, resolution: int, candidates) -> str:
+    versions = {}
+    for dist in ("torch", "onnxruntime", "openvino", "nncf", "torchao"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    key = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "versions": versions, "config": config,
+           "precision": precision, "batch_size": batch_size, "resolution": resolution, "candidates": list(candidates)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def choices_path() -> Path:
+    return cache_dir() / "auto-backend.json"
+
+
+def _read_choices() -> dict:
+    try:
+        return json.loads(choices_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def choose(config: dict, folded, precision: str, batches: list[torch.Tensor], batch_size: int,
+           resolution: int) -> tuple[str, Run, dict[str, float]]:
+    """(backend name, its run, ms per batch of each candidate) of the fastest backend for this request."""
+    candidates = [b for b in backend.available_backends() if backend.backend_supports(b, precision)]
+    key = choice_key(config, precision, batch_size, resolution, candidates)
+    cached = _read_choices().get(key)
+    if cached and cached["backend"] in candidates:
+        run = backend.build(cached["backend"], folded, precision, batches, batch_size, resolution)
+        return cached["backend"], run, dict(cached["timings"])
+
+    built = {}
+    for name in candidates:
+        try:
+            built[name] = backend.build(name, folded, precision, batches, batch_size, resolution)
+        except Exception as e:  # a runtime that cannot serve this request is skipped; all failing is fatal
+            if name == candidates[-1] and not built:
+                raise
+            warnings.warn(f"auto: skipping {name}: {type(e).__name__}: {e}", stacklevel=3)
+    times = interleaved(built, example_input(batch_size, resolution), rounds=5, min_time=0.3)
+    # the lower quartile, not the median: a neighbour's burst of load slows whichever candidate it
+    # happens to hit, and a cached wrong choice lasts; the quartile is what each does when it gets the CPU
+    timings = {name: float(np.percentile(t, 25)) for name, t in times.items()}
+    chosen = min(timings, key=timings.get)
+    choices = _read_choices()  # again: another process may have added its own choice meanwhile
+    choices[key] = {"backend": chosen, "timings": timings, "precision": precision, "batch_size": batch_size,
+                    "resolution": resolution, "alpha": config.get("alpha"),
+                    "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write(choices_path(), lambda f: f.write(json.dumps(choices, indent=1).encode()))
+    return chosen, built[chosen], timings

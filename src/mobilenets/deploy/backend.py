@@ -1,0 +1,139 @@
+"""The one interface every runtime implements, and the registry of runtimes.
+
+A backend turns the folded float model (:class:`~.folding.FoldedMobileNet`)
+into a ``run(x) -> logits`` callable for one precision, batch size and
+resolution, and, where its runtime has a file format, writes and reads that
+file.  Adding a runtime is one module defining a :class:`Backend` instance
+named ``BACKEND`` and one line in :data:`RUNTIMES`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .machine import DeployError
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+# name users pass as backend= -> the module of this package that defines its BACKEND
+RUNTIMES = {
+    "torch": "pytorch",
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+}
+BACKENDS = tuple(RUNTIMES)
+
+Run = Callable[[torch.Tensor], torch.Tensor]
+
+MAX_BATCH = 4096  # upper bound of the dynamic batch dimension of saved files
+
+
+def batch_dim():
+    """The dynamic batch dimension of every saved graph (torch.export / ONNX)."""
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A file format a backend writes: its name, file suffix, the precisions it holds and why not the others."""
+
+    name: str
+    suffix: str
+    precisions: tuple[str, ...]
+    refusal: str = ""
+
+
+class Backend:
+    """One runtime.  Subclasses set the attributes and implement :meth:`build` (and :meth:`save`/:meth:`load`).
+
+    ``build`` gets a ``workdir`` for intermediate files, removed as soon as it
+    returns: what the returned ``run`` needs must be held in memory.
+    """
+
+    name: str = ""
+    precisions: tuple[str, ...] = PRECISIONS
+    refusal: str = ""  # why a precision outside ``precisions`` cannot run here
+    requires: tuple[str, ...] = ()  # modules that must import for this runtime to be available
+    formats: tuple[ExportFormat, ...] = ()
+
+    def available(self) -> bool:
+        try:
+            for module in self.requires:
+                importlib.import_module(module)
+        except ImportError:
+            return False
+        return True
+
+    def describe(self, precision: str) -> str:
+        """How this runtime runs ``precision``, in a few words (shown in benchmark tables)."""
+        return self.name
+
+    def build(self, folded, precision: str, batches: list[torch.Tensor], batch_size: int, resolution: int,
+              workdir: Path) -> Run:
+        """A callable taking a (batch_size, 3, resolution, resolution) float32 tensor, returning float32 logits.
+
+        ``batches`` are the int8 calibration rows, already in batches of ``batch_size`` (empty otherwise).
+        """
+        raise NotImplementedError
+
+    def save(self, folded, path: Path, format: str, precision: str, batches: list[torch.Tensor],
+             resolution: int) -> Path:
+        """Write ``folded`` at ``precision`` as ``format`` (one of ``formats``), batch dimension dynamic."""
+        raise NotImplementedError(f"backend {self.name!r} writes no files")
+
+    def load(self, path: Path, format: str) -> Run:
+        """Open a file :meth:`save` wrote; returns ``run(x) -> float32 logits`` for (N, 3, H, W) float32 input."""
+        raise NotImplementedError(f"backend {self.name!r} reads no files")
+
+
+@functools.cache
+def get(name: str) -> Backend:
+    """The registered backend called ``name``."""
+    if name not in RUNTIMES:
+        raise DeployError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+    return importlib.import_module(f"{__package__}.{RUNTIMES[name]}").BACKEND
+
+
+def available_backends() -> list[str]:
+    """The backends importable here, in registry order (torch first)."""
+    return [name for name in BACKENDS if get(name).available()]
+
+
+def backend_supports(name: str, precision: str) -> bool:
+    return precision in get(name).precisions
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise DeployError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def check_backend(name: str, precision: str) -> None:
+    """Refuse, with what would work, a backend that is unknown, not installed, or cannot run ``precision``."""
+    if name == "auto":
+        return
+    backend = get(name)
+    if not backend.available():
+        raise DeployError(f"backend {name!r} is not installed; pip install 'mobilenets[deploy]' "
+                          f"(or pip install {' '.join(backend.requires)}), or use one of {available_backends()}")
+    if precision not in backend.precisions:
+        others = [b for b in BACKENDS if backend_supports(b, precision)]
+        raise DeployError(f"{backend.refusal}; for {precision} use backend " + " or ".join(map(repr, others)))
+
+
+def build(name: str, folded, precision: str, batches: list[torch.Tensor], batch_size: int, resolution: int) -> Run:
+    """``get(name).build(...)`` in a temporary folder that is removed before this returns."""
+    with tempfile.TemporaryDirectory(prefix="mobilenets-deploy-") as workdir:
+        return get(name).build(folded, precision, batches, batch_size, resolution, Path(workdir))
+
+
+def export_formats() -> dict[str, tuple[Backend, ExportFormat]]:
+    """Every format some backend writes: name -> (backend, format)."""
+    return {f.name: (get(name), f) for name in BACKENDS for f in get(name).formats}

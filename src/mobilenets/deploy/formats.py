@@ -1,0 +1,107 @@
+"""``export`` and ``load_exported``: the folded model as a file for another runtime, the format named by its suffix.
+
+========================  =======  ====================================================
+format                    suffix   precisions
+========================  =======  ====================================================
+``onnx``                  .onnx    fp32, int8 (static QDQ, per-channel weights)
+``openvino``              .xml     fp32, bf16 (the inference-precision hint), int8 (NNCF)
+``torchscript``           .pt      fp32, bf16 (traced; no PT2E int8)
+``exported-program``      .pt2     fp32, bf16, int8 (PT2E; load with torchao imported)
+========================  =======  ====================================================
+
+The batch dimension of every file is dynamic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..model import MobileNetV1
+from .backend import Run, check_precision, export_formats
+from .calibration import DEFAULT_RESOLUTION, calibration_batches
+from .folding import fold_batchnorm
+from .machine import DeployError
+
+DEFAULT_FORMAT = "onnx"
+
+
+def _suffixes() -> dict[str, str]:
+    return {f.suffix: name for name, (_, f) in export_formats().items()}
+
+
+def export_target(path, format: str | None = None) -> tuple[Path, str]:
+    """(the path to write, its format): the format follows the suffix unless given, and the two must agree.
+
+    No suffix: the format's suffix is added (``format`` default "onnx").
+    """
+    path, formats, suffixes = Path(path), export_formats(), _suffixes()
+    suffix = path.suffix.lower()
+    known = ", ".join(f"{s} ({n})" for s, n in suffixes.items())
+    if format is None:
+        if suffix and suffix not in suffixes:
+            raise DeployError(f"cannot tell the format of {path.name} from its suffix {path.suffix!r}; "
+                              f"name the file with one of {known}, or pass format=")
+        format = suffixes.get(suffix, DEFAULT_FORMAT)
+    if format not in formats:
+        raise DeployError(f"format must be one of {tuple(formats)}, got {format!r}")
+    expected = formats[format][1].suffix
+    if not suffix:
+        return path.with_suffix(expected), format
+    if suffix != expected:
+        if suffix in suffixes:  # another format's file name: the user meant one of the two
+            raise DeployError(f"format {format!r} writes {expected} files, but {path.name} names a "
+                              f"{suffixes[suffix]} file; write to {path.with_suffix(expected).name} "
+                              f"or pass format={suffixes[suffix]!r}")
+        raise DeployError(f"format {format!r} writes {expected} files; write to {path.name + expected} "
+                          f"instead of {path.name}")
+    return path, format
+
+
+def check_export(format: str, precision: str) -> None:
+    """Refuse, with what would work, a format or a precision the format cannot hold."""
+    check_precision(precision)
+    formats = export_formats()
+    if format not in formats:
+        raise DeployError(f"format must be one of {tuple(formats)}, got {format!r}")
+    spec = formats[format][1]
+    if precision not in spec.precisions:
+        others = [name for name, (_, f) in formats.items() if precision in f.precisions]
+        raise DeployError(f"cannot export {precision} as {format}: {spec.refusal}; export {precision} as "
+                          f"{', '.join(others[:-1])} or {others[-1]}")
+
+
+def export(model: MobileNetV1, path, format: str | None = None, *, precision: str = "fp32", calibration=None,
+           resolution: int | None = None) -> Path:
+    """Write ``model`` (BatchNorm folded) for another runtime; returns the written path.
+
+    ``format``: "onnx", "openvino", "torchscript" or "exported-program"; by
+    default the one ``path``'s suffix names (.onnx, .xml, .pt, .pt2), "onnx"
+    for a path without one.  A suffix that names another format is refused.
+    int8 needs ``calibration`` batches, as for :func:`compile`.
+    """
+    check_precision(precision)
+    path, format = export_target(path, format)
+    check_export(format, precision)
+    resolution = DEFAULT_RESOLUTION if resolution is None else int(resolution)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folded = fold_batchnorm(model)
+    batches = calibration_batches(calibration, resolution) if precision == "int8" else []
+    backend, _ = export_formats()[format]
+    return backend.save(folded, path, format, precision, batches, resolution)
+
+
+def load_exported(path, format: str | None = None) -> Run:
+    """Open an exported file in its own runtime; returns ``run(x) -> float32 logits`` for (N, 3, H, W) input."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    formats = export_formats()
+    if format is None:
+        format = _suffixes().get(path.suffix.lower())
+        if format is None:
+            raise DeployError(f"cannot tell the format of {path}; name one of {tuple(formats)}")
+    if format not in formats:
+        raise DeployError(f"format must be one of {tuple(formats)}, got {format!r}")
+    backend, _ = formats[format]
+    return backend.load(path, format)
+

@@ -1,0 +1,107 @@
+"""The OpenVINO backend (extra ``deploy``): the folded graph converted in memory; bf16 as a hint, int8 by NNCF.
+
+fp32 and bf16 are OpenVINO's inference-precision hint (recorded in a saved
+IR's rt_info, since OpenVINO otherwise runs float IR in bf16 on AMX CPUs);
+int8 is NNCF post-training quantization (FakeQuantize on activations,
+int8 weights) on the calibration batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from .backend import Backend, ExportFormat, Run
+from .calibration import as_input, example_input, rebatch
+from .machine import DeployError
+
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+HINT_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]
+
+
+def openvino_model(folded, precision: str, batches, *, resolution: int, batch_size: int | None):
+    """Convert the folded model to an ov.Model; int8 through NNCF on ``batches``; bf16 recorded as a runtime hint."""
+    import openvino as ov
+
+    example = example_input(batch_size or 1, resolution)
+    shape = [batch_size or -1, 3, resolution, resolution]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(folded, example_input=example, input=[ov.PartialShape(shape)])
+    if precision == "int8":
+        try:
+            import nncf
+        except ImportError:
+            raise DeployError("int8 on OpenVINO needs NNCF (pip install nncf); or use backend 'torch'") from None
+
+        logging.getLogger("nncf").setLevel(logging.ERROR)
+        # a static-shape model takes calibration rows in its own batch size
+        data = [b.numpy() for b in (rebatch(batches, batch_size) if batch_size else batches)]
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = nncf.quantize(model, nncf.Dataset(data), subset_size=sum(len(d) for d in data))
+    if precision in PRECISION_HINTS:
+        # travels with a saved IR: compile_model applies runtime_options from rt_info
+        model.set_rt_info(PRECISION_HINTS[precision], HINT_KEY)
+    return model
+
+
+def openvino_compile(model, *, precision: str, throughput: bool = False):
+    import openvino as ov
+
+    config = {"PERFORMANCE_HINT": "THROUGHPUT" if throughput else "LATENCY"}
+    if precision in PRECISION_HINTS:
+        config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
+    return ov.Core().compile_model(model, "CPU", config)
+
+
+class Request:
+    """``run(x) -> logits`` on one infer request; ``compiled_model`` is what the CPU plugin runs (inspectable)."""
+
+    def __init__(self, compiled_model):
+        self.compiled_model = compiled_model
+        self._request = compiled_model.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._request.infer({0: x.numpy()}, share_inputs=True)
+        return torch.from_numpy(self._request.get_output_tensor(0).data.copy())
+
+
+class OpenVINO(Backend):
+    name = "openvino"
+    requires = ("openvino",)
+    formats = (ExportFormat("openvino", ".xml", ("fp32", "bf16", "int8")),)
+
+    def describe(self, precision: str) -> str:
+        return "OpenVINO CPU" + (", NNCF int8" if precision == "int8" else "")
+
+    def build(self, folded, precision, batches, batch_size, resolution, workdir) -> Run:
+        model = openvino_model(folded, precision, batches, resolution=resolution, batch_size=batch_size)
+        return Request(openvino_compile(model, precision=precision))
+
+    def save(self, folded, path, format, precision, batches, resolution) -> Path:
+        import openvino as ov
+
+        # the weights go to the .bin beside the .xml, as float32: fp16 compression would change the logits
+        ov.save_model(openvino_model(folded, precision, batches, resolution=resolution, batch_size=None), str(path),
+                      compress_to_fp16=False)
+        return Path(path)
+
+    def load(self, path, format) -> Run:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(path))
+        config = {}
+        if model.has_rt_info(HINT_KEY):  # the precision the file was exported for (OpenVINO defaults to bf16 on AMX)
+            config["INFERENCE_PRECISION_HINT"] = model.get_rt_info(HINT_KEY).astype(str)
+        compiled = core.compile_model(model, "CPU", config)
+        return lambda x: torch.from_numpy(compiled(as_input(x).numpy())[0].copy()).float()
+
+
+BACKEND = OpenVINO()

@@ -1,0 +1,91 @@
+"""``compile``: the folded model built by one backend (or the fastest, ``auto``) into a :class:`Predictor`."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+
+from ..architecture import MIN_RESOLUTION
+from ..model import MobileNetV1
+from . import auto
+from . import backend as registry  # the parameter of compile is called backend
+from .backend import Run
+from .calibration import DEFAULT_RESOLUTION, as_input, calibration_batches, check_input_shape, rebatch
+from .folding import fold_batchnorm
+from .machine import DeployError, bf16_supported
+
+
+class Predictor:
+    """Runs one compiled model on ``(N, 3, H, W)`` preprocessed input and returns float32 logits.
+
+    Attributes a caller can rely on: ``backend``, ``precision``, ``batch_size``,
+    ``resolution``, ``detail`` (how the backend runs it), ``timings`` (ms per
+    batch of each backend ``auto`` tried, else empty).
+    """
+
+    def __init__(self, run: Run, *, backend: str, precision: str, batch_size: int, resolution: int,
+                 detail: str = "", timings: dict[str, float] | None = None):
+        self._run = run
+        self.backend = backend
+        self.precision = precision
+        self.batch_size = batch_size
+        self.resolution = resolution
+        self.detail = detail
+        self.timings: dict[str, float] = dict(timings or {})
+
+    def __repr__(self) -> str:
+        return (f"Predictor(backend={self.backend!r}, precision={self.precision!r}, "
+                f"batch_size={self.batch_size}, resolution={self.resolution})")
+
+    def __call__(self, x) -> torch.Tensor:
+        x = as_input(x)
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        check_input_shape(x, self.resolution)
+        n, b = x.shape[0], self.batch_size
+        if n == b:
+            return self._run(x)
+        outputs = []
+        for start in range(0, n, b):
+            chunk = x[start:start + b]
+            if chunk.shape[0] < b:  # pad rather than recompile for a new shape
+                chunk = torch.cat([chunk, chunk.new_zeros((b - chunk.shape[0], *chunk.shape[1:]))])
+            outputs.append(self._run(chunk)[: min(b, n - start)])
+        return torch.cat(outputs)
+
+
+def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable | None = None,
+            batch_size: int = 1, resolution: int | None = None, backend: str = "auto") -> Predictor:
+    """An optimised predictor for ``model``: ``predictor(x)`` takes (N, 3, H, W) preprocessed input, returns logits.
+
+    ``precision``: "fp32", "bf16" (fast on CPUs with AMX or AVX-512 BF16) or
+    "int8" (needs ``calibration``: an iterable of (N, 3, H, W) batches, or
+    (images, labels) pairs, preprocessed like real inputs).  ``batch_size`` and
+    ``resolution`` (default 224) fix the compiled shape: other batch sizes run
+    in chunks (the last one padded), other resolutions are refused.
+    ``backend``: "auto" (measure the available backends once, cache the
+    fastest), "torch", "onnxruntime" or "openvino".  Nothing is left on disk.
+    """
+    registry.check_precision(precision)
+    registry.check_backend(backend, precision)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DeployError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    resolution = DEFAULT_RESOLUTION if resolution is None else resolution
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
+        raise DeployError(f"resolution must be an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128, "
+                          f"got {resolution!r}")
+    folded = fold_batchnorm(model)
+    batches = rebatch(calibration_batches(calibration, resolution), batch_size) if precision == "int8" else []
+    if precision == "bf16" and not bf16_supported():
+        warnings.warn("this CPU has neither AMX nor AVX-512 BF16: bf16 is emulated and slower than fp32", stacklevel=2)
+
+    timings = {}
+    if backend == "auto":
+        backend, run, timings = auto.choose(model.config.to_dict(), folded, precision, batches, batch_size,
+                                            resolution)
+    else:
+        run = registry.build(backend, folded, precision, batches, batch_size, resolution)
+    return Predictor(run, backend=backend, precision=precision, batch_size=batch_size, resolution=resolution,
+                     detail=registry.get(backend).describe(precision), timings=timings)
