@@ -51,7 +51,7 @@ def load_rgb(path: str | Path, *, min_side: int | Callable[[int, int], int] | No
 
     ``min_side``: the caller needs only a shorter side of at least this many
     pixels, so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale in the DCT
-    domain (PIL's ``draft``): a 12-megapixel photo decodes about 20x faster.
+    domain (PIL's ``draft``): a 12-megapixel photo decodes about 6x faster.
     A callable gets (width, height) and returns that side.
     Raises :class:`ImageError` naming the file when it cannot be decoded
     (empty, truncated, not an image).

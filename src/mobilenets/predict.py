@@ -152,8 +152,9 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     topk = min(topk, model.config.num_classes)
     sources = _sources(inputs)
     if isinstance(calibration, (str, Path)):  # a folder of images, read like the inputs
-        calibration = [b.x for b in pipeline.batches(list_images(calibration), resolution=resolution,
-                                                     normalization=normalization, batch_size=8) if b.x is not None]
+        from . import deploy
+
+        calibration, _ = deploy.image_batches(calibration, resolution, normalization=normalization)
     run = _runner(model, len(sources), precision, backend, calibration, batch_size, resolution)
 
     for batch in _batches(sources, resolution, normalization, batch_size, workers, draft):

@@ -61,17 +61,21 @@ def image_batches(directory, resolution: int, *, normalization=None, batch_size:
 
     Returns (batches, paths).  Unreadable files are skipped with a warning.
     """
-    from .. import images
+    from .. import images, pipeline
 
     normalization = normalization or images.INCEPTION
+    files = images.list_images(directory)
     tensors, paths = [], []
-    for path in images.list_images(directory):
-        try:
-            tensors.append(images.eval_transform(images.load_rgb(path), resolution, normalization))
-            paths.append(path)
-        except images.ImageError as e:
-            images.warn_skipped(path, e)
+    # the pipeline of predict and evaluate: the same decoding, in worker processes for a large folder
+    for batch in pipeline.batches(files[: limit * 2] if limit else files, resolution=resolution,
+                                  normalization=normalization, batch_size=batch_size):
+        for i, why in batch.failed:
+            images.warn_skipped(files[i], images.ImageError(why))
+        if batch.x is not None:
+            tensors += list(batch.x)
+            paths += [files[i] for i in batch.indices]
         if limit and len(tensors) >= limit:
+            tensors, paths = tensors[:limit], paths[:limit]
             break
     if not tensors:
         raise DeployError(f"no decodable images in {directory}")
