@@ -41,6 +41,7 @@ from . import deploy, paper
 from .cache import cache_dir
 from .checkpoint import atomic_write
 from .cost import cost
+from .errors import ParameterError
 from .model import mobilenet_v1
 from .weights import registry
 
@@ -463,7 +464,7 @@ def pick(latency_ms: float, grid_data: dict) -> dict:
     None, "table": pareto rows, "accuracy_column": ...}.
     """
     if not latency_ms > 0:
-        raise ValueError(f"--latency-ms must be > 0, got {latency_ms}")
+        raise ParameterError(f"latency_ms must be a number > 0, got {latency_ms!r}")
     key = "top1_int8" if grid_data["precision"] == "int8" else "top1"
     rows = [r for r in grid_data["rows"] if r.get(key) is not None]
     table = pareto(rows, key)

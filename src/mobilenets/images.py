@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import MobilenetsError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 # The crop fraction of the Inception/TF-slim evaluation: resize to resolution / 0.875, centre-crop.
 CROP_FRACTION = 0.875
 
 
-class ImageError(ValueError):
+class ImageError(MobilenetsError):
     """A file that is not a decodable image."""
 
 
