@@ -16,15 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..architecture import MIN_RESOLUTION
+from ..architecture import MAX_ALPHA, MAX_RESOLUTION, MIN_RESOLUTION
 from ..errors import MobilenetsError
 
 OPTIMIZERS = ("rmsprop_tf", "sgd", "adamw")
 SCHEDULERS = ("exponential", "cosine", "constant")
-# Far beyond every published model (alpha <= 1, resolution <= 224) yet small enough that a typo such as
-# alpha 50 (a 10 GB model) or resolution 20000 (5 GB per image) is refused before anything is allocated.
-MAX_ALPHA = 4.0
-MAX_RESOLUTION = 2048
 
 
 # Named presets: only what differs from TrainConfig's defaults below (the paper's recipe).
