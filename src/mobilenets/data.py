@@ -232,6 +232,14 @@ def splits(data: str | Path | None, resolution: int, *, train_transform, eval_tr
     """
     if data is None:
         return Digits("train", resolution, train_transform), Digits("val", resolution, eval_transform)
+    check_layout(data)
+    train = ImageFolder(Path(data) / "train", train_transform)
+    val = ImageFolder(Path(data) / "val", eval_transform, classes=train.classes)
+    return train, val
+
+
+def check_layout(data: str | Path) -> None:
+    """Refuse a ``data`` path without train/ and val/ folders: a cheap check that can run before a run starts."""
     data = Path(data)
     if not data.is_dir():
         raise FileNotFoundError(f"{data} is not a directory; expected {data}/train/<class>/* and {data}/val/<class>/*")
@@ -240,9 +248,6 @@ def splits(data: str | Path | None, resolution: int, *, train_transform, eval_tr
             raise FileNotFoundError(
                 f"{data} has no {split}/ folder; expected {data}/train/<class>/* and {data}/val/<class>/* "
                 f"(the ImageFolder layout)")
-    train = ImageFolder(data / "train", train_transform)
-    val = ImageFolder(data / "val", eval_transform, classes=train.classes)
-    return train, val
 
 
 # ---------------------------------------------------------------- sampling and batching
