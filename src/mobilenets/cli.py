@@ -47,7 +47,13 @@ alpha = _number(float, alpha_ok, ALPHA_RANGE)
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 resolution = _number(int, resolution_ok, RESOLUTION_RANGE)
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
-_nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+
+
+
+def _workers():
+    from .data import MAX_WORKERS
+
+    return _number(int, lambda v: 0 <= v <= MAX_WORKERS, f"an integer in [0, {MAX_WORKERS}]")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -253,7 +259,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--data", metavar="DIR", help="DIR/<class>/*; default: the built-in held-out digits")
     p.add_argument("--resolution", type=resolution, help="input size (default: the checkpoint's)")
     p.add_argument("-b", "--batch-size", type=_positive_int, default=64)
-    p.add_argument("-j", "--num-workers", dest="num_workers", type=_nonnegative_int, default=2)
+    p.add_argument("-j", "--num-workers", dest="num_workers", type=_workers(), default=2)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_evaluate)
@@ -579,7 +585,7 @@ def add_predict(sub) -> None:
     p.add_argument("--backend", choices=("eager", "auto", "torch", "onnxruntime", "openvino"), default=None,
                    help="runtime (default: eager PyTorch for a few images, else the fastest measured, 'auto')")
     p.add_argument("--calib-data", metavar="DIR", default=None, help="images for int8 calibration")
-    p.add_argument("--workers", type=_nonnegative_int, default=None,
+    p.add_argument("--workers", type=_workers(), default=None,
                    help="image decoding processes (default: one per core but one; 0 decodes in this process)")
     p.add_argument("--exact-decode", action="store_true",
                    help="decode JPEGs at full size (default: at the smallest DCT scale still >= the resize size)")

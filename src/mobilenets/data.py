@@ -30,6 +30,10 @@ class DataError(MobilenetsError):
     """An image folder that cannot be used as a data set; the message says which folder and what would work."""
 
 
+# Data loading processes: far more than any machine's cores, far fewer than the process limit that
+# 10^8 workers would run into (a typo that otherwise forks until the machine stops).
+MAX_WORKERS = 256
+
 BUILTIN = "digits"  # the name the built-in set goes by in checkpoints and metrics
 BUILTIN_VAL_FRACTION = 0.2
 BUILTIN_SPLIT_SEED = 0  # fixed: the held-out digits are the same for every run
