@@ -109,7 +109,7 @@ def test_clear_errors(tmp_path, capsys):
         (["--checkpoint", str(tmp_path / "m.pt"), "--data", str(tmp_path / "ds")],
          "looks like a data set root: pass"),
         (["--checkpoint", str(tmp_path / "m.pt"), "--data", str(tmp_path / "missing")], "is not a directory"),
-        (["--checkpoint", str(tmp_path / "m.pt"), "--resolution", "16"], "--resolution: must be an integer >= 32"),
+        (["--checkpoint", str(tmp_path / "m.pt"), "--resolution", "16"], "--resolution: must be an integer in [32, 2048]"),
     ]
     for args, message in cases:
         assert cli.main(["evaluate", *args]) == 2
