@@ -60,11 +60,16 @@ class Bound:
         return True
 
     def describe(self) -> str:
+        low, high = _text(self.low), _text(self.high)
         if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"{'<' if self.high_open else '<='} {self.high:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"{'<' if self.high_open else '<='} {high}"
+
+
+def _text(bound: float | None) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}" if bound is not None else ""
 
 
 def option(default, help: str, *, flags: tuple[str, ...] | None = None, bound: Bound | None = None,
