@@ -95,7 +95,7 @@ def test_builtin_digits_are_the_default_data(tmp_path):
     result = evaluate_checkpoint(tmp_path / "digits.pt", num_workers=0)
     assert result["images"] == 359 and "digits" in result["data"]
     save_model(tmp_path / "patterns.pt", 3, list(CLASSES))
-    with pytest.raises(ValueError, match="not trained on the built-in digits.*pass --data"):
+    with pytest.raises(ValueError, match="not trained on the built-in digits.*pass data_dir"):
         evaluate_checkpoint(tmp_path / "patterns.pt", num_workers=0)
 
 
@@ -109,7 +109,7 @@ def test_clear_errors(tmp_path, capsys):
         (["--checkpoint", str(tmp_path / "m.pt"), "--data", str(tmp_path / "ds")],
          "looks like a data set root: pass"),
         (["--checkpoint", str(tmp_path / "m.pt"), "--data", str(tmp_path / "missing")], "is not a directory"),
-        (["--checkpoint", str(tmp_path / "m.pt"), "--resolution", "16"], "--resolution: must be an integer >= 32"),
+        (["--checkpoint", str(tmp_path / "m.pt"), "--resolution", "16"], "--resolution: must be an integer in [32, 2048]"),
     ]
     for args, message in cases:
         assert cli.main(["evaluate", *args]) == 2

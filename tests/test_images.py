@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import mobilenets.errors
 from mobilenets import images
 
 
@@ -83,3 +84,24 @@ def test_list_images_errors(tmp_path):
         images.list_images(tmp_path / "nope")
     with pytest.raises(images.ImageError, match="no image files"):
         images.list_images(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_float_tiff_with_a_non_finite_pixel_is_refused_naming_the_file(tmp_path, bad):
+    # one infinity used to set the scale, turning every other pixel black without a word
+    a = np.full((30, 40), 1000.0, np.float32)
+    a[3, 4] = bad
+    path = save(tmp_path, "float.tif", Image.fromarray(a, "F"))
+    with pytest.raises(images.ImageError, match=r"float\.tif.*1 of its 1200 pixels are not finite"):
+        images.load_rgb(path)
+    assert issubclass(images.ImageError, mobilenets.errors.MobilenetsError)
+
+
+def test_a_finite_float_tiff_keeps_its_contrast(tmp_path):
+    # the real range is scaled to 8 bits: 0 stays black, the maximum becomes 255, the middle 128
+    a = np.zeros((30, 40), np.float32)
+    a[:, 20:] = 1000.0
+    a[:, 10:20] = 500.0
+    rgb = np.asarray(images.load_rgb(save(tmp_path, "float.tif", Image.fromarray(a, "F"))))
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 30].tolist() == [255, 255, 255]
+    assert rgb[0, 15].tolist() == [127, 127, 127]

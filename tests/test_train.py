@@ -366,7 +366,10 @@ def test_finetune_new_head_keeps_body_and_normalization(tmp_path, dataset):
     (["--hflip", "2"], "--hflip: must be a number in [0, 1]"),
     (["--label-smoothing", "1.5"], "--label-smoothing: must be a number in [0, 1)"),
     (["--batch-size", "1"], "--batch-size: must be an integer >= 2"),
-    (["--threads", "0"], "--threads: must be an integer >= 1"),
+    (["--threads", "0"], "--threads: must be an integer in [1, 1024]"),
+    (["--threads", "100000000"], "--threads: must be an integer in [1, 1024]"),  # was a segfault
+    (["-j", "100000000"], "--workers: must be an integer in [0, 256]"),  # forked until the machine stopped
+    (["--seed", "99999999999999999999"], "--seed: must be an integer in [0, 4294967295]"),  # was a traceback
     (["--data", "/no/such/folder"], "/no/such/folder is not a directory"),
     (["--device", "foo"], "device must be cpu, cuda or cuda:N, got 'foo'"),
     (["--alpha", "50"], "--alpha: must be a number in (0, 4]"),

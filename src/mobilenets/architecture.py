@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .errors import ParameterError, ParameterTypeError
+
 
 @dataclass(frozen=True)
 class Conv:
@@ -57,6 +59,13 @@ CONV_DEFS: tuple[Conv | DepthSepConv, ...] = (
 SHALLOW_REMOVED = (7, 8, 9, 10, 11)
 
 MIN_RESOLUTION = 32  # five stride-2 layers: 32 px is the smallest input that leaves a 1x1 map
+# The one home of the bounds every entry point checks (model config, weight files, training, the CLI).
+# Far beyond every published model (alpha <= 1, resolution <= 224; timm's widest is alpha 1.25) yet small
+# enough that a typo such as alpha 50 (a 10 GB model) or resolution 20000 (an eval resize of 5 GB per image)
+# is refused before anything is allocated. ImageNet-21k has 21,843 classes.
+MAX_ALPHA = 4.0
+MAX_RESOLUTION = 2048
+MAX_CLASSES = 100_000
 OUTPUT_STRIDES = (8, 16, 32)
 
 
@@ -65,25 +74,49 @@ def depth(channels: int, alpha: float, min_depth: int = 8) -> int:
     return max(int(channels * alpha), min_depth)
 
 
+ALPHA_RANGE = f"a number in (0, {MAX_ALPHA:g}] such as 1.0, 0.75, 0.5, 0.25"
+RESOLUTION_RANGE = f"an integer in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] such as 224, 192, 160, 128"
+
+
+def alpha_ok(alpha) -> bool:
+    """Whether ``alpha`` is a width multiplier this library builds: finite, in (0, MAX_ALPHA]."""
+    return (not isinstance(alpha, bool) and isinstance(alpha, (int, float)) and math.isfinite(alpha)
+            and 0 < alpha <= MAX_ALPHA)
+
+
+def resolution_ok(resolution) -> bool:
+    """Whether ``resolution`` is an input size in [MIN_RESOLUTION, MAX_RESOLUTION]."""
+    return (not isinstance(resolution, bool) and isinstance(resolution, int)
+            and MIN_RESOLUTION <= resolution <= MAX_RESOLUTION)
+
+
 def check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a number > 0 (e.g. 1.0, 0.75, 0.5, 0.25), got {alpha!r}")
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0 (e.g. 1.0, 0.75, 0.5, 0.25), got {alpha!r}")
+        raise ParameterTypeError(f"alpha must be {ALPHA_RANGE}, got {alpha!r}")
+    if not alpha_ok(alpha):
+        raise ParameterError(f"alpha must be {ALPHA_RANGE}, got {alpha!r}")
     return float(alpha)
 
 
 def check_resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
-    """Normalise an input size to (height, width) and check it is at least 32x32."""
+    """Normalise an input size to (height, width) and check each side is in [MIN_RESOLUTION, MAX_RESOLUTION]."""
     size = (resolution, resolution) if not isinstance(resolution, (tuple, list)) else tuple(resolution)
     if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in size):
-        raise TypeError(f"resolution must be an integer or a (height, width) pair of integers, got {resolution!r}")
-    if min(size) < MIN_RESOLUTION:
-        raise ValueError(
-            f"resolution must be at least {MIN_RESOLUTION} pixels on each side "
-            f"(the paper uses 224, 192, 160, 128), got {resolution!r}"
-        )
+        raise ParameterTypeError(f"resolution must be an integer or a (height, width) pair of integers, "
+                                 f"got {resolution!r}")
+    if not all(resolution_ok(s) for s in size):
+        raise ParameterError(f"resolution must be {RESOLUTION_RANGE} on each side, got {resolution!r}")
     return size  # type: ignore[return-value]
+
+
+def check_num_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise ParameterTypeError(f"num_classes must be an integer >= 0 (0 gives pooled features), "
+                                 f"got {num_classes!r}")
+    if not 0 <= num_classes <= MAX_CLASSES:
+        raise ParameterError(f"num_classes must be in [0, {MAX_CLASSES}] (0 gives pooled features), "
+                             f"got {num_classes!r}")
+    return num_classes
 
 
 @dataclass(frozen=True)
@@ -141,9 +174,9 @@ def body(
     """
     alpha = check_alpha(alpha)
     if isinstance(min_depth, bool) or not isinstance(min_depth, int) or min_depth < 1:
-        raise ValueError(f"min_depth must be a positive integer (TF-slim uses 8), got {min_depth!r}")
+        raise ParameterError(f"min_depth must be a positive integer (TF-slim uses 8), got {min_depth!r}")
     if output_stride is not None and output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES} or None, got {output_stride!r}")
+        raise ParameterError(f"output_stride must be one of {OUTPUT_STRIDES} or None, got {output_stride!r}")
 
     blocks = []
     in_channels = 3

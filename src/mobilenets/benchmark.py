@@ -40,11 +40,36 @@ import torch
 from . import deploy, paper
 from .cache import cache_dir
 from .checkpoint import atomic_write
+from .architecture import check_resolution
 from .cost import cost
+from .errors import ParameterError
 from .model import mobilenet_v1
 from .weights import registry
 
 SEED = 0
+# Bounds that keep a typo from asking for all the memory: a batch of 1024 at 224 px is 0.6 GB of input and
+# about 1.6 GB in the first layer; the floor's three n x n fp32 matrices take 0.8 GB at n = 8192.
+MAX_BATCH = 1024
+MAX_FLOOR_SIZE = 8192
+
+
+def _positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+def check_arguments(*, batch_sizes=(1,), floor_size: int = 2048, rounds: int = 5, min_time: float = 0.4) -> None:
+    """Refuse timing arguments that cannot work or would exhaust memory, before any model is built."""
+    bad = [b for b in batch_sizes if not _positive_int(b) or b > MAX_BATCH]
+    if bad or not batch_sizes:
+        raise ParameterError(f"batch sizes must be integers in [1, {MAX_BATCH}] such as 1, 8, 32, "
+                             f"got {list(batch_sizes)!r}")
+    if not _positive_int(floor_size) or floor_size > MAX_FLOOR_SIZE:
+        raise ParameterError(f"floor_size must be an integer in [1, {MAX_FLOOR_SIZE}] (default 2048), "
+                             f"got {floor_size!r}")
+    if not _positive_int(rounds):
+        raise ParameterError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if isinstance(min_time, bool) or not isinstance(min_time, (int, float)) or not 0 < min_time < float("inf"):
+        raise ParameterError(f"min_time must be a number of seconds > 0 such as 0.4, got {min_time!r}")
 
 
 @dataclass
@@ -235,6 +260,8 @@ def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_si
     Each row has ``ratios``: peer median / its median (> 1 means faster).
     """
     log = log or (lambda s: None)
+    check_arguments(batch_sizes=batch_sizes, floor_size=floor_size, rounds=rounds, min_time=min_time)
+    check_resolution(resolution)
     model = model if model is not None else make_model(alpha)
     alpha = model.config.alpha
     mult_adds = cost(alpha, resolution, num_classes=model.config.num_classes, min_depth=model.config.min_depth,
@@ -391,6 +418,7 @@ def grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto",
     rounds, so the curve compares models under the same load.
     """
     log = log or (lambda s: None)
+    check_arguments(batch_sizes=(batch_size,), rounds=rounds, min_time=min_time)
     deploy.backend.check_precision(precision)
     built = {}
     for alpha in alphas:
@@ -463,7 +491,7 @@ def pick(latency_ms: float, grid_data: dict) -> dict:
     None, "table": pareto rows, "accuracy_column": ...}.
     """
     if not latency_ms > 0:
-        raise ValueError(f"--latency-ms must be > 0, got {latency_ms}")
+        raise ParameterError(f"latency_ms must be a number > 0, got {latency_ms!r}")
     key = "top1_int8" if grid_data["precision"] == "int8" else "top1"
     rows = [r for r in grid_data["rows"] if r.get(key) is not None]
     table = pareto(rows, key)

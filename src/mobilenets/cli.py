@@ -15,7 +15,8 @@ import math
 import os
 import sys
 
-from .architecture import MIN_RESOLUTION
+from .architecture import ALPHA_RANGE, RESOLUTION_RANGE, alpha_ok, resolution_ok
+from .errors import MobilenetsError
 
 
 class UsageError(Exception):
@@ -42,12 +43,17 @@ def _number(convert, ok, allowed: str):
     return parse
 
 
-alpha = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0 such as 1.0, 0.75, 0.5, 0.25")
+alpha = _number(float, alpha_ok, ALPHA_RANGE)
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
-resolution = _number(int, lambda v: v >= MIN_RESOLUTION,
-                     f"an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128")
+resolution = _number(int, resolution_ok, RESOLUTION_RANGE)
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
-_nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+
+
+
+def _workers():
+    from .data import MAX_WORKERS
+
+    return _number(int, lambda v: 0 <= v <= MAX_WORKERS, f"an integer in [0, {MAX_WORKERS}]")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -253,7 +259,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--data", metavar="DIR", help="DIR/<class>/*; default: the built-in held-out digits")
     p.add_argument("--resolution", type=resolution, help="input size (default: the checkpoint's)")
     p.add_argument("-b", "--batch-size", type=_positive_int, default=64)
-    p.add_argument("-j", "--num-workers", dest="num_workers", type=_nonnegative_int, default=2)
+    p.add_argument("-j", "--num-workers", dest="num_workers", type=_workers(), default=2)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_evaluate)
@@ -367,13 +373,18 @@ def add_export(sub) -> None:
     p.set_defaults(func=run_export)
 
 
-def _csv(kind, choices=None):
+def _csv(kind, choices=None, ok=None, allowed=""):
     def parse(text: str):
-        values = [kind(v) for v in text.split(",") if v]
+        try:
+            values = [kind(v) for v in text.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated {allowed or kind.__name__}; got {text!r}")
         if choices:
             bad = [v for v in values if v not in choices]
             if bad:
                 raise argparse.ArgumentTypeError(f"{bad} not in {list(choices)}")
+        if ok and not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"must be comma-separated {allowed}; got {text!r}")
         if not values:
             raise argparse.ArgumentTypeError("empty list")
         return values
@@ -385,6 +396,8 @@ def run_benchmark(args) -> int:
 
     from . import benchmark
 
+    benchmark.check_arguments(batch_sizes=args.batch_size, floor_size=args.floor_size, rounds=args.rounds,
+                              min_time=args.min_time)  # before a model is fitted or loaded
     benchmark._quiet()
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
     if args.grid:
@@ -416,20 +429,25 @@ def run_benchmark(args) -> int:
 
 
 def add_benchmark(sub) -> None:
+    from .benchmark import MAX_BATCH, MAX_FLOOR_SIZE
     from .deploy import BACKENDS, PRECISIONS
 
     p = sub.add_parser("benchmark", help="latency and throughput beside timm, ONNX Runtime and OpenVINO",
                        description="Median and p90 latency after warm-up, throughput, achieved mult-adds/s against "
                                    "a 2048^3 matmul floor, parity with fp32 eager; peers timed in the same run.")
     _add_weights_arguments(p)
-    p.add_argument("-b", "--batch-size", type=_csv(int), default=[1], help="comma-separated (default 1)")
+    p.add_argument("-b", "--batch-size", type=_csv(int, ok=lambda v: 1 <= v <= MAX_BATCH,
+                                                   allowed=f"integers in [1, {MAX_BATCH}] such as 1,8,32"),
+                   default=[1], help="comma-separated (default 1)")
     p.add_argument("--precision", type=_csv(str, PRECISIONS), default=["fp32"], help="comma-separated fp32,bf16,int8")
     p.add_argument("--backend", type=_csv(str, ("auto", *BACKENDS)), default=["auto"],
                    help="our backends to time, comma-separated (default auto)")
     p.add_argument("--no-peers", action="store_true", help="time only ours")
     p.add_argument("--rounds", type=_positive_int, default=5, help="interleaved timing rounds (default 5)")
     p.add_argument("--min-time", type=positive_float, default=0.4, help="seconds per candidate per round")
-    p.add_argument("--floor-size", type=_positive_int, default=2048, help="n of the n^3 matmul floor (default 2048)")
+    p.add_argument("--floor-size", type=_number(int, lambda v: 1 <= v <= MAX_FLOOR_SIZE,
+                                                f"an integer in [1, {MAX_FLOOR_SIZE}]"),
+                   default=2048, help="n of the n^3 matmul floor (default 2048)")
     p.add_argument("--grid", action="store_true", help="the 16 alpha x resolution models at the first "
                                                        "--precision/--batch-size/--backend: latency vs mult-adds")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': print JSON only)")
@@ -468,6 +486,7 @@ def run_pick(args) -> int:
 
 
 def add_pick(sub) -> None:
+    from .benchmark import MAX_BATCH
     from .deploy import BACKENDS, PRECISIONS
 
     p = sub.add_parser("pick", help="the most accurate alpha x resolution model that fits a latency budget here",
@@ -475,7 +494,8 @@ def add_pick(sub) -> None:
                                    "machine and recommends the most accurate within --latency-ms, by the published "
                                    "ImageNet top-1 (int8 column for --precision int8).")
     p.add_argument("--latency-ms", type=positive_float, required=True, help="budget per batch, milliseconds")
-    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--batch", type=_number(int, lambda v: 1 <= v <= MAX_BATCH, f"an integer in [1, {MAX_BATCH}]"),
+                   default=1, help="batch size (default 1)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto")
     p.add_argument("--remeasure", action="store_true", help="ignore the cached grid and measure again")
@@ -565,7 +585,7 @@ def add_predict(sub) -> None:
     p.add_argument("--backend", choices=("eager", "auto", "torch", "onnxruntime", "openvino"), default=None,
                    help="runtime (default: eager PyTorch for a few images, else the fastest measured, 'auto')")
     p.add_argument("--calib-data", metavar="DIR", default=None, help="images for int8 calibration")
-    p.add_argument("--workers", type=_nonnegative_int, default=None,
+    p.add_argument("--workers", type=_workers(), default=None,
                    help="image decoding processes (default: one per core but one; 0 decodes in this process)")
     p.add_argument("--exact-decode", action="store_true",
                    help="decode JPEGs at full size (default: at the smallest DCT scale still >= the resize size)")
@@ -606,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-    except (UsageError, ValueError, TypeError, OSError) as e:
+    # Only what a user can fix is one line; any other exception is a bug in mobilenets and keeps its traceback.
+    except (UsageError, MobilenetsError, OSError) as e:
         if os.environ.get("MOBILENETS_DEBUG"):
             raise
         print(f"mobilenets: error: {e}", file=sys.stderr)

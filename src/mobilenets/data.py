@@ -21,7 +21,18 @@ import torch
 from PIL import Image
 
 from . import images
+from .errors import MobilenetsError, ParameterError
 from .images import INCEPTION, ImageError, Normalization
+
+
+
+class DataError(MobilenetsError):
+    """An image folder that cannot be used as a data set; the message says which folder and what would work."""
+
+
+# Data loading processes: far more than any machine's cores, far fewer than the process limit that
+# 10^8 workers would run into (a typo that otherwise forks until the machine stops).
+MAX_WORKERS = 256
 
 BUILTIN = "digits"  # the name the built-in set goes by in checkpoints and metrics
 BUILTIN_VAL_FRACTION = 0.2
@@ -62,9 +73,9 @@ class TrainTransform:
 
     def __post_init__(self):
         if not 0 < self.min_scale <= 1:
-            raise ValueError(f"min_scale must be in (0, 1], e.g. 0.08 (Inception) or 0.35 (mild); got {self.min_scale}")
+            raise ParameterError(f"min_scale must be in (0, 1], e.g. 0.08 (Inception) or 0.35 (mild); got {self.min_scale}")
         if not 0 <= self.hflip <= 1:
-            raise ValueError(f"hflip must be a probability in [0, 1], got {self.hflip}")
+            raise ParameterError(f"hflip must be a probability in [0, 1], got {self.hflip}")
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """(left, top, crop width, crop height); after 10 failed draws, the centre crop of the clamped aspect."""
@@ -151,11 +162,11 @@ class ImageFolder(_Dataset):
             raise FileNotFoundError(f"{root} is not a directory; expected one folder per class, {root}/<class>/*.jpg")
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not found:
-            raise ValueError(f"{root} has no class folders; expected one folder per class, {root}/<class>/*.jpg")
+            raise DataError(f"{root} has no class folders; expected one folder per class, {root}/<class>/*.jpg")
         if classes is not None and found != sorted(classes):
             missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
             differences = [f"missing {missing}"] * bool(missing) + [f"not in training {extra}"] * bool(extra)
-            raise ValueError(f"the classes in {root} differ from the training classes: {'; '.join(differences)}; "
+            raise DataError(f"the classes in {root} differ from the training classes: {'; '.join(differences)}; "
                              f"every split needs the same class folders")
         self.root = root
         self.classes = list(classes) if classes is not None else found
@@ -166,7 +177,7 @@ class ImageFolder(_Dataset):
             files = sorted(p for p in (root / name).rglob("*")
                            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in images.IMAGE_EXTENSIONS)
             if not files:
-                raise ValueError(f"class folder {root / name} has no images ({', '.join(images.IMAGE_EXTENSIONS)}); "
+                raise DataError(f"class folder {root / name} has no images ({', '.join(images.IMAGE_EXTENSIONS)}); "
                                  f"add images or remove the folder")
             self.paths += files
             self.targets += [target] * len(files)
@@ -204,7 +215,7 @@ class Digits(_Dataset):
 
     def __init__(self, split: str, resolution: int, transform):
         if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+            raise ParameterError(f"split must be 'train' or 'val', got {split!r}")
         pictures, targets = _digits_images(resolution)
         keep = _digits_split(targets)[split]
         self.classes = [str(c) for c in range(10)]
@@ -225,17 +236,22 @@ def splits(data: str | Path | None, resolution: int, *, train_transform, eval_tr
     """
     if data is None:
         return Digits("train", resolution, train_transform), Digits("val", resolution, eval_transform)
+    check_layout(data)
+    train = ImageFolder(Path(data) / "train", train_transform)
+    val = ImageFolder(Path(data) / "val", eval_transform, classes=train.classes)
+    return train, val
+
+
+def check_layout(data: str | Path) -> None:
+    """Refuse a ``data`` path without train/ and val/ folders: a cheap check that can run before a run starts."""
     data = Path(data)
     if not data.is_dir():
-        raise FileNotFoundError(f"--data {data} is not a directory; expected {data}/train/<class>/* and {data}/val/<class>/*")
+        raise FileNotFoundError(f"{data} is not a directory; expected {data}/train/<class>/* and {data}/val/<class>/*")
     for split in ("train", "val"):
         if not (data / split).is_dir():
             raise FileNotFoundError(
                 f"{data} has no {split}/ folder; expected {data}/train/<class>/* and {data}/val/<class>/* "
                 f"(the ImageFolder layout)")
-    train = ImageFolder(data / "train", train_transform)
-    val = ImageFolder(data / "val", eval_transform, classes=train.classes)
-    return train, val
 
 
 # ---------------------------------------------------------------- sampling and batching

@@ -11,3 +11,11 @@ from __future__ import annotations
 
 class MobilenetsError(ValueError):
     """Bad input a user can fix. Subclasses ``ValueError`` so ``except ValueError`` callers keep working."""
+
+
+class ParameterError(MobilenetsError):
+    """A parameter outside what works (a number out of its bounds, a name not among the choices)."""
+
+
+class ParameterTypeError(ParameterError, TypeError):
+    """A parameter of the wrong kind (text for a number); also a ``TypeError``, as Python's convention has it."""

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from . import data, weights
+from .architecture import RESOLUTION_RANGE, resolution_ok
+from .data import DataError
+from .errors import ParameterError
 from .images import INCEPTION, Normalization
 from .labels import imagenet_labels, imagenet_wnids
 
@@ -64,6 +67,23 @@ def evaluate(model, loader, *, device="cpu", amp: bool = False, channels_last: b
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss_sum / n, "images": int(count)}
 
 
+def _device(name: str | None) -> torch.device:
+    """The device to evaluate on: ``name`` (cpu, cuda, cuda:N) checked against this machine, else cuda when present."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # torch's word for a malformed device string
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ParameterError(f"device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ParameterError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                             f"use device 'cpu'" + (" or cuda:0" if torch.cuda.device_count() else ""))
+    return device
+
+
 class _Labelled(data.ImageFolder):
     """An ImageFolder whose class indices are the checkpoint's labels (a folder may hold only some classes)."""
 
@@ -78,7 +98,7 @@ class _Labelled(data.ImageFolder):
             hint = ""
             if {"train", "val"} <= set(folders):
                 hint = f"; {root} looks like a data set root: pass {root / 'val'}"
-            raise ValueError(f"class folders {unknown[:5]} in {root} are not among the model's {len(labels)} labels "
+            raise DataError(f"class folders {unknown[:5]} in {root} are not among the model's {len(labels)} labels "
                              f"({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''}){hint}")
         super().__init__(root, transform, classes=folders)
         self.targets = [index[folders[t]] for t in self.targets]
@@ -92,33 +112,39 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path | None
 
     Returns ``{"top1", "top5", "loss", "images", "checkpoint", "resolution", "data"}``; top-1/top-5 are percentages.
     """
+    # the arguments are checked before the model is read, so a typo costs nothing
+    if resolution is not None and not resolution_ok(resolution):
+        raise ParameterError(f"resolution must be {RESOLUTION_RANGE}, got {resolution!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ParameterError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or not 0 <= num_workers <= data.MAX_WORKERS:
+        raise ParameterError(f"num_workers must be an integer in [0, {data.MAX_WORKERS}], got {num_workers!r}")
+    device = _device(device)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"{data_dir} is not a directory; expected {data_dir}/<class>/*.jpg")
     path = weights.resolve(checkpoint_path)
     model = weights.load(path)
     meta = model.meta
     resolution = resolution or meta.get("resolution")
     if not resolution:
-        raise ValueError(f"{path} stores no resolution; pass --resolution")
-    if resolution < 32:
-        raise ValueError(f"--resolution must be >= 32, got {resolution}")
+        raise ParameterError(f"{path} stores no resolution; pass resolution, e.g. 224")
     normalization = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else INCEPTION
     labels = meta.get("labels")
     transform = data.EvalTransform(resolution, normalization)
     if data_dir is None:
         dataset = data.Digits("val", resolution, transform)
         if labels is not None and labels != dataset.classes:
-            raise ValueError(f"{path} was not trained on the built-in digits (its labels are {labels[:10]}); pass --data")
+            raise DataError(f"{path} was not trained on the built-in digits (its labels are {labels[:10]}); "
+                            f"pass data_dir, a folder of its classes")
     else:
         root = Path(data_dir)
-        if not root.is_dir():
-            raise FileNotFoundError(f"--data {root} is not a directory; expected {root}/<class>/*.jpg")
         if labels is None:
             warnings.warn(f"{path} stores no labels; assuming the sorted class folders of {root} are its classes")
             dataset = data.ImageFolder(root, transform)
         else:
             dataset = _Labelled(root, transform, labels)
         if len(dataset.classes) > model.config.num_classes:
-            raise ValueError(f"{root} has {len(dataset.classes)} classes, the model only {model.config.num_classes}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            raise DataError(f"{root} has {len(dataset.classes)} classes, the model only {model.config.num_classes}")
     model.to(device)
     skipped: list = []
 
@@ -130,6 +156,6 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path | None
     loader = data.loader(dataset, data.ShardSampler(len(dataset)), batch_size, num_workers)
     result = evaluate(model, loader, device=device, on_skip=on_skip)
     if result["images"] == 0:
-        raise ValueError(f"no decodable images in {data_dir}")
+        raise DataError(f"no decodable images in {data_dir}")
     return {**result, "skipped": len(skipped), "checkpoint": str(path), "resolution": resolution,
             "data": str(data_dir) if data_dir is not None else f"{data.BUILTIN} (held-out split)"}

@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import MobilenetsError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 # The crop fraction of the Inception/TF-slim evaluation: resize to resolution / 0.875, centre-crop.
 CROP_FRACTION = 0.875
 
 
-class ImageError(ValueError):
+class ImageError(MobilenetsError):
     """A file that is not a decodable image."""
 
 
@@ -76,6 +78,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float grayscale: scale the real range to 8 bits rather than clipping at 255
         a = np.asarray(im, dtype=np.float64)
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            # one infinity would scale every other pixel to 0: a black image classified without a word
+            raise ImageError(f"{bad} of its {a.size} pixels are not finite (NaN or infinity); "
+                             f"a float image needs finite values")
         hi = a.max() if a.size and a.max() > 255 else 255.0
         im = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info:

@@ -9,6 +9,8 @@ the last layer is ``classifier``.  These names are stable.
 from __future__ import annotations
 
 from collections import OrderedDict
+import math
+import numbers
 import dataclasses
 from dataclasses import asdict, dataclass, fields
 
@@ -19,9 +21,14 @@ from torch import nn
 
 from . import architecture
 from .architecture import Block, Layer
+from .errors import ParameterError, ParameterTypeError
 
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU}
 PADDINGS = ("symmetric", "tf_same")
+
+
+def _number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -48,17 +55,22 @@ class MobileNetV1Config:
     output_stride: int | None = None
 
     def __post_init__(self):
+        # every field is checked for its type too: a config read from a file may hold anything
         architecture.check_alpha(self.alpha)
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0 (0 gives pooled features), got {self.num_classes!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
-        if not 0 < self.bn_eps < 1:
-            raise ValueError(f"bn_eps must be in (0, 1) (TF uses 1e-3, PyTorch 1e-5), got {self.bn_eps!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        architecture.check_num_classes(self.num_classes)
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            raise ParameterError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if not isinstance(self.padding, str) or self.padding not in PADDINGS:
+            raise ParameterError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+        if not _number(self.bn_eps) or not 0 < self.bn_eps < 1:
+            raise ParameterError(f"bn_eps must be in (0, 1) (TF uses 1e-3, PyTorch 1e-5), got {self.bn_eps!r}")
+        if not _number(self.bn_momentum) or not 0 <= self.bn_momentum <= 1:
+            raise ParameterError(f"bn_momentum must be in [0, 1] (PyTorch uses 0.1), got {self.bn_momentum!r}")
+        if not _number(self.dropout) or not 0 <= self.dropout < 1:
+            raise ParameterError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("full_conv", "shallow"):
+            if getattr(self, name) not in (True, False):
+                raise ParameterError(f"{name} must be True or False, got {getattr(self, name)!r}")
         # the body checks min_depth and output_stride
         architecture.body(self.alpha, min_depth=self.min_depth, output_stride=self.output_stride)
 
@@ -70,7 +82,7 @@ class MobileNetV1Config:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown model options {sorted(unknown)}; known options are {sorted(known)}")
+            raise ParameterError(f"unknown model options {sorted(unknown)}; known options are {sorted(known)}")
         return cls(**d)
 
     def blocks(self) -> tuple[Block, ...]:
@@ -231,7 +243,7 @@ class MobileNetV1(nn.Module):
         for e in endpoints:
             name = f"Conv2d_{e}" if isinstance(e, int) and not isinstance(e, bool) else e
             if name not in self.endpoint_names:
-                raise ValueError(f"unknown endpoint {e!r}; this model has {list(self.endpoint_names)}")
+                raise ParameterError(f"unknown endpoint {e!r}; this model has {list(self.endpoint_names)}")
             wanted[name] = e
         self._check_input(x)
         out: dict = {}
@@ -252,19 +264,19 @@ class MobileNetV1(nn.Module):
         if isinstance(x, torch.fx.Proxy):
             return
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor of shape (N, 3, H, W), got {type(x).__name__}")
+            raise ParameterTypeError(f"expected a torch.Tensor of shape (N, 3, H, W), got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(
+            raise ParameterError(
                 f"expected input of shape (N, 3, H, W) with H, W >= {architecture.MIN_RESOLUTION}, "
                 f"got {tuple(x.shape)}"
             )
         if min(x.shape[-2:]) < architecture.MIN_RESOLUTION:
-            raise ValueError(
+            raise ParameterError(
                 f"input is {x.shape[-2]}x{x.shape[-1]}; MobileNet needs at least "
                 f"{architecture.MIN_RESOLUTION}x{architecture.MIN_RESOLUTION}"
             )
         if not x.is_floating_point():
-            raise TypeError(f"expected a floating-point tensor, got {x.dtype}; preprocess images first")
+            raise ParameterTypeError(f"expected a floating-point tensor, got {x.dtype}; preprocess images first")
 
 
 def mobilenet_v1(alpha: float = 1.0, num_classes: int = 1000, **options) -> MobileNetV1:

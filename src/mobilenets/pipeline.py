@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 from . import images
+from .data import MAX_WORKERS
+from .errors import ParameterError
 from .images import INCEPTION, ImageError, Normalization
 
 
@@ -86,8 +88,8 @@ def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
     """
     if workers is None:
         workers = default_workers(len(sources), batch_size)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:
+        raise ParameterError(f"workers must be an integer in [0, {MAX_WORKERS}], got {workers!r}")
     loader = torch.utils.data.DataLoader(
         _Decode(sources, resolution, normalization, draft), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate, prefetch_factor=2 if workers else None,

@@ -7,6 +7,7 @@ import functools
 import numpy as np
 import torch
 
+from ..errors import ParameterTypeError
 from .machine import DeployError
 
 DEFAULT_RESOLUTION = 224
@@ -17,9 +18,9 @@ def as_input(x) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor or numpy array of shape (N, 3, H, W), got {type(x).__name__}")
+        raise ParameterTypeError(f"expected a torch.Tensor or numpy array of shape (N, 3, H, W), got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"expected preprocessed float input, got {x.dtype}; use mobilenets.images.eval_transform")
+        raise ParameterTypeError(f"expected preprocessed float input, got {x.dtype}; use mobilenets.images.eval_transform")
     return x.float()
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import ConvBNAct, MobileNetV1
+from ..errors import ParameterTypeError
 from .machine import DeployError
 
 
@@ -61,7 +62,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 def fold_batchnorm(model: MobileNetV1) -> FoldedMobileNet:
     """A float32 inference copy of ``model`` with every BatchNorm folded into the convolution before it."""
     if not isinstance(model, MobileNetV1):
-        raise TypeError(f"expected a mobilenets MobileNetV1 (mobilenets.mobilenet_v1 or mobilenets.load), "
+        raise ParameterTypeError(f"expected a mobilenets MobileNetV1 (mobilenets.mobilenet_v1 or mobilenets.load), "
                         f"got {type(model).__name__}")
     if model.config.activation not in ("relu6", "relu"):
         raise DeployError(f"cannot fuse activation {model.config.activation!r}; fold models with "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, data
 from ..errors import MobilenetsError
 from .config import (MAX_ALPHA, MAX_RESOLUTION, OPTIMIZERS, RECIPES, SCHEDULERS, ConfigError, TrainConfig,
                      check_config, fields, finetune_preset, make_config, preset_applied)
@@ -60,6 +60,8 @@ def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> di
         if config.sync_bn and device.type == "cpu":
             raise ConfigError("sync_bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation; "
                               "train without sync_bn")
+        if config.data is not None:
+            data.check_layout(config.data)  # a typo in the data path must not leave an empty run folder behind
         # rank 0 writes, so rank 0 holds the folder; under torchrun the other ranks stop with it
         with RunLock(config.out) if dist.main else contextlib.nullcontext():
             file = None if not resume else Path(config.out) / LAST if resume is True else Path(resume)

@@ -16,15 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..architecture import MIN_RESOLUTION
+from ..architecture import MAX_ALPHA, MAX_RESOLUTION, MIN_RESOLUTION
+from ..data import MAX_WORKERS
 from ..errors import MobilenetsError
 
+MAX_THREADS = 1024  # torch.set_num_threads(10**8) crashes the process (SIGSEGV)
 OPTIMIZERS = ("rmsprop_tf", "sgd", "adamw")
 SCHEDULERS = ("exponential", "cosine", "constant")
-# Far beyond every published model (alpha <= 1, resolution <= 224) yet small enough that a typo such as
-# alpha 50 (a 10 GB model) or resolution 20000 (5 GB per image) is refused before anything is allocated.
-MAX_ALPHA = 4.0
-MAX_RESOLUTION = 2048
 
 
 # Named presets: only what differs from TrainConfig's defaults below (the paper's recipe).
@@ -62,11 +60,16 @@ class Bound:
         return True
 
     def describe(self) -> str:
+        low, high = _text(self.low), _text(self.high)
         if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"{'<' if self.high_open else '<='} {self.high:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"{'<' if self.high_open else '<='} {high}"
+
+
+def _text(bound: float | None) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}" if bound is not None else ""
 
 
 def option(default, help: str, *, flags: tuple[str, ...] | None = None, bound: Bound | None = None,
@@ -123,9 +126,10 @@ class TrainConfig:
                                      bound=Bound(0, 1, low_open=True))
     hflip: float | None = option(None, "horizontal flip probability; default 0.5, digits 0 (a mirrored digit is "
                                        "not a digit)", bound=Bound(0, 1))
-    seed: int = option(0, "seed of every random draw of the run", bound=Bound(0))
+    # PyTorch and NumPy take seeds of at most 64 and 32 bits; a larger one fails deep inside setup
+    seed: int = option(0, "seed of every random draw of the run", bound=Bound(0, 2**32 - 1))
     num_workers: int = option(2, "data loading processes", flags=("-j", "--num-workers", "--workers"),
-                              bound=Bound(0))
+                              bound=Bound(0, MAX_WORKERS))
     amp: bool = option(False, "bfloat16 autocast", cli="switch")
     channels_last: bool = option(False, "NHWC memory format", cli="switch")
     sync_bn: bool = option(False, "SyncBatchNorm across processes (GPUs only)", cli="switch")
@@ -134,7 +138,7 @@ class TrainConfig:
                                         "unless given", metavar="CHECKPOINT")
     device: str | None = option(None, "cpu, cuda or cuda:N; default cuda when available")
     threads: int | None = option(None, "CPU threads per process; default all cores (1 is faster for small models "
-                                       "on a busy CPU)", bound=Bound(1))
+                                       "on a busy CPU)", bound=Bound(1, MAX_THREADS))
     progress: bool = option(True, "no progress line", flags=("--no-progress",), cli="negate")
     plot: bool = option(True, "no loss/accuracy PNGs at the end", flags=("--no-plot",), cli="negate")
 

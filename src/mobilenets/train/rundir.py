@@ -91,5 +91,8 @@ def write_metrics(out: str | Path, history: list[dict]) -> None:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; is {run_dir} a training run folder (mobilenets train --out)?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise FileNotFoundError(f"{path} does not exist; is {run_dir} a training run folder (train's out)?")
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunFolderError(f"{path} is not a metrics file written by train ({e})") from None

@@ -32,8 +32,10 @@ _H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeE
 def check_hdf5(path) -> None:
     """Refuse a path that is missing or does not start with the HDF5 signature."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise MissingWeightsError(f"{path} does not exist")
+    if not path.is_file():
+        raise WeightsError(f"{path} is not a regular file; pass a weights file")
     with open(path, "rb") as f:
         head = f.read(8)
     if head != HDF5_SIGNATURE:

@@ -14,16 +14,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import checkpoint, labels
+from ..architecture import MAX_ALPHA, MAX_CLASSES, RESOLUTION_RANGE, resolution_ok
 from ..errors import MobilenetsError
 from ..images import CROP_FRACTION, INCEPTION, Normalization
 from ..model import MobileNetV1, MobileNetV1Config
 
 DEFAULT_RESOLUTION = 224
-# Bounds on what a file may claim. ImageNet-21k has 21,843 classes; 16384 px is far past any
-# input MobileNet is evaluated at, and the eval resize allocates resolution^2 pixels.
-MAX_CLASSES = 100_000
-MAX_RESOLUTION = 16_384
-MAX_ALPHA = 8.0  # 8 x 1024 channels: 64x the parameters of alpha 1 (timm's widest release is 1.25)
 # Options that are properties of a set of weights; a caller may not override them when loading.
 FIXED_OPTIONS = ("alpha", "activation", "padding", "bn_eps", "min_depth", "full_conv", "shallow")
 
@@ -42,9 +38,9 @@ def imagenet_labels() -> list[str]:
 
 
 def check_resolution(value, name: str = "<weights>") -> int:
-    """A stored resolution: an integer in [32, MAX_RESOLUTION]."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 32 <= value <= MAX_RESOLUTION:
-        raise WeightsError(f"{name}: resolution must be an integer from 32 to {MAX_RESOLUTION}, got {value!r}")
+    """A stored resolution, within the bounds of ``architecture`` (the eval resize allocates resolution^2 pixels)."""
+    if not resolution_ok(value):
+        raise WeightsError(f"{name}: resolution must be {RESOLUTION_RANGE}, got {value!r}")
     return value
 
 
@@ -67,10 +63,10 @@ def meta_shapes(config: MobileNetV1Config) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(config: MobileNetV1Config, shapes: dict[str, tuple[int, ...]], name: str) -> None:
-    """Refuse unless ``shapes`` (from a file's header) are exactly those of ``config``'s model."""
-    if not 0 < config.alpha <= MAX_ALPHA or config.num_classes > MAX_CLASSES:
-        raise WeightsError(f"{name}: alpha {config.alpha:g} with {config.num_classes} classes is beyond what this "
-                           f"library loads (alpha <= {MAX_ALPHA:g}, num_classes <= {MAX_CLASSES})")
+    """Refuse unless ``shapes`` (from a file's header) are exactly those of ``config``'s model.
+
+    The config itself is bounded (alpha, num_classes) when it is made, so ``meta_shapes`` allocates nothing large.
+    """
     own = meta_shapes(config)
     bad = [f"{k}: file has {shapes[k]}, the config expects {v}" for k, v in own.items()
            if k in shapes and tuple(shapes[k]) != v]
@@ -188,8 +184,6 @@ def build(converted: Converted, options: dict, name) -> MobileNetV1:
         raise WeightsError(f"{name}: unknown model option ({e})") from None
     except ValueError as e:
         raise WeightsError(f"{name}: {e}") from None
-    if config.num_classes > MAX_CLASSES:
-        raise WeightsError(f"num_classes must be at most {MAX_CLASSES}, got {config.num_classes}")
     new_head = config.num_classes != converted.config.num_classes
     model = MobileNetV1(config) if new_head else empty_model(config)
     sd = dict(converted.state_dict)

@@ -102,8 +102,10 @@ def _state_dict(obj, path) -> dict[str, torch.Tensor]:
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from a torch file loaded weights-only (no code runs)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise MissingWeightsError(f"{path} does not exist")
+    if not path.is_file():
+        raise WeightsError(f"{path} is not a regular file; pass a weights file")
     if file.is_safetensors(path):
         return file.read_tensors(path)
     with open(path, "rb") as f:

@@ -306,8 +306,10 @@ def _node(buf: memoryview) -> Node:
 def read_graph(path) -> FrozenGraph:
     """The graph in a ``.pb`` file, or in the one frozen ``.pb`` of a release ``.tgz``."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_file():
+        raise FrozenGraphError(f"{path} is not a regular file; pass a frozen graph .pb or its release .tgz")
     if path.name.endswith((".tgz", ".tar.gz", ".tar")):
         return FrozenGraph(_pb_from_archive(path), name=f"{path}")
     size = path.stat().st_size
