@@ -410,6 +410,8 @@ def save(converted: Converted, path) -> Path:
         "source": meta.get("source", ""),
         "sha256": tensors_sha256(sd),
     }
+    if meta.get("int8"):  # int8-ready weights (mobilenets.quantize): activation ranges and equalization scales
+        metadata["int8"] = json.dumps(meta["int8"])
     data = st_save(sd, metadata=metadata)
     return checkpoint.atomic_write(path, lambda f: f.write(data))
 
@@ -458,6 +460,8 @@ def read_safetensors(path) -> Converted:
             "source": metadata.get("source", ""),
             "sha256": metadata.get("sha256"),
         }
+        if metadata.get("int8"):
+            meta["int8"] = json.loads(metadata["int8"])
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: unreadable mobilenets metadata ({e})") from None
     return Converted(sd, config, meta)
