@@ -42,7 +42,9 @@ def qdq_model(folded: FoldedMobileNet, ranges: dict, *, resolution: int):
     def conv(tensor: str, name: str, weight: torch.Tensor, bias: torch.Tensor, in_scale: float, *, group=1,
              stride=1, dilation=1, pads=(0, 0, 0, 0)) -> str:
         w = weight.detach().double()
-        w_scale = sim.weight_scales(weight).double()
+        # a dead channel's weight scale is tiny: keep its int32 bias (bias / (in_scale * w_scale)) in range
+        floor = bias.detach().double().abs() / (in_scale * (2 ** 31 - 1)) * 1.01
+        w_scale = torch.maximum(sim.weight_scales(weight).double(), floor)
         wq = torch.clamp(torch.round(w / w_scale.view(-1, 1, 1, 1)), -sim.WEIGHT_QMAX, sim.WEIGHT_QMAX)
         b_scale = w_scale * in_scale
         bq = torch.round(bias.detach().double() / b_scale)
