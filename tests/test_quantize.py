@@ -172,3 +172,26 @@ def test_real_weights_int8_keeps_the_float_answers(tmp_path):
     assert our_scores[0] >= plain_scores[0] + 0.1, (our_scores, plain_scores)
     assert our_scores[1] <= plain_scores[1] / 5, (our_scores, plain_scores)
     assert our_scores[0] >= 0.85 and our_scores[1] <= 0.035, our_scores
+
+
+def test_cli_quantize_writes_int8_ready_weights(small, tmp_path, capsys):
+    from imagefolders import make_split
+
+    from mobilenets import cli, weights
+    from mobilenets.images import INCEPTION
+
+    model, _, x = small
+    source = weights.save(weights.Converted(model.state_dict(), model.config,
+                                            {"resolution": 64, "normalization": INCEPTION.to_dict(), "labels": None,
+                                             "source": "test"}), tmp_path / "w.safetensors")
+    folder = make_split(tmp_path / "photos", per_class=6, seed=3)
+    out = tmp_path / "ready.safetensors"
+    code = cli.main(["quantize", "--weights", str(source), "--calib-data", str(folder), "--out", str(out), "-q"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["out"] == str(out) and report["images"] == 18
+    ready = quantize.from_model(load(out))
+    assert set(ready.ranges) == {"input", "pool", "logits", *(f"features.{i}" for i in range(27))}
+    assert cli.main(["quantize", "--weights", str(source), "--calib-data", str(folder), "--out", str(out),
+                     "--steps", "-1"]) == 2
+    assert "steps" in capsys.readouterr().err
