@@ -106,7 +106,7 @@ def tflite_ptq(graph_path: Path, calib_nhwc: np.ndarray, held_nhwc: np.ndarray) 
         str(graph_path), [real_data.INPUT_NODE], [real_data.LOGITS_NODE],
         input_shapes={real_data.INPUT_NODE: [1, 224, 224, 3]})
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([x[None].astype(np.float32)] for x in calib_nhwc)
+    converter.representative_dataset = lambda: ([x[None]] for x in calib_nhwc)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     flatbuffer = converter.convert()
     interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=torch.get_num_threads())
@@ -114,10 +114,21 @@ def tflite_ptq(graph_path: Path, calib_nhwc: np.ndarray, held_nhwc: np.ndarray) 
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     logits = []
     for x in held_nhwc:
-        interpreter.set_tensor(inp["index"], x[None].astype(np.float32))
+        interpreter.set_tensor(inp["index"], x[None])
         interpreter.invoke()
         logits.append(interpreter.get_tensor(out["index"])[0, 1:])  # class 0 is "background"
     return torch.from_numpy(np.stack(logits)).float()
+
+
+def tflite_in_child(graph_path: Path, calib_nhwc: np.ndarray, held_nhwc: np.ndarray) -> torch.Tensor:
+    """:func:`tflite_ptq` in a child process: TensorFlow and torch.compile's Triton in one process crash."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "calib.npy", calib_nhwc.astype(np.float32) / 127.5 - 1)
+        np.save(Path(tmp) / "held.npy", held_nhwc.astype(np.float32) / 127.5 - 1)
+        subprocess.run([sys.executable, __file__, "--tflite-worker", str(graph_path), tmp], check=True)
+        return torch.from_numpy(np.load(Path(tmp) / "logits.npy"))
 
 
 def ours(name, ready, held, batch_size, rows, workdir, log):
@@ -194,7 +205,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="distillation steps of the QAT candidate")
     parser.add_argument("--skip", default="", help="comma-separated: tflite,torch,onnxruntime,openvino,digits")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_fidelity"))
+    parser.add_argument("--tflite-worker", nargs=2, metavar=("GRAPH", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tflite_worker:
+        graph, folder = args.tflite_worker
+        logits = tflite_ptq(Path(graph), np.load(Path(folder) / "calib.npy"), np.load(Path(folder) / "held.npy"))
+        np.save(Path(folder) / "logits.npy", logits.numpy())
+        return
     skip = set(args.skip.split(",")) - {""}
     log = lambda r: print(json.dumps(r), file=sys.stderr, flush=True)  # noqa: E731
     import real_data
@@ -215,8 +232,7 @@ def main() -> None:
         return out, round(time.perf_counter() - t)
 
     if "tflite" not in skip:
-        logits, sec = timed(lambda: tflite_ptq(real_data.real_graph_path(), calib_nhwc.astype(np.float32) / 127.5 - 1,
-                                               held_nhwc.astype(np.float32) / 127.5 - 1))
+        logits, sec = timed(lambda: tflite_in_child(real_data.real_graph_path(), calib_nhwc, held_nhwc))
         rows.append({"candidate": "TensorFlow PTQ (TFLiteConverter int8, tf.lite.Interpreter)", "seconds": sec,
                      **scores(ref, logits)})
         log(rows[-1])
