@@ -595,9 +595,50 @@ def add_predict(sub) -> None:
     p.set_defaults(func=run_predict)
 
 
+def run_quantize(args) -> int:
+    import torch
+
+    from . import deploy, quantize, weights
+
+    model = weights.load(args.weights)
+    meta = getattr(model, "meta", {}) or {}
+    from .images import INCEPTION, Normalization
+
+    res = int(meta.get("resolution") or 224)
+    normalization = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else INCEPTION
+    batches, _ = deploy.image_batches(args.calib_data, res, normalization=normalization, limit=args.calib_images)
+    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    ready = quantize.prepare_int8(model, batches, steps=args.steps, method=args.method, log=log)
+    out = quantize.save(ready, model, args.out)
+    x = torch.cat(batches)
+    with torch.no_grad():
+        report = deploy.parity(model(x), ready.simulate(x))
+    print(json.dumps({"out": str(out), "steps": args.steps, "images": report["images"],
+                      "top1_agreement": report["top1_agreement"], "cosine": report["cosine"]}))
+    return 0
+
+
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="make weights int8-ready (equalization, bias correction, ranges, QAT)",
+                       description="Adjust the weights so their int8 version keeps the float answers, from "
+                                   "unlabeled images: equalization, bias correction, activation ranges by error, "
+                                   "and with --steps N fine-tuning against the float model's own outputs.")
+    p.add_argument("--weights", required=True, metavar="FILE", help="converted weights (.safetensors) or a checkpoint")
+    p.add_argument("--calib-data", required=True, metavar="DIR", help="a folder of unlabeled images (subfolders too)")
+    p.add_argument("--calib-images", type=_positive_int, default=128, help="images to use (default 128)")
+    p.add_argument("--steps", type=_nonnegative_int, default=0,
+                   help="fine-tuning steps with fake quantization (default 0: post-training only)")
+    p.add_argument("--method", choices=("mse", "minmax", "p99.99", "p99.999"), default="mse",
+                   help="how activation ranges are chosen (default mse)")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the int8-ready weights")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=run_quantize)
+
+
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_summary, add_paper, add_train, add_evaluate, add_plot, add_export, add_benchmark, add_pick, add_convert, add_predict]
+COMMANDS = [add_summary, add_paper, add_train, add_evaluate, add_plot, add_export, add_benchmark, add_pick, add_convert, add_predict,
+            add_quantize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from .auto import interleaved, time_run
 from .backend import BACKENDS, PRECISIONS, Backend, available_backends, backend_supports, export_formats
 from .calibration import builtin_batches, calibration_batches, image_batches, rebatch
 from .fidelity import parity
-from .folding import fold_batchnorm
+from ..folding import FoldedConv, FoldedMobileNet, FoldingError, fold_batchnorm
 from .formats import check_export, export, export_target, load_exported
 from .machine import DeployError, bf16_supported, cpu_flags, cpu_name
 from .predictor import Predictor, compile

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..model import MobileNetV1
 from .backend import Run, check_precision, export_formats
 from .calibration import DEFAULT_RESOLUTION, calibration_batches
-from .folding import fold_batchnorm
+from .prepare import folded_for
 from .machine import DeployError
 
 DEFAULT_FORMAT = "onnx"
@@ -71,21 +71,21 @@ def check_export(format: str, precision: str) -> None:
 
 
 def export(model: MobileNetV1, path, format: str | None = None, *, precision: str = "fp32", calibration=None,
-           resolution: int | None = None) -> Path:
+           resolution: int | None = None, int8: str = "prepared") -> Path:
     """Write ``model`` (BatchNorm folded) for another runtime; returns the written path.
 
     ``format``: "onnx", "openvino", "torchscript" or "exported-program"; by
     default the one ``path``'s suffix names (.onnx, .xml, .pt, .pt2), "onnx"
     for a path without one.  A suffix that names another format is refused.
-    int8 needs ``calibration`` batches, as for :func:`compile`.
+    int8 needs ``calibration`` batches, as for :func:`compile` (and ``int8`` chooses as there).
     """
     check_precision(precision)
     path, format = export_target(path, format)
     check_export(format, precision)
     resolution = DEFAULT_RESOLUTION if resolution is None else int(resolution)
     path.parent.mkdir(parents=True, exist_ok=True)
-    folded = fold_batchnorm(model)
     batches = calibration_batches(calibration, resolution) if precision == "int8" else []
+    folded = folded_for(model, precision, batches, int8=int8)
     backend, _ = export_formats()[format]
     return backend.save(folded, path, format, precision, batches, resolution)
 

@@ -69,6 +69,11 @@ def onnx_file(folded, path, precision: str, batches, *, resolution: int, batch_s
     path = Path(path)
     if precision != "int8":
         return export_onnx(folded, path, resolution=resolution, batch_size=batch_size)
+    ready = getattr(folded, "int8_ready", None)
+    if ready is not None:  # our own QDQ graph: equalized, bias-corrected, ranges chosen by error
+        from ..quantize import to_qdq_onnx
+
+        return to_qdq_onnx(ready, path, resolution=resolution)
     with tempfile.TemporaryDirectory(prefix="mobilenets-onnx-") as tmp:
         float_path = export_onnx(folded, Path(tmp) / "float.onnx", resolution=resolution, batch_size=batch_size)
         return quantize_onnx(float_path, path, batches)
@@ -100,7 +105,7 @@ class OnnxRuntime(Backend):
     formats = (ExportFormat("onnx", ".onnx", ("fp32", "int8"), refusal="ONNX Runtime has no bf16 CPU kernels"),)
 
     def describe(self, precision: str) -> str:
-        return "ONNX Runtime CPU" + (", static QDQ int8 per-channel" if precision == "int8" else "")
+        return "ONNX Runtime CPU" + (", QDQ int8 per-channel" if precision == "int8" else "")
 
     def build(self, folded, precision, batches, batch_size, resolution, workdir) -> Run:
         path = onnx_file(folded, Path(workdir) / "model.onnx", precision, batches, resolution=resolution,

@@ -13,7 +13,7 @@ from . import auto
 from . import backend as registry  # the parameter of compile is called backend
 from .backend import Run
 from .calibration import DEFAULT_RESOLUTION, as_input, calibration_batches, check_input_shape, rebatch
-from .folding import fold_batchnorm
+from .prepare import folded_for
 from .machine import DeployError, bf16_supported
 
 
@@ -57,7 +57,8 @@ class Predictor:
 
 
 def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable | None = None,
-            batch_size: int = 1, resolution: int | None = None, backend: str = "auto") -> Predictor:
+            batch_size: int = 1, resolution: int | None = None, backend: str = "auto",
+            int8: str = "prepared") -> Predictor:
     """An optimised predictor for ``model``: ``predictor(x)`` takes (N, 3, H, W) preprocessed input, returns logits.
 
     ``precision``: "fp32", "bf16" (fast on CPUs with AMX or AVX-512 BF16) or
@@ -67,6 +68,9 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
     in chunks (the last one padded), other resolutions are refused.
     ``backend``: "auto" (measure the available backends once, cache the
     fastest), "torch", "onnxruntime" or "openvino".  Nothing is left on disk.
+    ``int8``: "prepared" (default) makes the model int8-ready first
+    (:mod:`mobilenets.quantize`; weights from ``mobilenets quantize`` are used as
+    they are), "plain" leaves each runtime's own post-training quantization.
     """
     registry.check_precision(precision)
     registry.check_backend(backend, precision)
@@ -76,8 +80,8 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
         raise DeployError(f"resolution must be an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128, "
                           f"got {resolution!r}")
-    folded = fold_batchnorm(model)
     batches = rebatch(calibration_batches(calibration, resolution), batch_size) if precision == "int8" else []
+    folded = folded_for(model, precision, batches, int8=int8)
     if precision == "bf16" and not bf16_supported():
         warnings.warn("this CPU has neither AMX nor AVX-512 BF16: bf16 is emulated and slower than fp32", stacklevel=2)
 

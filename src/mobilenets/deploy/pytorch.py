@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_write
+from .prepare import single_clip
 from .backend import Backend, ExportFormat, Run, batch_dim
 from .calibration import as_input, example_input
-from .folding import FoldedMobileNet
+from ..folding import FoldedMobileNet
 from .machine import DeployError
 
 
@@ -78,7 +79,7 @@ class PyTorch(Backend):
 
     def build(self, folded, precision, batches, batch_size, resolution, workdir) -> Run:
         if precision == "int8":
-            module, dtype = quantize_pt2e(folded, batches), torch.float32
+            module, dtype = quantize_pt2e(single_clip(folded), batches), torch.float32
         else:
             dtype = _dtype(precision)
             module = copy.deepcopy(folded).to(dtype).to(memory_format=torch.channels_last)
@@ -99,7 +100,7 @@ class PyTorch(Backend):
                 traced = torch.jit.trace(copy.deepcopy(folded).to(dtype), example.to(dtype))
             return atomic_write(path, lambda f: torch.jit.save(traced, f))
         if precision == "int8":
-            quantized = quantize_pt2e(folded, batches, dynamic_batch=True)
+            quantized = quantize_pt2e(single_clip(folded), batches, dynamic_batch=True)
             program = torch.export.export(quantized, (example,), dynamic_shapes=({0: batch_dim()},))
         else:
             program = torch.export.export(copy.deepcopy(folded).to(dtype), (example.to(dtype),),

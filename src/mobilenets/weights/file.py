@@ -53,6 +53,8 @@ def save(weights, path) -> Path:
         "source": str(meta.get("source", "")),
         "sha256": tensors_sha256(sd),
     }
+    if meta.get("int8"):  # int8-ready weights (mobilenets.quantize): activation ranges, equalization scales
+        metadata["int8"] = json.dumps(meta["int8"])
     data = st_save(sd, metadata=metadata)
     return checkpoint.atomic_write(path, lambda f: f.write(data))
 
@@ -110,6 +112,7 @@ def read(path) -> Converted:
         resolution = json.loads(metadata["resolution"])
         normalization = json.loads(metadata["normalization"])
         labels = json.loads(metadata.get("labels", "null"))
+        int8 = json.loads(metadata["int8"]) if metadata.get("int8") else None
     except (KeyError, TypeError, ValueError, RecursionError) as e:
         raise WeightsError(f"{path}: unreadable mobilenets metadata ({_first_line(e)})") from None
     if version > VERSION:
@@ -134,5 +137,9 @@ def read(path) -> Converted:
                            f"recorded {recorded[:12]}...; convert or download it again")
     meta = {"alpha": config.alpha, "resolution": resolution, "normalization": normalization, "labels": labels,
             "source": metadata.get("source", ""), "sha256": recorded}
+    if int8 is not None:
+        if not isinstance(int8, dict):
+            raise WeightsError(f"{path}: its int8 metadata must be an object (ranges and scales), got {type(int8).__name__}")
+        meta["int8"] = int8  # checked against the model by mobilenets.quantize.from_model when used
     return Converted(sd, config, meta)
 

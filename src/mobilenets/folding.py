@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import ConvBNAct, MobileNetV1
-from ..errors import ParameterTypeError
-from .machine import DeployError
+from .model import ConvBNAct, MobileNetV1
+from .errors import MobilenetsError, ParameterTypeError
+
+
+class FoldingError(MobilenetsError):
+    """A model that cannot be folded for inference (e.g. an activation no runtime fuses)."""
 
 
 class FoldedConv(nn.Module):
@@ -65,7 +68,7 @@ def fold_batchnorm(model: MobileNetV1) -> FoldedMobileNet:
         raise ParameterTypeError(f"expected a mobilenets MobileNetV1 (mobilenets.mobilenet_v1 or mobilenets.load), "
                         f"got {type(model).__name__}")
     if model.config.activation not in ("relu6", "relu"):
-        raise DeployError(f"cannot fuse activation {model.config.activation!r}; fold models with "
+        raise FoldingError(f"cannot fuse activation {model.config.activation!r}; fold models with "
                           f"activation 'relu6' or 'relu'")
     clamp = 6.0 if model.config.activation == "relu6" else None
     layers = []

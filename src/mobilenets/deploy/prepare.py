@@ -1,0 +1,42 @@
+"""The folded float graph a backend builds from: for int8, the int8-ready one (:mod:`mobilenets.quantize`).
+
+int8 is prepared once here, on the folded PyTorch model, so every int8 backend and export gets it:
+weights from ``mobilenets quantize`` (``model.meta["int8"]``) are used as they are; otherwise
+:func:`quantize.prepare_int8` runs on the calibration batches (equalization, bias correction, ranges
+chosen by error). ``int8="plain"`` keeps each runtime's own post-training quantization of the
+unadjusted model, for comparison: on the real ImageNet weights it keeps only about 72-75% of the float
+model's top-1 answers (benchmarks/int8_fidelity.py).
+"""
+
+from __future__ import annotations
+
+from ..folding import FoldedMobileNet, fold_batchnorm
+from ..model import MobileNetV1
+from .machine import DeployError
+
+INT8_MODES = ("prepared", "plain")
+
+
+def folded_for(model: MobileNetV1, precision: str, batches, *, int8: str = "prepared") -> FoldedMobileNet:
+    """``model`` folded for ``precision``; for prepared int8 the result carries ``int8_ready`` (an Int8Ready)."""
+    if int8 not in INT8_MODES:
+        raise DeployError(f"int8 must be one of {INT8_MODES}, got {int8!r}")
+    if precision != "int8" or int8 == "plain":
+        return fold_batchnorm(model)
+    from .. import quantize
+
+    ready = quantize.from_model(model) or quantize.prepare_int8(model, batches)
+    folded = ready.folded
+    folded.int8_ready = ready
+    return folded
+
+
+def single_clip(folded: FoldedMobileNet) -> FoldedMobileNet:
+    """An int8-ready graph with ReLU6's clip back at one value per layer (equalization undone, bias correction
+    kept), for runtimes that quantize by their own observers and fuse only a scalar clip (PT2E)."""
+    ready = getattr(folded, "int8_ready", None)
+    if ready is None:
+        return folded
+    from ..quantize import calibrate
+
+    return calibrate.unapply_scales(ready.folded, ready.scales)

@@ -1,0 +1,102 @@
+"""Fake-quantized forward of a folded MobileNet: the arithmetic of the QDQ int8 graph, in float.
+
+Weights: per-output-channel symmetric int8 (scale = max|w| / 127, zero point 0).  Activations:
+per-tensor affine uint8 over a range (lo, hi) that always contains 0, so TF-SAME zero padding
+stays exact.  Rounding is round-half-to-even, as QuantizeLinear does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..folding import FoldedConv, FoldedMobileNet
+
+WEIGHT_QMAX = 127
+ACT_QMAX = 255
+
+
+class ChannelClampConv(FoldedConv):
+    """A FoldedConv whose ReLU6 clip is per output channel: equalization scales channel i by s_i, so its clip is 6 s_i."""
+
+    def __init__(self, layer: FoldedConv, clamp: torch.Tensor):
+        super().__init__(layer.conv, layer.tf_pad, None)  # parent applies ReLU; the clip follows
+        self.register_buffer("channel_clamp", clamp.reshape(-1, 1, 1).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(super().forward(x), self.channel_clamp)
+
+
+def clamp_of(layer: FoldedConv, channels: int) -> torch.Tensor:
+    """Per-channel clip of a layer's activation (inf for plain ReLU)."""
+    if isinstance(layer, ChannelClampConv):
+        return layer.channel_clamp.reshape(-1)
+    value = float("inf") if layer.clamp_max is None else float(layer.clamp_max)
+    return torch.full((channels,), value)
+
+
+def act_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """Scale and uint8 zero point of the range (lo, hi), widened to hold 0."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max(hi - lo, 1e-8) / ACT_QMAX
+    zero_point = int(min(max(round(-lo / scale), 0), ACT_QMAX))
+    return scale, zero_point
+
+
+def fake_quant_act(x: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor:
+    scale, zp = act_qparams(*rng)
+    # straight-through inside the range, zero gradient outside (as QAT expects)
+    return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, ACT_QMAX)
+
+
+def weight_scales(w: torch.Tensor) -> torch.Tensor:
+    return (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / WEIGHT_QMAX).clamp_min(1e-12)
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    scale = weight_scales(w)
+    return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
+                                                  -WEIGHT_QMAX, WEIGHT_QMAX)
+
+
+def pad_same(layer: FoldedConv, x: torch.Tensor) -> torch.Tensor:
+    """TF-SAME padding (the folded model's own rule) so the sim can run the conv itself."""
+    if not layer.tf_pad:
+        return x
+    k, s, d = layer.conv.kernel_size[0], layer.conv.stride[0], layer.conv.dilation[0]
+    ih, iw = x.shape[-2], x.shape[-1]
+    ph = max((-(-ih // s) - 1) * s + (k - 1) * d + 1 - ih, 0)
+    pw = max((-(-iw // s) - 1) * s + (k - 1) * d + 1 - iw, 0)
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+def conv_pre(layer: FoldedConv, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's convolution before its activation, with ``weight`` in place of its own."""
+    c = layer.conv
+    return F.conv2d(pad_same(layer, x), c.weight if weight is None else weight, c.bias, c.stride, c.padding,
+                    c.dilation, c.groups)
+
+
+def activate(layer: FoldedConv, z: torch.Tensor) -> torch.Tensor:
+    z = F.relu(z)
+    clamp = clamp_of(layer, z.shape[1])
+    return torch.minimum(z, clamp.reshape(-1, 1, 1).to(z)) if torch.isfinite(clamp).any() else z
+
+
+def classifier_weight(folded: FoldedMobileNet) -> torch.Tensor:
+    return folded.classifier.weight
+
+
+class Ranges(dict):
+    """Activation ranges by point: "input", "features.<i>" (output of folded layer i), "pool", "logits"."""
+
+
+def simulate(folded: FoldedMobileNet, ranges: dict, x: torch.Tensor, *, quantize_weights: bool = True) -> torch.Tensor:
+    """Logits of the int8 graph as float arithmetic (differentiable: straight-through estimators)."""
+    fw = fake_quant_weight if quantize_weights else (lambda w: w)
+    x = fake_quant_act(x, ranges["input"])
+    for i, layer in enumerate(folded.features):
+        x = fake_quant_act(activate(layer, conv_pre(layer, x, fw(layer.conv.weight))), ranges[f"features.{i}"])
+    x = fake_quant_act(x.mean((2, 3)), ranges["pool"])
+    head: nn.Linear = folded.classifier
+    return fake_quant_act(F.linear(x, fw(head.weight), head.bias), ranges["logits"])

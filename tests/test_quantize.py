@@ -1,0 +1,197 @@
+"""mobilenets.quantize: equalization keeps the float model, bias correction removes the int8 shift, and on
+the real ImageNet weights the int8-ready pipeline keeps far more float answers than plain post-training int8."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mobilenets import deploy, load, mobilenet_v1, quantize
+from mobilenets.quantize import calibrate, sim
+
+
+def kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    p, q = reference.log_softmax(1), logits.log_softmax(1)
+    return float((p.exp() * (p - q)).sum(1).mean())
+
+
+def agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    return float((reference.argmax(1) == logits.argmax(1)).float().mean())
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A TF-SAME model whose BatchNorm statistics differ by channel, as trained ones do (ranges over 2 decades)."""
+    torch.manual_seed(0)
+    model = mobilenet_v1(0.25, num_classes=10, padding="tf_same", bn_eps=1e-3).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 3, 64, 64, generator=g).clamp(-1, 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(10 ** torch.empty(n).uniform_(-1.5, 0.3, generator=g))
+                m.bias.copy_(torch.empty(n).uniform_(-0.2, 0.5, generator=g) * m.weight)
+                m.momentum = None  # running statistics = the plain average over the batches below
+                m.reset_running_stats()
+        model.train()
+        for b in x.split(16):
+            model(b)
+    model.eval()
+    return model, list(x[:32].split(8)), x[32:]
+
+
+def test_equalization_keeps_the_float_model(small):
+    model, calib, x = small
+    folded = deploy.fold_batchnorm(model)
+    equalized, scales = calibrate.equalize(folded, calib)
+    with torch.no_grad():
+        before, after = folded(x), equalized(x)
+    # float rounding only: scales up to 256 over 27 layers
+    assert (after - before).abs().max() <= 3e-5 * before.abs().max()
+    # it did move channels, ReLU6's clip went with them, and the per-channel ranges are now closer
+    assert max(float(s.max()) for s in scales) > 4
+    assert isinstance(equalized.features[1], sim.ChannelClampConv)
+    assert torch.allclose(equalized.features[1].channel_clamp.flatten(), 6 * scales[1])
+    # into a depthwise layer (outputs of layers 0, 2, 4, ...) equalization is free: every live channel gets
+    # the tensor's range (channels under 1/256 of it are dead ReLUs and stay)
+    def spread(m):
+        live = m[m > m.max() / calibrate.MAX_SCALE]
+        return float(live.max() / live.min())
+
+    before_eq = [spread(m) for m in calibrate.channel_maxima(folded, calib)[0:-1:2]]
+    after_eq = [spread(m) for m in calibrate.channel_maxima(equalized, calib)[0:-1:2]]
+    assert min(before_eq) > 2 and max(after_eq) < 1.001, (before_eq, after_eq)
+    # without the per-channel clip (a single ReLU6 of 6), the equalized model is a different function
+    broken = calibrate.unapply_scales(equalized, [torch.ones_like(s) for s in scales])
+    for i, layer in enumerate(broken.features):
+        layer.channel_clamp.fill_(6.0)
+    with torch.no_grad():
+        assert (broken(x) - before).abs().max() > 1e-3 * before.abs().max()
+
+
+@pytest.fixture(scope="module")
+def real():
+    """The real ImageNet weights and photo crops (tests/real_data.py), crops at 128 px to keep the test short."""
+    real_data = pytest.importorskip("real_data")
+
+    def crops(nhwc):
+        x = real_data.inception_input(nhwc)
+        return torch.nn.functional.interpolate(x, size=(128, 128), mode="bilinear", antialias=True)
+
+    return real_data.real_model(), list(crops(real_data.calibration_crops(32)).split(16)), \
+        crops(real_data.heldout_crops(32))
+
+
+def test_bias_correction_removes_the_mean_output_shift(real):
+    # the released weights' first depthwise layer has filters of -28 +- 4 (folded BatchNorm) on dead input
+    # channels: int8 rounding shifts their constant output, and every layer after it
+    model, calib, x = real
+    folded = deploy.fold_batchnorm(model)
+    with torch.no_grad():
+        reference = folded(x)
+        shifts = {}
+        for correct in (False, True):
+            adjusted, ranges = calibrate.calibrate(folded, calib, method="minmax", bias_correction=correct)
+            # the mean error of the int8 logits over held-out crops, per class
+            shifts[correct] = float((sim.simulate(adjusted, ranges, x) - reference).mean(0).abs().mean())
+    assert shifts[True] < 0.5 * shifts[False], shifts
+
+
+def test_int8_ready_file_round_trips(small, tmp_path):
+    model, calib, x = small
+    ready = quantize.prepare_int8(model, calib)
+    path = quantize.save(ready, model, tmp_path / "ready.safetensors")
+    loaded = load(path)
+    assert loaded.meta["int8"]["ranges"]["features.0"] == [float(v) for v in ready.ranges["features.0"]]
+    back = quantize.from_model(loaded)
+    with torch.no_grad():
+        assert torch.equal(back.simulate(x), ready.simulate(x))
+        # the file's float model is the adjusted float model (equalization undone: one ReLU6 clip per layer)
+        assert torch.allclose(loaded(x), ready.folded(x), rtol=1e-4, atol=1e-4 * float(ready.folded(x).abs().max()))
+    assert quantize.from_model(model) is None
+
+
+def test_bad_input_is_refused_with_what_works(small):
+    model, calib, _ = small
+    with pytest.raises(quantize.QuantizeError, match="steps must be"):
+        quantize.prepare_int8(model, calib, steps=-1)
+    with pytest.raises(quantize.QuantizeError, match=r"\(N, 3, H, W\)"):
+        quantize.prepare_int8(model, [torch.zeros(2, 64, 64)])
+    with pytest.raises(quantize.QuantizeError, match="method must be one of"):
+        quantize.prepare_int8(model, calib, method="entropy")
+    with pytest.raises(ValueError):  # MobilenetsError is a ValueError
+        quantize.prepare_int8(torch.nn.Linear(2, 2), calib)
+
+
+def _ort(path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+def _ort_ops(path, tmp_path) -> dict:
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops: dict = {}
+    for node in onnx.load(options.optimized_model_filepath).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops
+
+
+def test_real_weights_int8_keeps_the_float_answers(tmp_path):
+    """Plain PTQ (ONNX Runtime's own calibration) against ours, same crops, in ONNX Runtime."""
+    real_data = pytest.importorskip("real_data")
+    model = real_data.real_model()
+    calib = list(real_data.inception_input(real_data.calibration_crops(48)).split(16))
+    x = real_data.inception_input(real_data.heldout_crops(96))
+    with torch.no_grad():
+        reference = torch.cat([model(b) for b in x.split(32)])
+    plain = deploy.compile(model, "int8", calibration=calib, batch_size=32, backend="onnxruntime")
+    plain_logits = torch.cat([plain(b) for b in x.split(32)])
+
+    ready = quantize.prepare_int8(model, calib)
+    path = quantize.to_qdq_onnx(ready, tmp_path / "int8.onnx")
+    ops = _ort_ops(path, tmp_path)
+    # every convolution (27 + the classifier) runs as an integer kernel, not float on dequantized weights
+    assert ops.get("QLinearConv") == 28 and "Conv" not in ops, ops
+    ours = torch.cat([_ort(path)(b) for b in x.split(32)])
+
+    plain_scores = agreement(reference, plain_logits), kl(reference, plain_logits)
+    our_scores = agreement(reference, ours), kl(reference, ours)
+    assert our_scores[0] >= plain_scores[0] + 0.1, (our_scores, plain_scores)
+    assert our_scores[1] <= plain_scores[1] / 5, (our_scores, plain_scores)
+    assert our_scores[0] >= 0.85 and our_scores[1] <= 0.035, our_scores
+
+
+def test_cli_quantize_writes_int8_ready_weights(small, tmp_path, capsys):
+    from imagefolders import make_split
+
+    from mobilenets import cli, weights
+    from mobilenets.images import INCEPTION
+
+    model, _, x = small
+    source = weights.save(weights.Converted(model.state_dict(), model.config,
+                                            {"resolution": 64, "normalization": INCEPTION.to_dict(), "labels": None,
+                                             "source": "test"}), tmp_path / "w.safetensors")
+    folder = make_split(tmp_path / "photos", per_class=6, seed=3)
+    out = tmp_path / "ready.safetensors"
+    code = cli.main(["quantize", "--weights", str(source), "--calib-data", str(folder), "--out", str(out), "-q"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["out"] == str(out) and report["images"] == 18
+    ready = quantize.from_model(load(out))
+    assert set(ready.ranges) == {"input", "pool", "logits", *(f"features.{i}" for i in range(27))}
+    assert cli.main(["quantize", "--weights", str(source), "--calib-data", str(folder), "--out", str(out),
+                     "--steps", "-1"]) == 2
+    assert "steps" in capsys.readouterr().err
