@@ -340,7 +340,8 @@ def run_export(args) -> int:
     deploy.check_export(fmt, args.precision)  # before anything is loaded or fitted
     model, res, normalization, labels = _deploy_model(args)
     batches, y = _calibration(args, model, res, normalization, labels)
-    path = deploy.export(model, out, fmt, precision=args.precision, calibration=batches, resolution=res)
+    path = deploy.export(model, out, fmt, precision=args.precision, calibration=batches, resolution=res,
+                         io=args.io)
     run = deploy.load_exported(path, fmt)
     x = torch.cat(batches)
     with torch.no_grad():
@@ -363,17 +364,20 @@ def run_export(args) -> int:
 def add_export(sub) -> None:
     from .deploy import EXPORT_FORMATS, PRECISIONS
 
-    p = sub.add_parser("export", help="write the model for ONNX Runtime, OpenVINO, TorchScript or torch.export",
+    p = sub.add_parser("export", help="write the model for ONNX Runtime, OpenVINO, LiteRT, TorchScript or torch.export",
                        description="Fold BatchNorm, write the model in --format at --precision (int8 calibrated on "
                                    "--calib-data), reload it in its runtime and print its parity with PyTorch.")
     _add_weights_arguments(p)
     p.add_argument("--format", choices=EXPORT_FORMATS,
-                   help="default: the one --out's suffix names (.onnx, .xml, .pt, .pt2); onnx without a suffix")
+                   help="default: the one --out's suffix names (.onnx, .xml, .tflite, .pt, .pt2); onnx without a suffix")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--io", choices=("int8", "uint8", "float"),
+                   help="tflite int8 only: type of the file's input and output (default int8; float adds "
+                        "QUANTIZE/DEQUANTIZE at the ends)")
     p.add_argument("--calib-data", metavar="DIR", help="images for int8 calibration and the parity check "
                                                        "(DIR/<class>/* gives accuracy too); default: built-in digits")
     p.add_argument("--calib-images", type=_positive_int, default=64, help="images to use (default 64)")
-    p.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .xml, .pt, .pt2)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .xml, .tflite, .pt, .pt2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_export)
 

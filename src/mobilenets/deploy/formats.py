@@ -7,6 +7,7 @@ format                    suffix   precisions
 ``openvino``              .xml     fp32, bf16 (the inference-precision hint), int8 (NNCF)
 ``torchscript``           .pt      fp32, bf16 (traced; no PT2E int8)
 ``exported-program``      .pt2     fp32, bf16, int8 (PT2E; load with torchao imported)
+``tflite``                .tflite  fp32, int8 (full-integer, per-channel weights; LiteRT)
 ========================  =======  ====================================================
 
 The batch dimension of every file is dynamic.
@@ -71,23 +72,44 @@ def check_export(format: str, precision: str) -> None:
 
 
 def export(model: MobileNetV1, path, format: str | None = None, *, precision: str = "fp32", calibration=None,
-           resolution: int | None = None) -> Path:
+           resolution: int | None = None, io: str | None = None) -> Path:
     """Write ``model`` (BatchNorm folded) for another runtime; returns the written path.
 
-    ``format``: "onnx", "openvino", "torchscript" or "exported-program"; by
-    default the one ``path``'s suffix names (.onnx, .xml, .pt, .pt2), "onnx"
-    for a path without one.  A suffix that names another format is refused.
-    int8 needs ``calibration`` batches, as for :func:`compile`.
+    ``format``: "onnx", "openvino", "torchscript", "exported-program" or
+    "tflite"; by default the one ``path``'s suffix names (.onnx, .xml, .pt,
+    .pt2, .tflite), "onnx" for a path without one.  A suffix that names another
+    format is refused.  int8 needs ``calibration`` batches, as for
+    :func:`compile`.  ``io`` ("int8", "uint8" or "float"; tflite int8 only) is
+    the type of the file's input and output.
     """
     check_precision(precision)
     path, format = export_target(path, format)
     check_export(format, precision)
+    spec = export_formats()[format][1]
+    options = {}
+    if io is not None:
+        if "io" not in spec.options:
+            raise DeployError(f"io= applies to tflite files; {format} files have float input and output")
+        options["io"] = io
+    if "metadata" in spec.options:
+        options["metadata"] = _metadata(model)
     resolution = DEFAULT_RESOLUTION if resolution is None else int(resolution)
     path.parent.mkdir(parents=True, exist_ok=True)
     folded = fold_batchnorm(model)
     batches = calibration_batches(calibration, resolution) if precision == "int8" else []
     backend, _ = export_formats()[format]
-    return backend.save(folded, path, format, precision, batches, resolution)
+    return backend.save(folded, path, format, precision, batches, resolution, **options)
+
+
+def _metadata(model: MobileNetV1) -> dict:
+    """What a runtime's user needs beside the graph: width, normalization, class labels."""
+    meta = getattr(model, "meta", None) or {}
+    out = {"model": "mobilenet_v1", "alpha": model.config.alpha, "num_classes": model.config.num_classes,
+           "padding": model.config.padding}
+    for key in ("normalization", "labels", "source"):
+        if meta.get(key) is not None:
+            out[key] = meta[key]
+    return out
 
 
 def load_exported(path, format: str | None = None) -> Run:
