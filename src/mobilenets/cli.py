@@ -518,16 +518,16 @@ def run_convert(args) -> int:
 
 
 def add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert released weights (Keras .h5, TF-slim checkpoint, timm) to .safetensors",
+    p = sub.add_parser("convert", help="convert released weights (Keras .h5, TF-slim checkpoint, timm, .tflite) to .safetensors",
                        description="Convert official weights to a .safetensors file that 'mobilenets.load' and "
                                    "'--weights FILE' read; alpha, classes and the preprocessing go with it.")
     p.add_argument("src", help="Keras .h5 file; TF-slim checkpoint prefix, .index file, folder or .tgz; "
-                              "timm .pth/.bin/.safetensors")
-    p.add_argument("--from", dest="source", required=True, choices=("keras", "tf-slim", "timm"),
+                              "timm .pth/.bin/.safetensors; .tflite (float or quantized) or a release .tgz with one")
+    p.add_argument("--from", dest="source", required=True, choices=("keras", "tf-slim", "timm", "tflite"),
                    help="where the weights come from")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the converted file")
     p.add_argument("--keep-background", action="store_true",
-                   help="tf-slim: keep class 0 ('background'), giving 1001 classes")
+                   help="tf-slim, tflite: keep class 0 ('background'), giving 1001 classes")
     p.add_argument("--resolution", type=resolution, default=None,
                    help="the resolution the weights were trained at (default: from the file name, else 224)")
     p.set_defaults(func=run_convert)

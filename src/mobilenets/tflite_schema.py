@@ -20,8 +20,8 @@ SCHEMA_VERSION = 3
 FILE_IDENTIFIER = b"TFL3"
 
 # TensorType
-FLOAT32, INT32, UINT8, INT64, INT16, INT8 = 0, 2, 3, 4, 7, 9
-NUMPY_TYPES = {FLOAT32: np.float32, INT32: np.int32, UINT8: np.uint8, INT64: np.int64, INT16: np.int16,
+FLOAT32, FLOAT16, INT32, UINT8, INT64, INT16, INT8 = 0, 1, 2, 3, 4, 7, 9
+NUMPY_TYPES = {FLOAT32: np.float32, FLOAT16: np.float16, INT32: np.int32, UINT8: np.uint8, INT64: np.int64, INT16: np.int16,
                INT8: np.int8}
 
 # BuiltinOperator

@@ -38,7 +38,7 @@ from . import checkpoint
 from .images import INCEPTION, Normalization
 from .model import MobileNetV1, MobileNetV1Config
 
-SOURCES = ("keras", "tf-slim", "timm")
+SOURCES = ("keras", "tf-slim", "timm", "tflite")
 
 # The released Keras files: keras.applications.mobilenet names alpha 0.75 "7_5" and so on.
 KERAS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
@@ -370,13 +370,17 @@ def from_timm(path, *, resolution: int | None = None) -> Converted:
 
 
 def convert(source: str, path, *, keep_background: bool = False, resolution: int | None = None) -> Converted:
-    """Convert released weights (``source`` one of "keras", "tf-slim", "timm") to our layout."""
+    """Convert released weights (``source`` one of "keras", "tf-slim", "timm", "tflite") to our layout."""
     if source == "keras":
         return from_keras(path, resolution=resolution)
     if source == "tf-slim":
         return from_tf_slim(path, keep_background=keep_background, resolution=resolution)
     if source == "timm":
         return from_timm(path, resolution=resolution)
+    if source == "tflite":
+        from .tflite_import import from_tflite
+
+        return from_tflite(path, keep_background=keep_background, resolution=resolution)
     raise WeightsError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
 
 
@@ -410,6 +414,8 @@ def save(converted: Converted, path) -> Path:
         "source": meta.get("source", ""),
         "sha256": tensors_sha256(sd),
     }
+    if meta.get("int8"):  # int8-ready weights: the activation ranges of their int8 graph
+        metadata["int8"] = json.dumps(meta["int8"])
     data = st_save(sd, metadata=metadata)
     return checkpoint.atomic_write(path, lambda f: f.write(data))
 
@@ -458,6 +464,8 @@ def read_safetensors(path) -> Converted:
             "source": metadata.get("source", ""),
             "sha256": metadata.get("sha256"),
         }
+        if metadata.get("int8"):
+            meta["int8"] = json.loads(metadata["int8"])
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: unreadable mobilenets metadata ({e})") from None
     return Converted(sd, config, meta)

@@ -93,12 +93,28 @@ def export(model: MobileNetV1, path, format: str | None = None, *, precision: st
         options["io"] = io
     if "metadata" in spec.options:
         options["metadata"] = _metadata(model)
+    ranges = _stored_ranges(model) if precision == "int8" and "ranges" in spec.options else None
+    if ranges is not None:
+        options["ranges"] = ranges
     resolution = DEFAULT_RESOLUTION if resolution is None else int(resolution)
     path.parent.mkdir(parents=True, exist_ok=True)
     folded = fold_batchnorm(model)
-    batches = calibration_batches(calibration, resolution) if precision == "int8" else []
+    int8_needs_batches = precision == "int8" and not (ranges is not None and calibration is None)
+    batches = calibration_batches(calibration, resolution) if int8_needs_batches else []
     backend, _ = export_formats()[format]
     return backend.save(folded, path, format, precision, batches, resolution, **options)
+
+
+def _stored_ranges(model: MobileNetV1) -> dict | None:
+    """The activation ranges a model's file carries (an imported quantized .tflite), if they apply as they are.
+
+    Ranges stored with equalization scales other than 1 belong to a rescaled
+    model (mobilenets.quantize), not to ``model`` itself: those are not used here.
+    """
+    int8 = (getattr(model, "meta", None) or {}).get("int8") or {}
+    if not int8.get("ranges") or any(v != 1.0 for s in int8.get("scales", []) for v in s):
+        return None
+    return int8["ranges"]
 
 
 def _metadata(model: MobileNetV1) -> dict:

@@ -22,11 +22,11 @@ from .tflite_graph import IO_TYPES, build_graph
 
 
 def tflite_bytes(folded, precision: str, batches, resolution: int, *, io: str | None = None,
-                 metadata: dict | None = None) -> bytes:
+                 metadata: dict | None = None, ranges: dict | None = None) -> bytes:
     """The .tflite file of ``folded`` as bytes (``io``: int8 [default], uint8 or float, int8 models only)."""
     if io is not None and precision != "int8" and io != "float":
         raise DeployError(f"io={io!r} applies to int8 files; an {precision} file has float input and output")
-    return fb.write(build_graph(folded, resolution, precision, batches, io or "int8", metadata))
+    return fb.write(build_graph(folded, resolution, precision, batches, io or "int8", metadata, ranges))
 
 
 def interpreter(model: bytes, threads: int | None = None):
@@ -71,7 +71,7 @@ class LiteRT(Backend):
     refusal = "LiteRT files hold fp32 or int8 (no bf16)"
     requires = ("ai_edge_litert", "flatbuffers")
     formats = (ExportFormat("tflite", ".tflite", ("fp32", "int8"), refusal="LiteRT files hold fp32 or int8",
-                            options=("io", "metadata")),)
+                            options=("io", "metadata", "ranges")),)
 
     def describe(self, precision: str) -> str:
         return "LiteRT (XNNPACK)" + (", full-integer int8 per-channel" if precision == "int8" else "")
@@ -80,10 +80,11 @@ class LiteRT(Backend):
         return runner(interpreter(tflite_bytes(folded, precision, batches, resolution, io="float"
                                                if precision == "int8" else None)))
 
-    def save(self, folded, path, format, precision, batches, resolution, *, io=None, metadata=None) -> Path:
+    def save(self, folded, path, format, precision, batches, resolution, *, io=None, metadata=None,
+             ranges=None) -> Path:
         if io is not None and io not in IO_TYPES:
             raise DeployError(f"io must be one of {IO_TYPES}, got {io!r}")
-        data = tflite_bytes(folded, precision, batches, resolution, io=io, metadata=metadata)
+        data = tflite_bytes(folded, precision, batches, resolution, io=io, metadata=metadata, ranges=ranges)
         path = Path(path)
         path.write_bytes(data)
         return path

@@ -65,11 +65,13 @@ def activation_quant(lo: float, hi: float) -> fb.Quant:
     return fb.Quant([scale], [zero_point], 0, [lo], [hi])
 
 
-def weight_quant(w: np.ndarray, axis: int) -> tuple[np.ndarray, list[float]]:
-    """Symmetric int8 per channel along ``axis`` ([-127, 127], zero point 0): (q, scales)."""
+def weight_quant(w: np.ndarray, axis: int, floor=None) -> tuple[np.ndarray, list[float]]:
+    """Symmetric int8 per channel along ``axis`` ([-127, 127], zero point 0), scales at least ``floor``."""
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    peak = np.abs(moved).max(1)
-    scales = np.where(peak > 0, peak / 127.0, 1.0)
+    scales = np.abs(moved).max(1).astype(np.float64) / 127.0
+    if floor is not None:
+        scales = np.maximum(scales, floor)
+    scales = np.where(scales > 0, scales, 1.0)
     shape = [1] * w.ndim
     shape[axis] = -1
     q = np.clip(np.round(w / scales.reshape(shape)), -127, 127).astype(np.int8)
@@ -102,10 +104,13 @@ class _Builder:
         filt = w.transpose(1, 2, 3, 0) if depthwise else w.transpose(0, 2, 3, 1)  # (1,kh,kw,C) / OHWI
         axis = 3 if depthwise else 0
         if self.int8:
-            q, scales = weight_quant(filt, axis)
+            # a channel whose weights are ~0 but whose bias is not would need a bias beyond int32 at the
+            # weights' own scale: widen that channel's weight scale until the bias fits, as LiteRT's converter does
+            floor = np.abs(b.astype(np.float64)) / (in_quant.scale[0] * (2**31 - 1))
+            q, scales = weight_quant(filt, axis, floor)
             wt = self.tensor(f"{name}/weights", filt.shape, fb.INT8, q, fb.Quant(scales, [0] * len(scales), axis))
             bias_scales = [in_quant.scale[0] * s for s in scales]
-            bq = np.round(b / np.asarray(bias_scales)).astype(np.int32)
+            bq = np.clip(np.round(b / np.asarray(bias_scales)), -(2**31 - 1), 2**31 - 1).astype(np.int32)
             bt = self.tensor(f"{name}/bias", b.shape, fb.INT32, bq, fb.Quant(bias_scales, [0] * len(b), 0))
         else:
             wt = self.tensor(f"{name}/weights", filt.shape, fb.FLOAT32, filt)
@@ -119,16 +124,30 @@ class _Builder:
 
 
 def build_graph(folded: FoldedMobileNet, resolution: int, precision: str, batches: list[torch.Tensor],
-                io: str = "int8", metadata: dict | None = None) -> fb.Graph:
-    """The LiteRT graph of ``folded`` for (N, resolution, resolution, 3) input; int8 calibrated on ``batches``."""
+                io: str = "int8", metadata: dict | None = None, ranges: dict | None = None) -> fb.Graph:
+    """The LiteRT graph of ``folded`` for (N, resolution, resolution, 3) input.
+
+    int8 activation ranges are ``ranges`` when given ("input", "features.<i>",
+    "pool", "logits" -> (lo, hi), as int8-ready weights and imported quantized
+    files carry them), else min/max measured on ``batches``.
+    """
     if precision not in ("fp32", "int8"):
         raise DeployError(f"LiteRT files hold fp32 or int8, got {precision!r}")
     if io not in IO_TYPES:
         raise DeployError(f"io must be one of {IO_TYPES}, got {io!r}")
     int8 = precision == "int8"
-    if int8 and not batches:
-        raise DeployError("int8 needs calibration batches")
-    ranges = activation_ranges(folded, batches) if int8 else None
+    pool_quant = None
+    if int8 and ranges is not None:
+        keys = ["input", *(f"features.{i}" for i in range(len(folded.features))), "logits"]
+        missing = [k for k in keys if k not in ranges]
+        if missing:
+            raise DeployError(f"int8 ranges lack {missing[:3]}; give ranges for every layer or calibration batches")
+        pool_quant = activation_quant(*ranges["pool"]) if "pool" in ranges else None
+        ranges = [tuple(ranges[k]) for k in keys]
+    elif int8:
+        if not batches:
+            raise DeployError("int8 needs calibration batches")
+        ranges = activation_ranges(folded, batches)
     quants = [activation_quant(*r) for r in ranges] if int8 else [None] * (len(folded.features) + 2)
     g = _Builder(int8)
 
@@ -175,9 +194,16 @@ def build_graph(folded: FoldedMobileNet, resolution: int, precision: str, batche
         size, channels = out, conv.out_channels
 
     last = quants[len(folded.features)]
-    pooled = g.activation("pool", [1, 1, 1, channels], last)
-    g.op(fb.AVERAGE_POOL_2D, [x], [pooled], padding=fb.VALID, stride_w=1, stride_h=1, filter_w=size,
-         filter_h=size, activation=fb.NONE)
+    if pool_quant is not None and (pool_quant.scale, pool_quant.zero_point) != (last.scale, last.zero_point):
+        # a pool with its own output scale (as TFLiteConverter writes it): MEAN rescales, AVERAGE_POOL_2D cannot
+        axes = g.tensor("pool/axes", [2], fb.INT32, np.array([1, 2], np.int32))
+        last = pool_quant
+        pooled = g.activation("pool", [1, 1, 1, channels], last)
+        g.op(fb.MEAN, [x, axes], [pooled], keep_dims=True)
+    else:
+        pooled = g.activation("pool", [1, 1, 1, channels], last)
+        g.op(fb.AVERAGE_POOL_2D, [x], [pooled], padding=fb.VALID, stride_w=1, stride_h=1, filter_w=size,
+             filter_h=size, activation=fb.NONE)
     x, quant = pooled, last
     classifier = folded.classifier
     if isinstance(classifier, nn.Linear):
@@ -206,7 +232,7 @@ def build_graph(folded: FoldedMobileNet, resolution: int, precision: str, batche
     meta.update({"resolution": int(resolution), "layout": "NHWC", "precision": precision,
                  "io": io if int8 else "float"})
     if int8:
-        meta["activation_ranges"] = [list(r) for r in ranges]
+        meta["activation_ranges"] = [list(r) for r in ranges]  # input, each convolution, logits
     description = (f"MobileNet v1 ({precision}, input (N, {resolution}, {resolution}, 3) NHWC RGB, "
                    f"logits (N, {channels})); written by mobilenets")
     return fb.Graph(g.tensors, g.operators, [graph_input], [graph_output], description,
