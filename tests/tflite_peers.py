@@ -18,7 +18,8 @@ logits out (no softmax), and converts it with ``tf.lite.TFLiteConverter``:
 
 ``outputs.npz`` holds the input (NHWC, float in [-1, 1]) and, for each file,
 what TensorFlow's LiteRT interpreter returns for it (quantized I/O fed and
-read through the file's own parameters).  Nothing here uses mobilenets.
+read through the file's own parameters) and, as ``<name>_conv0``, its first
+convolution's filter as the interpreter holds it, dequantized.  Nothing here uses mobilenets.
 """
 
 from __future__ import annotations
@@ -76,6 +77,21 @@ def run_file(tf, path: Path, x: np.ndarray) -> np.ndarray:
     return y.astype(np.float32)
 
 
+def first_filter(tf, path: Path, channels: int) -> np.ndarray:
+    """The first convolution's filter (OHWI) as LiteRT holds it, dequantized with its own parameters."""
+    interp = tf.lite.Interpreter(model_path=str(path))
+    for d in interp.get_tensor_details():
+        if tuple(d["shape"]) == (channels, 3, 3, 3):
+            w = interp.get_tensor(d["index"]).astype(np.float64)
+            q = d["quantization_parameters"]
+            if w.dtype != np.float32 and len(q["scales"]):
+                shape = [1] * 4
+                shape[q["quantized_dimension"]] = -1
+                w = (w - q["zero_points"].reshape(shape)) * q["scales"].reshape(shape)
+            return w.astype(np.float32)
+    raise SystemExit(f"{path}: no ({channels}, 3, 3, 3) filter")
+
+
 def main(out: Path, alpha: float, resolution: int) -> None:
     import tensorflow as tf
     import tf_keras
@@ -118,6 +134,7 @@ def main(out: Path, alpha: float, resolution: int) -> None:
     for name, data in files.items():
         (out / f"{name}.tflite").write_bytes(data)
         outputs[name] = run_file(tf, out / f"{name}.tflite", x)
+        outputs[f"{name}_conv0"] = first_filter(tf, out / f"{name}.tflite", int(32 * alpha))
     np.savez(out / "outputs.npz", **outputs)
     (out / "notes.json").write_text(json.dumps(notes))
 

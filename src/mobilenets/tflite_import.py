@@ -103,7 +103,10 @@ class _Graph:
         op = self.producer.get(index)
         if op is None or op.code != fb.PAD:
             return None
-        p = self.constant(op.inputs[1]).astype(int)
+        p = self.g.tensors[op.inputs[1]].data  # int32 amounts, not a quantized value
+        if p is None:
+            self.fail("a PAD whose amounts are not constant")
+        p = p.astype(int)
         if p.shape != (4, 2) or p[0].any() or p[3].any() or tuple(p[1]) != tuple(p[2]):
             self.fail(f"unsupported padding {p.tolist()}")
         return int(p[1][0]), int(p[1][1])
