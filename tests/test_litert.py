@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from mobilenets import deploy, mobilenet_v1, tflite_schema, weights
+from mobilenets.benchmark import make_model
 from mobilenets.tflite_import import from_tflite
 
 pytest.importorskip("ai_edge_litert")
@@ -33,28 +34,31 @@ PEERS = Path(__file__).with_name("tflite_peers.py")
 ALPHA, RES = 0.25, 64
 
 
-def random_stats(model):
-    """BatchNorm statistics far from their defaults, so folding is really exercised."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_((torch.rand(n, generator=g) - 0.5) * 0.4)
+@pytest.fixture(scope="module")
+def trained():
+    """Weights briefly fitted to the built-in digits: logits that depend on the image (a random network's
+    pooled features barely do, so a wrong kernel layout would hide under any tolerance)."""
+    return make_model(ALPHA, num_classes=10, steps=70, resolution=RES)
+
+
+@pytest.fixture(scope="module", params=["symmetric", "tf_same"])
+def model(request, trained):
+    model = mobilenet_v1(ALPHA, num_classes=10, padding=request.param)
+    model.load_state_dict(trained.state_dict())
     return model.eval()
-
-
-@pytest.fixture(scope="module", params=["tf_same", "symmetric"])
-def model(request):
-    torch.manual_seed(0)
-    return random_stats(mobilenet_v1(ALPHA, num_classes=10, padding=request.param))
 
 
 @pytest.fixture(scope="module")
 def images():
-    return torch.rand(12, 3, RES, RES, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    batches, _ = deploy.builtin_batches(RES, limit=24)
+    return torch.cat(batches)
+
+
+def assert_same_function(out, reference):
+    """Differences a thousand times smaller than how much the logits vary from image to image."""
+    spread = float((reference - reference.mean(0)).abs().max())
+    assert spread > 0.1
+    assert float((out - reference).abs().max()) <= 1e-3 * spread
 
 
 def litert_interpreter(path):
@@ -78,7 +82,7 @@ def test_fp32_export_matches_pytorch_in_litert(model, images, tmp_path):
     with torch.no_grad():
         reference = model(images)
     out = deploy.load_exported(path)(images)
-    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    assert_same_function(out, reference)
     inp = litert_interpreter(path).get_input_details()[0]
     assert list(inp["shape"]) == [1, RES, RES, 3] and list(inp["shape_signature"]) == [-1, RES, RES, 3]
     ops = op_names(path)
@@ -88,16 +92,16 @@ def test_fp32_export_matches_pytorch_in_litert(model, images, tmp_path):
     assert ops.count("PAD") == (5 if model.config.padding == "symmetric" else 0)
 
 
-def test_fp32_export_fuses_relu6(tmp_path, images):
-    """A model whose activations exceed 6 everywhere: the file must clip them as ReLU6 does."""
-    model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same").eval()
+def test_fp32_export_fuses_relu6(trained, tmp_path, images):
+    """BatchNorm shifted so activations exceed 6 in every layer: the file must clip them as ReLU6 does."""
+    model = copy.deepcopy(trained)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            m.bias.data.fill_(8.0)
+            m.bias.data.add_(3.0)
     with torch.no_grad():
         reference = model(images)
     out = deploy.load_exported(deploy.export(model, tmp_path / "m.tflite", resolution=RES))(images)
-    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    assert_same_function(out, reference)
 
 
 def test_file_carries_metadata_and_description(model, tmp_path):
@@ -128,7 +132,7 @@ def test_int8_export_is_full_integer_per_channel(model, images, tmp_path):
     out = deploy.load_exported(path)(images)
     p = deploy.parity(reference, out)
     assert p["cosine"] >= 0.99 and p["top1_agreement"] >= 0.9
-    assert p["max_abs_diff"] > 1e-3  # really integer arithmetic, not float passed through
+    assert p["max_abs_diff"] > 1e-2  # really integer arithmetic, not float passed through
 
 
 @pytest.mark.parametrize("io,dtype", [("uint8", np.uint8), ("float", np.float32)])
@@ -160,7 +164,7 @@ def test_export_then_import_round_trips(model, images, tmp_path):
     assert converted.config.padding == model.config.padding and converted.config.alpha == ALPHA
     assert converted.meta["resolution"] == RES
     with torch.no_grad():
-        torch.testing.assert_close(converted.model()(images), model(images), rtol=1e-4, atol=1e-4)
+        assert_same_function(converted.model()(images), model(images))
 
 
 def test_export_command_prints_litert_parity(tmp_path):
@@ -325,3 +329,37 @@ def test_real_weights_export_in_litert(tmp_path):
     int8 = deploy.export(model, tmp_path / "q.tflite", precision="int8", calibration=list(calib.split(16)),
                          resolution=224)
     assert deploy.parity(reference, deploy.load_exported(int8)(held))["cosine"] >= 0.9
+
+
+def test_explicit_asymmetric_pad_imports_as_tf_same(model, images, tmp_path):
+    """Keras writes stride-2 layers as ZeroPadding2D((0, 1), (0, 1)) then a VALID convolution; converters can
+    keep that PAD.  Made here by rewriting our SAME file; LiteRT says whether the rewrite kept the function."""
+    if model.config.padding != "tf_same":
+        pytest.skip("the rewrite starts from SAME convolutions")
+    graph = tflite_schema.read(deploy.export(model, tmp_path / "same.tflite", resolution=RES).read_bytes())
+    ops = []
+    for op in graph.operators:
+        if op.code in (tflite_schema.CONV_2D, tflite_schema.DEPTHWISE_CONV_2D) and op.options["stride_h"] == 2:
+            src = graph.tensors[op.inputs[0]]
+            size = src.shape[1]
+            graph.tensors.append(tflite_schema.Tensor(f"pad{len(ops)}", [4, 2], tflite_schema.INT32,
+                                                      np.array([[0, 0], [0, 1], [0, 1], [0, 0]], np.int32)))
+            graph.tensors.append(tflite_schema.Tensor(f"padded{len(ops)}", [1, size + 1, size + 1, src.shape[3]],
+                                                      src.type, shape_signature=[-1, size + 1, size + 1,
+                                                                                 src.shape[3]]))
+            ops.append(tflite_schema.Operator(tflite_schema.PAD, [op.inputs[0], len(graph.tensors) - 2],
+                                              [len(graph.tensors) - 1]))
+            op.inputs[0] = len(graph.tensors) - 1
+            op.options["padding"] = tflite_schema.VALID
+        ops.append(op)
+    graph.operators = ops
+    path = tmp_path / "padded.tflite"
+    path.write_bytes(tflite_schema.write(graph))
+    assert op_names(path).count("PAD") == 5
+    litert = deploy.load_exported(path)(images)
+    with torch.no_grad():
+        reference = model(images)
+        assert_same_function(litert, reference)
+        converted = from_tflite(path)
+        assert converted.config.padding == "tf_same"
+        assert_same_function(converted.model()(images), litert)
