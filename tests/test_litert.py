@@ -363,3 +363,18 @@ def test_explicit_asymmetric_pad_imports_as_tf_same(model, images, tmp_path):
         converted = from_tflite(path)
         assert converted.config.padding == "tf_same"
         assert_same_function(converted.model()(images), litert)
+
+
+# ---------------------------------------------------------------- ExecuTorch (same on-device family; own module)
+
+
+def test_executorch_pte_matches_pytorch(model, images, tmp_path):
+    pytest.importorskip("executorch.runtime")
+    if model.config.padding != "tf_same":
+        pytest.skip("one padding is enough: torch.export sees the same graph for both")
+    path = deploy.export(model, tmp_path / "m.pte", resolution=RES)
+    with torch.no_grad():
+        reference = model(images)
+    assert_same_function(deploy.load_exported(path)(images), reference)  # 24 images: more than one chunk
+    with pytest.raises(deploy.DeployError, match="int8"):
+        deploy.export(model, tmp_path / "q.pte", precision="int8", calibration=[images], resolution=RES)

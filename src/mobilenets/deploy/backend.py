@@ -28,6 +28,7 @@ RUNTIMES = {
     "onnxruntime": "onnxruntime",
     "openvino": "openvino",
     "litert": "litert",
+    "executorch": "executorch",
 }
 BACKENDS = tuple(RUNTIMES)
 
