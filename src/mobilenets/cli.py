@@ -364,12 +364,12 @@ def run_export(args) -> int:
 def add_export(sub) -> None:
     from .deploy import EXPORT_FORMATS, PRECISIONS
 
-    p = sub.add_parser("export", help="write the model for ONNX Runtime, OpenVINO, LiteRT, TorchScript or torch.export",
+    p = sub.add_parser("export", help="write the model for ONNX Runtime, OpenVINO, LiteRT, ExecuTorch, TorchScript or torch.export",
                        description="Fold BatchNorm, write the model in --format at --precision (int8 calibrated on "
                                    "--calib-data), reload it in its runtime and print its parity with PyTorch.")
     _add_weights_arguments(p)
     p.add_argument("--format", choices=EXPORT_FORMATS,
-                   help="default: the one --out's suffix names (.onnx, .xml, .tflite, .pt, .pt2); onnx without a suffix")
+                   help="default: the one --out's suffix names (.onnx, .xml, .tflite, .pte, .pt, .pt2); onnx without a suffix")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--io", choices=("int8", "uint8", "float"),
                    help="tflite int8 only: type of the file's input and output (default int8; float adds "
@@ -377,7 +377,7 @@ def add_export(sub) -> None:
     p.add_argument("--calib-data", metavar="DIR", help="images for int8 calibration and the parity check "
                                                        "(DIR/<class>/* gives accuracy too); default: built-in digits")
     p.add_argument("--calib-images", type=_positive_int, default=64, help="images to use (default 64)")
-    p.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .xml, .tflite, .pt, .pt2)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .xml, .tflite, .pte, .pt, .pt2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_export)
 
