@@ -107,7 +107,7 @@ CASES = [
     ("torch", "fp32", 0.999), ("torch", "bf16", 0.98), ("torch", "int8", 0.98),
     ("onnxruntime", "fp32", 0.999), ("onnxruntime", "int8", 0.98),
     ("openvino", "fp32", 0.999), ("openvino", "bf16", 0.98), ("openvino", "int8", 0.98),
-    ("litert", "fp32", 0.999), ("litert", "int8", 0.98), ("executorch", "fp32", 0.999),
+    ("litert", "fp32", 0.999), ("litert", "int8", 0.98),
 ]
 
 
@@ -186,7 +186,7 @@ def test_auto_measures_once_then_reuses_its_choice(model, images, reference, tmp
     monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
     first = deploy.compile(model, "fp32", batch_size=2, resolution=RES)
     assert first.backend in deploy.available_backends()
-    assert set(first.timings) == set(deploy.available_backends())  # every candidate was timed
+    assert set(first.timings) == {"torch", "onnxruntime", "openvino", "litert"}  # every candidate was timed
     assert first.backend == min(first.timings, key=first.timings.get)
     cache = json.loads((tmp_path / "auto-backend.json").read_text())
     assert [v["backend"] for v in cache.values()] == [first.backend]
@@ -222,8 +222,8 @@ def test_cpu_feature_detection_reads_proc_cpuinfo():
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt", "exported-program": ".pt2",
             "tflite": ".tflite", "executorch": ".pte"}
 EXPORTS = [(f, p) for f in deploy.EXPORT_FORMATS for p in deploy.PRECISIONS
-           if (f, p) not in {("onnx", "bf16"), ("torchscript", "int8"), ("tflite", "bf16"), ("executorch", "bf16"),
-                             ("executorch", "int8")}]
+           if (f, p) not in {("onnx", "bf16"), ("torchscript", "int8"), ("tflite", "bf16"), }
+           and f != "executorch"]  # ExecuTorch runs in its own process: tests/test_litert.py
 
 
 @pytest.mark.parametrize("fmt,precision", EXPORTS)

@@ -6,11 +6,13 @@ every convolution (ReLU6 fused as its clamp) runs in XNNPACK.  ExecuTorch's
 Python runtime loads the program for parity and benchmarks; the program's
 memory plan bounds the batch, so larger inputs run in chunks.
 
-int8 (:func:`pte_bytes` with XNNPACK's PT2E quantizer: per-channel int8
-weights, per-tensor int8 activations) writes a program that ExecuTorch 1.5.1
-runs in a fresh process, but running it in the process that quantized it
-crashes the interpreter (segmentation fault in ``Method.execute``), so the
-export format and the backend offer fp32 only until that is resolved.
+ExecuTorch 1.5.1's runtime crashes (segmentation fault in
+``Method.execute``) in a process where torchao's PT2E quantization or
+Inductor has run before, fp32 programs included; in a fresh process (what
+``mobilenets export`` is) it runs them correctly.  So this backend writes and
+reads files but offers no in-process builds: ``compile``, ``auto`` and
+``benchmark`` never pick it.  int8 (:func:`pte_bytes` with XNNPACK's PT2E
+quantizer) is not offered as an export yet for the same reason.
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ def runner(data: bytes) -> Run:
 
 class ExecuTorch(Backend):
     name = "executorch"
-    precisions = ("fp32",)
-    refusal = "int8 .pte programs crash ExecuTorch 1.5.1 when run in the process that quantized them"
+    precisions = ()  # no in-process builds: see the module docstring
+    refusal = ("ExecuTorch 1.5.1 crashes in a process that has run PT2E or Inductor; export a .pte "
+               "(mobilenets export --format executorch) and run it in its own process")
     requires = ("executorch.runtime", "executorch.exir")
     formats = (ExportFormat("executorch", ".pte", ("fp32",),
                             refusal="int8 .pte export is not offered yet (ExecuTorch 1.5.1 crashes running it "
