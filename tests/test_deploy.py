@@ -107,6 +107,7 @@ CASES = [
     ("torch", "fp32", 0.999), ("torch", "bf16", 0.98), ("torch", "int8", 0.98),
     ("onnxruntime", "fp32", 0.999), ("onnxruntime", "int8", 0.98),
     ("openvino", "fp32", 0.999), ("openvino", "bf16", 0.98), ("openvino", "int8", 0.98),
+    ("litert", "fp32", 0.999), ("litert", "int8", 0.98),
 ]
 
 
@@ -185,7 +186,7 @@ def test_auto_measures_once_then_reuses_its_choice(model, images, reference, tmp
     monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
     first = deploy.compile(model, "fp32", batch_size=2, resolution=RES)
     assert first.backend in deploy.available_backends()
-    assert set(first.timings) == {"torch", "onnxruntime", "openvino"}  # every candidate was timed
+    assert set(first.timings) == {"torch", "onnxruntime", "openvino", "litert"}  # every candidate was timed
     assert first.backend == min(first.timings, key=first.timings.get)
     cache = json.loads((tmp_path / "auto-backend.json").read_text())
     assert [v["backend"] for v in cache.values()] == [first.backend]
@@ -218,9 +219,11 @@ def test_cpu_feature_detection_reads_proc_cpuinfo():
 # ---------------------------------------------------------------- export
 
 
-SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt", "exported-program": ".pt2"}
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt", "exported-program": ".pt2",
+            "tflite": ".tflite", "executorch": ".pte"}
 EXPORTS = [(f, p) for f in deploy.EXPORT_FORMATS for p in deploy.PRECISIONS
-           if (f, p) not in {("onnx", "bf16"), ("torchscript", "int8")}]
+           if (f, p) not in {("onnx", "bf16"), ("torchscript", "int8"), ("tflite", "bf16"), }
+           and f != "executorch"]  # ExecuTorch runs in its own process: tests/test_litert.py
 
 
 @pytest.mark.parametrize("fmt,precision", EXPORTS)
@@ -246,7 +249,8 @@ def test_openvino_export_keeps_its_precision(model, tmp_path):
 
 
 @pytest.mark.parametrize("fmt,precision,match", [
-    ("onnx", "bf16", "no bf16"), ("torchscript", "int8", "TorchScript"), ("tflite", "fp32", "format must be"),
+    ("onnx", "bf16", "no bf16"), ("torchscript", "int8", "TorchScript"), ("tflite", "bf16", "fp32 or int8"),
+    ("coreml", "fp32", "format must be"),
 ])
 def test_export_refuses_what_the_format_cannot_hold(model, tmp_path, fmt, precision, match):
     with pytest.raises(deploy.DeployError, match=match):
@@ -338,7 +342,8 @@ def fresh_tmpdir(tmp_path, monkeypatch):
 @pytest.mark.parametrize("backend", deploy.BACKENDS)
 def test_compile_leaves_no_temporary_files(model, calibration, images, reference, fresh_tmpdir, backend):
     predictors = [deploy.compile(model, precision, calibration=calibration, batch_size=4, resolution=RES,
-                                 backend=backend) for precision in ("fp32", "int8")]
+                                 backend=backend) for precision in ("fp32", "int8")
+                  if deploy.backend_supports(backend, precision)]
     assert leftovers(fresh_tmpdir) == []
     for predictor in predictors:  # what the predictors need was kept in memory, not in the removed folders
         assert cosine(predictor(images), reference) >= 0.98
@@ -365,7 +370,7 @@ def test_export_format_follows_the_suffix(model, images, reference, tmp_path):
 
 @pytest.mark.parametrize("name,fmt,match", [
     ("x.onnx", "openvino", r"x\.xml"), ("x.xml", "onnx", r"x\.onnx"), ("x.pt", "exported-program", r"x\.pt2"),
-    ("model-0.25", "onnx", r"model-0\.25\.onnx"), ("x.tflite", None, r"\.onnx \(onnx\)"),
+    ("model-0.25", "onnx", r"model-0\.25\.onnx"), ("x.h5", None, r"\.onnx \(onnx\)"),
 ])
 def test_export_refuses_a_suffix_that_contradicts_the_format(model, tmp_path, name, fmt, match):
     with pytest.raises(deploy.DeployError, match=match):

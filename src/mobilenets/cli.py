@@ -335,7 +335,8 @@ def run_export(args) -> int:
     deploy.check_export(fmt, args.precision)  # before anything is loaded or fitted
     model, res, normalization, labels = _deploy_model(args)
     batches, y = _calibration(args, model, res, normalization, labels)
-    path = deploy.export(model, out, fmt, precision=args.precision, calibration=batches, resolution=res)
+    path = deploy.export(model, out, fmt, precision=args.precision, calibration=batches, resolution=res,
+                         io=args.io)
     run = deploy.load_exported(path, fmt)
     x = torch.cat(batches)
     with torch.no_grad():
@@ -358,17 +359,20 @@ def run_export(args) -> int:
 def add_export(sub) -> None:
     from .deploy import EXPORT_FORMATS, PRECISIONS
 
-    p = sub.add_parser("export", help="write the model for ONNX Runtime, OpenVINO, TorchScript or torch.export",
+    p = sub.add_parser("export", help="write the model for ONNX Runtime, OpenVINO, LiteRT, ExecuTorch, TorchScript or torch.export",
                        description="Fold BatchNorm, write the model in --format at --precision (int8 calibrated on "
                                    "--calib-data), reload it in its runtime and print its parity with PyTorch.")
     _add_weights_arguments(p)
     p.add_argument("--format", choices=EXPORT_FORMATS,
-                   help="default: the one --out's suffix names (.onnx, .xml, .pt, .pt2); onnx without a suffix")
+                   help="default: the one --out's suffix names (.onnx, .xml, .tflite, .pte, .pt, .pt2); onnx without a suffix")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--io", choices=("int8", "uint8", "float"),
+                   help="tflite int8 only: type of the file's input and output (default int8; float adds "
+                        "QUANTIZE/DEQUANTIZE at the ends)")
     p.add_argument("--calib-data", metavar="DIR", help="images for int8 calibration and the parity check "
                                                        "(DIR/<class>/* gives accuracy too); default: built-in digits")
     p.add_argument("--calib-images", type=_positive_int, default=64, help="images to use (default 64)")
-    p.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .xml, .pt, .pt2)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .xml, .tflite, .pte, .pt, .pt2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_export)
 
@@ -511,10 +515,11 @@ def add_pick(sub) -> None:
 def run_convert(args) -> int:
     from . import weights
 
-    source = args.source or ("tf-frozen" if args.src.lower().endswith(".pb") else None)
+    suffix = args.src.lower()
+    source = args.source or ("tf-frozen" if suffix.endswith(".pb") else "tflite" if suffix.endswith(".tflite") else None)
     if source is None:
         raise UsageError(f"mobilenets convert: say where {args.src} comes from with --from "
-                         f"keras|tf-slim|tf-frozen|timm (only a .pb file is recognised on its own)")
+                         f"keras|tf-slim|tf-frozen|timm|tflite (only .pb and .tflite files are recognised on their own)")
     converted = weights.convert(source, args.src, keep_background=args.keep_background,
                                 resolution=args.resolution)
     out = weights.save(converted, args.out)
@@ -527,17 +532,18 @@ def run_convert(args) -> int:
 
 
 def add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert released weights (Keras .h5, TF-slim checkpoint, frozen .pb, timm) "
-                                       "to .safetensors",
+    p = sub.add_parser("convert", help="convert released weights (Keras .h5, TF-slim checkpoint, frozen .pb, timm, "
+                                       ".tflite) to .safetensors",
                        description="Convert official weights to a .safetensors file that 'mobilenets.load' and "
                                    "'--weights FILE' read; alpha, classes and the preprocessing go with it.")
     p.add_argument("src", help="Keras .h5 file; TF-slim checkpoint prefix, .index file, folder or .tgz; "
-                              "frozen TensorFlow graph .pb (or the release .tgz with one); timm .pth/.bin/.safetensors")
-    p.add_argument("--from", dest="source", default=None, choices=("keras", "tf-slim", "tf-frozen", "timm"),
-                   help="where the weights come from (default: tf-frozen for a .pb file, else required)")
+                              "frozen TensorFlow graph .pb (or the release .tgz with one); timm .pth/.bin/.safetensors; "
+                              ".tflite (float or quantized)")
+    p.add_argument("--from", dest="source", default=None, choices=("keras", "tf-slim", "tf-frozen", "timm", "tflite"),
+                   help="where the weights come from (default: tf-frozen for a .pb, tflite for a .tflite, else required)")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the converted file")
     p.add_argument("--keep-background", action="store_true",
-                   help="tf-slim, tf-frozen: keep class 0 ('background'), giving 1001 classes")
+                   help="tf-slim, tf-frozen, tflite: keep class 0 ('background'), giving 1001 classes")
     p.add_argument("--resolution", type=resolution, default=None,
                    help="the resolution the weights were trained at (default: from the file name, else 224)")
     p.set_defaults(func=run_convert)

@@ -27,6 +27,8 @@ RUNTIMES = {
     "torch": "pytorch",
     "onnxruntime": "onnxruntime",
     "openvino": "openvino",
+    "litert": "litert",
+    "executorch": "executorch",
 }
 BACKENDS = tuple(RUNTIMES)
 
@@ -48,6 +50,7 @@ class ExportFormat:
     suffix: str
     precisions: tuple[str, ...]
     refusal: str = ""
+    options: tuple[str, ...] = ()  # keyword options its backend's save() takes beyond the common ones
 
 
 class Backend:
@@ -84,8 +87,11 @@ class Backend:
         raise NotImplementedError
 
     def save(self, folded, path: Path, format: str, precision: str, batches: list[torch.Tensor],
-             resolution: int) -> Path:
-        """Write ``folded`` at ``precision`` as ``format`` (one of ``formats``), batch dimension dynamic."""
+             resolution: int, **options) -> Path:
+        """Write ``folded`` at ``precision`` as ``format`` (one of ``formats``), batch dimension dynamic.
+
+        ``options`` are those the format lists in :attr:`ExportFormat.options`.
+        """
         raise NotImplementedError(f"backend {self.name!r} writes no files")
 
     def load(self, path: Path, format: str) -> Run:

@@ -7,6 +7,8 @@ format                    suffix   precisions
 ``openvino``              .xml     fp32, bf16 (the inference-precision hint), int8 (NNCF)
 ``torchscript``           .pt      fp32, bf16 (traced; no PT2E int8)
 ``exported-program``      .pt2     fp32, bf16, int8 (PT2E; load with torchao imported)
+``tflite``                .tflite  fp32, int8 (full-integer, per-channel weights; LiteRT)
+``executorch``            .pte     fp32, int8 (XNNPACK delegate; XNNPACK's PT2E quantizer)
 ========================  =======  ====================================================
 
 The batch dimension of every file is dynamic.
@@ -19,7 +21,8 @@ from pathlib import Path
 from ..model import MobileNetV1
 from .backend import Run, check_precision, export_formats
 from .calibration import DEFAULT_RESOLUTION, calibration_batches
-from .prepare import folded_for
+from ..folding import fold_batchnorm
+from .prepare import folded_for, single_clip
 from .machine import DeployError
 
 DEFAULT_FORMAT = "onnx"
@@ -71,23 +74,65 @@ def check_export(format: str, precision: str) -> None:
 
 
 def export(model: MobileNetV1, path, format: str | None = None, *, precision: str = "fp32", calibration=None,
-           resolution: int | None = None, int8: str = "prepared") -> Path:
+           resolution: int | None = None, io: str | None = None, int8: str = "prepared") -> Path:
     """Write ``model`` (BatchNorm folded) for another runtime; returns the written path.
 
-    ``format``: "onnx", "openvino", "torchscript" or "exported-program"; by
-    default the one ``path``'s suffix names (.onnx, .xml, .pt, .pt2), "onnx"
-    for a path without one.  A suffix that names another format is refused.
-    int8 needs ``calibration`` batches, as for :func:`compile` (and ``int8`` chooses as there).
+    ``format``: "onnx", "openvino", "torchscript", "exported-program" or
+    "tflite"; by default the one ``path``'s suffix names (.onnx, .xml, .pt,
+    .pt2, .tflite), "onnx" for a path without one.  A suffix that names another
+    format is refused.  int8 needs ``calibration`` batches, as for
+    :func:`compile` (and ``int8`` chooses as there).  ``io`` ("int8", "uint8"
+    or "float"; tflite int8 only) is the type of the file's input and output.
     """
     check_precision(precision)
     path, format = export_target(path, format)
     check_export(format, precision)
+    spec = export_formats()[format][1]
+    options = {}
+    if io is not None:
+        if "io" not in spec.options:
+            raise DeployError(f"io= applies to tflite files; {format} files have float input and output")
+        options["io"] = io
+    if "metadata" in spec.options:
+        options["metadata"] = _metadata(model)
+    ranges = _stored_ranges(model) if precision == "int8" and "ranges" in spec.options else None
+    if ranges is not None:
+        options["ranges"] = ranges
     resolution = DEFAULT_RESOLUTION if resolution is None else int(resolution)
     path.parent.mkdir(parents=True, exist_ok=True)
-    batches = calibration_batches(calibration, resolution) if precision == "int8" else []
-    folded = folded_for(model, precision, batches, int8=int8)
+    int8_needs_batches = precision == "int8" and not (ranges is not None and calibration is None)
+    batches = calibration_batches(calibration, resolution) if int8_needs_batches else []
+    if ranges is not None and not batches:  # an imported quantized file: its own ranges, as they are
+        folded = fold_batchnorm(model)
+    else:
+        folded = folded_for(model, precision, batches, int8=int8)
+        if "ranges" in spec.options:  # the tflite writer takes one clip per layer: bias correction, no equalization
+            folded = single_clip(folded)
     backend, _ = export_formats()[format]
-    return backend.save(folded, path, format, precision, batches, resolution)
+    return backend.save(folded, path, format, precision, batches, resolution, **options)
+
+
+def _stored_ranges(model: MobileNetV1) -> dict | None:
+    """The activation ranges a model's file carries (an imported quantized .tflite), if they apply as they are.
+
+    Ranges stored with equalization scales other than 1 belong to a rescaled
+    model (mobilenets.quantize), not to ``model`` itself: those are not used here.
+    """
+    int8 = (getattr(model, "meta", None) or {}).get("int8") or {}
+    if not int8.get("ranges") or any(v != 1.0 for s in int8.get("scales", []) for v in s):
+        return None
+    return int8["ranges"]
+
+
+def _metadata(model: MobileNetV1) -> dict:
+    """What a runtime's user needs beside the graph: width, normalization, class labels."""
+    meta = getattr(model, "meta", None) or {}
+    out = {"model": "mobilenet_v1", "alpha": model.config.alpha, "num_classes": model.config.num_classes,
+           "padding": model.config.padding}
+    for key in ("normalization", "labels", "source"):
+        if meta.get(key) is not None:
+            out[key] = meta[key]
+    return out
 
 
 def load_exported(path, format: str | None = None) -> Run:

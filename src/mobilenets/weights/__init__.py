@@ -25,17 +25,21 @@ from .tf_frozen import from_tf_frozen
 from .tf_slim import from_tf_slim, from_tf_slim_variables
 from .timm import from_timm
 
-SOURCES = ("keras", "tf-slim", "tf-frozen", "timm")
+SOURCES = ("keras", "tf-slim", "tf-frozen", "timm", "tflite")
 
 
 def convert(source: str, path, *, keep_background: bool = False, resolution: int | None = None) -> Converted:
-    """Convert released weights (``source`` one of "keras", "tf-slim", "tf-frozen", "timm") to our layout."""
+    """Convert released weights (``source`` one of "keras", "tf-slim", "tf-frozen", "timm", "tflite") to our layout."""
     if source == "keras":
         return from_keras(path, resolution=resolution)
     if source == "tf-slim":
         return from_tf_slim(path, keep_background=keep_background, resolution=resolution)
     if source == "tf-frozen":
         return from_tf_frozen(path, keep_background=keep_background, resolution=resolution)
+    if source == "tflite":
+        from .tflite import from_tflite
+
+        return from_tflite(path, keep_background=keep_background, resolution=resolution)
     if source == "timm":
         return from_timm(path, resolution=resolution)
     raise WeightsError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")

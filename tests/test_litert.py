@@ -1,0 +1,402 @@
+"""LiteRT: .tflite export (fp32, int8) checked in LiteRT's own interpreter, and import of files TensorFlow wrote.
+
+Expected values come from outside the code under test: LiteRT's interpreter
+running our files against the PyTorch model, and TensorFlow's TFLiteConverter
+writing the files we import, with TensorFlow's interpreter computing their
+outputs (tests/tflite_peers.py, in a subprocess so TensorFlow never shares
+this process with torch).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobilenets import deploy, mobilenet_v1, tflite_schema, weights
+from mobilenets.benchmark import make_model
+from mobilenets.weights.tflite import from_tflite
+
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("flatbuffers")
+
+PEERS = Path(__file__).with_name("tflite_peers.py")
+ALPHA, RES = 0.25, 64
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Weights briefly fitted to the built-in digits: logits that depend on the image (a random network's
+    pooled features barely do, so a wrong kernel layout would hide under any tolerance)."""
+    return make_model(ALPHA, num_classes=10, steps=70, resolution=RES)
+
+
+@pytest.fixture(scope="module", params=["symmetric", "tf_same"])
+def model(request, trained):
+    model = mobilenet_v1(ALPHA, num_classes=10, padding=request.param)
+    model.load_state_dict(trained.state_dict())
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    batches, _ = deploy.builtin_batches(RES, limit=24)
+    return torch.cat(batches)
+
+
+def assert_same_function(out, reference):
+    """Differences a thousand times smaller than how much the logits vary from image to image."""
+    spread = float((reference - reference.mean(0)).abs().max())
+    assert spread > 0.1
+    assert float((out - reference).abs().max()) <= 1e-3 * spread
+
+
+def litert_interpreter(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    interp.allocate_tensors()
+    return interp
+
+
+def op_names(path) -> list[str]:
+    graph = tflite_schema.read(Path(path).read_bytes())
+    return [tflite_schema.OPERATOR_NAMES[op.code] for op in graph.operators]
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_fp32_export_matches_pytorch_in_litert(model, images, tmp_path):
+    path = deploy.export(model, tmp_path / "m.tflite", precision="fp32", resolution=RES)
+    with torch.no_grad():
+        reference = model(images)
+    out = deploy.load_exported(path)(images)
+    assert_same_function(out, reference)
+    inp = litert_interpreter(path).get_input_details()[0]
+    assert list(inp["shape"]) == [1, RES, RES, 3] and list(inp["shape_signature"]) == [-1, RES, RES, 3]
+    ops = op_names(path)
+    assert ops.count("CONV_2D") == 15 and ops.count("DEPTHWISE_CONV_2D") == 13  # 14 pointwise/full + logits
+    assert set(ops) <= {"CONV_2D", "DEPTHWISE_CONV_2D", "PAD", "AVERAGE_POOL_2D", "RESHAPE"}
+    # symmetric padding differs from SAME only at stride 2 (5 layers of Table 1): there an explicit PAD
+    assert ops.count("PAD") == (5 if model.config.padding == "symmetric" else 0)
+
+
+def test_fp32_export_fuses_relu6(trained, tmp_path, images):
+    """BatchNorm shifted so activations exceed 6 in every layer: the file must clip them as ReLU6 does."""
+    model = copy.deepcopy(trained)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.bias.data.add_(3.0)
+    with torch.no_grad():
+        reference = model(images)
+    out = deploy.load_exported(deploy.export(model, tmp_path / "m.tflite", resolution=RES))(images)
+    assert_same_function(out, reference)
+
+
+def test_file_carries_metadata_and_description(model, tmp_path):
+    model = copy.deepcopy(model)
+    model.meta = {"labels": [f"class {i}" for i in range(10)], "normalization": {"mean": [0.5] * 3,
+                                                                                "std": [0.5] * 3}}
+    path = deploy.export(model, tmp_path / "m.tflite", resolution=RES)
+    graph = tflite_schema.read(path.read_bytes())
+    meta = json.loads(graph.metadata["mobilenets"])
+    assert meta["labels"][3] == "class 3" and meta["normalization"]["mean"] == [0.5] * 3
+    assert meta["alpha"] == ALPHA and meta["resolution"] == RES and meta["layout"] == "NHWC"
+    assert "MobileNet v1" in graph.description
+
+
+def test_int8_export_is_full_integer_per_channel(model, images, tmp_path):
+    path = deploy.export(model, tmp_path / "m.tflite", precision="int8", calibration=[images], resolution=RES)
+    interp = litert_interpreter(path)
+    assert interp.get_input_details()[0]["dtype"] == np.int8
+    assert interp.get_output_details()[0]["dtype"] == np.int8
+    filters = [d for d in interp.get_tensor_details() if d["name"].endswith("/weights")]
+    assert len(filters) == 28 and all(d["dtype"] == np.int8 for d in filters)
+    for d in filters:  # one scale per output channel: axis 0 for CONV_2D (OHWI), 3 for depthwise (1HWC)
+        q = d["quantization_parameters"]
+        axis = q["quantized_dimension"]
+        assert len(q["scales"]) == d["shape"][axis] > 1 and not q["zero_points"].any()
+    with torch.no_grad():
+        reference = model(images)
+    out = deploy.load_exported(path)(images)
+    p = deploy.parity(reference, out)
+    assert p["cosine"] >= 0.99 and p["top1_agreement"] >= 0.9
+    assert p["max_abs_diff"] > 1e-2  # really integer arithmetic, not float passed through
+
+
+@pytest.mark.parametrize("io,dtype", [("uint8", np.uint8), ("float", np.float32)])
+def test_int8_io_types_give_the_same_answers(model, images, tmp_path, io, dtype):
+    base = deploy.export(model, tmp_path / "int8.tflite", precision="int8", calibration=[images], resolution=RES)
+    path = deploy.export(model, tmp_path / f"{io}.tflite", precision="int8", calibration=[images],
+                         resolution=RES, io=io)
+    interp = litert_interpreter(path)
+    assert interp.get_input_details()[0]["dtype"] == dtype and interp.get_output_details()[0]["dtype"] == dtype
+    ops = op_names(path)
+    assert ops[0] == "QUANTIZE" and ops[-1] == ("QUANTIZE" if io == "uint8" else "DEQUANTIZE")
+    a, b = deploy.load_exported(base)(images), deploy.load_exported(path)(images)
+    step = float(interp.get_output_details()[0]["quantization"][0]) if io == "uint8" else 0.0
+    assert float((a - b).abs().max()) <= step + 0.05  # the same integer graph inside
+
+
+def test_io_is_refused_where_it_has_no_meaning(model, tmp_path):
+    with pytest.raises(deploy.DeployError, match="tflite"):
+        deploy.export(model, tmp_path / "m.onnx", precision="fp32", resolution=RES, io="float")
+    with pytest.raises(deploy.DeployError, match="int8 files"):
+        deploy.export(model, tmp_path / "m.tflite", precision="fp32", resolution=RES, io="uint8")
+    with pytest.raises(deploy.DeployError, match="fp32 or int8"):
+        deploy.export(model, tmp_path / "m.tflite", precision="bf16", resolution=RES)
+
+
+def test_export_then_import_round_trips(model, images, tmp_path):
+    path = deploy.export(model, tmp_path / "m.tflite", resolution=RES)
+    converted = from_tflite(path)
+    assert converted.config.padding == model.config.padding and converted.config.alpha == ALPHA
+    assert converted.meta["resolution"] == RES
+    with torch.no_grad():
+        assert_same_function(converted.model()(images), model(images))
+
+
+def test_export_command_prints_litert_parity(tmp_path):
+    import mobilenets
+
+    env = {**os.environ, "PYTHONPATH": str(Path(mobilenets.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "mobilenets", "export", "--alpha", "0.25", "--resolution", "32",
+                          "--precision", "int8", "--io", "float", "--calib-images", "16",
+                          "--out", str(tmp_path / "m.tflite"), "--json"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["format"] == "tflite" and report["precision"] == "int8" and report["images"] == 16
+    assert report["cosine"] >= 0.98
+
+
+# ---------------------------------------------------------------- import of TensorFlow's files
+
+
+@pytest.fixture(scope="module")
+def peers(tmp_path_factory):
+    """tests/tflite_peers.py run once: TFLiteConverter's files of a Keras MobileNet 0.25-128, and their outputs."""
+    if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("tf_keras") is None:
+        pytest.skip("tensorflow and tf_keras are not installed (pip install -e '.[test]' installs them)")
+    out = tmp_path_factory.mktemp("tflite-peers")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    env.pop("KERAS_BACKEND", None)
+    run = subprocess.run([sys.executable, str(PEERS), str(out), "0.25", "128"], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out, dict(np.load(out / "outputs.npz"))
+
+
+def nchw(x):
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def test_float_file_imports_exactly(peers, tmp_path):
+    folder, outputs = peers
+    converted = from_tflite(folder / "float.tflite")
+    assert (converted.config.alpha, converted.config.padding, converted.meta["resolution"]) == (0.25, "tf_same", 128)
+    saved = weights.save(converted, tmp_path / "w.safetensors")
+    model = weights.load(saved)
+    with torch.no_grad():
+        ours = model(nchw(outputs["x"])).numpy()
+    theirs = outputs["float"]
+    assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max() + 1e-6
+    assert "int8" not in converted.meta
+
+
+@pytest.mark.parametrize("name", ["int8", "int8_float_io", "uint8"])
+def test_quantized_files_dequantize_their_weights(peers, name):
+    folder, outputs = peers
+    converted = from_tflite(folder / f"{name}.tflite")
+    # the interpreter's own view of the first filter, dequantized with its parameters, in OHWI
+    expected = torch.from_numpy(outputs[f"{name}_conv0"]).permute(0, 3, 1, 2)
+    torch.testing.assert_close(converted.state_dict["features.0.conv.weight"], expected, rtol=1e-6, atol=1e-7)
+    ranges = converted.meta["int8"]["ranges"]
+    assert len(ranges) == 1 + 27 + 2 and ranges["features.0"][0] == 0.0  # ReLU6 outputs start at 0
+    # the float model of a quantized file is usable (fine-tuning starts from it): close to the int8 answers
+    with torch.no_grad():
+        y = converted.model()(nchw(outputs["x"]))
+    if name != "uint8":  # the uint8 file's logits are clipped to the converter's default range [0, 6]
+        assert deploy.parity(torch.from_numpy(outputs[name]), y)["cosine"] >= 0.99
+
+
+@pytest.mark.parametrize("name", ["int8", "uint8"])
+def test_quantized_file_reexports_within_one_step(peers, tmp_path, name):
+    """Import, then our int8 export with the file's ranges: LiteRT's answers within one output step."""
+    folder, outputs = peers
+    model = weights.load(weights.save(from_tflite(folder / f"{name}.tflite"), tmp_path / "w.safetensors"))
+    path = deploy.export(model, tmp_path / "again.tflite", precision="int8", resolution=128)
+    ours = deploy.load_exported(path)(nchw(outputs["x"])).numpy()
+    lo, hi = model.meta["int8"]["ranges"]["logits"]
+    step = (hi - lo) / 255
+    within = np.abs(ours - outputs[name]) <= step * 1.001
+    assert within.mean() >= 0.99
+    if name == "int8":  # same per-channel int8 scheme: the very same integers
+        np.testing.assert_array_equal(ours, outputs[name])
+
+
+def test_release_tgz_is_read(peers, tmp_path):
+    folder, outputs = peers
+    tgz = tmp_path / "mobilenet_v1_0.25_128_quant.tgz"
+    with tarfile.open(tgz, "w:gz") as t:
+        t.add(folder / "int8.tflite", arcname="mobilenet_v1_0.25_128_quant.tflite")
+        t.addfile(tarfile.TarInfo("labels.txt"), io.BytesIO(b""))
+    assert from_tflite(tgz).meta["source"].endswith(".tflite")
+
+
+# ---------------------------------------------------------------- bad files
+
+
+@pytest.fixture(scope="module")
+def good_bytes(tmp_path_factory):
+    torch.manual_seed(0)
+    model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same").eval()
+    return deploy.export(model, tmp_path_factory.mktemp("good") / "m.tflite", resolution=32).read_bytes()
+
+
+@pytest.mark.parametrize("mangle,match", [
+    (lambda b: b[:100], "not a readable .tflite"),
+    (lambda b: b[:4] + b"XXXX" + b[8:], "file identifier"),
+    (lambda b: b"", "not a readable .tflite"),
+    (lambda b: bytes(range(256)) * 8, "not a readable .tflite"),
+    (lambda b: b[: len(b) // 2], "not a readable .tflite"),
+])
+def test_damaged_files_give_one_line(good_bytes, tmp_path, mangle, match):
+    path = tmp_path / "bad.tflite"
+    path.write_bytes(mangle(good_bytes))
+    with pytest.raises(weights.WeightsError, match=match) as e:
+        from_tflite(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_graph_that_is_not_mobilenet_is_refused(good_bytes, tmp_path):
+    graph = tflite_schema.read(good_bytes)
+    graph.operators = graph.operators[:5] + graph.operators[7:]  # a layer pair missing
+    path = tmp_path / "short.tflite"
+    path.write_bytes(tflite_schema.write(graph))
+    with pytest.raises(weights.WeightsError, match="found 25 convolutions"):
+        from_tflite(path)
+
+
+def test_tgz_with_two_models_is_refused(good_bytes, tmp_path):
+    tgz = tmp_path / "two.tgz"
+    with tarfile.open(tgz, "w:gz") as t:
+        for name in ("a.tflite", "b.tflite"):
+            info = tarfile.TarInfo(name)
+            info.size = len(good_bytes)
+            t.addfile(info, io.BytesIO(good_bytes))
+    with pytest.raises(weights.WeightsError, match="holds 2 .tflite files"):
+        from_tflite(tgz)
+
+
+def test_convert_command_fails_in_one_line(tmp_path):
+    import mobilenets
+
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"\x00" * 64)
+    env = {**os.environ, "PYTHONPATH": str(Path(mobilenets.__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-m", "mobilenets", "convert", "--from", "tflite", str(bad),
+                          "--out", str(tmp_path / "w.safetensors")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "tflite" in run.stderr
+
+
+# ---------------------------------------------------------------- real weights (after merge: tests/real_data.py)
+
+
+def test_real_weights_export_in_litert(tmp_path):
+    real_data = pytest.importorskip("real_data")
+    model = real_data.real_model()
+    calib = real_data.inception_input(real_data.calibration_crops(32))
+    held = real_data.inception_input(real_data.heldout_crops(32))
+    with torch.no_grad():
+        reference = model(held)
+    fp32 = deploy.load_exported(deploy.export(model, tmp_path / "f.tflite", resolution=224))(held)
+    p = deploy.parity(reference, fp32)
+    assert p["top1_agreement"] == 1.0 and p["max_abs_diff"] <= 1e-5 * float(reference.abs().max()) * 100
+    int8 = deploy.export(model, tmp_path / "q.tflite", precision="int8", calibration=list(calib.split(16)),
+                         resolution=224)
+    assert deploy.parity(reference, deploy.load_exported(int8)(held))["cosine"] >= 0.9
+
+
+def test_explicit_asymmetric_pad_imports_as_tf_same(model, images, tmp_path):
+    """Keras writes stride-2 layers as ZeroPadding2D((0, 1), (0, 1)) then a VALID convolution; converters can
+    keep that PAD.  Made here by rewriting our SAME file; LiteRT says whether the rewrite kept the function."""
+    if model.config.padding != "tf_same":
+        pytest.skip("the rewrite starts from SAME convolutions")
+    graph = tflite_schema.read(deploy.export(model, tmp_path / "same.tflite", resolution=RES).read_bytes())
+    ops = []
+    for op in graph.operators:
+        if op.code in (tflite_schema.CONV_2D, tflite_schema.DEPTHWISE_CONV_2D) and op.options["stride_h"] == 2:
+            src = graph.tensors[op.inputs[0]]
+            size = src.shape[1]
+            graph.tensors.append(tflite_schema.Tensor(f"pad{len(ops)}", [4, 2], tflite_schema.INT32,
+                                                      np.array([[0, 0], [0, 1], [0, 1], [0, 0]], np.int32)))
+            graph.tensors.append(tflite_schema.Tensor(f"padded{len(ops)}", [1, size + 1, size + 1, src.shape[3]],
+                                                      src.type, shape_signature=[-1, size + 1, size + 1,
+                                                                                 src.shape[3]]))
+            ops.append(tflite_schema.Operator(tflite_schema.PAD, [op.inputs[0], len(graph.tensors) - 2],
+                                              [len(graph.tensors) - 1]))
+            op.inputs[0] = len(graph.tensors) - 1
+            op.options["padding"] = tflite_schema.VALID
+        ops.append(op)
+    graph.operators = ops
+    path = tmp_path / "padded.tflite"
+    path.write_bytes(tflite_schema.write(graph))
+    assert op_names(path).count("PAD") == 5
+    litert = deploy.load_exported(path)(images)
+    with torch.no_grad():
+        reference = model(images)
+        assert_same_function(litert, reference)
+        converted = from_tflite(path)
+        assert converted.config.padding == "tf_same"
+        assert_same_function(converted.model()(images), litert)
+
+
+# ---------------------------------------------------------------- ExecuTorch (same on-device family; own module)
+
+
+def test_executorch_pte_matches_pytorch(tmp_path):
+    """Export and reload in a fresh process, as the CLI does (ExecuTorch's runtime crashes in a process that has
+    run PT2E or Inductor, as earlier tests in a session do)."""
+    if importlib.util.find_spec("executorch") is None:
+        pytest.skip("executorch is not installed (pip install -e '.[executorch]')")
+    import mobilenets
+
+    script = """
+import sys, torch
+from mobilenets import deploy
+from mobilenets.benchmark import make_model
+model = make_model(0.25, num_classes=10, steps=70, resolution=64)
+images = torch.cat(deploy.builtin_batches(64, limit=24)[0])
+path = deploy.export(model, sys.argv[1], resolution=64)
+out = deploy.load_exported(path)(images)  # 24 images: more than the program's planned batch, so chunks
+with torch.no_grad():
+    reference = model(images)
+spread = float((reference - reference.mean(0)).abs().max())
+print(float((out - reference).abs().max()) / spread, spread)
+try:
+    deploy.export(model, sys.argv[1] + ".q.pte", precision="int8", calibration=[images], resolution=64)
+except deploy.DeployError as e:
+    print("refused", str(e))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(mobilenets.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.pte")], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.strip()]
+    relative, spread = map(float, lines[-2].split())
+    assert spread > 0.1 and relative <= 1e-3
+    assert lines[-1].startswith("refused") and "int8" in lines[-1]
