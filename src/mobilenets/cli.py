@@ -632,8 +632,9 @@ def add_quantize(sub) -> None:
     p.add_argument("--weights", required=True, metavar="FILE", help="converted weights (.safetensors) or a checkpoint")
     p.add_argument("--calib-data", required=True, metavar="DIR", help="a folder of unlabeled images (subfolders too)")
     p.add_argument("--calib-images", type=_positive_int, default=128, help="images to use (default 128)")
-    p.add_argument("--steps", type=_nonnegative_int, default=0,
-                   help="fine-tuning steps with fake quantization (default 0: post-training only)")
+    p.add_argument("--steps", type=_number(int, lambda v: 0 <= v <= 100_000, "an integer in [0, 100000]"), default=0,
+                   help="fine-tuning steps with fake quantization against the float model (default 0: post-training "
+                        "only; kept only if it lowers the int8 model's divergence on the calibration images)")
     p.add_argument("--method", choices=("mse", "minmax", "p99.99", "p99.999"), default="mse",
                    help="how activation ranges are chosen (default mse)")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the int8-ready weights")

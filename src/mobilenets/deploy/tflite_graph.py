@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import tflite_schema as fb
-from .folding import FoldedConv, FoldedMobileNet
+from ..folding import FoldedConv, FoldedMobileNet
 from .machine import DeployError
 
 IO_TYPES = ("int8", "uint8", "float")
