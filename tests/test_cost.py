@@ -101,3 +101,14 @@ def test_timm_agrees_on_parameter_count():
     assert sum(p.numel() for p in theirs.parameters()) == cost(1.0, 224).trainable_params
     with torch.no_grad():
         assert theirs(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_the_package_cost_stays_the_function_whatever_is_imported_first():
+    # the function shares its module's name: importing the module later must not replace it on the package
+    import subprocess
+    import sys
+
+    script = "import mobilenets.benchmark, mobilenets; print(mobilenets.cost(alpha=0.5, resolution=160).mult_adds)"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "76524800"  # docs/architecture.md: 0.5-160

@@ -11,10 +11,13 @@ import importlib
 
 __version__ = "0.2.0"
 
+# imported now, not on first use: the function ``cost`` shares its module's name, and importing the module
+# later (any ``from .cost import ...``) would replace the package's ``cost`` with the module
+from .cost import cost, measure  # noqa: E402  (no torch: the cost model is plain Python)
+
 # public name -> module that defines it
 _EXPORTS = {
     "CONV_DEFS": "architecture", "body": "architecture", "depth": "architecture",
-    "cost": "cost", "measure": "cost",
     "MobileNetV1": "model", "MobileNetV1Config": "model",
     "load": "builders", "mobilenet_v1": "builders", "save": "builders",
     "MobilenetsError": "errors",
@@ -22,7 +25,7 @@ _EXPORTS = {
 _SUBMODULES = {"architecture", "benchmark", "builders", "cache", "checkpoint", "cli", "cost", "data", "deploy",
                "errors", "evaluate", "images", "labels", "model", "paper", "pipeline", "predict", "train", "weights"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "cost", "measure"])
 
 
 def __getattr__(name: str):
