@@ -232,7 +232,9 @@ def markdown(result: dict) -> str:
              f"- CPU: {result['machine']['cpu']}, {result['machine']['cores']} cores; torch "
              f"{result['machine']['torch']}, Python {result['machine']['python']}",
              f"- load average before / after: {result['loadavg_before']} / {result['loadavg_after']} (the machine "
-             "is shared with other work: every run's load average is in the JSON)", ""]
+             "is shared with other work: every run's load average is in the JSON)"]
+    lines += [f"- kept from an earlier run ({how}): {part}" for part, how in result.get("kept_from", {}).items()]
+    lines.append("")
     if result.get("loaders"):
         lines += ["## (a) Loader: ours vs torchvision ImageFolder + RandomResizedCrop + flip + normalize",
                   "", "Images/s of one pass, batch 16, same crop range and workers; median of "
@@ -299,6 +301,18 @@ def main() -> None:
             result["train"] += train_grid(name, flags, grid, extra, args.rounds, loads, args.epochs)
     result["loadavg_after"] = loadavg()
     out = Path(args.out)
+    if out.with_suffix(".json").exists():  # a partial rerun keeps the parts it did not redo
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        for key in ("loaders", "loader_cpu"):
+            if key not in result and key in earlier:
+                result[key] = earlier[key]
+                result.setdefault("kept_from", {})[key] = earlier["command"] + " at " + earlier["date"]
+        redone = {r["case"] for r in result["train"]}
+        for row in earlier.get("train", []):
+            if row["case"] not in redone:
+                result["train"].append(row)
+                result["cases"][row["case"]] = earlier["cases"][row["case"]]
+                result.setdefault("kept_from", {})[row["case"]] = earlier["command"] + " at " + earlier["date"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(result))

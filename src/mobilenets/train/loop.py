@@ -138,7 +138,7 @@ def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None)
         train_transform=data.TrainTransform(c.resolution, min_scale, hflip, normalization),
         eval_transform=data.EvalTransform(c.resolution, normalization))
     labels = train_set.classes
-    chosen = choose_resources(c, train_set, len(labels), device)
+    chosen = choose_resources(c, train_set, len(labels), device, dist)
     torch.set_num_threads(chosen.threads)
     log(dist, f"using {chosen.reason}")
     torch.manual_seed(c.seed)  # identical initialisation on every rank
@@ -204,7 +204,8 @@ def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None)
     return s
 
 
-def choose_resources(c: TrainConfig, train_set, num_classes: int, device: torch.device) -> resources.Resources:
+def choose_resources(c: TrainConfig, train_set, num_classes: int, device: torch.device,
+                     dist: Dist) -> resources.Resources:
     """Threads and loader processes: ``c.threads``/``c.num_workers`` where given, else chosen for this run."""
     from ..cost import cost
 
@@ -214,7 +215,7 @@ def choose_resources(c: TrainConfig, train_set, num_classes: int, device: torch.
     return resources.choose(
         cores=resources.cores(), in_memory=train_set.in_memory, mult_adds=mult_adds, batch_size=c.batch_size,
         loader_seconds=0.0 if decided else resources.probe_loader(train_set), passive=resources.omp_passive(),
-        threads=c.threads, num_workers=c.num_workers)
+        images=len(train_set) // dist.world_size, threads=c.threads, num_workers=c.num_workers)
 
 
 def save_last(s: TrainState) -> Path:

@@ -36,6 +36,10 @@ SECONDS_PER_MULT_ADD = 2.4e-10
 # faster on 2 (benchmarks/results/train_input.md).
 MIN_MULT_ADDS_PER_THREAD = 3e8
 PROBE_IMAGES = 4
+# Worker processes start again every epoch (about a second each on the 2-core machine, more when it is busy):
+# below this much loading per epoch they cost more than they overlap.  Measured: 510 JPEGs of 500x375 (1.5 s
+# of loading) for MobileNet 0.25-128 trained 1.2-1.6x faster without workers than with one, quiet and loaded.
+MIN_EPOCH_LOADING_SECONDS = 10.0
 # each worker keeps two batches in flight: beyond this many, memory grows with no core left to gain (not
 # measured here: this machine has 2 cores)
 MAX_WORKERS = 16
@@ -87,25 +91,29 @@ def probe_loader(dataset, count: int = PROBE_IMAGES) -> float:
 
 
 def choose(*, cores: int, in_memory: bool, mult_adds: int, batch_size: int, loader_seconds: float,
-           passive: bool, threads: int | None = None, num_workers: int | None = None) -> Resources:
+           passive: bool, images: int | None = None, threads: int | None = None,
+           num_workers: int | None = None) -> Resources:
     """Threads per process and loader processes for one training process.
 
     ``mult_adds``: the model's forward mult-adds per image at the training
     resolution; ``loader_seconds``: CPU seconds to load one image (see
-    :func:`probe_loader`); ``threads``/``num_workers`` given are kept as they
-    are, and the other is chosen around them.
+    :func:`probe_loader`); ``images``: per epoch and process (None: many);
+    ``threads``/``num_workers`` given are kept as they are, and the other is
+    chosen around them.
     """
     model = model_seconds(mult_adds)
     # the share of the work that is loading; with it, the cores the loader needs to keep up with the model
     share = loader_seconds / (loader_seconds + model) if loader_seconds + model > 0 else 0.0
     loader_cores = cores * share
     if num_workers is None:
-        if in_memory or cores == 1:
-            # nothing to decode (or no core to overlap on): a worker only adds pickling and start-up
+        short = images is not None and images * loader_seconds < MIN_EPOCH_LOADING_SECONDS
+        if in_memory or cores == 1 or short:
+            # nothing to decode, no core to overlap on, or too little to load: a worker only adds start-up
             num_workers = 0
         else:
             num_workers = min(cores, MAX_WORKERS, max(1, math.ceil(loader_cores - 0.25)))
         why_workers = ("images in memory" if in_memory else "one core" if cores == 1
+                       else f"loading an epoch takes {images * loader_seconds:.1f} s" if short
                        else f"loading is {100 * share:.0f}% of the work")
     else:
         why_workers = "given"
