@@ -196,3 +196,48 @@ def test_large_jpegs_decode_at_reduced_scale_only_as_far_as_every_crop_keeps_its
     evaluation = load_rgb(big, min_side=EvalTransform(224).min_side)
     assert min(evaluation.size) >= 256 and min(evaluation.size) < 2 * 256 + 2
     assert load_rgb(big).size == (2000, 1500)
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_each_training_crop_decodes_a_large_jpeg_at_the_smallest_scale_that_crop_allows(tmp_path, monkeypatch,
+                                                                                       orientation):
+    """The crop is drawn from the header's size, the file decoded at the DCT scale that still gives the crop
+    resolution pixels a side, and the result matches cropping the fully decoded photo."""
+    from real_data import photos
+
+    from mobilenets import images
+
+    name, pixels = photos()[0]  # a real photograph: its detail is what reduced-scale decoding could lose
+    folder = tmp_path / "photo"
+    folder.mkdir()
+    exif = Image.Exif()
+    if orientation:
+        exif[images.EXIF_ORIENTATION] = orientation  # stored 2000x1500, seen 1500x2000
+    Image.fromarray(pixels).resize((2000, 1500), Image.BICUBIC).save(folder / "a.jpg", quality=95, exif=exif)
+    transform = data.TrainTransform(64, min_scale=0.25, hflip=0.5)
+    dataset = data.ImageFolder(tmp_path, transform)
+    assert images.oriented_size(folder / "a.jpg") == ((1500, 2000) if orientation else (2000, 1500))
+
+    decoded = []
+    load_rgb = images.load_rgb
+
+    def recording(path, *, min_side=None):
+        image = load_rgb(path, min_side=min_side)
+        decoded.append(image.size)
+        return image
+
+    full = load_rgb(folder / "a.jpg")
+    assert full.size == ((1500, 2000) if orientation else (2000, 1500))
+    monkeypatch.setattr(images, "load_rgb", recording)
+    for seed in range(12):
+        x, _ = dataset[(0, seed)]
+        exact = transform(full, random.Random(seed))  # the same crop and flip, from the full decoding
+        # the DCT-scaled decoding is slightly softer; a different crop or flip would differ by ~0.3-0.5
+        assert (x - exact).abs().mean() < 0.04, seed
+    assert all(min(size) >= 64 for size in decoded)
+    assert min(min(size) for size in decoded) <= 1500 / 4  # most crops allow 1/4 or 1/8
+    # and never coarser than each crop allows: redoing the draw, the crop keeps >= 64 pixels a side
+    for seed, size in zip(range(12), decoded):
+        w, h = full.size
+        box = transform.crop_box(w, h, random.Random(seed))
+        assert min(box[2], box[3]) * size[0] / w >= 64 - 1

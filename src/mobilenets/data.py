@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +104,25 @@ class TrainTransform:
         smallest_crop_side = math.sqrt(self.min_scale * width * height * 3 / 4)
         return math.ceil(min(width, height) * self.resolution / max(smallest_crop_side, 1))
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        left, top, w, h = self.crop_box(*image.size, rng)
-        image = image.resize((self.resolution, self.resolution), Image.BILINEAR, box=(left, top, left + w, top + h))
+    def crop_min_side(self, box: tuple[int, int, int, int], width: int, height: int) -> int:
+        """The shorter side the image may be decoded at for this one crop: the crop still covers resolution
+        pixels.  Most crops are far larger than the smallest one, so this allows more than :meth:`min_side`."""
+        return math.ceil(min(width, height) * self.resolution / max(min(box[2], box[3]), 1))
+
+    def resized_crop(self, image: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int],
+                     rng: random.Random) -> torch.Tensor:
+        """Crop ``box`` (drawn on an image of ``size``; ``image`` may be a reduced-scale decoding of it),
+        resize to resolution, flip, normalise."""
+        left, top, w, h = box
+        sx, sy = image.size[0] / size[0], image.size[1] / size[1]
+        image = image.resize((self.resolution, self.resolution), Image.BILINEAR,
+                             box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
         if rng.random() < self.hflip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return images.to_tensor(image, self.normalization)
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        return self.resized_crop(image, self.crop_box(*image.size, rng), image.size, rng)
 
 
 @dataclass(frozen=True)
@@ -128,9 +142,23 @@ class EvalTransform:
 # ---------------------------------------------------------------- data sets
 
 
+class _Samples(list):
+    """The samples of one batch and the CPU seconds their loading took (for :func:`collate`)."""
+
+    seconds: float = 0.0
+
+
 class _Dataset(torch.utils.data.Dataset):
     classes: list[str]
     transform: TrainTransform | EvalTransform
+    in_memory: bool = False  # True when the pixels are already decoded: loading costs no decoding
+
+    def __getitems__(self, keys) -> _Samples:
+        # the DataLoader fetches a batch through here; thread CPU time, so a busy machine does not inflate it
+        start = time.thread_time()
+        samples = _Samples(self[k] for k in keys)
+        samples.seconds = time.thread_time() - start
+        return samples
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -138,14 +166,17 @@ class _Dataset(torch.utils.data.Dataset):
     def _load(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def _sample(self, index: int, rng: random.Random) -> torch.Tensor:
+        return self.transform(self._load(index), rng)
+
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
+        rng = random.Random(seed) if seed is not None else random.Random(index)
         try:
-            image = self._load(index)
+            x = self._sample(index, rng)
         except ImageError as e:
             return Skipped(str(self.paths[index]), str(e))
-        rng = random.Random(seed) if seed is not None else random.Random(index)
-        return self.transform(image, rng), self.targets[index]
+        return x, self.targets[index]
 
 
 class ImageFolder(_Dataset):
@@ -185,6 +216,16 @@ class ImageFolder(_Dataset):
     def _load(self, index: int) -> Image.Image:
         return images.load_rgb(self.paths[index], min_side=self.transform.min_side)
 
+    def _sample(self, index: int, rng: random.Random) -> torch.Tensor:
+        if not isinstance(self.transform, TrainTransform):
+            return super()._sample(index, rng)
+        # the crop is drawn from the header's size first, so the JPEG is decoded at the smallest scale this
+        # crop allows (a 4000x3000 photo mostly at 1/4 or 1/8); the same crop as from the full decoding
+        size = images.oriented_size(self.paths[index])
+        box = self.transform.crop_box(*size, rng)
+        image = images.load_rgb(self.paths[index], min_side=self.transform.crop_min_side(box, *size))
+        return self.transform.resized_crop(image, box, size, rng)
+
 
 def _digits_images(resolution: int) -> tuple[list[Image.Image], np.ndarray]:
     from sklearn.datasets import load_digits
@@ -212,6 +253,8 @@ class Digits(_Dataset):
 
     ``split`` is "train" (1,438 images) or "val" (359 held out: 20% of each digit, rounded).
     """
+
+    in_memory = True
 
     def __init__(self, split: str, resolution: int, transform):
         if split not in ("train", "val"):
@@ -303,13 +346,29 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(range(self.rank, self.size, self.world_size))
 
 
-def collate(batch):
+class Batch(tuple):
+    """``(images, targets, skipped)``, and ``seconds``: the CPU time that loading, augmenting and stacking its
+    images took in the process that loaded it (what the loader's images/s per core is computed from)."""
+
+    def __new__(cls, x, y, skipped, seconds: float = 0.0):
+        batch = super().__new__(cls, (x, y, skipped))
+        batch.seconds = seconds
+        return batch
+
+    def __reduce__(self):  # crosses from a worker process to the trainer
+        return Batch, (*self, self.seconds)
+
+
+def collate(batch) -> Batch:
     """Stack the decodable samples; returns (images, targets, skipped) where skipped lists :class:`Skipped`."""
+    start = time.thread_time()
     good = [b for b in batch if not isinstance(b, Skipped)]
     skipped = [b for b in batch if isinstance(b, Skipped)]
     if not good:
-        return None, None, skipped
-    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), skipped
+        x, y = None, None
+    else:
+        x, y = torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good])
+    return Batch(x, y, skipped, getattr(batch, "seconds", 0.0) + time.thread_time() - start)
 
 
 def loader(dataset, sampler, batch_size: int, num_workers: int, *, pin_memory: bool = False,

@@ -21,6 +21,8 @@ from .errors import MobilenetsError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
+EXIF_ORIENTATION = 0x0112  # the tag ImageOps.exif_transpose follows
+
 # The crop fraction of the Inception/TF-slim evaluation: resize to resolution / 0.875, centre-crop.
 CROP_FRACTION = 0.875
 
@@ -70,6 +72,20 @@ def load_rgb(path: str | Path, *, min_side: int | Callable[[int, int], int] | No
             im.load()  # decode now: a truncated file must fail here, not later in a worker
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot decode image {path}: {e}") from None
+
+
+def oriented_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the image :func:`load_rgb` would return at full scale, read from the header alone
+    (EXIF orientations 5-8 swap the axes).  Raises :class:`ImageError` as load_rgb does."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+                width, height = height, width
+            return width, height
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot decode image {path}: {e}") from None
 

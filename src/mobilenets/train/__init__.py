@@ -53,8 +53,7 @@ def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> di
     fail before any data is read.
     """
     check_config(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads = torch.get_num_threads()  # setup chooses the run's; the caller gets its own back
     dist, device = init_distributed(config.device)
     try:
         if config.sync_bn and device.type == "cpu":
@@ -77,6 +76,7 @@ def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> di
             return row
     finally:
         dist.close()
+        torch.set_num_threads(threads)
 
 
 def resume_config(path: str | Path, **overrides) -> tuple[TrainConfig, Path]:

@@ -128,8 +128,9 @@ class TrainConfig:
                                        "not a digit)", bound=Bound(0, 1))
     # PyTorch and NumPy take seeds of at most 64 and 32 bits; a larger one fails deep inside setup
     seed: int = option(0, "seed of every random draw of the run", bound=Bound(0, 2**32 - 1))
-    num_workers: int = option(2, "data loading processes", flags=("-j", "--num-workers", "--workers"),
-                              bound=Bound(0, MAX_WORKERS))
+    num_workers: int | None = option(None, "data loading processes; default chosen from the cores, the model and "
+                                           "the data (0 for the built-in digits)",
+                                     flags=("-j", "--num-workers", "--workers"), bound=Bound(0, MAX_WORKERS))
     amp: bool = option(False, "bfloat16 autocast", cli="switch")
     channels_last: bool = option(False, "NHWC memory format", cli="switch")
     sync_bn: bool = option(False, "SyncBatchNorm across processes (GPUs only)", cli="switch")
@@ -137,8 +138,8 @@ class TrainConfig:
                                         "new head if the classes differ; lr and warm-up from the fine-tuning preset "
                                         "unless given", metavar="CHECKPOINT")
     device: str | None = option(None, "cpu, cuda or cuda:N; default cuda when available")
-    threads: int | None = option(None, "CPU threads per process; default all cores (1 is faster for small models "
-                                       "on a busy CPU)", bound=Bound(1, MAX_THREADS))
+    threads: int | None = option(None, "CPU threads per process; default chosen from the cores, the model and the "
+                                       "loader processes (1 for small models)", bound=Bound(1, MAX_THREADS))
     progress: bool = option(True, "no progress line", flags=("--no-progress",), cli="negate")
     plot: bool = option(True, "no loss/accuracy PNGs at the end", flags=("--no-plot",), cli="negate")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 class Progress:
-    """One status line on stderr: epoch, step, loss, images/s and ETA.
+    """One status line on stderr: epoch, step, loss, images/s (with the model's and the loader's own rates) and ETA.
 
     On a terminal the line is rewritten in place; in a log file it is printed
     about ten times an epoch so logs stay short.
@@ -21,7 +21,8 @@ class Progress:
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.last_tenth = -1
 
-    def update(self, epoch: int, epochs: int, step: int, steps: int, loss: float, images_per_s: float) -> None:
+    def update(self, epoch: int, epochs: int, step: int, steps: int, loss: float, images_per_s: float,
+               detail: str = "") -> None:
         if not self.enabled:
             return
         tenth = 10 * step // max(steps, 1)
@@ -32,7 +33,7 @@ class Progress:
         width = 24
         filled = width * step // max(steps, 1)
         line = (f"epoch {epoch}/{epochs} [{'#' * filled}{'.' * (width - filled)}] {step}/{steps} "
-                f"loss {loss:.4f} {images_per_s:.1f} img/s eta {_duration(eta)}")
+                f"loss {loss:.4f} {images_per_s:.1f} img/s {detail + ' ' if detail else ''}eta {_duration(eta)}")
         self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
         self.stream.flush()
 
@@ -46,6 +47,9 @@ class Progress:
         if "ema_val_top1" in row:
             parts.append(f"EMA top-1 {row['ema_val_top1']:.2f}%")
         parts += [f"lr {row['lr']:.3g}", f"{row['images_per_s']:.1f} img/s", f"{row['epoch_time_s']:.1f} s"]
+        if row.get("loader_images_per_core_s"):
+            parts.append(f"(model {row['model_images_per_s']:.0f} img/s; loader {row['loader_images_per_core_s']:.0f} "
+                         f"img/s per core x {max(row['num_workers'], 1)}, waited {100 * row['input_wait_fraction']:.0f}%)")
         self.stream.write("  ".join(parts) + "\n")
         self.stream.flush()
 

@@ -11,6 +11,7 @@ Under DDP every rank runs these functions on its share of each epoch and rank
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -31,6 +32,7 @@ from ..model import MobileNetV1, MobileNetV1Config
 from .config import TrainConfig
 from .console import Interrupted, Progress, StopRequest
 from .distributed import Dist
+from . import resources
 from .optim import ModelEMA, Schedule, make_optimizer
 from .rundir import BEST, LAST, write_metrics
 
@@ -75,6 +77,7 @@ class TrainState:
     meta: dict
     steps_per_epoch: int
     progress: Progress
+    resources: resources.Resources
     skips: SkipReporter = field(default_factory=SkipReporter)
     epoch: int = 0
     step: int = 0
@@ -135,6 +138,9 @@ def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None)
         train_transform=data.TrainTransform(c.resolution, min_scale, hflip, normalization),
         eval_transform=data.EvalTransform(c.resolution, normalization))
     labels = train_set.classes
+    chosen = choose_resources(c, train_set, len(labels), device, dist)
+    torch.set_num_threads(chosen.threads)
+    log(dist, f"using {chosen.reason}")
     torch.manual_seed(c.seed)  # identical initialisation on every rank
     if state is not None:
         model = MobileNetV1(MobileNetV1Config.from_dict(state["config"]))
@@ -169,9 +175,9 @@ def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None)
         schedule=Schedule(c, steps_per_epoch, c.epochs), ema=ema,
         criterion=nn.CrossEntropyLoss(label_smoothing=c.label_smoothing), train_set=train_set,
         val_loader=data.loader(val_set, data.ShardSampler(len(val_set), dist.rank, dist.world_size),
-                               c.batch_size, c.num_workers, pin_memory=device.type == "cuda"),
-        meta=meta, steps_per_epoch=steps_per_epoch, progress=Progress(c.progress and dist.main,
-                                                                      c.batch_size * dist.world_size))
+                               c.batch_size, chosen.num_workers, pin_memory=device.type == "cuda"),
+        meta=meta, steps_per_epoch=steps_per_epoch, resources=chosen,
+        progress=Progress(c.progress and dist.main, c.batch_size * dist.world_size))
     if state is None:
         torch.manual_seed(c.seed + 7919 * dist.rank)  # dropout differs per rank
         # a first last.pt before any work: a kill during the first epoch (even while writing its
@@ -198,6 +204,20 @@ def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None)
     return s
 
 
+def choose_resources(c: TrainConfig, train_set, num_classes: int, device: torch.device,
+                     dist: Dist) -> resources.Resources:
+    """Threads and loader processes: ``c.threads``/``c.num_workers`` where given, else chosen for this run."""
+    from ..cost import cost
+
+    # on a GPU the model costs the CPU little: the cores go to the loader
+    mult_adds = cost(c.alpha, c.resolution, num_classes=num_classes).mult_adds if device.type == "cpu" else 0
+    decided = c.num_workers is not None and c.threads is not None
+    return resources.choose(
+        cores=resources.cores(), in_memory=train_set.in_memory, mult_adds=mult_adds, batch_size=c.batch_size,
+        loader_seconds=0.0 if decided else resources.probe_loader(train_set), passive=resources.omp_passive(),
+        images=len(train_set) // dist.world_size, threads=c.threads, num_workers=c.num_workers)
+
+
 def save_last(s: TrainState) -> Path:
     """Write the whole state to ``last.pt`` (rank 0; every rank contributes its RNG state)."""
     rng = s.dist.gather(torch.get_rng_state())
@@ -221,18 +241,67 @@ def stop_now(stop: StopRequest, s: TrainState) -> bool:
     return bool(signum)
 
 
+class InputMeter:
+    """What bounds a run: the wall time spent waiting for batches, and the loader's CPU time per image.
+
+    With workers the loader runs beside the model, so its own rate
+    (images per CPU second, i.e. per core) tells how fast it could feed the
+    model, while the waiting time tells whether it did.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.wait = 0.0
+        self.cpu = 0.0
+        self.images = 0
+        self._start = 0.0
+
+    @contextlib.contextmanager
+    def waiting(self):
+        start = time.perf_counter()
+        yield
+        self.wait += time.perf_counter() - start
+
+    def loaded(self, batch) -> None:
+        if batch[0] is not None:
+            self.images += len(batch[0])
+        self.cpu += getattr(batch, "seconds", 0.0)  # pinned (CUDA) batches arrive as plain lists
+
+    def per_core(self) -> float:
+        return self.images / self.cpu if self.cpu > 0 else 0.0
+
+    def describe(self, elapsed: float) -> str:
+        if not self.images or elapsed <= 0:
+            return ""
+        model = self.images / max(elapsed - self.wait, 1e-9)
+        return (f"(model {model:.0f} img/s; loader {self.per_core():.0f} img/s per core x "
+                f"{max(self.workers, 1)}, waited {100 * self.wait / elapsed:.0f}%)")
+
+    def sums(self) -> dict:
+        return {"wait": self.wait, "loader_cpu": self.cpu, "loaded": self.images}
+
+
 def train_one_epoch(s: TrainState, stop: StopRequest) -> dict:
     """Train ``s.epoch`` from ``s.step`` on; returns this rank's sums. Saves and raises Interrupted on a signal."""
     c, dist, device = s.config, s.dist, s.device
     s.train_model.train()
     sampler = data.EpochSampler(len(s.train_set), seed=c.seed, epoch=s.epoch, rank=dist.rank,
                                 world_size=dist.world_size, start=s.step * c.batch_size)
-    loader = data.loader(s.train_set, sampler, c.batch_size, c.num_workers, pin_memory=device.type == "cuda",
+    workers = s.resources.num_workers
+    loader = data.loader(s.train_set, sampler, c.batch_size, workers, pin_memory=device.type == "cuda",
                          drop_last=True)
     loss_sum = torch.tensor(s.partial[0], dtype=torch.float64)
     correct = torch.tensor(s.partial[1], dtype=torch.float64)
     seen, images, t0 = int(s.partial[2]), 0, time.perf_counter()
-    for x, y, skipped in loader:
+    meter = InputMeter(workers)
+    batches = iter(loader)
+    while True:
+        with meter.waiting():
+            batch = next(batches, None)
+        if batch is None:
+            break
+        meter.loaded(batch)
+        x, y, skipped = batch
         s.skips(skipped)
         usable = x is not None and len(x) >= 2  # BatchNorm needs two samples to normalise by
         # DDP's backward is collective: all ranks step or none does, else a rank whose batch had
@@ -266,12 +335,25 @@ def train_one_epoch(s: TrainState, stop: StopRequest) -> dict:
         s.step += 1
         elapsed = time.perf_counter() - t0
         rate = images * dist.world_size / elapsed if elapsed > 0 else 0.0
-        s.progress.update(s.epoch + 1, c.epochs, s.step, s.steps_per_epoch, loss_sum.item() / max(seen, 1), rate)
+        s.progress.update(s.epoch + 1, c.epochs, s.step, s.steps_per_epoch, loss_sum.item() / max(seen, 1), rate,
+                          meter.describe(elapsed))
         if stop_now(stop, s):
             s.partial = [loss_sum.item(), correct.item(), seen]
             raise Interrupted(stop.signal or signal.SIGTERM, save_last(s))
+    elapsed = time.perf_counter() - t0
     return {"loss_sum": loss_sum.item(), "correct": correct.item(), "seen": seen, "images": images,
-            "time": time.perf_counter() - t0}
+            "time": elapsed, **meter.sums()}
+
+
+def input_metrics(s: TrainState, sums: dict) -> dict:
+    """This rank's split of the epoch between waiting for input and computing, and the loader's own rate."""
+    time_s, wait = sums["time"], sums.get("wait", 0.0)
+    return {
+        "threads": s.resources.threads, "num_workers": s.resources.num_workers,
+        "loader_images_per_core_s": sums["loaded"] / sums["loader_cpu"] if sums.get("loader_cpu") else 0.0,
+        "input_wait_fraction": wait / time_s if time_s > 0 else 0.0,
+        "model_images_per_s": sums["images"] / (time_s - wait) if time_s > wait else 0.0,
+    }
 
 
 def end_epoch(s: TrainState, sums: dict) -> dict:
@@ -293,6 +375,7 @@ def end_epoch(s: TrainState, sums: dict) -> dict:
         "lr": s.schedule.lr((s.epoch + 1) * s.steps_per_epoch - 1),
         "images_per_s": images_total / sums["time"] if sums["time"] > 0 else 0.0,
         "epoch_time_s": sums["time"], "skipped_files": len(s.skips.everywhere(dist)),
+        **input_metrics(s, sums),
     }
     weights, top1 = s.model, val["top1"]
     if s.ema is not None:

@@ -1,0 +1,132 @@
+"""How many loader processes and compute threads a training process gets, chosen from its cores and its work.
+
+A training step on the CPU has two parts that compete for the same cores:
+decoding and augmenting the next images (the loader) and the forward/backward
+pass (the model).  :func:`choose` splits the cores between them from
+
+- the cores this process may use (its affinity mask, shared by the processes
+  of a run on one machine),
+- whether the images are already in memory (the built-in digits: nothing to
+  decode, so a worker process only adds pickling and start-up),
+- the model's cost per image (mult-adds at the training resolution) against
+  the loader's cost per image, measured on a few images of the data set
+  (:func:`probe_loader`), and
+- whether OpenMP waits passively (``OMP_WAIT_POLICY=PASSIVE``, which the CLI
+  sets before PyTorch starts): a thread that spins while it waits takes a core
+  from the loader and from any other process, so without passive waiting
+  threads never outnumber the cores left to them.
+
+The measurements behind the constants are in benchmarks/results/train_input.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+# Seconds of one core per forward mult-add of a training step (forward, backward, update), measured with
+# `mobilenets train` on one thread for MobileNet 0.5-48 (7.5M mult-adds, ~1.6 ms an image) and 1.0-224
+# (568M, ~140 ms an image): both within 15% of this figure, so it serves for every width and resolution.
+SECONDS_PER_MULT_ADD = 2.4e-10
+# Each intra-op thread beyond the first pays off only when a step has this many more mult-adds to split: below
+# it the thread hand-offs cost more than the extra core gives.  Measured (batch x per-image mult-adds a step):
+# MobileNet 0.5-48, batch 32 (240M a step) trains faster on 1 thread than on 2; 0.25-128, batch 32 (426M),
+# faster on 2 (benchmarks/results/train_input.md).
+MIN_MULT_ADDS_PER_THREAD = 3e8
+PROBE_IMAGES = 4
+# Worker processes start again every epoch (about a second each on the 2-core machine, more when it is busy):
+# below this much loading per epoch they cost more than they overlap.  Measured: 510 JPEGs of 500x375 (1.5 s
+# of loading) for MobileNet 0.25-128 trained 1.2-1.6x faster without workers than with one, quiet and loaded.
+MIN_EPOCH_LOADING_SECONDS = 10.0
+# each worker keeps two batches in flight: beyond this many, memory grows with no core left to gain (not
+# measured here: this machine has 2 cores)
+MAX_WORKERS = 16
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The chosen split, and why (printed at the start of a run and kept in the metrics)."""
+
+    threads: int
+    num_workers: int
+    reason: str
+
+
+def cores() -> int:
+    """Cores this process may use: its affinity mask (what taskset, cgroups and schedulers grant), shared by
+    the ranks torchrun starts on this machine."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        available = os.cpu_count() or 1
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, available // max(1, local_ranks))
+
+
+def omp_passive() -> bool:
+    """Whether OpenMP threads sleep while they wait.  OpenMP reads the setting when PyTorch loads, so a value
+    set later does not count; the CLI sets it before anything imports torch."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+def model_seconds(mult_adds: int) -> float:
+    """Estimated seconds of one core to train on one image of a model with these forward mult-adds."""
+    return mult_adds * SECONDS_PER_MULT_ADD
+
+
+def probe_loader(dataset, count: int = PROBE_IMAGES) -> float:
+    """CPU seconds to load and augment one image of ``dataset`` (the median over ``count`` evenly spread images;
+    CPU time, so another busy process does not inflate it)."""
+    n = len(dataset)
+    times = []
+    for k in range(min(count, n)):
+        index = (k * n) // max(1, min(count, n))
+        start = time.thread_time()
+        dataset[(index, k)]
+        times.append(time.thread_time() - start)
+    times.sort()
+    return times[len(times) // 2] if times else 0.0
+
+
+def choose(*, cores: int, in_memory: bool, mult_adds: int, batch_size: int, loader_seconds: float,
+           passive: bool, images: int | None = None, threads: int | None = None,
+           num_workers: int | None = None) -> Resources:
+    """Threads per process and loader processes for one training process.
+
+    ``mult_adds``: the model's forward mult-adds per image at the training
+    resolution; ``loader_seconds``: CPU seconds to load one image (see
+    :func:`probe_loader`); ``images``: per epoch and process (None: many);
+    ``threads``/``num_workers`` given are kept as they are, and the other is
+    chosen around them.
+    """
+    model = model_seconds(mult_adds)
+    # the share of the work that is loading; with it, the cores the loader needs to keep up with the model
+    share = loader_seconds / (loader_seconds + model) if loader_seconds + model > 0 else 0.0
+    loader_cores = cores * share
+    if num_workers is None:
+        short = images is not None and images * loader_seconds < MIN_EPOCH_LOADING_SECONDS
+        if in_memory or cores == 1 or short:
+            # nothing to decode, no core to overlap on, or too little to load: a worker only adds start-up
+            num_workers = 0
+        else:
+            num_workers = min(cores, MAX_WORKERS, max(1, math.ceil(loader_cores - 0.25)))
+        why_workers = ("images in memory" if in_memory else "one core" if cores == 1
+                       else f"loading an epoch takes {images * loader_seconds:.1f} s" if short
+                       else f"loading is {100 * share:.0f}% of the work")
+    else:
+        why_workers = "given"
+    if threads is None:
+        # Passive OpenMP threads sleep while a loader process or another program has the core, so the model may
+        # use every core; spinning ones would fight the loader for it (10-100x slower), so they get the rest.
+        left = cores if passive else max(1, cores - num_workers)
+        splittable = 1 + int(batch_size * mult_adds // MIN_MULT_ADDS_PER_THREAD)
+        threads = max(1, min(left, splittable))
+        why_threads = (f"{batch_size} x {mult_adds / 1e6:.0f}M mult-adds a step"
+                       + ("" if passive else ", OpenMP not passive: none beside the loader processes"))
+    else:
+        why_threads = "given"
+    reason = (f"{cores} core(s): {num_workers} loader process(es) ({why_workers}), {threads} thread(s) "
+              f"({why_threads})")
+    return Resources(threads, num_workers, reason)
