@@ -128,6 +128,31 @@ def test_width_rule_and_min_depth():
     assert mobilenet_v1(0.1).features[0].conv.out_channels == 8
 
 
+# TF-slim's rule max(int(c * alpha), 8) worked by hand for c = 32, 64, 128, 256, 512, 1024 (not with
+# architecture.depth): 0.35 * 128 = 44.8 -> 44, 0.6 * 128 = 76.8 -> 76, 1.3 * 256 = 332.8 -> 332, and
+# 0.125 * 32 = 4 -> clamped to 8.  A round() rule would give 45, 77, 333: these rows tell the two apart.
+TF_SLIM_WIDTHS = {
+    0.35: (11, 22, 44, 89, 179, 358),
+    0.6: (19, 38, 76, 153, 307, 614),
+    0.125: (8, 8, 16, 32, 64, 128),
+    1.3: (41, 83, 166, 332, 665, 1331),
+}
+# Table 1's rows as indices into the six widths above: 32, 64, 128 x2, 256 x2, 512 x6, 1024 x2
+TABLE1_ROWS = (0, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4, 5, 5)
+
+
+@pytest.mark.parametrize("alpha", sorted(TF_SLIM_WIDTHS))
+def test_width_rule_is_tf_slims_for_any_alpha(alpha):
+    widths = TF_SLIM_WIDTHS[alpha]
+    model = mobilenet_v1(alpha)
+    built = [model.features[0].conv.out_channels] + [model.features[i].pointwise.conv.out_channels
+                                                      for i in range(1, 14)]
+    assert built == [widths[row] for row in TABLE1_ROWS]
+    assert model.classifier.in_features == widths[-1]
+    for i in range(1, 14):  # a depthwise conv keeps the width of the row before it
+        assert model.features[i].depthwise.conv.out_channels == built[i - 1]
+
+
 def test_truncated_normal_init():
     model = mobilenet_v1(1.0)
     w = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
