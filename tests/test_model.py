@@ -56,11 +56,26 @@ def test_unknown_endpoint_lists_the_valid_ones():
         mobilenet_v1(0.25).forward_endpoints(torch.randn(1, 3, 64, 64), ["Conv2d_14"])
 
 
+# TF-slim's rule by hand: once the running stride reaches output_stride, each later stride-2 row runs at
+# stride 1 with the current rate and doubles the rate for the rows after it.  Stride-2 rows: 0, 2, 4, 6, 12.
+#   output_stride 8:  row 6 stride 1 rate 1; rows 7-11 rate 2; row 12 stride 1 rate 2; row 13 rate 4
+#   output_stride 16: row 12 stride 1 rate 1; row 13 rate 2
+DEPTHWISE_STRIDE_DILATION = {
+    8: [(1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (1, 1), (1, 2), (1, 2), (1, 2), (1, 2), (1, 2), (1, 2), (1, 4)],
+    16: [(1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1), (1, 2)],
+    32: [(1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1), (2, 1), (1, 1)],
+}
+
+
 @pytest.mark.parametrize("output_stride,size", [(8, 28), (16, 14), (32, 7)])
 def test_output_stride_by_dilation(output_stride, size):
     model = mobilenet_v1(0.25, output_stride=output_stride).eval()
     with torch.no_grad():
         assert model.forward_features(torch.randn(1, 3, 224, 224)).shape[-2:] == (size, size)
+    depthwise = [model.features[i].depthwise.conv for i in range(1, 14)]
+    assert [(c.stride[0], c.dilation[0]) for c in depthwise] == DEPTHWISE_STRIDE_DILATION[output_stride]
+    assert all(c.padding[0] == c.dilation[0] for c in depthwise)  # 'same' for a dilated 3x3: pad = rate
+    assert all(model.features[i].pointwise.conv.dilation == (1, 1) for i in range(1, 14))
     # same weights shape as the stride-32 model: dilation, not new layers
     assert model.state_dict().keys() == mobilenet_v1(0.25).state_dict().keys()
 
