@@ -16,7 +16,7 @@ from PIL import Image
 
 import mobilenets
 from mobilenets import checkpoint, cli, weights
-from mobilenets.images import IMAGENET, INCEPTION, eval_transform, load_rgb
+from mobilenets.images import IMAGENET, INCEPTION, Normalization, eval_transform, load_rgb
 from mobilenets.predict import predict
 
 from weights_helpers import Server, write_keras2_h5
@@ -91,6 +91,14 @@ def test_checkpoint_metadata_drives_resolution_normalization_and_labels(tmp_path
     p = expected_probabilities(loaded, images / "rgb.jpg", 80, IMAGENET)
     assert np.allclose([t["probability"] for t in r.top], p.sort(descending=True).values.tolist(), atol=1e-6)
     assert {t["label"] for t in r.top} == set(labels)
+
+
+def test_a_model_without_metadata_uses_224_px_and_x_over_127_5_minus_1(images):
+    """A bare mobilenet_v1 has no meta: predict falls back to the official weights' preprocessing."""
+    model = mobilenets.mobilenet_v1(0.25, num_classes=4).eval()
+    [r] = predict(model, [images / "rgb.jpg"], topk=4)
+    p = expected_probabilities(model, images / "rgb.jpg", 224, Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    assert np.allclose([t["probability"] for t in r.top], p.sort(descending=True).values.tolist(), atol=1e-6)
 
 
 def test_no_top_weights_cannot_classify(tmp_path, images):
