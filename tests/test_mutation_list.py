@@ -6,6 +6,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,4 +60,17 @@ def test_a_planted_edit_is_restored(tmp_path, monkeypatch):
         "failed" if mutant.edits[0].replacement in target.read_text() else "passed", 0.0, ""))
     verdict, _, _ = check.run_mutant(copy, mutant, timeout=1)
     assert verdict == "caught"
+    assert target.read_text() == original
+
+
+def test_a_mutant_that_cannot_be_planted_leaves_the_copy_unchanged(tmp_path):
+    check = load()
+    target = tmp_path / "src" / "mobilenets" / "architecture.py"
+    target.parent.mkdir(parents=True)
+    original = (ROOT / "src" / "mobilenets" / "architecture.py").read_text()
+    target.write_text(original)
+    first = check.MUTANTS[0].edits[0]
+    broken = check.Mutant("broken", "architecture", (first, check.Edit("architecture.py", "no such text", "x")), ("t",))
+    with pytest.raises(SystemExit, match="not found exactly once"):
+        check.apply(tmp_path, broken)
     assert target.read_text() == original

@@ -276,17 +276,26 @@ def run_pytest(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str,
     return f"error (pytest exit {proc.returncode})", elapsed, out
 
 
+def restore(saved: dict[Path, str]) -> None:
+    for path, text in saved.items():
+        path.write_text(text)
+
+
 def apply(copy: Path, mutant: Mutant) -> dict[Path, str]:
-    saved = {}
-    for e in mutant.edits:
-        path = copy / "src" / "mobilenets" / e.file
-        text = saved.get(path) or path.read_text()
-        saved.setdefault(path, text)
-        current = path.read_text()
-        if current.count(e.original) != 1:
-            raise SystemExit(f"{mutant.name}: original text not found exactly once in {e.file}; "
-                             f"run tests/test_mutation_list.py")
-        path.write_text(current.replace(e.original, e.replacement))
+    """Plant every edit of ``mutant`` in ``copy``; returns the original texts to restore."""
+    saved: dict[Path, str] = {}
+    try:
+        for e in mutant.edits:
+            path = copy / "src" / "mobilenets" / e.file
+            current = path.read_text()
+            saved.setdefault(path, current)
+            if current.count(e.original) != 1:
+                raise SystemExit(f"{mutant.name}: original text not found exactly once in {e.file}; "
+                                 f"run tests/test_mutation_list.py")
+            path.write_text(current.replace(e.original, e.replacement))
+    except BaseException:
+        restore(saved)
+        raise
     return saved
 
 
@@ -295,8 +304,7 @@ def run_mutant(copy: Path, mutant: Mutant, timeout: float) -> tuple[str, float, 
     try:
         outcome, elapsed, out = run_pytest(copy, mutant.tests, timeout)
     finally:
-        for path, text in saved.items():
-            path.write_text(text)
+        restore(saved)
     verdict = {"failed": "caught", "passed": "SURVIVED", "timeout": "TIMEOUT"}.get(outcome, f"ERROR: {outcome}")
     return verdict, elapsed, out
 
