@@ -158,6 +158,12 @@ MUTANTS: tuple[Mutant, ...] = (
     m("label smoothing forced to 0", "train/loop", "train/loop.py",
       "nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)", "nn.CrossEntropyLoss(label_smoothing=0.0)",
       f"{T_TRAIN}::test_label_smoothing_changes_the_loss_by_its_formula"),
+    m("sync_bn accepted on CPU", "train/config", "train/__init__.py",
+      'if config.sync_bn and device.type == "cpu":', "if False:",
+      T_TRAIN, "-k", "bad_flags_are_one_line_errors and sync"),
+    m("an interrupted train exits 0, not 128 + the signal", "train/cli", "cli.py",
+      "        return 128 + e.signum", "        return 0",
+      f"{T_TRAIN}::test_ctrl_c_saves_and_exits_130"),
     m("resume does not restore the RNG", "train/checkpoint", "train/loop.py",
       "        torch.set_rng_state(rng[dist.rank])", "        pass",
       f"{T_TRAIN}::test_sigterm_saves_mid_epoch_exits_cleanly_and_resumes_exactly"),
@@ -273,6 +279,8 @@ def run_pytest(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str,
         return "passed", elapsed, out
     if proc.returncode == 1:
         return "failed", elapsed, out
+    if proc.returncode == -9:
+        return "error (killed by SIGKILL: out of memory?)", elapsed, out
     return f"error (pytest exit {proc.returncode})", elapsed, out
 
 
@@ -309,6 +317,21 @@ def run_mutant(copy: Path, mutant: Mutant, timeout: float) -> tuple[str, float, 
     return verdict, elapsed, out
 
 
+def baseline_selections(mutants) -> list[tuple[str, ...]]:
+    """The mutants' test selections grouped by test file; a selection with -k runs on its own."""
+    by_file: dict[str, list[str]] = {}
+    alone = []
+    for mu in mutants:
+        if "-k" in mu.tests:
+            alone.append(mu.tests)
+            continue
+        for t in mu.tests:
+            by_file.setdefault(t.split("::")[0], [])
+            if t not in by_file[t.split("::")[0]]:
+                by_file[t.split("::")[0]].append(t)
+    return [tuple(v) for v in by_file.values()] + list(dict.fromkeys(alone))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-k", action="append", default=[], help="run only mutants whose name contains this (repeatable)")
@@ -336,13 +359,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mobilenets-mutants-") as tmp:
         copies = [scratch_copy(Path(tmp) / f"copy{i}") for i in range(max(1, args.jobs))]
         if not args.no_baseline:
-            selected = tuple(dict.fromkeys(t for mu in chosen for t in mu.tests))
-            outcome, elapsed, out = run_pytest(copies[0], selected, args.timeout * 3)
-            print(f"baseline: {len(selected)} tests unmutated {outcome} in {elapsed:.0f} s", flush=True)
-            if outcome != "passed":
-                print(out[-4000:])
-                print("the selected tests fail without any mutant: fix them first", file=sys.stderr)
-                return 1
+            # one pytest per test file: one process holding every runtime at once needs more memory than a
+            # shared machine may have (a process killed by the OOM killer exits -9)
+            for selection in baseline_selections(chosen):
+                outcome, elapsed, out = run_pytest(copies[0], selection, args.timeout * 2)
+                print(f"baseline {selection[0].split('::')[0]}: {len(selection)} selections unmutated {outcome} "
+                      f"in {elapsed:.0f} s", flush=True)
+                if outcome != "passed":
+                    print(out[-4000:])
+                    print("the selected tests fail without any mutant: fix them first"
+                          + (" (killed: out of memory?)" if "-9" in outcome else ""), file=sys.stderr)
+                    return 1
         free = list(copies)
 
         def one(mutant):
