@@ -363,8 +363,7 @@ def main(argv=None) -> int:
             # shared machine may have (a process killed by the OOM killer exits -9)
             for selection in baseline_selections(chosen):
                 outcome, elapsed, out = run_pytest(copies[0], selection, args.timeout * 2)
-                print(f"baseline {selection[0].split('::')[0]}: {len(selection)} selections unmutated {outcome} "
-                      f"in {elapsed:.0f} s", flush=True)
+                print(f"baseline  {elapsed:6.1f} s  {outcome}: {' '.join(selection)}", flush=True)
                 if outcome != "passed":
                     print(out[-4000:])
                     print("the selected tests fail without any mutant: fix them first"
