@@ -735,6 +735,14 @@ def test_json_output_is_never_bare_nan():
 SIGINT_IN_EPOCH_1 = SIGTERM_IN_EPOCH_2.replace("calls[0] == 19", "calls[0] == 3").replace("SIGTERM)", "SIGINT)")
 
 
+def test_sync_bn_is_refused_on_cpu_before_any_work(tmp_path, dataset):
+    """The library's side of the README's claim (the CLI's is in test_bad_flags_are_one_line_errors); a tiny
+    run, so that a build that wrongly accepts sync_bn fails this test in seconds instead of training for long."""
+    with pytest.raises(train.ConfigError, match="sync_bn needs GPUs"):
+        train.train(tiny(tmp_path / "run", dataset, epochs=1, sync_bn=True, device="cpu"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_ctrl_c_saves_and_exits_130(tmp_path, dataset):
     out = tmp_path / "run"
     stopped = run_cli(*_cli_args(dataset, out), script=SIGINT_IN_EPOCH_1)

@@ -160,7 +160,7 @@ MUTANTS: tuple[Mutant, ...] = (
       f"{T_TRAIN}::test_label_smoothing_changes_the_loss_by_its_formula"),
     m("sync_bn accepted on CPU", "train/config", "train/__init__.py",
       'if config.sync_bn and device.type == "cpu":', "if False:",
-      T_TRAIN, "-k", "bad_flags_are_one_line_errors and sync"),
+      f"{T_TRAIN}::test_sync_bn_is_refused_on_cpu_before_any_work"),
     m("an interrupted train exits 0, not 128 + the signal", "train/cli", "cli.py",
       "        return 128 + e.signum", "        return 0",
       f"{T_TRAIN}::test_ctrl_c_saves_and_exits_130"),
