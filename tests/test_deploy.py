@@ -103,13 +103,14 @@ def test_torch_path_runs_onednn_convolutions_with_relu6_fused(model):
 
 # ---------------------------------------------------------------- each backend's parity
 
-# Bars set from what was measured on these 16 digits (alpha 0.25, 32 px; x86 with AVX-512, 2026-11):
+# Bars set from what was measured on these 16 digits (alpha 0.25, 32 px; AMD EPYC with AVX-512 VNNI/BF16):
 #   cosine:  bf16 0.99990 (torch, openvino); int8 0.99931 torch, 0.99928 onnxruntime, 0.99801 openvino
 #   mean KL: bf16 0.0035 nats; int8 0.020 torch, 0.012 onnxruntime, 0.066 openvino
 #   top-1 agreement: 15 or 16 of 16 on every path
 # Margins: cosine bars leave about 2.5x the measured gap to 1 (0.999 for bf16, 0.995 for int8); KL bars about
 # 2.5x the worst measured value (0.01 bf16, 0.15 int8); agreement allows one image more than the worst path
-# (14 of 16), since another CPU's int8 kernels (AVX2 vs VNNI) may round differently.
+# (14 of 16), since another CPU's int8 kernels (AVX2 vs VNNI) may round differently.  fp32 is held to 1e-3 on
+# the logits below; its KL bar (1e-6) is that closeness restated, not a measured figure.
 MIN_COSINE = {"fp32": 0.999, "bf16": 0.999, "int8": 0.995}
 MAX_MEAN_KL = {"fp32": 1e-6, "bf16": 0.01, "int8": 0.15}
 MIN_AGREEMENT = 14 / 16
