@@ -31,10 +31,34 @@ def test_timm_peer_computes_our_logits():
     assert benchmark.timm_peer(mobilenet_v1(1.0, padding="tf_same")) is None
 
 
-def test_matmul_floor_is_a_rate():
+def test_matmul_floor_is_n_cubed_mult_adds_over_the_best_call(monkeypatch):
+    """The floor is n^3 mult-adds divided by the fastest call's seconds, of the product it claims to time.
+
+    time_run is replaced by one that returns known times (ms) and keeps the timed call, which is checked
+    against numpy's product: int8 accumulates in int32 without overflow, bf16/fp32 is a float product.
+    """
+    import numpy as np
+
+    timed = {}
+
+    def fake_time_run(run, x, **kwargs):
+        timed["result"] = run(x)
+        return [5.0, 2.0, 3.0]
+
+    monkeypatch.setattr(deploy, "time_run", fake_time_run)
+    n = 64
     for precision in deploy.PRECISIONS:
-        rate = benchmark.matmul_floor(precision, n=256, repeats=2)
-        assert 1e8 < rate < 1e15
+        rate = benchmark.matmul_floor(precision, n=n, repeats=3)
+        assert rate == n ** 3 / 0.002, precision  # 64^3 mult-adds in the best call, 2 ms
+        out = timed["result"]
+        assert out.shape == (n, n)
+        if precision == "int8":
+            assert out.dtype == torch.int32 and int(out.abs().max()) > 127 ** 2  # int32 sums, not int8
+    # the int8 product is exact: check it against numpy in int64 on the same operands
+    g = torch.Generator().manual_seed(benchmark.SEED)
+    a = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=g).numpy().astype(np.int64)
+    b = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=g).numpy().astype(np.int64)
+    np.testing.assert_array_equal(timed["result"].numpy(), a @ b)
 
 
 def _grid(precision="fp32", latencies=None):

@@ -51,10 +51,14 @@ def test_registry_holds_the_16_released_models_with_the_published_accuracy():
 
 def test_docs_and_paper_grid_agree_with_the_registry():
     text = (REPO / "docs" / "published.md").read_text()
-    for alpha, row in zip((1.0, 0.75, 0.5, 0.25), re.findall(r"^\| (?:1\.0 float / int8|0\.75|0\.5|0\.25) \|(.*)\|$",
-                                                             text, flags=re.M)):
+    rows = re.findall(r"^\| (?:1\.0 float / int8|0\.75|0\.5|0\.25) \|(.*)\|$", text, flags=re.M)
+    assert len(rows) == 4  # zip below must not silently drop a row
+    compared = 0
+    for alpha, row in zip((1.0, 0.75, 0.5, 0.25), rows):
         cells = [tuple(float(x) for x in c.split("/")) for c in row.split("|")]
         assert cells == [(WEIGHTS[alpha, r].top1, WEIGHTS[alpha, r].top1_int8) for r in (224, 192, 160, 128)]
+        compared += len(cells)
+    assert compared == 16  # every published cell, float and int8
     for row in paper.grid():
         assert (row["top1"], row["top1_int8"]) == registry.published_top1()[row["alpha"], row["resolution"]]
 

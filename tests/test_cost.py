@@ -19,6 +19,22 @@ SPEC = [
 ]
 
 
+def test_spec_above_is_every_row_of_the_docs_table():
+    """SPEC is docs/architecture.md section 2 row for row, so neither can change without the other."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    section = text.split("## 2.", 1)[1].split("## 3.", 1)[0]
+    rows = re.findall(r"^\| (.+?) \| ([\d,]+) \| ([\d,]+) \| ?([\d,]*) ?\|", section, flags=re.M)
+    assert len(rows) == len(SPEC) == 9
+    for (name, ma, p, pbn), (alpha, resolution, options, mult_adds, params, params_bn) in zip(rows, SPEC):
+        prefix = "full-conv " if options.get("full_conv") else "shallow " if options.get("shallow") else ""
+        assert name.startswith(f"{prefix}{alpha}-{resolution}"), name
+        assert (int(ma.replace(",", "")), int(p.replace(",", ""))) == (mult_adds, params)
+        assert (int(pbn.replace(",", "")) if pbn else None) == params_bn
+
+
 @pytest.mark.parametrize("alpha,resolution,options,mult_adds,params,params_bn", SPEC)
 def test_spec_numbers_exact(alpha, resolution, options, mult_adds, params, params_bn):
     c = cost(alpha, resolution, **options)

@@ -103,23 +103,36 @@ def test_torch_path_runs_onednn_convolutions_with_relu6_fused(model):
 
 # ---------------------------------------------------------------- each backend's parity
 
+# Bars set from what was measured on these 16 digits (alpha 0.25, 32 px; AMD EPYC with AVX-512 VNNI/BF16):
+#   cosine:  bf16 0.99990 (torch, openvino); int8 0.99931 torch, 0.99928 onnxruntime, 0.99801 openvino
+#   mean KL: bf16 0.0035 nats; int8 0.020 torch, 0.012 onnxruntime, 0.066 openvino
+#   top-1 agreement: 15 or 16 of 16 on every path
+# Margins: cosine bars leave about 2.5x the measured gap to 1 (0.999 for bf16, 0.995 for int8); KL bars about
+# 2.5x the worst measured value (0.01 bf16, 0.15 int8); agreement allows one image more than the worst path
+# (14 of 16), since another CPU's int8 kernels (AVX2 vs VNNI) may round differently.  fp32 is held to 1e-3 on
+# the logits below; its KL bar (1e-6) is that closeness restated, not a measured figure.
+MIN_COSINE = {"fp32": 0.999, "bf16": 0.999, "int8": 0.995}
+MAX_MEAN_KL = {"fp32": 1e-6, "bf16": 0.01, "int8": 0.15}
+MIN_AGREEMENT = 14 / 16
 CASES = [
-    ("torch", "fp32", 0.999), ("torch", "bf16", 0.98), ("torch", "int8", 0.98),
-    ("onnxruntime", "fp32", 0.999), ("onnxruntime", "int8", 0.98),
-    ("openvino", "fp32", 0.999), ("openvino", "bf16", 0.98), ("openvino", "int8", 0.98),
-    ("litert", "fp32", 0.999), ("litert", "int8", 0.98),
+    ("torch", "fp32"), ("torch", "bf16"), ("torch", "int8"),
+    ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+    ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"),
+    ("litert", "fp32"), ("litert", "int8"),
 ]
 
 
-@pytest.mark.parametrize("backend,precision,min_cosine", CASES)
-def test_backend_parity_with_fp32_eager(model, calibration, images, reference, backend, precision, min_cosine):
+@pytest.mark.parametrize("backend,precision", CASES)
+def test_backend_parity_with_fp32_eager(model, calibration, images, reference, backend, precision):
     predictor = deploy.compile(model, precision, calibration=calibration, batch_size=4, resolution=RES,
                                backend=backend)
     assert (predictor.backend, predictor.precision, predictor.batch_size) == (backend, precision, 4)
     out = predictor(images)  # 16 images through a batch-4 predictor: four chunks
     assert out.shape == reference.shape and out.dtype == torch.float32
-    assert cosine(out, reference) >= min_cosine
-    assert float((out.argmax(1) == reference.argmax(1)).float().mean()) >= 0.8
+    p = deploy.parity(reference, out)
+    assert p["cosine"] >= MIN_COSINE[precision]
+    assert p["mean_kl"] <= MAX_MEAN_KL[precision]
+    assert p["top1_agreement"] >= MIN_AGREEMENT
     if precision == "fp32":
         torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-3)
     else:  # really run at lower precision: fp32 paths differ by ~2e-5 here, bf16 by ~0.5 and int8 by 1.0-1.8
@@ -168,7 +181,7 @@ def test_bad_arguments_are_refused_before_building(model, calibration):
 def test_calibration_takes_loader_pairs_and_any_batch_size(model, calibration, reference, images):
     pairs = [(b, torch.zeros(len(b), dtype=torch.long)) for b in calibration]  # what a DataLoader yields
     predictor = deploy.compile(model, "int8", calibration=pairs, batch_size=5, resolution=RES, backend="onnxruntime")
-    assert cosine(predictor(images), reference) >= 0.98
+    assert cosine(predictor(images), reference) >= MIN_COSINE["int8"]
 
 
 def test_int8_calibration_matters(model, images, reference):
@@ -211,9 +224,35 @@ def test_auto_never_offers_onnxruntime_for_bf16(model, tmp_path, monkeypatch):
     assert set(p.timings) == {"torch", "openvino"}
 
 
-def test_cpu_feature_detection_reads_proc_cpuinfo():
-    flags = deploy.cpu_flags()
-    assert deploy.bf16_supported() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+CPUINFO = """processor\t: 0
+model name\t: Test CPU @ 2.00GHz
+flags\t\t: fpu sse2 avx2 {extra}
+bugs\t\t: spectre_v1
+
+processor\t: 1
+flags\t\t: fpu sse2 avx2
+"""
+
+
+@pytest.mark.parametrize("extra,native", [
+    ("avx512f avx512_bf16", True), ("amx_tile amx_bf16", True), ("avx512f avx512bw", False), ("", False),
+])
+def test_cpu_feature_detection_reads_proc_cpuinfo(tmp_path, monkeypatch, extra, native):
+    """bf16 counts as native only with AVX-512 BF16 or AMX BF16 in the first CPU's flags line."""
+    from mobilenets.deploy import machine
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(CPUINFO.format(extra=extra))
+    monkeypatch.setattr(machine, "Path", lambda _: fake)
+    assert deploy.cpu_flags() == {"fpu", "sse2", "avx2", *extra.split()}
+    assert deploy.cpu_name() == "Test CPU @ 2.00GHz"
+    assert deploy.bf16_supported() is native
+
+
+def test_cpu_flags_of_this_machine_are_its_first_flags_line():
+    lines = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")] \
+        if Path("/proc/cpuinfo").is_file() else []
+    assert deploy.cpu_flags() == (set(lines[0].split(":", 1)[1].split()) if lines else set())
 
 
 # ---------------------------------------------------------------- export
@@ -234,7 +273,7 @@ def test_export_reloads_with_parity(model, calibration, images, reference, tmp_p
     run = deploy.load_exported(path)
     out = run(images[:3])  # a batch size not used for export or calibration: the batch is dynamic
     p = deploy.parity(reference[:3], out)
-    assert p["cosine"] >= (0.999 if precision == "fp32" else 0.98)
+    assert p["cosine"] >= MIN_COSINE[precision]
     if precision == "fp32":
         assert p["max_abs_diff"] < 1e-3
 
@@ -346,7 +385,7 @@ def test_compile_leaves_no_temporary_files(model, calibration, images, reference
                   if deploy.backend_supports(backend, precision)]
     assert leftovers(fresh_tmpdir) == []
     for predictor in predictors:  # what the predictors need was kept in memory, not in the removed folders
-        assert cosine(predictor(images), reference) >= 0.98
+        assert cosine(predictor(images), reference) >= MIN_COSINE[predictor.precision]
 
 
 def test_auto_and_export_leave_no_temporary_files(model, calibration, images, reference, fresh_tmpdir, tmp_path):

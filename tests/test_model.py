@@ -57,11 +57,26 @@ def test_unknown_endpoint_lists_the_valid_ones():
         mobilenet_v1(0.25).forward_endpoints(torch.randn(1, 3, 64, 64), ["Conv2d_14"])
 
 
+# TF-slim's rule by hand: once the running stride reaches output_stride, each later stride-2 row runs at
+# stride 1 with the current rate and doubles the rate for the rows after it.  Stride-2 rows: 0, 2, 4, 6, 12.
+#   output_stride 8:  row 6 stride 1 rate 1; rows 7-11 rate 2; row 12 stride 1 rate 2; row 13 rate 4
+#   output_stride 16: row 12 stride 1 rate 1; row 13 rate 2
+DEPTHWISE_STRIDE_DILATION = {
+    8: [(1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (1, 1), (1, 2), (1, 2), (1, 2), (1, 2), (1, 2), (1, 2), (1, 4)],
+    16: [(1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1), (1, 2)],
+    32: [(1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1), (2, 1), (1, 1)],
+}
+
+
 @pytest.mark.parametrize("output_stride,size", [(8, 28), (16, 14), (32, 7)])
 def test_output_stride_by_dilation(output_stride, size):
     model = mobilenet_v1(0.25, output_stride=output_stride).eval()
     with torch.no_grad():
         assert model.forward_features(torch.randn(1, 3, 224, 224)).shape[-2:] == (size, size)
+    depthwise = [model.features[i].depthwise.conv for i in range(1, 14)]
+    assert [(c.stride[0], c.dilation[0]) for c in depthwise] == DEPTHWISE_STRIDE_DILATION[output_stride]
+    assert all(c.padding[0] == c.dilation[0] for c in depthwise)  # 'same' for a dilated 3x3: pad = rate
+    assert all(model.features[i].pointwise.conv.dilation == (1, 1) for i in range(1, 14))
     # same weights shape as the stride-32 model: dilation, not new layers
     assert model.state_dict().keys() == mobilenet_v1(0.25).state_dict().keys()
 
@@ -127,6 +142,31 @@ def test_width_rule_and_min_depth():
     assert architecture.depth(32, 0.1, min_depth=1) == 3
     assert architecture.depth(1024, 0.75) == 768
     assert mobilenet_v1(0.1).features[0].conv.out_channels == 8
+
+
+# TF-slim's rule max(int(c * alpha), 8) worked by hand for c = 32, 64, 128, 256, 512, 1024 (not with
+# architecture.depth): 0.35 * 128 = 44.8 -> 44, 0.6 * 128 = 76.8 -> 76, 1.3 * 256 = 332.8 -> 332, and
+# 0.125 * 32 = 4 -> clamped to 8.  A round() rule would give 45, 77, 333: these rows tell the two apart.
+TF_SLIM_WIDTHS = {
+    0.35: (11, 22, 44, 89, 179, 358),
+    0.6: (19, 38, 76, 153, 307, 614),
+    0.125: (8, 8, 16, 32, 64, 128),
+    1.3: (41, 83, 166, 332, 665, 1331),
+}
+# Table 1's rows as indices into the six widths above: 32, 64, 128 x2, 256 x2, 512 x6, 1024 x2
+TABLE1_ROWS = (0, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4, 5, 5)
+
+
+@pytest.mark.parametrize("alpha", sorted(TF_SLIM_WIDTHS))
+def test_width_rule_is_tf_slims_for_any_alpha(alpha):
+    widths = TF_SLIM_WIDTHS[alpha]
+    model = mobilenet_v1(alpha)
+    built = [model.features[0].conv.out_channels] + [model.features[i].pointwise.conv.out_channels
+                                                      for i in range(1, 14)]
+    assert built == [widths[row] for row in TABLE1_ROWS]
+    assert model.classifier.in_features == widths[-1]
+    for i in range(1, 14):  # a depthwise conv keeps the width of the row before it
+        assert model.features[i].depthwise.conv.out_channels == built[i - 1]
 
 
 def test_truncated_normal_init():

@@ -16,7 +16,7 @@ from PIL import Image
 
 import mobilenets
 from mobilenets import checkpoint, cli, weights
-from mobilenets.images import IMAGENET, INCEPTION, eval_transform, load_rgb
+from mobilenets.images import IMAGENET, INCEPTION, Normalization, eval_transform, load_rgb
 from mobilenets.predict import predict
 
 from weights_helpers import Server, write_keras2_h5
@@ -78,8 +78,20 @@ def test_batching_does_not_change_results(weights_file, images):
         assert np.allclose([t["probability"] for t in a.top], [t["probability"] for t in b.top], atol=1e-5)
 
 
-def test_checkpoint_metadata_drives_resolution_normalization_and_labels(tmp_path, images):
-    model = mobilenets.mobilenet_v1(0.25, num_classes=3)
+def trained_like(weights_file, num_classes):
+    """A model whose outputs depend on its input: the helper file's body (a fresh init gives near-uniform
+    probabilities whatever the preprocessing), a fresh head of ``num_classes``."""
+    torch.manual_seed(0)  # the head's initialisation
+    model = mobilenets.mobilenet_v1(0.25, num_classes=num_classes, padding="tf_same")
+    body = {k: v for k, v in mobilenets.load(weights_file).state_dict().items() if not k.startswith("classifier")}
+    model.load_state_dict(body, strict=False)
+    with torch.no_grad():
+        model.classifier.weight.mul_(3)  # confident but not saturated answers
+    return model.eval()
+
+
+def test_checkpoint_metadata_drives_resolution_normalization_and_labels(tmp_path, images, weights_file):
+    model = trained_like(weights_file, 3)
     labels = ["cat", "dog", "fish"]
     checkpoint.save({"format": "mobilenets", "version": 1, "config": model.config.to_dict(),
                      "state_dict": model.state_dict(),
@@ -90,7 +102,19 @@ def test_checkpoint_metadata_drives_resolution_normalization_and_labels(tmp_path
     assert len(r.top) == 3  # top-k is clipped to the number of classes
     p = expected_probabilities(loaded, images / "rgb.jpg", 80, IMAGENET)
     assert np.allclose([t["probability"] for t in r.top], p.sort(descending=True).values.tolist(), atol=1e-6)
+    # the preprocessing matters to this model: another normalisation gives answers 100x beyond the tolerance
+    assert (expected_probabilities(loaded, images / "rgb.jpg", 80, INCEPTION) - p).abs().max() > 1e-4
     assert {t["label"] for t in r.top} == set(labels)
+
+
+def test_a_model_without_metadata_uses_224_px_and_x_over_127_5_minus_1(images, weights_file):
+    """A model that lost its meta (empty): predict falls back to the official weights' preprocessing."""
+    model = trained_like(weights_file, 4)
+    model.meta = {}
+    [r] = predict(model, [images / "rgb.jpg"], topk=4)
+    p = expected_probabilities(model, images / "rgb.jpg", 224, Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    assert np.allclose([t["probability"] for t in r.top], p.sort(descending=True).values.tolist(), atol=1e-6)
+    assert (expected_probabilities(model, images / "rgb.jpg", 224, IMAGENET) - p).abs().max() > 1e-4
 
 
 def test_no_top_weights_cannot_classify(tmp_path, images):

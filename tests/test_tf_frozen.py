@@ -160,6 +160,13 @@ def test_crafted_graph_alpha_resolution_epsilon_from_the_graph(crafted):
     pw = ref["const:MobilenetV1/Conv2d_5_pointwise/weights"]  # H, W, I, O -> O, I, H, W
     np.testing.assert_array_equal(sd["features.5.pointwise.conv.weight"].numpy(), pw.transpose(3, 2, 0, 1))
     assert torch.equal(sd["features.3.depthwise.bn.weight"], torch.ones(64))  # scale=False: gamma is 1
+    # without keep_background the head loses TF's class 0 ("background"): ImageNet class k is TF's k + 1
+    dropped = from_tf_frozen(crafted / "mobilenet_050.pb")
+    head_w = ref["const:MobilenetV1/Logits/Conv2d_1c_1x1/weights"][0, 0]  # (C, 1001)
+    head_b = ref["const:MobilenetV1/Logits/Conv2d_1c_1x1/biases"]
+    assert dropped.config.num_classes == 1000 and len(dropped.meta["labels"]) == 1000
+    np.testing.assert_array_equal(dropped.state_dict["classifier.weight"].numpy(), head_w[:, 1:].T)
+    np.testing.assert_array_equal(dropped.state_dict["classifier.bias"].numpy(), head_b[1:])
     ours = logits(converted.model(), torch.from_numpy(ref["x"]).permute(0, 3, 1, 2))
     rel = relative_difference(ours, ref["y"])
     print(f"\ncrafted alpha 0.5, 160 px, eps 1e-5: max|ours - TF|/max|TF| = {rel:.2e}")

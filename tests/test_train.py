@@ -103,12 +103,35 @@ def test_rmsprop_tf_matches_timm_rmsproptf():
         for p, q in zip(ours, theirs):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(ours[0], start[0])
-    # and it is not PyTorch's RMSprop, which differs exactly where TF's eps = 1.0 matters
-    c = [p.clone().requires_grad_() for p in start]
-    torch_opt = torch.optim.RMSprop(c, lr=0.045, alpha=0.9, momentum=0.9, eps=1.0)
-    c[0].grad = torch.ones_like(c[0])
-    torch_opt.step()
-    assert not torch.allclose(c[0], start[0] - 0.045 / (0.1 + 1.0) ** 0.5)
+
+
+def test_rmsprop_tf_is_tf_update_formula():
+    """Ours against tf.train.RMSPropOptimizer's update written out in numpy (float64), step by step.
+
+    TF: ms starts at 1; ms = decay*ms + (1-decay)*g^2; mom = momentum*mom + lr*g/sqrt(ms + eps); w -= mom,
+    with g including TF-slim's L2 term weight_decay * w.  PyTorch's RMSprop (ms from 0, eps outside the
+    root, lr outside the buffer) fails this at the first step.
+    """
+    import numpy as np
+
+    lr, decay, momentum, eps, wd = 0.045, 0.9, 0.9, 1.0, 4e-5
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((5, 3))
+    param = torch.tensor(w0, dtype=torch.float64, requires_grad=True)
+    opt = train.RMSpropTF([param], lr=lr, decay=decay, momentum=momentum, eps=eps, weight_decay=wd)
+    w, ms, mom = w0.copy(), np.ones_like(w0), np.zeros_like(w0)
+    for step in range(6):
+        g = rng.standard_normal(w0.shape) * 3
+        rate = lr * (0.94 if step >= 3 else 1.0)  # a new lr mid-run scales only the new term of the buffer
+        opt.param_groups[0]["lr"] = rate
+        param.grad = torch.tensor(g)
+        opt.step()
+        g = g + wd * w
+        ms = decay * ms + (1 - decay) * g * g
+        mom = momentum * mom + rate * g / np.sqrt(ms + eps)
+        w = w - mom
+        np.testing.assert_allclose(param.detach().numpy(), w, rtol=1e-12, atol=1e-12)
+    assert np.abs(w - w0).max() > 0.1  # the steps were not negligible
 
 
 def test_no_weight_decay_on_depthwise_bn_or_bias():
@@ -714,6 +737,14 @@ def test_json_output_is_never_bare_nan():
 
 
 SIGINT_IN_EPOCH_1 = SIGTERM_IN_EPOCH_2.replace("calls[0] == 19", "calls[0] == 3").replace("SIGTERM)", "SIGINT)")
+
+
+def test_sync_bn_is_refused_on_cpu_before_any_work(tmp_path, dataset):
+    """The library's side of the README's claim (the CLI's is in test_bad_flags_are_one_line_errors); a tiny
+    run, so that a build that wrongly accepts sync_bn fails this test in seconds instead of training for long."""
+    with pytest.raises(train.ConfigError, match="sync_bn needs GPUs"):
+        train.train(tiny(tmp_path / "run", dataset, epochs=1, sync_bn=True, device="cpu"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_ctrl_c_saves_and_exits_130(tmp_path, dataset):

@@ -72,7 +72,10 @@ def test_keras_weights_land_where_the_layout_says(keras_file):
         pw = np.asarray(f["conv_pw_5"]["conv_pw_5/kernel:0"])
         var = np.asarray(f["conv_pw_5_bn"]["conv_pw_5_bn/moving_variance:0"])
         head = np.asarray(f["conv_preds"]["conv_preds/kernel:0"])
+        stem = np.asarray(f["conv1"]["conv1/kernel:0"])
     sd = c.state_dict
+    # the 3x3 stem in full: HWIO (kh, kw, in, out) -> OIHW, kh stays the row axis
+    np.testing.assert_array_equal(sd["features.0.conv.weight"].numpy(), stem.transpose(3, 2, 0, 1))
     np.testing.assert_array_equal(sd["features.5.depthwise.conv.weight"][7, 0].numpy(), dw[:, :, 7, 0])
     np.testing.assert_array_equal(sd["features.5.pointwise.conv.weight"][3, 9, 0, 0].numpy(), pw[0, 0, 9, 3])
     np.testing.assert_array_equal(sd["features.5.pointwise.bn.running_var"].numpy(), var)
@@ -342,6 +345,21 @@ def test_pretrained_detects_a_changed_download(server, tmp_path, monkeypatch):
     write_keras2_h5(cache / "mobilenet_2_5_160_tf.h5", 0.25, seed=2)
     with pytest.raises(WeightsError, match="first download had"):
         weights.pretrained(0.25, 160, progress=False)
+
+
+def test_a_pinned_sha256_is_checked_and_nothing_is_recorded(tmp_path):
+    """A registry entry that pins a digest: the file must have exactly it (hashlib's, computed here)."""
+    import hashlib
+
+    from mobilenets.weights import download
+
+    path = write_keras2_h5(tmp_path / "mobilenet_2_5_128_tf.h5", 0.25)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert download.verify_sha256(path, pinned=digest) == digest
+    wrong = digest[::-1]
+    with pytest.raises(WeightsError, match=f"released file has {wrong[:12]}"):
+        download.verify_sha256(path, pinned=wrong)
+    assert not (tmp_path / download.RECORD).exists()  # a pinned digest needs no first-use record
 
 
 def test_pretrained_rejects_what_is_not_hdf5_and_keeps_nothing(server, tmp_path, monkeypatch):

@@ -15,14 +15,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mobilenets.architecture import depth
-
-WIDTHS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
+# Channel widths of Table 1's 14 rows in the released Keras files (keras.applications' MobileNet), written
+# out rather than computed with mobilenets.architecture.depth, the code these files test.
+KERAS_WIDTHS = {
+    1.0: (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024),
+    0.75: (24, 48, 96, 96, 192, 192, 384, 384, 384, 384, 384, 384, 768, 768),
+    0.5: (16, 32, 64, 64, 128, 128, 256, 256, 256, 256, 256, 256, 512, 512),
+    0.25: (8, 16, 32, 32, 64, 64, 128, 128, 128, 128, 128, 128, 256, 256),
+}
 
 
 def keras_layers(alpha: float, include_top: bool = True, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    c = [depth(w, alpha) for w in WIDTHS]
+    c = KERAS_WIDTHS[alpha]
 
     def bn(n):
         return {"gamma": rng.uniform(0.5, 1.5, n), "beta": rng.normal(0, 0.2, n),
