@@ -157,8 +157,10 @@ def test_real_weights_int8_keeps_the_float_answers(tmp_path):
     x = real_data.inception_input(real_data.heldout_crops(96))
     with torch.no_grad():
         reference = torch.cat([model(b) for b in x.split(32)])
-    plain = deploy.compile(model, "int8", calibration=calib, batch_size=32, backend="onnxruntime")
+    plain = deploy.compile(model, "int8", calibration=calib, batch_size=32, backend="onnxruntime", int8="plain")
     plain_logits = torch.cat([plain(b) for b in x.split(32)])
+    default = deploy.compile(model, "int8", calibration=calib, batch_size=32, backend="openvino")  # prepared
+    default_logits = torch.cat([default(b) for b in x.split(32)])
 
     ready = quantize.prepare_int8(model, calib)
     path = quantize.to_qdq_onnx(ready, tmp_path / "int8.onnx")
@@ -172,6 +174,9 @@ def test_real_weights_int8_keeps_the_float_answers(tmp_path):
     assert our_scores[0] >= plain_scores[0] + 0.1, (our_scores, plain_scores)
     assert our_scores[1] <= plain_scores[1] / 5, (our_scores, plain_scores)
     assert our_scores[0] >= 0.85 and our_scores[1] <= 0.035, our_scores
+    # deploy.compile's default int8 is this pipeline, on OpenVINO too
+    default_scores = agreement(reference, default_logits), kl(reference, default_logits)
+    assert default_scores[0] >= 0.85 and default_scores[1] <= 0.035, default_scores
 
 
 def test_cli_quantize_writes_int8_ready_weights(small, tmp_path, capsys):

@@ -125,7 +125,12 @@ def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: b
             log(f"fine-tuning raised the int8 model's mean KL on the calibration images from {before:.4f} to "
                 f"{after:.4f}; keeping the post-training weights")
     resolution = int(batches[0].shape[-1])
-    return Int8Ready(folded, ranges, scales, resolution, report)
+    ready = Int8Ready(folded, ranges, scales, resolution, report)
+    # the weights as a file stores and reloads them (equalization undone, then redone): the same float
+    # rounding in memory as after save/load, so a saved int8-ready model runs bit for bit like this one
+    canonical = from_model(to_model(ready, model))
+    canonical.report = report
+    return canonical
 
 
 def _divergence(folded: FoldedMobileNet, ranges: dict, teacher: FoldedMobileNet, batches) -> float:
