@@ -136,3 +136,20 @@ def test_cli_starts_without_torch_and_waits_passively():
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "PASSIVE"
+
+
+def test_int8_export_warns_when_it_loses_answers(tmp_path, capsys, monkeypatch):
+    # the warning's logic, with parity forced low: still written, exit 0, one warning line on stderr
+    from mobilenets import deploy
+
+    real = deploy.parity
+
+    def low(reference, logits, labels=None):
+        return {**real(reference, logits, labels), "top1_agreement": 0.5}
+
+    monkeypatch.setattr(deploy, "parity", low)
+    code = main(["export", "--alpha", "0.25", "--resolution", "32", "--calib-images", "8", "--precision", "int8",
+                 "--out", str(tmp_path / "m.onnx")])
+    out, err = capsys.readouterr()
+    assert code == 0 and (tmp_path / "m.onnx").is_file()
+    assert "keeps only 50.0% of the float model's top-1 answers" in err and err.count("\n") == 1

@@ -326,6 +326,9 @@ def _add_weights_arguments(p) -> None:
     p.add_argument("--resolution", type=resolution, help="input size (default: the weights', else 224)")
 
 
+INT8_AGREEMENT_WARNING = 0.95
+
+
 def run_export(args) -> int:
     import torch
 
@@ -343,6 +346,12 @@ def run_export(args) -> int:
         reference = model.eval()(x)
     report = {"path": str(path), "format": fmt, "precision": args.precision, "resolution": res,
               **deploy.parity(reference, run(x), y)}
+    if args.precision == "int8" and report["top1_agreement"] < INT8_AGREEMENT_WARNING:
+        # still written (exit 0): the user decides, but must not mistake it for the float model
+        print(f"mobilenets: warning: the int8 file keeps only {100 * report['top1_agreement']:.1f}% of the float "
+              f"model's top-1 answers on the {report['images']} calibration images (under "
+              f"{100 * INT8_AGREEMENT_WARNING:.0f}%); calibrate on more images like your inputs (--calib-data), or "
+              f"prepare the weights with 'mobilenets quantize'", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
         return 0
