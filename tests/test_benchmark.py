@@ -136,22 +136,33 @@ def test_benchmark_command_times_ours_and_the_peers(capsys, tmp_path):
     assert "mobilenets torch" in out and "matmul floor" in out and (tmp_path / "b.png").is_file()
 
 
-def test_benchmark_leaves_no_temporary_files(tmp_path, monkeypatch):
-    """Ours and the ONNX Runtime / OpenVINO peers are built in temporary folders that must be gone afterwards."""
-    import tempfile
+def test_benchmark_leaves_no_temporary_files(tmp_path):
+    """Ours and the ONNX Runtime / OpenVINO peers are built in temporary folders that must be gone afterwards.
+
+    In a child process whose TMPDIR is a fresh folder: redirecting this process's temp folder to one deleted
+    afterwards leaves runtimes with paths into it (see tests/test_deploy.py's temp checks)."""
+    import json
+    import os
+    import subprocess
+    import sys
 
     folder = tmp_path / "tmpdir"
     folder.mkdir()
-    monkeypatch.setenv("TMPDIR", str(folder))
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))  # gettempdir() caches its first answer
-    model = benchmark.make_model(0.25, steps=0)
-    result = benchmark.benchmark(model, resolution=32, batch_sizes=(2,), precisions=("fp32", "int8"),
-                                 backends=("onnxruntime",), rounds=1, min_time=0.01, warmup=1, floor_size=64)
-    names = {(r["name"], r["precision"]) for r in result["rows"]}
+    script = (
+        "import json, warnings; warnings.simplefilter('ignore'); from mobilenets import benchmark; "
+        "model = benchmark.make_model(0.25, steps=0); "
+        "result = benchmark.benchmark(model, resolution=32, batch_sizes=(2,), precisions=('fp32', 'int8'), "
+        "backends=('onnxruntime',), rounds=1, min_time=0.01, warmup=1, floor_size=64); "
+        "print(json.dumps([[r['name'], r['precision'], r['mean_kl']] for r in result['rows']]))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "TMPDIR": str(folder), "MOBILENETS_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    names = {(name, precision) for name, precision, _ in rows}
     assert {("openvino", "fp32"), ("openvino", "int8"), ("mobilenets onnxruntime", "int8")} <= names
     # Inductor's compile cache (torchinductor_<user>) and ONNX Runtime's session id (.ses) are theirs, kept on purpose
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("torchinductor_") and p.name != ".ses") == []
-    assert all(r["mean_kl"] >= 0 for r in result["rows"])
+    assert all(kl >= 0 for _, _, kl in rows)
 
 
 def test_benchmark_command_refuses_unknown_choices(capsys):
