@@ -36,8 +36,9 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/mobilenets train $(DEMO_TRAIN) --out $(OUT)/digits
 	$(VENV)/bin/mobilenets evaluate --checkpoint $(OUT)/digits/last.pt
 
+# One pytest process per test file (tests/run_files.py says why); the last line sums the whole suite.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	$(PY) tests/run_files.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

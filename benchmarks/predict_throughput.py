@@ -11,8 +11,8 @@ own initialisation (speed does not depend on the values).
 
 Every candidate runs in a fresh process, in interleaved rounds (each round runs
 every candidate once on each folder), so a neighbour's load falls on all alike.
-Reported per candidate: setup (import, model build, compile), the images/s
-from the first answer to the last, and peak memory (max RSS).  Candidates:
+Reported per candidate: setup (import, model build, compile), the steady images/s
+(from the answer to the first quarter of the files to the last), end-to-end images/s, and peak memory.  Candidates:
 
 - timm: create_model + resolve_data_config/create_transform + torchvision
   ImageFolder + DataLoader (2 workers), channels_last, inference_mode.
@@ -89,12 +89,14 @@ model = timm.create_model("mobilenetv1_100", pretrained=False).eval().to(memory_
 transform = create_transform(**resolve_data_config({}, model=model))
 loader = torch.utils.data.DataLoader(ImageFolder(FOLDER, transform), batch_size=32, num_workers=2)
 setup = time.perf_counter() - t0
-n, first = 0, None
+n, first, mark, marked = 0, None, None, 0
 with torch.inference_mode():
     for x, _ in loader:
         labels = model(x.contiguous(memory_format=torch.channels_last)).argmax(1)
         first = first or time.perf_counter()
         n += len(labels)
+        if n >= K and mark is None:
+            mark, marked = time.perf_counter(), n
 """,
     "keras": """
 import os, time, json, resource
@@ -106,11 +108,13 @@ ds = keras.utils.image_dataset_from_directory(FOLDER, labels=None, image_size=(2
                                               shuffle=False, verbose=False)
 ds = ds.map(keras.applications.mobilenet.preprocess_input)
 setup = time.perf_counter() - t0
-n, first = 0, None
+n, first, mark, marked = 0, None, None, 0
 for x in ds:
     labels = model.predict_on_batch(x).argmax(1)
     first = first or time.perf_counter()
     n += len(labels)
+    if n >= K and mark is None:
+        mark, marked = time.perf_counter(), n
 """,
     "mobilenets fp32": """
 import time, json, resource, mobilenets
@@ -118,12 +122,14 @@ from mobilenets.predict import predict
 t0 = time.perf_counter()
 model = mobilenets.load(WEIGHTS)
 results = predict(model, FOLDER, topk=1)
-n, first = 0, None
+n, first, mark, marked = 0, None, None, 0
 for r in results:
     if first is None:
         first = time.perf_counter()
         setup = first - t0  # the first answer includes compiling: count it as setup
     n += 1
+    if n >= K and mark is None:
+        mark, marked = time.perf_counter(), n
 """,
     "mobilenets int8": """
 import time, json, resource, mobilenets
@@ -131,24 +137,30 @@ from mobilenets.predict import predict
 t0 = time.perf_counter()
 model = mobilenets.load(WEIGHTS)
 results = predict(model, FOLDER, topk=1, precision="int8", calibration=CALIB)
-n, first = 0, None
+n, first, mark, marked = 0, None, None, 0
 for r in results:
     if first is None:
         first = time.perf_counter()
         setup = first - t0
     n += 1
+    if n >= K and mark is None:
+        mark, marked = time.perf_counter(), n
 """,
 }
 FOOTER = """
 end = time.perf_counter()
-print("RESULT " + json.dumps({"setup_s": setup, "images": n, "run_s": end - first,
+print("RESULT " + json.dumps({"setup_s": setup, "images": n, "run_s": end - first, "total_s": end - t0,
+                               "steady_images": n - marked, "steady_s": end - mark,
                                "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                "children_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
 
 def run_candidate(name: str, folder: Path, weights: Path, calib: Path) -> dict:
-    script = f"FOLDER = {str(folder)!r}\nWEIGHTS = {str(weights)!r}\nCALIB = {str(calib)!r}\n"
+    count = len(list((folder / "photos").glob("*.jpg")))
+    # steady rate: from the answer to the first quarter of the images to the last, past every prefetch window
+    script = (f"FOLDER = {str(folder)!r}\nWEIGHTS = {str(weights)!r}\nCALIB = {str(calib)!r}\n"
+              f"K = {count // 4}\n")
     script += textwrap.dedent(RUNNERS[name]) + FOOTER
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_WAIT_POLICY": "PASSIVE", "TF_CPP_MIN_LOG_LEVEL": "3",
            "PYTHONWARNINGS": "ignore"}
@@ -157,8 +169,8 @@ def run_candidate(name: str, folder: Path, weights: Path, calib: Path) -> dict:
     if done.returncode or not lines:
         return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
     r = json.loads(lines[-1][7:])
-    # images/s over the steady stream: (n - first batch) / time after the first answer
-    r["images_per_s"] = (r["images"] - 1) / r["run_s"] if r["run_s"] > 0 else float("nan")
+    r["images_per_s"] = r["steady_images"] / r["steady_s"] if r["steady_s"] > 0 else float("nan")
+    r["end_to_end_images_per_s"] = r["images"] / r["total_s"]
     return r
 
 
@@ -216,7 +228,8 @@ def main() -> int:
                 rows[c] = {"error": runs[fname][c][-1]["error"]}
                 continue
             rows[c] = {k: statistics.median(r[k] for r in ok)
-                       for k in ("images_per_s", "setup_s", "maxrss_mb", "children_maxrss_mb")}
+                       for k in ("images_per_s", "end_to_end_images_per_s", "setup_s", "maxrss_mb",
+                                 "children_maxrss_mb")}
         peers = [rows[p]["images_per_s"] for p in ("timm", "keras") if p in rows and "error" not in rows[p]]
         for c in rows:
             if peers and "error" not in rows[c]:
@@ -234,15 +247,18 @@ def main() -> int:
              f"CPU: {result['cpu']} ({result['cores']} cores); load average before {before[0]:.2f}, "
              f"after {result['loadavg_after'][0]:.2f}. Medians of {args.rounds} interleaved rounds; "
              f"each candidate in a fresh process.", "",
-             "| folder | candidate | images/s | vs faster peer | setup s | peak RSS MB (main / workers) |",
-             "|---|---|---|---|---|---|"]
+             "images/s: steady rate, from the answer to the first quarter of the files to the last; end to end: all "
+             "files over the whole run, setup (imports, model build, compiling) included.", "",
+             "| folder | candidate | images/s | vs faster peer | end to end images/s | setup s | peak RSS MB (main / workers) |",
+             "|---|---|---|---|---|---|---|"]
     for fname, rows in summary.items():
         for c, r in rows.items():
             if "error" in r:
-                lines.append(f"| {fname} | {c} | failed: {r['error']} | | | |")
+                lines.append(f"| {fname} | {c} | failed: {r['error']} | | | | |")
                 continue
             ratio = f"{r['vs_faster_peer']:.2f}x" if "vs_faster_peer" in r else ""
-            lines.append(f"| {fname} | {c} | {r['images_per_s']:.1f} | {ratio} | {r['setup_s']:.1f} | "
+            lines.append(f"| {fname} | {c} | {r['images_per_s']:.1f} | {ratio} | {r['end_to_end_images_per_s']:.1f} | "
+                         f"{r['setup_s']:.1f} | "
                          f"{r['maxrss_mb']:.0f} / {r['children_maxrss_mb']:.0f} |")
     if "draft" in result:
         lines += ["", "JPEG draft decoding vs exact decoding, top-1 agreement of predict (real weights):", ""]

@@ -66,7 +66,7 @@ def load_rgb(path: str | Path, *, min_side: int | Callable[[int, int], int] | No
             if min_side and im.format == "JPEG":
                 w, h = im.size
                 needed = min_side(w, h) if callable(min_side) else min_side
-                scale = needed / min(w, h)
+                scale = needed / min(w, h) if needed else 1.0
                 if scale < 1:  # draft never goes below the size asked for
                     im.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
             im.load()  # decode now: a truncated file must fail here, not later in a worker

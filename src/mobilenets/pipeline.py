@@ -78,7 +78,7 @@ def _collate(items) -> Batch:
 
 def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
             normalization: Normalization = INCEPTION, batch_size: int = 32, workers: int | None = None,
-            draft: bool = True) -> Iterator[Batch]:
+            draft: bool = False) -> Iterator[Batch]:
     """Preprocessed batches of ``sources`` (image files or PIL images), in order.
 
     ``workers``: decoding processes (default :func:`default_workers`; 0
