@@ -483,7 +483,8 @@ def test_onnx_int8_has_qdq_around_every_convolution(model, calibration, tmp_path
                                         resolution=RES))).graph
     producer = {out: node for node in graph.node for out in node.output}
     convs = [node for node in graph.node if node.op_type == "Conv"]
-    assert len(convs) == 27  # 1 stem + 13 x (depthwise + pointwise)
+    # 1 stem + 13 x (depthwise + pointwise) + the classifier, which our QDQ graph runs as a quantized 1x1 conv
+    assert len(convs) == 28
     for conv in convs:  # activation and weight both come out of a DequantizeLinear fed by a QuantizeLinear
         for name in conv.input[:2]:
             dq = producer.get(name)
@@ -497,7 +498,7 @@ def test_openvino_int8_runs_int8_convolutions(model, calibration, tmp_path):
     ir = ov.Core().read_model(str(deploy.export(model, tmp_path / "m.xml", precision="int8", calibration=calibration,
                                                 resolution=RES)))
     convs = [op for op in ir.get_ops() if op.get_type_name() in ("Convolution", "GroupConvolution")]
-    assert len(convs) == 27
+    assert len(convs) == 28  # 27 + the classifier as a 1x1 conv (our QDQ graph)
     for conv in convs:
         assert conv.input_value(0).get_node().get_type_name() == "FakeQuantize", conv.get_friendly_name()
     # what the CPU plugin actually runs: every convolution in u8/i8, not f32
