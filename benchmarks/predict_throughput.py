@@ -185,6 +185,35 @@ def draft_agreement(folder: Path, weights: Path) -> dict:
     return {"images": len(exact), "top1_agreement": same / len(exact)}
 
 
+def plot(result: dict, path: Path) -> Path:
+    """Steady and end-to-end images/s per candidate, one panel per folder, each on its own linear scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folders = list(result["summary"])
+    fig, axes = plt.subplots(1, len(folders), figsize=(6 * len(folders), 4.0), squeeze=False)
+    for ax, fname in zip(axes[0], folders):
+        rows = {c: r for c, r in result["summary"][fname].items() if "error" not in r}
+        names = list(rows)
+        y = range(len(names))
+        ax.barh([i + 0.2 for i in y], [rows[c]["images_per_s"] for c in names], height=0.4, label="steady")
+        ax.barh([i - 0.2 for i in y], [rows[c]["end_to_end_images_per_s"] for c in names], height=0.4,
+                label="end to end (setup included)")
+        ax.set_yticks(list(y), names)
+        ax.invert_yaxis()
+        ax.set_xlabel("images / s")
+        ax.set_title(fname)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"Image files to labels, MobileNet v1 1.0-224, {result['cpu']} ({result['cores']} cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=1000)
@@ -194,7 +223,11 @@ def main() -> int:
     ap.add_argument("--draft-check", action="store_true")
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "mobilenets-predict-bench"))
     ap.add_argument("--name", default="predict_throughput")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON of --name")
     args = ap.parse_args()
+    if args.plot_only:
+        print(plot(json.loads((RESULTS / f"{args.name}.json").read_text()), RESULTS / f"{args.name}.png"))
+        return 0
     import real_data
     from mobilenets import weights as weights_module
 
@@ -264,6 +297,7 @@ def main() -> int:
         lines += ["", "JPEG draft decoding vs exact decoding, top-1 agreement of predict (real weights):", ""]
         lines += [f"- {f}: {d['top1_agreement']:.2%} of {d['images']} images" for f, d in result["draft"].items()]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    plot(result, RESULTS / f"{args.name}.png")
     print("\n".join(lines))
     return 0
 
