@@ -24,7 +24,7 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from mobilenets import benchmark  # noqa: E402
+from mobilenets import benchmark, pick  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--name", default="inference")
     ap.add_argument("--omp-default", action="store_true", help="leave OMP_WAIT_POLICY unset (OpenMP's default)")
     args = ap.parse_args()
-    benchmark._quiet()
+    benchmark.quiet()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     command = "flock /tmp/mobilenets-bench.lock .venv/bin/python " + " ".join(["benchmarks/inference.py", *sys.argv[1:]])
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -73,10 +73,10 @@ def main() -> int:
     if args.grid:
         for precision in args.grid_precisions.split(","):
             before = uptime()
-            g = benchmark.grid(precision=precision, batch_size=1, backend="auto", log=log)
+            g = pick.grid(precision=precision, batch_size=1, backend="auto", log=log)
             g["command"], g["uptime_before"], g["uptime_after"] = command, before, uptime()
             (RESULTS / f"grid-{precision}.json").write_text(json.dumps(g, indent=1))
-            benchmark.plot_grid(g, RESULTS / f"grid-{precision}.png")
+            pick.plot_grid(g, RESULTS / f"grid-{precision}.png")
     return 0
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mobilenets import benchmark, checkpoint, cli, deploy, mobilenet_v1
+from mobilenets import benchmark, checkpoint, cli, deploy, mobilenet_v1, pick
 from mobilenets.weights import registry
 
 
@@ -76,33 +76,33 @@ def _grid(precision="fp32", latencies=None):
 
 def test_pick_takes_the_most_accurate_model_within_budget():
     g = _grid()  # latency proportional to mult-adds: 1.0-224 takes 5.69 ms, 0.75-224 3.25 ms
-    r = benchmark.pick(4.0, g)
+    r = pick.pick(4.0, g)
     fits = [row for row in g["rows"] if row["median_ms"] <= 4.0]
     assert r["choice"]["model"] == max(fits, key=lambda row: row["top1"])["model"] == "0.75-224"
-    assert benchmark.pick(100.0, g)["choice"]["model"] == "1.0-224"
-    none = benchmark.pick(0.01, g)
+    assert pick.pick(100.0, g)["choice"]["model"] == "1.0-224"
+    none = pick.pick(0.01, g)
     assert none["choice"] is None and none["fastest"]["model"] == "0.25-128"
 
 
 def test_pick_uses_the_int8_column_at_int8():
     g = _grid("int8")
-    r = benchmark.pick(100.0, g)
+    r = pick.pick(100.0, g)
     assert r["accuracy_column"] == "top1_int8" and r["choice"]["accuracy"] == 69.7
 
 
 def test_pareto_marks_dominated_models():
     g = _grid(latencies={(0.5, 224): 0.1})  # 0.5-224 made fastest: it now dominates the small slow models
-    table = {r["model"]: r for r in benchmark.pareto(g["rows"], "top1")}
+    table = {r["model"]: r for r in pick.pareto(g["rows"], "top1")}
     assert table["0.5-224"]["pareto"] and not table["0.25-224"]["pareto"] and not table["0.5-128"]["pareto"]
     assert table["1.0-224"]["pareto"]
 
 
 def test_grid_times_models_and_plots(tmp_path):
-    g = benchmark.grid(backend="onnxruntime", alphas=(0.25,), resolutions=(128, 160), rounds=1, min_time=0.01)
+    g = pick.grid(backend="onnxruntime", alphas=(0.25,), resolutions=(128, 160), rounds=1, min_time=0.01)
     assert [r["model"] for r in g["rows"]] == ["0.25-128", "0.25-160"]
     assert [r["top1"] for r in g["rows"]] == [41.5, 45.5]
     assert all(r["median_ms"] > 0 and r["backend"] == "onnxruntime" for r in g["rows"])
-    assert benchmark.plot_grid(g, tmp_path / "g.png").stat().st_size > 1000
+    assert pick.plot_grid(g, tmp_path / "g.png").stat().st_size > 1000
 
 
 def run_cli(capsys, *argv):
@@ -215,7 +215,7 @@ def test_export_command_errors_are_one_line(capsys, tmp_path):
 
 
 def test_pick_command_reuses_the_cached_grid(capsys, tmp_path, cache):
-    path = benchmark.grid_cache_path("fp32", 1, "auto")
+    path = pick.grid_cache_path("fp32", 1, "auto")
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(_grid()))
     png = tmp_path / "pick.png"

@@ -407,20 +407,20 @@ def _csv(kind, choices=None, ok=None, allowed=""):
 def run_benchmark(args) -> int:
     from pathlib import Path
 
-    from . import benchmark
+    from . import benchmark, pick
 
     benchmark.check_arguments(batch_sizes=args.batch_size, floor_size=args.floor_size, rounds=args.rounds,
                               min_time=args.min_time)  # before a model is fitted or loaded
-    benchmark._quiet()
+    benchmark.quiet()
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
     if args.grid:
         # measured afresh, and cached where `mobilenets pick` looks for it
-        data, cache, _ = benchmark.cached_grid(precision=args.precision[0], batch_size=args.batch_size[0],
+        data, cache, _ = pick.cached_grid(precision=args.precision[0], batch_size=args.batch_size[0],
                                                backend=args.backend[0], remeasure=True, rounds=args.rounds,
                                                min_time=args.min_time, log=log)
         print(f"cached for 'mobilenets pick' in {cache}", file=sys.stderr)
         if args.plot:
-            print(f"wrote {benchmark.plot_grid(data, Path(args.plot))}", file=sys.stderr)
+            print(f"wrote {pick.plot_grid(data, Path(args.plot))}", file=sys.stderr)
         if args.json:
             Path(args.json).write_text(json.dumps(data, indent=1)) if args.json != "-" else print(json.dumps(data))
         for r in data["rows"]:
@@ -472,20 +472,20 @@ def add_benchmark(sub) -> None:
 def run_pick(args) -> int:
     from pathlib import Path
 
-    from . import benchmark
+    from . import benchmark, pick
 
-    benchmark._quiet()
+    benchmark.quiet()
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
-    data, cache, cached = benchmark.cached_grid(precision=args.precision, batch_size=args.batch, backend=args.backend,
+    data, cache, cached = pick.cached_grid(precision=args.precision, batch_size=args.batch, backend=args.backend,
                                                 remeasure=args.remeasure, log=log)
-    result = benchmark.pick(args.latency_ms, data)
-    plot = benchmark.plot_pick(result, data, Path(args.plot))
+    result = pick.pick(args.latency_ms, data)
+    plot = pick.plot_pick(result, data, Path(args.plot))
     if args.json:
         print(json.dumps({**result, "grid": str(cache), "cached": cached, "plot": str(plot)}))
         return 0
     source = f"cached grid {cache}" if cached else f"measured now, cached in {cache}"
     print(f"{args.precision}, batch {args.batch}, backend {args.backend} ({source})")
-    print(benchmark.format_pick(result))
+    print(pick.format_pick(result))
     c = result["choice"]
     if c:
         print(f"pick: {c['model']} (alpha {c['alpha']:g}, resolution {c['resolution']}): {c['median_ms']:.2f} ms "
