@@ -26,6 +26,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from .. import pipeline
+
 # Seconds of one core per forward mult-add of a training step (forward, backward, update), measured with
 # `mobilenets train` on one thread for MobileNet 0.5-48 (7.5M mult-adds, ~1.6 ms an image) and 1.0-224
 # (568M, ~140 ms an image): both within 15% of this figure, so it serves for every width and resolution.
@@ -57,10 +59,7 @@ class Resources:
 def cores() -> int:
     """Cores this process may use: its affinity mask (what taskset, cgroups and schedulers grant), shared by
     the ranks torchrun starts on this machine."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        available = os.cpu_count() or 1
+    available = pipeline.cpu_count()
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, available // max(1, local_ranks))
 
