@@ -159,9 +159,6 @@ def test_real_weights_int8_keeps_the_float_answers(tmp_path):
         reference = torch.cat([model(b) for b in x.split(32)])
     plain = deploy.compile(model, "int8", calibration=calib, batch_size=32, backend="onnxruntime", int8="plain")
     plain_logits = torch.cat([plain(b) for b in x.split(32)])
-    default = deploy.compile(model, "int8", calibration=calib, batch_size=32, backend="openvino")  # prepared
-    default_logits = torch.cat([default(b) for b in x.split(32)])
-
     ready = quantize.prepare_int8(model, calib)
     path = quantize.to_qdq_onnx(ready, tmp_path / "int8.onnx")
     ops = _ort_ops(path, tmp_path)
@@ -174,9 +171,14 @@ def test_real_weights_int8_keeps_the_float_answers(tmp_path):
     assert our_scores[0] >= plain_scores[0] + 0.1, (our_scores, plain_scores)
     assert our_scores[1] <= plain_scores[1] / 5, (our_scores, plain_scores)
     assert our_scores[0] >= 0.85 and our_scores[1] <= 0.035, our_scores
-    # deploy.compile's default int8 is this pipeline, on OpenVINO too
-    default_scores = agreement(reference, default_logits), kl(reference, default_logits)
-    assert default_scores[0] >= 0.85 and default_scores[1] <= 0.035, default_scores
+    # every other int8 backend runs the same int8-ready weights and ranges, from the saved file; the issue's
+    # bar is >= 85% / <= 0.035 nats (measured on these 96 crops: OpenVINO, PT2E, LiteRT 92-94%, 0.010-0.014)
+    loaded = load(quantize.save(ready, model, tmp_path / "ready.safetensors"))
+    for backend in ("openvino", "torch", "litert"):
+        run = deploy.compile(loaded, "int8", calibration=calib, batch_size=32, backend=backend)
+        logits = torch.cat([run(b) for b in x.split(32)])
+        scores = agreement(reference, logits), kl(reference, logits)
+        assert scores[0] >= 0.85 and scores[1] <= 0.035, (backend, scores)
 
 
 def test_cli_quantize_writes_int8_ready_weights(small, tmp_path, capsys):

@@ -22,7 +22,7 @@ from ..model import MobileNetV1
 from .backend import Run, check_precision, export_formats
 from .calibration import DEFAULT_RESOLUTION, calibration_batches
 from ..folding import fold_batchnorm
-from .prepare import folded_for, single_clip
+from .prepare import folded_for
 from .machine import DeployError
 
 DEFAULT_FORMAT = "onnx"
@@ -106,8 +106,6 @@ def export(model: MobileNetV1, path, format: str | None = None, *, precision: st
         folded = fold_batchnorm(model)
     else:
         folded = folded_for(model, precision, batches, int8=int8)
-        if "ranges" in spec.options:  # the tflite writer takes one clip per layer: bias correction, no equalization
-            folded = single_clip(folded)
     backend, _ = export_formats()[format]
     return backend.save(folded, path, format, precision, batches, resolution, **options)
 

@@ -10,7 +10,9 @@ model's top-1 answers (benchmarks/int8_fidelity.py).
 
 from __future__ import annotations
 
-from ..folding import FoldedMobileNet, fold_batchnorm
+import math
+
+from ..folding import FoldedConv, FoldedMobileNet, fold_batchnorm
 from ..model import MobileNetV1
 from .machine import DeployError
 
@@ -32,11 +34,25 @@ def folded_for(model: MobileNetV1, precision: str, batches, *, int8: str = "prep
 
 
 def single_clip(folded: FoldedMobileNet) -> FoldedMobileNet:
-    """An int8-ready graph with ReLU6's clip back at one value per layer (equalization undone, bias correction
-    kept), for runtimes that quantize by their own observers and fuse only a scalar clip (PT2E)."""
+    """An int8-ready graph with one ReLU6 clip per layer, for runtimes that fuse only a scalar clip (PT2E, LiteRT).
+
+    Equalization gives each channel its own clip, 6 s_i with s_i >= 1.  The scalar clip is the smallest of
+    them: the int8 graph is unchanged as long as each layer's activation range ends at or below it, and
+    calibration caps the int8-ready ranges there (an observer of this graph cannot see more either).
+    The result keeps ``int8_ready``.
+    """
     ready = getattr(folded, "int8_ready", None)
     if ready is None:
         return folded
-    from ..quantize import calibrate
+    from ..quantize import sim
 
-    return calibrate.unapply_scales(ready.folded, ready.scales)
+    layers = []
+    for i, layer in enumerate(ready.folded.features):
+        clamp = float(sim.clamp_of(layer, layer.conv.out_channels).min())
+        if ready.ranges[f"features.{i}"][1] > clamp * (1 + 1e-6):
+            raise DeployError(f"int8 range of layer {i} ({ready.ranges[f'features.{i}'][1]:.4g}) exceeds its "
+                              f"smallest ReLU6 clip ({clamp:.4g}); prepare the weights again (mobilenets quantize)")
+        layers.append(FoldedConv(layer.conv, layer.tf_pad, clamp if math.isfinite(clamp) else None))
+    out = FoldedMobileNet(layers, ready.folded.classifier).eval()
+    out.int8_ready = ready
+    return out

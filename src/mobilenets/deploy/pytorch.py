@@ -6,6 +6,7 @@ convolutions with the ReLU6 clamp fused as a post-op (bf16 uses AMX /
 avx512_bf16 where the CPU has them).  int8 is PT2E post-training
 quantization with ``X86InductorQuantizer``: per-channel symmetric int8
 weights, per-tensor uint8 activations observed on the calibration batches,
+of the int8-ready graph (:mod:`mobilenets.quantize`) unless ``int8="plain"``,
 lowered by Inductor to oneDNN int8 convolutions.  Files: TorchScript (.pt,
 float only) and ``torch.export`` programs (.pt2, int8 too).
 """
@@ -13,6 +14,7 @@ float only) and ``torch.export`` programs (.pt2, int8 too).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -24,28 +26,48 @@ from .prepare import single_clip
 from .backend import Backend, ExportFormat, Run, batch_dim
 from .calibration import as_input, example_input
 from ..folding import FoldedMobileNet
+from ..quantize import sim
 from .machine import DeployError
 
 
-def quantize_pt2e(folded: FoldedMobileNet, batches: list[torch.Tensor], *, dynamic_batch: bool = False) -> nn.Module:
-    """PT2E post-training int8 with X86InductorQuantizer: per-channel weights, activations observed on ``batches``."""
+def _pt2e():
+    """torchao's PT2E entry points (older PyTorch shipped them in torch.ao)."""
     try:
+        from torchao.quantization.pt2e import PerChannelMinMaxObserver
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
     except ImportError:
-        try:  # older PyTorch shipped PT2E in torch.ao
+        try:
+            from torch.ao.quantization.observer import PerChannelMinMaxObserver
             from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
-            from torch.ao.quantization.quantizer.x86_inductor_quantizer import (
-                X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+            from torch.ao.quantization.quantizer import x86_inductor_quantizer as x86
         except ImportError:
             raise DeployError("int8 on the torch backend needs torchao (pip install 'mobilenets[deploy]' "
                               "or pip install torchao); or use backend 'onnxruntime' or 'openvino'") from None
+    return PerChannelMinMaxObserver, convert_pt2e, prepare_pt2e, x86
+
+
+def quantize_pt2e(folded: FoldedMobileNet, batches: list[torch.Tensor], *, dynamic_batch: bool = False) -> nn.Module:
+    """PT2E int8 with X86InductorQuantizer: per-channel int8 weights, per-tensor uint8 activations observed on
+    ``batches`` by its histogram observers.
+
+    An int8-ready graph (:func:`prepare.single_clip`: equalized, bias-corrected) gets weights on the
+    [-127, 127] grid its bias correction was measured on, without the quantizer's default floor of 2**-12
+    on a weight scale, under which equalization puts many channels (on the real weights, 32 calibration
+    crops, 256 held out: 81% top-1 agreement with that floor, 97% without).  The int8-ready ranges are not
+    imposed: there, the observers' ranges of the same graph kept more answers (97% against 93%).
+    """
+    PerChannelMinMaxObserver, convert_pt2e, prepare_pt2e, x86 = _pt2e()
+    config = x86.get_default_x86_inductor_quantization_config()
+    if getattr(folded, "int8_ready", None) is not None:
+        weight = dataclasses.replace(config.weight, quant_min=-sim.WEIGHT_QMAX, quant_max=sim.WEIGHT_QMAX,
+                                     observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(
+                                         eps=torch.finfo(torch.float32).tiny))
+        config = dataclasses.replace(config, weight=weight)
     example = batches[0].contiguous(memory_format=torch.channels_last)
     shapes = ({0: batch_dim()},) if dynamic_batch else None
     exported = torch.export.export(folded, (example,), dynamic_shapes=shapes).module()
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported, quantizer)
+    prepared = prepare_pt2e(exported, x86.X86InductorQuantizer().set_global(config))
     with torch.no_grad():
         for x in batches:
             prepared(x.contiguous(memory_format=torch.channels_last))
