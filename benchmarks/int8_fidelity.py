@@ -237,7 +237,7 @@ def main() -> None:
                      **scores(ref, logits)})
         log(rows[-1])
     for mode, label in (("plain", "previous plain PTQ"), ("prepared", "ours (default)")):
-        for backend in ("torch", "onnxruntime", "openvino"):
+        for backend in ("torch", "onnxruntime", "openvino", "litert"):
             if backend in skip:
                 continue
             predictor, sec = timed(lambda: deploy.compile(model, "int8", calibration=calib, batch_size=batch,
