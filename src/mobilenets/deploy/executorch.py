@@ -62,7 +62,8 @@ def runner(data: bytes) -> Run:
     from executorch.runtime import Runtime
 
     try:
-        method = Runtime.get().load_program(data).load_method("forward")
+        program = Runtime.get().load_program(data)
+        method = program.load_method("forward")
     except (RuntimeError, ValueError) as e:
         raise DeployError(f"ExecuTorch cannot load this program: {str(e).splitlines()[0]}") from None
 
@@ -71,6 +72,10 @@ def runner(data: bytes) -> Run:
     def run(x) -> torch.Tensor:
         x = as_input(x).contiguous()
         return torch.cat([method.execute([chunk.contiguous()])[0].float() for chunk in x.split(limit)])
+
+    # the method reads the program's memory and the program the bytes: a method whose program was
+    # garbage-collected crashes (segmentation fault in Method::inputs_size) once that memory is reused
+    run.program = (data, program)
 
     return run
 
