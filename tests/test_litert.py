@@ -418,11 +418,14 @@ gc.collect()
 churn = [bytearray(1 << 20) for _ in range(64)]  # reuse freed memory, as a longer process would
 x = torch.from_numpy(np.load(sys.argv[2]))
 np.save(sys.argv[3], torch.cat([run(x), run(x[:1])]).numpy())
+from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+print("threads", torch.get_num_threads(), _threadpool_get_thread_count())  # XNNPACK's pool follows torch's
 """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["threads", "1", "1"]
     out = torch.from_numpy(np.load(tmp_path / "y.npy"))
     with torch.no_grad():
         reference = model(images)
