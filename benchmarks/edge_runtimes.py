@@ -17,7 +17,7 @@ LiteRT (ai_edge_litert's interpreter, default delegates: XNNPACK; ``--threads`` 
   representative dataset, ``TFLITE_BUILTINS_INT8``, int8 input and output).  Keras's logits are
   checked against ours first, so both sides carry the same function.
 
-ExecuTorch (its Python runtime, XNNPACK delegate, thread pool set to ``--threads``), both files
+ExecuTorch (its Python runtime, XNNPACK delegate, thread pool set to ``--threads``), all files
 loaded and timed in one fresh subprocess that runs nothing else:
 
 - ours fp32: ``deploy.export(model, "m.pte")`` (``mobilenets export --format executorch``: the
@@ -293,10 +293,10 @@ def main() -> None:
             result["parity"][name] = scores(reference, torch.cat([run(held[i:i + 1]) for i in range(len(held))]))
         log(f"LiteRT: timing {len(calls)} files, {args.rounds} interleaved rounds ...")
         times = deploy.interleaved(calls, None, rounds=args.rounds, min_time=args.min_time)
-        # ---- ExecuTorch: a fresh process that only loads and runs the two programs
+        # ---- ExecuTorch: a fresh process that only loads and runs the programs
         np.save(folder / "held.npy", held.numpy())
-        spec = {"files": {n: str(files[n]) for n in files if n.startswith("executorch")}, "held": str(folder / "held.npy"),
-                "threads": args.threads, "rounds": args.rounds, "min_time": args.min_time, "out": str(folder)}
+        spec = {"files": {n: str(files[n]) for n in files if n.startswith("executorch")},
+                "held": str(folder / "held.npy"), "threads": args.threads, "rounds": args.rounds, "min_time": args.min_time, "out": str(folder)}
         (folder / "et.json").write_text(json.dumps(spec))
         log("ExecuTorch: parity and timing in a fresh process ...")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
