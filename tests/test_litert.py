@@ -400,3 +400,33 @@ except deploy.DeployError as e:
     relative, spread = map(float, lines[-2].split())
     assert spread > 0.1 and relative <= 1e-3
     assert lines[-1].startswith("refused") and "int8" in lines[-1]
+
+
+def test_executorch_pte_runs_when_loaded_in_a_fresh_process(trained, images, tmp_path):
+    """A .pte written here, loaded by load_exported in another process that only runs it: the returned run must
+    keep ExecuTorch's program alive (a method whose program was collected read freed memory and crashed)."""
+    if importlib.util.find_spec("executorch") is None:
+        pytest.skip("executorch is not installed (pip install -e '.[executorch]')")
+    model = copy.deepcopy(trained).eval()
+    path = deploy.export(model, tmp_path / "m.pte", resolution=RES)
+    np.save(tmp_path / "x.npy", images.numpy())
+    script = """
+import gc, sys, numpy as np, torch
+from mobilenets import deploy
+run = deploy.load_exported(sys.argv[1])
+gc.collect()
+churn = [bytearray(1 << 20) for _ in range(64)]  # reuse freed memory, as a longer process would
+x = torch.from_numpy(np.load(sys.argv[2]))
+np.save(sys.argv[3], torch.cat([run(x), run(x[:1])]).numpy())
+from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+print("threads", torch.get_num_threads(), _threadpool_get_thread_count())  # XNNPACK's pool follows torch's
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["threads", "1", "1"]
+    out = torch.from_numpy(np.load(tmp_path / "y.npy"))
+    with torch.no_grad():
+        reference = model(images)
+    assert_same_function(out, torch.cat([reference, reference[:1]]))  # a batch, then one image

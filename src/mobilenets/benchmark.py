@@ -99,7 +99,7 @@ def machine() -> dict:
     import importlib.metadata as md
 
     versions = {}
-    for dist in ("torch", "timm", "onnxruntime", "openvino", "nncf", "torchao"):
+    for dist in ("torch", "timm", "onnxruntime", "openvino", "nncf", "torchao", "ai-edge-litert", "executorch"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:

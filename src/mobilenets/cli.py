@@ -474,17 +474,24 @@ def run_pick(args) -> int:
 
     from . import benchmark, pick
 
+    if args.device is None and args.accelerator is not None:
+        raise UsageError("mobilenets pick: --accelerator chooses a column of a device's published latencies; "
+                         "give it with --device pixel-3")
+    if args.device is not None:
+        return _pick_published(args, pick)
     benchmark.quiet()
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
-    data, cache, cached = pick.cached_grid(precision=args.precision, batch_size=args.batch, backend=args.backend,
-                                                remeasure=args.remeasure, log=log)
+    data, cache, cached = pick.cached_grid(precision=args.precision, batch_size=args.batch,
+                                           backend=args.backend or "auto", runtime=args.runtime,
+                                           remeasure=args.remeasure, log=log)
     result = pick.pick(args.latency_ms, data)
     plot = pick.plot_pick(result, data, Path(args.plot))
     if args.json:
         print(json.dumps({**result, "grid": str(cache), "cached": cached, "plot": str(plot)}))
         return 0
     source = f"cached grid {cache}" if cached else f"measured now, cached in {cache}"
-    print(f"{args.precision}, batch {args.batch}, backend {args.backend} ({source})")
+    where = f"runtime {args.runtime} (its exported files)" if args.runtime else f"backend {args.backend or 'auto'}"
+    print(f"{args.precision}, batch {args.batch}, {where}, measured on this machine ({source})")
     print(pick.format_pick(result))
     c = result["choice"]
     if c:
@@ -498,19 +505,66 @@ def run_pick(args) -> int:
     return 0 if c else 1
 
 
+def _pick_published(args, pick) -> int:
+    """pick --device: from the device's published latencies, never measured here, and saying so."""
+    from pathlib import Path
+
+    for flag, given in (("--backend", args.backend), ("--runtime", args.runtime), ("--remeasure", args.remeasure),
+                        ("--batch", args.batch != 1)):
+        if given:
+            raise UsageError(f"mobilenets pick: {flag} applies to measuring here; --device picks from published "
+                             f"batch-1 latencies (drop {flag}, or drop --device to measure on this machine)")
+    data = pick.published_grid(args.device, args.precision, args.accelerator or "cpu")
+    result = pick.pick(args.latency_ms, data)
+    plot = pick.plot_pick(result, data, Path(args.plot))
+    if args.json:
+        print(json.dumps({**result, "measured_here": False, "device": data["device"], "source": data["source"],
+                          "accelerator": data["accelerator"], "plot": str(plot)}))
+        return 0
+    print(f"published, not measured here: {data['description']}, {data['how']}, {args.precision}, batch 1 "
+          f"(source: {data['source']}; docs/device-latency.md)")
+    print(pick.format_pick(result))
+    c = result["choice"]
+    if c:
+        print(f"pick: {c['model']} (alpha {c['alpha']:g}, resolution {c['resolution']}): {c['latency_ms']:.1f} ms "
+              f"published for {data['device']} {data['accelerator']} <= {args.latency_ms:g} ms, published top-1 "
+              f"{c['accuracy']:.1f}% (published, not measured here)")
+    else:
+        f = result["fastest"]
+        print(f"no model fits {args.latency_ms:g} ms on {data['device']} {data['accelerator']}: the fastest "
+              f"published is {f['model']} at {f['latency_ms']:.1f} ms (try another --accelerator or "
+              f"--precision, or a larger --latency-ms)")
+    print(f"wrote {plot}")
+    return 0 if c else 1
+
+
 def add_pick(sub) -> None:
     from .benchmark import MAX_BATCH
     from .deploy import BACKENDS, PRECISIONS
+    from .device_latency import ACCELERATORS, DEVICES
+    from .pick import DEVICE_RUNTIMES
 
-    p = sub.add_parser("pick", help="the most accurate alpha x resolution model that fits a latency budget here",
+    p = sub.add_parser("pick", help="the most accurate alpha x resolution model that fits a latency budget",
                        description="Measures (or reuses a cached measurement of) the 16 published models on this "
                                    "machine and recommends the most accurate within --latency-ms, by the published "
-                                   "ImageNet top-1 (int8 column for --precision int8).")
+                                   "ImageNet top-1 (int8 column for --precision int8). --runtime times the files "
+                                   "an on-device runtime runs (LiteRT .tflite, ExecuTorch .pte) here; --device "
+                                   "picks from a phone's published latencies instead (not measured here).")
     p.add_argument("--latency-ms", type=positive_float, required=True, help="budget per batch, milliseconds")
     p.add_argument("--batch", type=_number(int, lambda v: 1 <= v <= MAX_BATCH, f"an integer in [1, {MAX_BATCH}]"),
                    default=1, help="batch size (default 1)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--backend", choices=("auto", *BACKENDS), default=None,
+                       help="compile with this backend in this process (default auto: the fastest here)")
+    where.add_argument("--runtime", choices=DEVICE_RUNTIMES,
+                       help="export each model as this runtime's file and time it in that runtime on this CPU "
+                            "(executorch: in a fresh process)")
+    where.add_argument("--device", metavar="NAME",
+                       help=f"pick from this device's published latencies ({', '.join(DEVICES)}; "
+                            f"docs/device-latency.md), not measured here")
+    p.add_argument("--accelerator", choices=ACCELERATORS,
+                   help="with --device: which published column (default cpu; int8 has cpu and nnapi)")
     p.add_argument("--remeasure", action="store_true", help="ignore the cached grid and measure again")
     p.add_argument("--plot", metavar="PNG", default="pick.png", help="accuracy vs latency chart (default pick.png)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -65,6 +65,8 @@ class Backend:
     refusal: str = ""  # why a precision outside ``precisions`` cannot run here
     requires: tuple[str, ...] = ()  # modules that must import for this runtime to be available
     formats: tuple[ExportFormat, ...] = ()
+    # False: its files are timed in a fresh process (:mod:`.isolated`), away from what this process has run
+    shares_process: bool = True
 
     def available(self) -> bool:
         try:

@@ -12,7 +12,13 @@ Inductor has run before, fp32 programs included; in a fresh process (what
 ``mobilenets export`` is) it runs them correctly.  So this backend writes and
 reads files but offers no in-process builds: ``compile``, ``auto`` and
 ``benchmark`` never pick it.  int8 (:func:`pte_bytes` with XNNPACK's PT2E
-quantizer) is not offered as an export yet for the same reason.
+quantizer) is not offered as an export yet for the same reason.  (One cause
+is now known and fixed: :func:`runner` dropped the program its method reads,
+which crashed in fresh processes too once that memory was reused; with the
+program kept alive, fp32 and int8 programs ran after Inductor and PT2E in one
+process in a check on this machine, so the restriction may be lifted.)
+Timing these files beside others therefore happens in a fresh process
+(:mod:`.isolated`).
 """
 
 from __future__ import annotations
@@ -57,12 +63,25 @@ def pte_bytes(folded, precision: str, batches: list[torch.Tensor], resolution: i
         return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
 
 
+def match_threads() -> None:
+    """Size XNNPACK's thread pool in ExecuTorch to torch's thread count, as LiteRT's interpreter is sized."""
+    try:  # the pool starts with one thread per core; the pybindings expose no public setter in 1.5.1
+        from executorch.extension.pybindings.portable_lib import (
+            _threadpool_get_thread_count, _unsafe_reset_threadpool)
+    except ImportError:
+        return
+    if _threadpool_get_thread_count() != torch.get_num_threads():
+        _unsafe_reset_threadpool(torch.get_num_threads())  # unsafe only while a method executes
+
+
 def runner(data: bytes) -> Run:
-    """``run(x)`` over ExecuTorch's Python runtime for the program ``data``."""
+    """``run(x)`` over ExecuTorch's Python runtime for the program ``data``, at torch's thread count."""
     from executorch.runtime import Runtime
 
+    match_threads()
     try:
-        method = Runtime.get().load_program(data).load_method("forward")
+        program = Runtime.get().load_program(data)
+        method = program.load_method("forward")
     except (RuntimeError, ValueError) as e:
         raise DeployError(f"ExecuTorch cannot load this program: {str(e).splitlines()[0]}") from None
 
@@ -71,6 +90,10 @@ def runner(data: bytes) -> Run:
     def run(x) -> torch.Tensor:
         x = as_input(x).contiguous()
         return torch.cat([method.execute([chunk.contiguous()])[0].float() for chunk in x.split(limit)])
+
+    # the method reads the program's memory and the program the bytes: a method whose program was
+    # garbage-collected crashes (segmentation fault in Method::inputs_size) once that memory is reused
+    run.program = (data, program)
 
     return run
 
@@ -81,6 +104,7 @@ class ExecuTorch(Backend):
     refusal = ("ExecuTorch 1.5.1 crashes in a process that has run PT2E or Inductor; export a .pte "
                "(mobilenets export --format executorch) and run it in its own process")
     requires = ("executorch.runtime", "executorch.exir")
+    shares_process = False  # see the module docstring
     formats = (ExportFormat("executorch", ".pte", ("fp32",),
                             refusal="int8 .pte export is not offered yet (ExecuTorch 1.5.1 crashes running it "
                                     "in the exporting process)"),)
