@@ -113,7 +113,7 @@ def export(model: MobileNetV1, path, format: str | None = None, *, precision: st
     options = {}
     if io is not None:
         if "io" not in spec.options:
-            raise DeployError(f"io= applies to tflite files; {format} files have float input and output")
+            raise DeployError(f"io= applies to tflite files; {format} files have no choice of input and output type")
         options["io"] = io
     if "metadata" in spec.options:
         options["metadata"] = _metadata(model)
