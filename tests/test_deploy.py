@@ -259,10 +259,12 @@ def test_cpu_flags_of_this_machine_are_its_first_flags_line():
 
 
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt", "exported-program": ".pt2",
-            "tflite": ".tflite", "executorch": ".pte"}
+            "tflite": ".tflite", "executorch": ".pte", "coreml": ".mlpackage"}
 EXPORTS = [(f, p) for f in deploy.EXPORT_FORMATS for p in deploy.PRECISIONS
            if (f, p) not in {("onnx", "bf16"), ("torchscript", "int8"), ("tflite", "bf16"), }
-           and f != "executorch"]  # ExecuTorch runs in its own process: tests/test_litert.py
+           # ExecuTorch runs in its own process (tests/test_litert.py); Core ML does not run here
+           # (tests/test_coreml.py checks its packages)
+           and f not in ("executorch", "coreml")]
 
 
 @pytest.mark.parametrize("fmt,precision", EXPORTS)
@@ -289,7 +291,8 @@ def test_openvino_export_keeps_its_precision(model, tmp_path):
 
 @pytest.mark.parametrize("fmt,precision,match", [
     ("onnx", "bf16", "no bf16"), ("torchscript", "int8", "TorchScript"), ("tflite", "bf16", "fp32 or int8"),
-    ("coreml", "fp32", "format must be"),
+    ("coreml", "bf16", "fp16, fp32 or int8"), ("onnx", "fp16", "onnx files hold fp32 or int8; export fp16 as coreml"),
+    ("webnn", "fp32", "format must be"),
 ])
 def test_export_refuses_what_the_format_cannot_hold(model, tmp_path, fmt, precision, match):
     with pytest.raises(deploy.DeployError, match=match):

@@ -335,18 +335,21 @@ def run_export(args) -> int:
     from . import deploy
 
     out, fmt = deploy.export_target(args.out, args.format)  # the format follows --out's suffix unless given
-    deploy.check_export(fmt, args.precision)  # before anything is loaded or fitted
+    precision = args.precision or deploy.default_precision(fmt)
+    deploy.check_export(fmt, precision)  # before anything is loaded or fitted
     model, res, normalization, labels = _deploy_model(args)
     batches, y = _calibration(args, model, res, normalization, labels)
-    path = deploy.export(model, out, fmt, precision=args.precision, calibration=batches, resolution=res,
-                         io=args.io)
-    run = deploy.load_exported(path, fmt)
     x = torch.cat(batches)
     with torch.no_grad():
         reference = model.eval()(x)
-    report = {"path": str(path), "format": fmt, "precision": args.precision, "resolution": res,
+    if not deploy.runs_here(fmt):  # Core ML: written, then checked here, not run
+        return _report_checked(_export_checked(deploy, model, out, fmt, precision, batches, res, args.io, x,
+                                               reference, y), args.json)
+    path = deploy.export(model, out, fmt, precision=precision, calibration=batches, resolution=res, io=args.io)
+    run = deploy.load_exported(path, fmt)
+    report = {"path": str(path), "format": fmt, "precision": precision, "resolution": res,
               **deploy.parity(reference, run(x), y)}
-    if args.precision == "int8" and report["top1_agreement"] < INT8_AGREEMENT_WARNING:
+    if precision == "int8" and report["top1_agreement"] < INT8_AGREEMENT_WARNING:
         # still written (exit 0): the user decides, but must not mistake it for the float model
         print(f"mobilenets: warning: the int8 file keeps only {100 * report['top1_agreement']:.1f}% of the float "
               f"model's top-1 answers on the {report['images']} calibration images (under "
@@ -355,33 +358,75 @@ def run_export(args) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"wrote {path} ({fmt}, {args.precision}, {res}x{res})")
-    line = (f"parity vs PyTorch fp32 on {report['images']} calibration images: max abs diff "
-            f"{report['max_abs_diff']:.3g}, cosine {report['cosine']:.6f}, mean KL {report['mean_kl']:.2g} nats, "
-            f"top-1 agreement {100 * report['top1_agreement']:.1f}%")
-    if "accuracy" in report:
-        line += f", accuracy {100 * report['accuracy']:.1f}% (PyTorch {100 * report['reference_accuracy']:.1f}%)"
-    print(line)
+    print(f"wrote {path} ({fmt}, {precision}, {res}x{res})")
+    print(_parity_line("parity vs PyTorch fp32", report))
+    return 0
+
+
+def _parity_line(what: str, p: dict) -> str:
+    line = (f"{what} on {p['images']} calibration images: max abs diff {p['max_abs_diff']:.3g}, cosine "
+            f"{p['cosine']:.6f}, mean KL {p['mean_kl']:.2g} nats, top-1 agreement {100 * p['top1_agreement']:.1f}%")
+    if "accuracy" in p:
+        line += f", accuracy {100 * p['accuracy']:.1f}% (PyTorch {100 * p['reference_accuracy']:.1f}%)"
+    return line
+
+
+def _export_checked(deploy, model, out, fmt, precision, batches, res, io, x, reference, y) -> dict:
+    """Export a format that does not run here, and check the file against the model."""
+    from . import quantize
+
+    spec = deploy.export_formats()[fmt][1]
+    if precision == "int8" and spec.weights_only_int8 and quantize.from_model(model) is None:
+        # prepared once, for the file and for its check, which compares it with these int8-ready weights
+        model = quantize.to_model(quantize.prepare_int8(model, batches), model)
+    path = deploy.export(model, out, fmt, precision=precision, resolution=res, io=io)
+    return deploy.check_exported(model, path, fmt, precision=precision, images=x, logits=reference, labels=y)
+
+
+def _report_checked(report: dict, as_json: bool) -> int:
+    """A file this machine cannot run (Core ML): what was checked, and that it was not run."""
+    if as_json:
+        print(json.dumps(report))
+        return 0
+    res, kind = report["resolution"], report["precision"]
+    print(f"wrote {report['path']} ({report['format']}, {kind}, {res}x{res})")
+    if kind == "int8":
+        source = "int8-ready (equalized, bias-corrected)" if report["weights"] == "int8-ready" else "folded"
+        weights = f"are PyTorch's {source} weights within {report['weights_max_steps']:.2f} of an int8 step"
+    elif kind == "fp16":
+        weights = f"are PyTorch's folded weights rounded to fp16 (max abs diff {report['weights_max_abs_diff']:.2g})"
+    else:
+        weights = "equal PyTorch's folded weights"
+    head = f"{report['classes']} class labels" if report["classes"] else "features output"
+    print(f"checked, not run: {report['why']}. The package: image input {res}x{res} RGB, {head}, "
+          f"{report['convolutions']} convolutions; its {report['weight_tensors']} weight tensors {weights}")
+    if "reference_evaluation" in report:
+        print(_parity_line("its program evaluated op by op in PyTorch, not Core ML, vs PyTorch fp32",
+                           report["reference_evaluation"]))
     return 0
 
 
 def add_export(sub) -> None:
-    from .deploy import EXPORT_FORMATS, PRECISIONS
+    from .deploy import EXPORT_FORMATS, EXPORT_PRECISIONS
 
-    p = sub.add_parser("export", help="write the model for ONNX Runtime, OpenVINO, LiteRT, ExecuTorch, TorchScript or torch.export",
+    p = sub.add_parser("export", help="write the model for ONNX Runtime, OpenVINO, LiteRT, ExecuTorch, Core ML, "
+                                      "TorchScript or torch.export",
                        description="Fold BatchNorm, write the model in --format at --precision (int8 calibrated on "
                                    "--calib-data), reload it in its runtime and print its parity with PyTorch.")
     _add_weights_arguments(p)
     p.add_argument("--format", choices=EXPORT_FORMATS,
-                   help="default: the one --out's suffix names (.onnx, .xml, .tflite, .pte, .pt, .pt2); onnx without a suffix")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+                   help="default: the one --out's suffix names (.onnx, .xml, .tflite, .pte, .mlpackage, .pt, .pt2); "
+                        "onnx without a suffix")
+    p.add_argument("--precision", choices=EXPORT_PRECISIONS,
+                   help="default fp32; fp16 for coreml (whose int8 is weights only, with no calibration)")
     p.add_argument("--io", choices=("int8", "uint8", "float"),
                    help="tflite int8 only: type of the file's input and output (default int8; float adds "
                         "QUANTIZE/DEQUANTIZE at the ends)")
     p.add_argument("--calib-data", metavar="DIR", help="images for int8 calibration and the parity check "
                                                        "(DIR/<class>/* gives accuracy too); default: built-in digits")
     p.add_argument("--calib-images", type=_positive_int, default=64, help="images to use (default 64)")
-    p.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .xml, .tflite, .pte, .pt, .pt2)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output file (.onnx, .xml, .tflite, .pte, .mlpackage, .pt, .pt2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_export)
 

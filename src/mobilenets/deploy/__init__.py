@@ -15,6 +15,8 @@ Backends, one module each behind :class:`~.backend.Backend`:
 - ``"onnxruntime"`` (:mod:`.onnxruntime`, extra ``deploy``): fp32 and static
   QDQ int8.
 - ``"openvino"`` (:mod:`.openvino`, extra ``deploy``): fp32/bf16 and NNCF int8.
+- ``"coreml"`` (:mod:`.coreml`, extra ``coreml``): ``.mlpackage`` export only (fp16, fp32, int8
+  weights); Core ML runs only on Apple platforms, so :func:`check_exported` checks the package here.
 - ``"auto"`` (:mod:`.auto`): times each available backend once and caches
   the fastest in ``mobilenets.cache.cache_dir()``.
 """
@@ -22,19 +24,22 @@ Backends, one module each behind :class:`~.backend.Backend`:
 from __future__ import annotations
 
 from .auto import interleaved, time_run
-from .backend import BACKENDS, PRECISIONS, Backend, available_backends, backend_supports, export_formats
+from .backend import (BACKENDS, EXPORT_PRECISIONS, PRECISIONS, Backend, available_backends, backend_supports,
+                      export_formats)
 from .calibration import builtin_batches, calibration_batches, image_batches, rebatch
 from .fidelity import parity
 from ..folding import FoldedConv, FoldedMobileNet, FoldingError, fold_batchnorm
-from .formats import check_export, export, export_target, load_exported
+from .formats import (check_export, check_exported, default_precision, export, export_target, load_exported,
+                      runs_here)
 from .machine import DeployError, bf16_supported, cpu_flags, cpu_name
 from .predictor import Predictor, compile
 
 EXPORT_FORMATS = tuple(export_formats())
 
 __all__ = [
-    "BACKENDS", "EXPORT_FORMATS", "PRECISIONS", "Backend", "DeployError", "Predictor", "available_backends",
-    "backend_supports", "bf16_supported", "builtin_batches", "calibration_batches", "check_export", "compile",
-    "cpu_flags", "cpu_name", "export", "export_target", "fold_batchnorm", "image_batches", "interleaved",
-    "load_exported", "parity", "rebatch", "time_run",
+    "BACKENDS", "EXPORT_FORMATS", "EXPORT_PRECISIONS", "PRECISIONS", "Backend", "DeployError", "Predictor",
+    "available_backends", "backend_supports", "bf16_supported", "builtin_batches", "calibration_batches",
+    "check_export", "check_exported", "compile", "cpu_flags", "cpu_name", "default_precision", "export",
+    "export_target", "fold_batchnorm", "image_batches", "interleaved", "load_exported", "parity", "rebatch",
+    "runs_here", "time_run",
 ]

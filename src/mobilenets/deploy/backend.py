@@ -21,6 +21,8 @@ import torch
 from .machine import DeployError
 
 PRECISIONS = ("fp32", "bf16", "int8")
+# what export writes: the precisions above, and fp16 weights (Core ML's default)
+EXPORT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 # name users pass as backend= -> the module of this package that defines its BACKEND
 RUNTIMES = {
@@ -29,6 +31,7 @@ RUNTIMES = {
     "openvino": "openvino",
     "litert": "litert",
     "executorch": "executorch",
+    "coreml": "coreml",
 }
 BACKENDS = tuple(RUNTIMES)
 
@@ -44,13 +47,22 @@ def batch_dim():
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """A file format a backend writes: its name, file suffix, the precisions it holds and why not the others."""
+    """A file format a backend writes: its name, file suffix, the precisions it holds and why not the others.
+
+    ``runs_here``: False for a format no runtime on this machine can run (Core
+    ML): its backend's :meth:`Backend.check` inspects the file instead.
+    ``weights_only_int8``: its int8 quantizes the weights only (activations stay
+    float), so an int8-ready model (mobilenets.quantize) needs no calibration.
+    """
 
     name: str
     suffix: str
     precisions: tuple[str, ...]
     refusal: str = ""
     options: tuple[str, ...] = ()  # keyword options its backend's save() takes beyond the common ones
+    default_precision: str = "fp32"
+    runs_here: bool = True
+    weights_only_int8: bool = False
 
 
 class Backend:
@@ -64,6 +76,7 @@ class Backend:
     precisions: tuple[str, ...] = PRECISIONS
     refusal: str = ""  # why a precision outside ``precisions`` cannot run here
     requires: tuple[str, ...] = ()  # modules that must import for this runtime to be available
+    extra: str = "deploy"  # the extra of mobilenets that installs them
     formats: tuple[ExportFormat, ...] = ()
     # False: its files are timed in a fresh process (:mod:`.isolated`), away from what this process has run
     shares_process: bool = True
@@ -100,6 +113,17 @@ class Backend:
         """Open a file :meth:`save` wrote; returns ``run(x) -> float32 logits`` for (N, 3, H, W) float32 input."""
         raise NotImplementedError(f"backend {self.name!r} reads no files")
 
+    def check(self, path: Path, format: str, reference: Callable[[str, int], object], metadata: dict, *,
+              precision: str | None = None, images: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+              labels=None) -> dict:
+        """For a format that does not run here: the file read back and compared with the model; a report dict.
+
+        ``reference(precision, resolution)`` is the folded graph that export
+        wrote at the file's precision; ``logits`` are the model's on ``images``.
+        Raises :class:`DeployError` where the file does not hold the model.
+        """
+        raise NotImplementedError(f"backend {self.name!r} runs its files: load them")
+
 
 @functools.cache
 def get(name: str) -> Backend:
@@ -129,7 +153,7 @@ def check_backend(name: str, precision: str) -> None:
         return
     backend = get(name)
     if not backend.available():
-        raise DeployError(f"backend {name!r} is not installed; pip install 'mobilenets[deploy]' "
+        raise DeployError(f"backend {name!r} is not installed; pip install 'mobilenets[{backend.extra}]' "
                           f"(or pip install {' '.join(backend.requires)}), or use one of {available_backends()}")
     if precision not in backend.precisions:
         others = [b for b in BACKENDS if backend_supports(b, precision)]

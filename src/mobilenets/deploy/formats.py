@@ -9,19 +9,23 @@ format                    suffix   precisions
 ``exported-program``      .pt2     fp32, bf16, int8 (PT2E; load with torchao imported)
 ``tflite``                .tflite  fp32, int8 (full-integer, per-channel weights; LiteRT)
 ``executorch``            .pte     fp32, int8 (XNNPACK delegate; XNNPACK's PT2E quantizer)
+``coreml``                .mlpackage  fp16 (default), fp32, int8 weights (a folder; Core ML, Apple only)
 ========================  =======  ====================================================
 
-The batch dimension of every file is dynamic.
+The batch dimension of every file is dynamic, except Core ML's (one image, as iOS feeds it).
+A format that no runtime here can run (Core ML) is checked instead: :func:`check_exported`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..model import MobileNetV1
-from .backend import Run, check_precision, export_formats
-from .calibration import DEFAULT_RESOLUTION, calibration_batches
-from ..folding import fold_batchnorm
+from .backend import EXPORT_PRECISIONS, PRECISIONS, Run, export_formats
+from .calibration import DEFAULT_RESOLUTION, as_input, calibration_batches
+from ..folding import FoldedMobileNet, fold_batchnorm
 from .prepare import folded_for
 from .machine import DeployError
 
@@ -60,38 +64,56 @@ def export_target(path, format: str | None = None) -> tuple[Path, str]:
     return path, format
 
 
-def check_export(format: str, precision: str) -> None:
-    """Refuse, with what would work, a format or a precision the format cannot hold."""
-    check_precision(precision)
+def default_precision(format: str) -> str:
+    """The precision ``format`` is written at when none is asked for (fp32; fp16 for Core ML)."""
     formats = export_formats()
     if format not in formats:
         raise DeployError(f"format must be one of {tuple(formats)}, got {format!r}")
-    spec = formats[format][1]
+    return formats[format][1].default_precision
+
+
+def check_export(format: str, precision: str) -> None:
+    """Refuse, with what would work, a format or a precision the format cannot hold, or a missing runtime."""
+    if precision not in EXPORT_PRECISIONS:
+        raise DeployError(f"precision must be one of {EXPORT_PRECISIONS}, got {precision!r}")
+    formats = export_formats()
+    if format not in formats:
+        raise DeployError(f"format must be one of {tuple(formats)}, got {format!r}")
+    backend, spec = formats[format]
     if precision not in spec.precisions:
         others = [name for name, (_, f) in formats.items() if precision in f.precisions]
-        raise DeployError(f"cannot export {precision} as {format}: {spec.refusal}; export {precision} as "
-                          f"{', '.join(others[:-1])} or {others[-1]}")
+        # the refusals speak of the compute precisions; fp16 is a precision of stored weights only
+        why = spec.refusal if spec.refusal and precision in PRECISIONS else \
+            f"{format} files hold {' or '.join(spec.precisions)}"
+        where = f"{', '.join(others[:-1])} or {others[-1]}" if len(others) > 1 else others[0]
+        raise DeployError(f"cannot export {precision} as {format}: {why}; export {precision} as {where}")
+    if not backend.available():
+        raise DeployError(f"format {format!r} needs {' and '.join(backend.requires)}, which is not installed: "
+                          f"pip install 'mobilenets[{backend.extra}]'")
 
 
-def export(model: MobileNetV1, path, format: str | None = None, *, precision: str = "fp32", calibration=None,
+def export(model: MobileNetV1, path, format: str | None = None, *, precision: str | None = None, calibration=None,
            resolution: int | None = None, io: str | None = None, int8: str = "prepared") -> Path:
     """Write ``model`` (BatchNorm folded) for another runtime; returns the written path.
 
-    ``format``: "onnx", "openvino", "torchscript", "exported-program" or
-    "tflite"; by default the one ``path``'s suffix names (.onnx, .xml, .pt,
-    .pt2, .tflite), "onnx" for a path without one.  A suffix that names another
-    format is refused.  int8 needs ``calibration`` batches, as for
-    :func:`compile` (and ``int8`` chooses as there).  ``io`` ("int8", "uint8"
-    or "float"; tflite int8 only) is the type of the file's input and output.
+    ``format``: "onnx", "openvino", "torchscript", "exported-program",
+    "tflite", "executorch" or "coreml"; by default the one ``path``'s suffix
+    names (.onnx, .xml, .pt, .pt2, .tflite, .pte, .mlpackage), "onnx" for a
+    path without one.  A suffix that names another format is refused.
+    ``precision``: by default fp32 (fp16 for coreml).  int8 needs
+    ``calibration`` batches, as for :func:`compile` (and ``int8`` chooses as
+    there), except coreml's int8, which is weights only.  ``io`` ("int8",
+    "uint8" or "float"; tflite int8 only) is the type of the file's input and
+    output.
     """
-    check_precision(precision)
     path, format = export_target(path, format)
+    precision = default_precision(format) if precision is None else precision
     check_export(format, precision)
     spec = export_formats()[format][1]
     options = {}
     if io is not None:
         if "io" not in spec.options:
-            raise DeployError(f"io= applies to tflite files; {format} files have float input and output")
+            raise DeployError(f"io= applies to tflite files; {format} files have no choice of input and output type")
         options["io"] = io
     if "metadata" in spec.options:
         options["metadata"] = _metadata(model)
@@ -100,14 +122,30 @@ def export(model: MobileNetV1, path, format: str | None = None, *, precision: st
         options["ranges"] = ranges
     resolution = DEFAULT_RESOLUTION if resolution is None else int(resolution)
     path.parent.mkdir(parents=True, exist_ok=True)
-    int8_needs_batches = precision == "int8" and not (ranges is not None and calibration is None)
-    batches = calibration_batches(calibration, resolution) if int8_needs_batches else []
-    if ranges is not None and not batches:  # an imported quantized file: its own ranges, as they are
-        folded = fold_batchnorm(model)
+    if precision == "int8" and spec.weights_only_int8:
+        batches, folded = [], weights_only_int8(model, calibration, resolution, int8)
     else:
-        folded = folded_for(model, precision, batches, int8=int8)
+        int8_needs_batches = precision == "int8" and not (ranges is not None and calibration is None)
+        batches = calibration_batches(calibration, resolution) if int8_needs_batches else []
+        if ranges is not None and not batches:  # an imported quantized file: its own ranges, as they are
+            folded = fold_batchnorm(model)
+        else:
+            folded = folded_for(model, precision, batches, int8=int8)
     backend, _ = export_formats()[format]
     return backend.save(folded, path, format, precision, batches, resolution, **options)
+
+
+def weights_only_int8(model: MobileNetV1, calibration, resolution: int, int8: str = "prepared") -> FoldedMobileNet:
+    """The float graph whose weights a weights-only int8 file (Core ML) quantizes.
+
+    ``int8="prepared"``: the int8-ready graph (:mod:`mobilenets.quantize`: equalized, bias-corrected), from
+    the model's own int8 data, else prepared on ``calibration``; "plain": the folded weights as they are.
+    """
+    from .. import quantize
+
+    needs_batches = int8 == "prepared" and quantize.from_model(model) is None
+    batches = calibration_batches(calibration, resolution) if needs_batches else []
+    return folded_for(model, "int8", batches, int8=int8)
 
 
 def _stored_ranges(model: MobileNetV1) -> dict | None:
@@ -133,10 +171,8 @@ def _metadata(model: MobileNetV1) -> dict:
     return out
 
 
-def load_exported(path, format: str | None = None) -> Run:
-    """Open an exported file in its own runtime; returns ``run(x) -> float32 logits`` for (N, 3, H, W) input."""
-    path = Path(path)
-    if not path.is_file():
+def _format_of(path: Path, format: str | None) -> str:
+    if not path.exists():  # a file, or a folder for Core ML's .mlpackage
         raise FileNotFoundError(f"{path} does not exist")
     formats = export_formats()
     if format is None:
@@ -145,6 +181,57 @@ def load_exported(path, format: str | None = None) -> Run:
             raise DeployError(f"cannot tell the format of {path}; name one of {tuple(formats)}")
     if format not in formats:
         raise DeployError(f"format must be one of {tuple(formats)}, got {format!r}")
-    backend, _ = formats[format]
+    return format
+
+
+def load_exported(path, format: str | None = None) -> Run:
+    """Open an exported file in its own runtime; returns ``run(x) -> float32 logits`` for (N, 3, H, W) input.
+
+    A format no runtime here can run (Core ML) is refused: :func:`check_exported` checks it instead.
+    """
+    path = Path(path)
+    format = _format_of(path, format)
+    backend, _ = export_formats()[format]
     return backend.load(path, format)
 
+
+def runs_here(format: str) -> bool:
+    """Whether a runtime on this machine runs ``format``'s files (all but Core ML's)."""
+    formats = export_formats()
+    if format not in formats:
+        raise DeployError(f"format must be one of {tuple(formats)}, got {format!r}")
+    return formats[format][1].runs_here
+
+
+def check_exported(model: MobileNetV1, path, format: str | None = None, *, precision: str | None = None,
+                   calibration=None, int8: str = "prepared", images=None, logits=None, labels=None) -> dict:
+    """A file no runtime here can run (Core ML's .mlpackage), read back and compared with ``model``.
+
+    Returns a report (``executed`` is False); raises :class:`DeployError` where
+    the file does not hold ``model`` at ``precision`` (default: the one it
+    holds).  For an int8 file of a model that is not int8-ready, pass the
+    ``calibration`` (and ``int8``) it was exported with: its weights are
+    prepared again from them.  With ``images`` ((N, 3, H, W), preprocessed),
+    ``reference_evaluation`` is the parity of the file's program, computed op
+    by op in PyTorch, with ``logits`` (default: ``model``'s on ``images``;
+    ``labels`` adds accuracy).
+    """
+    path = Path(path)
+    format = _format_of(path, format)
+    backend, spec = export_formats()[format]
+    if spec.runs_here:
+        raise DeployError(f"{format} files run here: load_exported(path) and compare with parity()")
+
+    def reference(stored: str, resolution: int) -> FoldedMobileNet:
+        if stored == "int8" and spec.weights_only_int8:
+            return weights_only_int8(model, calibration, resolution, int8)
+        return fold_batchnorm(model)
+
+    x = None
+    if images is not None:
+        x = as_input(images)
+        if logits is None:
+            with torch.no_grad():
+                logits = fold_batchnorm(model)(x)
+    return backend.check(path, format, reference, _metadata(model), precision=precision, images=x, logits=logits,
+                         labels=labels)
