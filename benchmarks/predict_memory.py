@@ -1,0 +1,73 @@
+"""Peak memory of `mobilenets.predict.predict` against the number of images: it should not grow with them.
+
+    .venv/bin/python benchmarks/predict_memory.py [--counts 100,400,1600] [--precision fp32]
+
+Folders of 500x375 JPEGs cut from the packaged photos (predict_throughput.make_folder), the real 1.0-224
+weights; each count runs in a fresh process (predict_throughput.run_candidate), which reports its own peak
+RSS and the largest of its decoding workers'.  Writes benchmarks/results/predict_memory.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from predict_throughput import RESULTS, cpu_name, make_folder, run_candidate  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--counts", default="100,400,1600")
+    ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "mobilenets-predict-memory"))
+    args = ap.parse_args()
+    import real_data
+    from PIL import Image
+
+    from mobilenets import weights as weights_module
+
+    work = Path(args.work)
+    weights = work / "real-1.0-224.safetensors"
+    if not weights.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        weights_module.save(real_data.real_converted(), weights)
+    calib = work / "calibration"
+    if not calib.is_dir():
+        calib.mkdir(parents=True)
+        for k, crop in enumerate(real_data.calibration_crops(64, size=256)):
+            Image.fromarray(crop).save(calib / f"{k:03d}.png")
+    rows = []
+    for count in (int(c) for c in args.counts.split(",")):
+        folder = make_folder(work / f"n{count}", count, (500, 375), 3)
+        r = run_candidate(f"mobilenets {args.precision}", folder, weights, calib)
+        print(count, r, file=sys.stderr, flush=True)
+        rows.append({"images": count, **r})
+    command = "nice -n 0 .venv/bin/python " + " ".join(["benchmarks/predict_memory.py", *sys.argv[1:]])
+    result = {"command": command, "cpu": cpu_name(), "cores": os.cpu_count(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg": os.getloadavg(), "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "predict_memory.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Peak memory of predict against the number of images ({result['date']})", "",
+             f"    {command}", "", f"CPU: {result['cpu']} ({result['cores']} cores); load average "
+             f"{result['loadavg'][0]:.2f}. 500x375 JPEGs, real 1.0-224 weights, {args.precision}.", "",
+             "| images | peak RSS MB, main process | largest decoding worker MB | images/s end to end |",
+             "|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['images']} | failed: {r['error']} | | |")
+        else:
+            lines.append(f"| {r['images']} | {r['maxrss_mb']:.0f} | {r['children_maxrss_mb']:.0f} | "
+                         f"{r['end_to_end_images_per_s']:.1f} |")
+    (RESULTS / "predict_memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
