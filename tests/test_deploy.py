@@ -262,7 +262,7 @@ SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt", "exported
             "tflite": ".tflite", "executorch": ".pte"}
 EXPORTS = [(f, p) for f in deploy.EXPORT_FORMATS for p in deploy.PRECISIONS
            if (f, p) not in {("onnx", "bf16"), ("torchscript", "int8"), ("tflite", "bf16"), }
-           and f != "executorch"]  # ExecuTorch runs in its own process: tests/test_litert.py
+           and f != "executorch"]  # .pte files: tests/test_executorch.py (each lowering takes 10-20 s)
 
 
 @pytest.mark.parametrize("fmt,precision", EXPORTS)

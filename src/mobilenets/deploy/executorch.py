@@ -14,8 +14,8 @@ never below the top of its layer's range, so the graph keeps only ReLU (fused
 into each convolution) and int8 saturation at the range's top is the clip.
 ``int8="plain"``: XNNPACK's quantizer with its own observers on the
 calibration batches (ExecuTorch's example flow).  On the real 1.0-224 weights
-the first keeps 91% of the float model's top-1 answers at a mean KL of 0.013
-nats, the second 71% at 0.45 (docs/deploy.md has the command).
+the first keeps 94% of the float model's top-1 answers at a mean KL of 0.014
+nats, the second 71% at 0.47 (docs/deploy.md has the table and its command).
 
 Every program is checked as written: the XNNPACK delegate holds every
 convolution and the classifier (:func:`program_summary`).  ExecuTorch's

@@ -8,7 +8,7 @@ format                    suffix   precisions
 ``torchscript``           .pt      fp32, bf16 (traced; no PT2E int8)
 ``exported-program``      .pt2     fp32, bf16, int8 (PT2E; load with torchao imported)
 ``tflite``                .tflite  fp32, int8 (full-integer, per-channel weights; LiteRT)
-``executorch``            .pte     fp32, int8 (XNNPACK delegate; XNNPACK's PT2E quantizer)
+``executorch``            .pte     fp32, int8 (XNNPACK delegate; int8 with the int8-ready ranges)
 ========================  =======  ====================================================
 
 The batch dimension of every file is dynamic.
@@ -77,9 +77,9 @@ def export(model: MobileNetV1, path, format: str | None = None, *, precision: st
            resolution: int | None = None, io: str | None = None, int8: str = "prepared") -> Path:
     """Write ``model`` (BatchNorm folded) for another runtime; returns the written path.
 
-    ``format``: "onnx", "openvino", "torchscript", "exported-program" or
-    "tflite"; by default the one ``path``'s suffix names (.onnx, .xml, .pt,
-    .pt2, .tflite), "onnx" for a path without one.  A suffix that names another
+    ``format``: "onnx", "openvino", "torchscript", "exported-program",
+    "tflite" or "executorch"; by default the one ``path``'s suffix names
+    (.onnx, .xml, .pt, .pt2, .tflite, .pte), "onnx" for a path without one.  A suffix that names another
     format is refused.  int8 needs ``calibration`` batches, as for
     :func:`compile` (and ``int8`` chooses as there).  ``io`` ("int8", "uint8"
     or "float"; tflite int8 only) is the type of the file's input and output.
