@@ -245,7 +245,7 @@ def _value(value: dict) -> dict:
 
 
 def _xnnpack_graph(flatbuffer: bytes) -> dict:
-    """An XNNPACK delegate's graph as JSON, read by the flatc and the schema that ExecuTorch ships (as it reads .pte)."""
+    """An XNNPACK delegate's graph as JSON, read with the flatc and schema ExecuTorch ships (as it reads a .pte)."""
     schema = importlib.resources.files("executorch.backends.xnnpack.serialization") / "schema.fbs"
     flatc = importlib.resources.files("executorch.data.bin") / "flatc"
     with tempfile.TemporaryDirectory(prefix="mobilenets-pte-") as tmp, \
