@@ -262,7 +262,7 @@ SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt", "exported
             "tflite": ".tflite", "executorch": ".pte", "coreml": ".mlpackage"}
 EXPORTS = [(f, p) for f in deploy.EXPORT_FORMATS for p in deploy.PRECISIONS
            if (f, p) not in {("onnx", "bf16"), ("torchscript", "int8"), ("tflite", "bf16"), }
-           # ExecuTorch runs in its own process (tests/test_litert.py); Core ML does not run here
+           # .pte files: tests/test_executorch.py (each lowering takes 10-20 s); Core ML does not run here
            # (tests/test_coreml.py checks its packages)
            and f not in ("executorch", "coreml")]
 

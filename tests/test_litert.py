@@ -365,41 +365,7 @@ def test_explicit_asymmetric_pad_imports_as_tf_same(model, images, tmp_path):
         assert_same_function(converted.model()(images), litert)
 
 
-# ---------------------------------------------------------------- ExecuTorch (same on-device family; own module)
-
-
-def test_executorch_pte_matches_pytorch(tmp_path):
-    """Export and reload in a fresh process, as the CLI does (ExecuTorch's runtime crashes in a process that has
-    run PT2E or Inductor, as earlier tests in a session do)."""
-    if importlib.util.find_spec("executorch") is None:
-        pytest.skip("executorch is not installed (pip install -e '.[executorch]')")
-    import mobilenets
-
-    script = """
-import sys, torch
-from mobilenets import deploy
-from mobilenets.benchmark import make_model
-model = make_model(0.25, num_classes=10, steps=70, resolution=64)
-images = torch.cat(deploy.builtin_batches(64, limit=24)[0])
-path = deploy.export(model, sys.argv[1], resolution=64)
-out = deploy.load_exported(path)(images)  # 24 images: more than the program's planned batch, so chunks
-with torch.no_grad():
-    reference = model(images)
-spread = float((reference - reference.mean(0)).abs().max())
-print(float((out - reference).abs().max()) / spread, spread)
-try:
-    deploy.export(model, sys.argv[1] + ".q.pte", precision="int8", calibration=[images], resolution=64)
-except deploy.DeployError as e:
-    print("refused", str(e))
-"""
-    env = {**os.environ, "PYTHONPATH": str(Path(mobilenets.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.pte")], capture_output=True, text=True,
-                         env=env, timeout=900)
-    assert run.returncode == 0, run.stderr[-2000:]
-    lines = [line for line in run.stdout.splitlines() if line.strip()]
-    relative, spread = map(float, lines[-2].split())
-    assert spread > 0.1 and relative <= 1e-3
-    assert lines[-1].startswith("refused") and "int8" in lines[-1]
+# ---------------------------------------------------------------- ExecuTorch's runner (the rest: tests/test_executorch.py)
 
 
 def test_executorch_pte_runs_when_loaded_in_a_fresh_process(trained, images, tmp_path):

@@ -8,7 +8,7 @@ format                    suffix   precisions
 ``torchscript``           .pt      fp32, bf16 (traced; no PT2E int8)
 ``exported-program``      .pt2     fp32, bf16, int8 (PT2E; load with torchao imported)
 ``tflite``                .tflite  fp32, int8 (full-integer, per-channel weights; LiteRT)
-``executorch``            .pte     fp32, int8 (XNNPACK delegate; XNNPACK's PT2E quantizer)
+``executorch``            .pte     fp32, int8 (XNNPACK delegate; int8 with the int8-ready ranges)
 ``coreml``                .mlpackage  fp16 (default), fp32, int8 weights (a folder; Core ML, Apple only)
 ========================  =======  ====================================================
 
