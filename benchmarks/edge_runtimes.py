@@ -27,7 +27,8 @@ loaded and timed in one fresh subprocess that runs nothing else:
   partitioner=[XnnpackPartitioner()])``, ``to_executorch()``.
 - diagnostic, not a product: our folded graph through that same static batch-1 flow, which shows what
   our file's dynamic batch dimension costs;
-- int8: no ExecuTorch int8 export is on main yet (``mobilenets export`` refuses it), so only fp32.
+- int8: ours ``deploy.export(model, "m.pte", precision="int8")`` (the int8-ready ranges); reference: the
+  example flow's XNNPACKQuantizer (symmetric, per channel) calibrated on the same crops.
 
 Timing: the runtime's own call on one preprocessed held-out crop already in the file's input type
 (``set_tensor`` + ``invoke`` + ``get_tensor``; ``Method.execute``), all candidates of a runtime in
@@ -277,6 +278,13 @@ def main() -> None:
         t0 = time.perf_counter()
         files["executorch reference fp32"] = example_flow_pte(model, folder / "reference_fp32.pte")
         result["build_s"]["executorch reference fp32"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        files["executorch ours int8"] = deploy.export(model, folder / "ours_int8.pte", "executorch", precision="int8",
+                                                      calibration=[calib], resolution=224)
+        result["build_s"]["executorch ours int8"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        files["executorch reference int8"] = example_flow_pte(model, folder / "reference_int8.pte", calib)
+        result["build_s"]["executorch reference int8"] = time.perf_counter() - t0
         # diagnostic: our folded graph through the same static batch-1 flow, to show what the dynamic batch costs
         files["executorch ours-batch1 fp32"] = example_flow_pte(deploy.fold_batchnorm(model),
                                                                 folder / "ours_batch1_fp32.pte")
@@ -306,7 +314,8 @@ def main() -> None:
             result["parity"][name] = scores(reference, np.load(folder / f"{name}.npy"))
     result["timing"] = summary(times, [(f"{r} {who} {p}", f"{r} reference {p}") for r, who, p in
                                        (("litert", "ours", "fp32"), ("litert", "ours", "int8"),
-                                        ("executorch", "ours", "fp32"), ("executorch", "ours-batch1", "fp32"))])
+                                        ("executorch", "ours", "fp32"), ("executorch", "ours", "int8"),
+                                        ("executorch", "ours-batch1", "fp32"))])
     result["loadavg_after"] = os.getloadavg()
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     out = Path(args.out)
@@ -316,17 +325,32 @@ def main() -> None:
     print(markdown(result))
 
 
-def example_flow_pte(model, path: Path) -> Path:
-    """ExecuTorch's XNNPACK example flow, static batch 1 (the reference: on the plain, BatchNorm unfolded model)."""
+def example_flow_pte(model, path: Path, calib=None) -> Path:
+    """ExecuTorch's XNNPACK example flow, static batch 1 (the reference: on the plain, BatchNorm unfolded model);
+    with ``calib``, int8 as its example quantizes: XNNPACKQuantizer (symmetric, per channel), PT2E calibrated
+    on ``calib``."""
     import warnings
 
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    example = (torch.randn(1, 3, 224, 224),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(model.eval(), (torch.randn(1, 3, 224, 224),))
+        module = model.eval()
+        if calib is not None:
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer, get_symmetric_quantization_config)
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            prepared = prepare_pt2e(torch.export.export(module, example).module(), quantizer)
+            with torch.no_grad():
+                for x in calib.split(1):
+                    prepared(x)
+            module = convert_pt2e(prepared)
+        program = torch.export.export(module, example)
         path.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
                          .to_executorch().buffer)
     return path
@@ -370,7 +394,7 @@ def markdown(r: dict) -> str:
               "faster. On a shared CPU a 1-thread call is either run through or preempted, so the lower quartile "
               "is what each file takes when it has the core. XNNPACK: the delegate nodes of each file and the "
               "ops left to the runtime's own kernels.",
-              "", "ExecuTorch int8: not measured (no int8 `.pte` export on main yet).",
+
               "", "Seconds to write each file: " + ", ".join(f"{k} {v:.0f}" for k, v in r["build_s"].items()) + "."]
     return "\n".join(lines) + "\n"
 
