@@ -1,4 +1,4 @@
-"""Quantization-aware fine-tuning: the fake-quantized model learns the float model's softmax (and the labels, if any)."""
+"""Quantization-aware fine-tuning: the fake-quantized model learns the float model's softmax (and any labels)."""
 from __future__ import annotations
 
 import copy
