@@ -192,7 +192,7 @@ def run_train(args) -> int:
         return 128 + e.signum
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports
-    keys = ("epoch", "train_loss", "val_top1", "val_top5", "ema_val_top1")
+    keys = ("epoch", "train_loss", "val_top1", "val_top5", "ema_val_top1", "int8_float_val_top1", "int8_val_top1")
     print(train.json_line({"run": config.out, **{k: row[k] for k in keys if k in row}}))
     return 0
 

@@ -4,6 +4,7 @@
     optim.py        RMSprop as TensorFlow implements it, parameter groups, the lr schedule, the EMA
     distributed.py  torchrun's process group and the collectives the loop needs
     rundir.py       the run folder: file names, its lock, metrics.jsonl
+    qat.py          int8.safetensors at the end of a run (qat): int8-ready weights fine-tuned with the labels
     console.py      the progress line, Ctrl-C and SIGTERM
     loop.py         setup -> train_one_epoch -> end_epoch over one TrainState
     plots.py        loss.png and accuracy.png
@@ -28,10 +29,10 @@ from .config import (MAX_ALPHA, MAX_RESOLUTION, OPTIMIZERS, RECIPES, SCHEDULERS,
                      check_config, fields, finetune_preset, make_config, preset_applied)
 from .console import Interrupted, Progress, StopRequest
 from .distributed import Dist, init_distributed
-from .loop import NonFiniteLoss, TrainState, end_epoch, run, setup, train_one_epoch
+from .loop import NonFiniteLoss, TrainState, end_epoch, log, run, setup, train_one_epoch
 from .optim import ModelEMA, RMSpropTF, Schedule, make_optimizer, parameter_groups
 from .plots import plot
-from .rundir import BEST, LAST, LOCK, METRICS, RunFolderError, RunLock, json_line, read_metrics
+from .rundir import BEST, LAST, LOCK, METRICS, RunFolderError, RunLock, json_line, read_metrics, write_metrics
 
 __all__ = [
     "BEST", "LAST", "LOCK", "MAX_ALPHA", "MAX_RESOLUTION", "METRICS", "OPTIMIZERS", "RECIPES", "SCHEDULERS",
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 # the settings a resumed run may change: they do not alter what it computes
-RESUME_MAY_CHANGE = ("epochs", "num_workers", "device", "threads", "progress", "plot")
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "device", "threads", "progress", "plot", "qat")
 
 
 def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> dict:
@@ -66,6 +67,12 @@ def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> di
             file = None if not resume else Path(config.out) / LAST if resume is True else Path(resume)
             state = setup(config, dist, device, file)
             row = run(state)
+            if config.qat is not None and dist.main and state.history:
+                from . import qat  # the int8 machinery loads only for runs that ask for it
+
+                row = {**row, **qat.finish(state, lambda message: log(dist, message))}
+                state.history[-1] = row
+                write_metrics(state.out, state.history)
             skipped = state.skips.everywhere(dist)
             if dist.main:
                 if skipped:

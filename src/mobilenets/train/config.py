@@ -140,6 +140,10 @@ class TrainConfig:
     device: str | None = option(None, "cpu, cuda or cuda:N; default cuda when available")
     threads: int | None = option(None, "CPU threads per process; default chosen from the cores, the model and the "
                                        "loader processes (1 for small models)", bound=Bound(1, MAX_THREADS))
+    qat: int | None = option(None, "after training, write int8.safetensors: int8-ready weights (mobilenets.quantize) "
+                                   "fine-tuned for N steps with fake quantization on the labels and the float "
+                                   "model's answers, kept only if int8 val top-1 does not fall (0: post-training "
+                                   "only); default: no int8", bound=Bound(0), metavar="N")
     progress: bool = option(True, "no progress line", flags=("--no-progress",), cli="negate")
     plot: bool = option(True, "no loss/accuracy PNGs at the end", flags=("--no-plot",), cli="negate")
 

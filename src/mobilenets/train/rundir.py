@@ -8,6 +8,7 @@ One run lives in one folder::
                     and on Ctrl-C / SIGTERM (mid-epoch)
     best.pt         the weights with the best val top-1 so far (model only)
     loss.png, accuracy.png   the curves, written at the end and by ``mobilenets plot``
+    int8.safetensors         int8-ready weights of the final model, written at the end with ``qat``
 """
 
 from __future__ import annotations
