@@ -175,5 +175,20 @@ def test_refusals_are_one_line(tmp_path, small):
         executorch.program_summary(bad.read_bytes())
     with pytest.raises(deploy.DeployError, match="cannot export bf16 as executorch"):
         deploy.export(model, tmp_path / "m.pte", precision="bf16")
-    with pytest.raises(deploy.DeployError, match="writes files only"):
-        deploy.compile(model, "fp32", batch_size=2, resolution=RES, backend="executorch")
+    with pytest.raises(deploy.DeployError, match="run fp32 or int8"):
+        deploy.compile(model, "bf16", batch_size=2, resolution=RES, backend="executorch")
+
+
+def test_compile_builds_it_when_named_and_auto_leaves_it_out(small, monkeypatch, tmp_path):
+    """Named, it is an in-process backend at a fixed batch; auto does not spend its lowering time on it."""
+    model, _, x, reference = small
+    predictor = deploy.compile(model, "fp32", batch_size=4, resolution=RES, backend="executorch")
+    assert predictor.backend == "executorch"
+    summary = executorch.program_summary(executorch.pte_bytes(deploy.fold_batchnorm(model), "fp32", [], RES, 4))
+    assert summary["delegates"] == ["XnnpackBackend"] and len(summary["weighted"]) == LAYERS
+    with torch.no_grad():
+        assert deploy.parity(reference, torch.cat([predictor(b) for b in x.split(4)]))["top1_agreement"] == 1.0
+    # an exported file holds one image a call, as apps run it (a dynamic batch cost 2-4%: benchmarks/edge_runtimes.py)
+    assert executorch.runner(deploy.export(model, tmp_path / "m.pte", resolution=RES).read_bytes()).limit == 1
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path / "cache"))
+    assert "executorch" not in deploy.compile(model, "fp32", batch_size=4, resolution=RES).timings

@@ -58,8 +58,8 @@ def test_a_file_the_fresh_process_cannot_run_is_one_clear_error(tmp_path):
 
 
 def test_runtimes_that_cannot_hold_the_precision_or_are_not_device_runtimes_are_refused():
-    with pytest.raises(MobilenetsError, match="cannot export int8 as executorch"):
-        pick.grid(runtime="executorch", precision="int8", alphas=(0.25,), resolutions=(128,))
+    with pytest.raises(MobilenetsError, match="cannot export bf16 as executorch"):
+        pick.grid(runtime="executorch", precision="bf16", alphas=(0.25,), resolutions=(128,))
     with pytest.raises(MobilenetsError, match=r"runtime must be one of \('litert', 'executorch'\).*backend="):
         pick.grid(runtime="onnxruntime", alphas=(0.25,), resolutions=(128,))
     with pytest.raises(MobilenetsError, match="not both"):

@@ -84,7 +84,8 @@ def _read_choices() -> dict:
 def choose(config: dict, folded, precision: str, batches: list[torch.Tensor], batch_size: int,
            resolution: int) -> tuple[str, Run, dict[str, float]]:
     """(backend name, its run, ms per batch of each candidate) of the fastest backend for this request."""
-    candidates = [b for b in backend.available_backends() if backend.backend_supports(b, precision)]
+    candidates = [b for b in backend.available_backends()
+                  if backend.backend_supports(b, precision) and backend.get(b).tried_by_auto]
     key = choice_key(config, precision, batch_size, resolution, candidates)
     cached = _read_choices().get(key)
     if cached and cached["backend"] in candidates:

@@ -80,6 +80,8 @@ class Backend:
     formats: tuple[ExportFormat, ...] = ()
     # False: its files are timed in a fresh process (:mod:`.isolated`), away from what this process has run
     shares_process: bool = True
+    # False: backend="auto" does not build it (too slow to build on every choice); named, it builds
+    tried_by_auto: bool = True
 
     def available(self) -> bool:
         try:

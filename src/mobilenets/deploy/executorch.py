@@ -1,8 +1,11 @@
 """The ExecuTorch backend (extra ``executorch``): a ``.pte`` program with the XNNPACK delegate, run by ExecuTorch.
 
-fp32: the folded model through ``torch.export`` (batch dimension dynamic),
-lowered with ``to_edge_transform_and_lower`` and the XNNPACK partitioner, so
-every convolution (ReLU6 fused as its clamp) runs in XNNPACK.
+fp32: the folded model through ``torch.export`` at a fixed batch (1 in an
+exported file: what an app runs, and what ExecuTorch's own example flow
+writes; a dynamic batch dimension split the graph into two XNNPACK calls and
+cost 2-4% at batch 1), lowered with ``to_edge_transform_and_lower`` and the
+XNNPACK partitioner, so every convolution (ReLU6 fused as its clamp) runs in
+XNNPACK.
 
 int8, from the int8-ready model (:mod:`mobilenets.quantize`, the default):
 PT2E with XNNPACK's quantizer places the quantize/dequantize pairs (int8
@@ -19,13 +22,13 @@ nats, the second 71% at 0.47 (docs/deploy.md has the table and its command).
 
 Every program is checked as written: the XNNPACK delegate holds every
 convolution and the classifier (:func:`program_summary`).  ExecuTorch's
-Python runtime runs it for parity; the program's memory plan bounds the
-batch, so larger inputs run in chunks.
+Python runtime runs it for parity, larger inputs in chunks of the program's batch.
 
 The program runs in any process (an earlier crash was the runner dropping
-the program its method reads, see :class:`_Program`); ``compile``, ``auto`` and
-``benchmark`` still leave this backend out, and ``pick --runtime executorch``
-times files in a fresh process (:mod:`.isolated`).
+the program its method reads, see :class:`_Program`): ``compile`` and
+``benchmark`` build it when asked for by name; ``auto`` does not try it (its
+lowering takes 10-25 s), and ``pick --runtime executorch`` times files in a
+fresh process (:mod:`.isolated`).
 """
 
 from __future__ import annotations
@@ -61,7 +64,10 @@ def _quantizer():
     return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
 
 
-def _export(module, resolution: int):
+def _export(module, resolution: int, batch_size: int | None = None):
+    """``module`` through torch.export: a dynamic batch (for calibrating), or a fixed one (for the program)."""
+    if batch_size is not None:
+        return torch.export.export(module, (example_input(batch_size, resolution),))
     return torch.export.export(module, (example_input(2, resolution),), dynamic_shapes=({0: batch_dim()},))
 
 
@@ -156,8 +162,9 @@ def _range_key(node, convs) -> str:
     raise DeployError(f"cannot place int8 ranges on the exported graph: unexpected {node.target} ({node.name})")
 
 
-def pte_bytes(folded, precision: str, batches: list[torch.Tensor], resolution: int) -> bytes:
-    """The .pte program of ``folded``: fp32, or int8 (with its int8-ready ranges, else XNNPACK's own calibration)."""
+def pte_bytes(folded, precision: str, batches: list[torch.Tensor], resolution: int, batch_size: int = 1) -> bytes:
+    """The .pte program of ``folded`` for ``batch_size`` images a call: fp32, or int8 (with its int8-ready ranges,
+    else XNNPACK's own calibration)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -172,7 +179,7 @@ def pte_bytes(folded, precision: str, batches: list[torch.Tensor], resolution: i
             module = quantize_ready(ready, resolution)
         else:
             module = quantize_plain(folded, batches, resolution)
-        program = _export(module, resolution)
+        program = _export(module, resolution, batch_size)
         data = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
     check_delegated(program_summary(data), len(folded.features) + 1, precision)
     return data
@@ -310,17 +317,18 @@ def runner(data: bytes) -> Run:
 
 class ExecuTorch(Backend):
     name = "executorch"
-    precisions = ()  # files only: compile, auto and benchmark leave it out until its in-process builds are tested
-    refusal = ("backend 'executorch' writes files only: export a .pte (mobilenets export --format executorch) and "
-               "run it with mobilenets.deploy.load_exported")
+    precisions = ("fp32", "int8")
+    refusal = "ExecuTorch's XNNPACK programs run fp32 or int8"
+    tried_by_auto = False  # lowering takes 10-25 s: built when named, not tried on every auto choice
     requires = ("executorch.runtime", "executorch.exir")
+    shares_process = False  # pick --runtime times its files alone, in a fresh process (:mod:`.isolated`)
     formats = (ExportFormat("executorch", ".pte", ("fp32", "int8"), refusal="ExecuTorch files hold fp32 or int8"),)
 
     def describe(self, precision: str) -> str:
         return "ExecuTorch (XNNPACK)" + (", int8 per-channel" if precision == "int8" else "")
 
     def build(self, folded, precision, batches, batch_size, resolution, workdir) -> Run:
-        return runner(pte_bytes(folded, precision, batches, resolution))
+        return runner(pte_bytes(folded, precision, batches, resolution, batch_size))
 
     def save(self, folded, path, format, precision, batches, resolution, **options) -> Path:
         data = pte_bytes(folded, precision, batches, resolution)
