@@ -12,7 +12,8 @@ format                    suffix   precisions
 ``coreml``                .mlpackage  fp16 (default), fp32, int8 weights (a folder; Core ML, Apple only)
 ========================  =======  ====================================================
 
-The batch dimension of every file is dynamic, except Core ML's (one image, as iOS feeds it).
+The batch dimension of every file is dynamic, except Core ML's and ExecuTorch's (one image a call, as
+apps feed them; ``load_exported`` runs a batch image by image).
 A format that no runtime here can run (Core ML) is checked instead: :func:`check_exported`.
 """
 
