@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from predict_throughput import RESULTS, cpu_name, make_folder, run_candidate  # noqa: E402
+from predict_throughput import (RESULTS, cpu_name, make_folder, real_weights_and_calibration,  # noqa: E402
+                                run_candidate)
 
 
 def main() -> int:
@@ -27,21 +28,8 @@ def main() -> int:
     ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "mobilenets-predict-memory"))
     args = ap.parse_args()
-    import real_data
-    from PIL import Image
-
-    from mobilenets import weights as weights_module
-
     work = Path(args.work)
-    weights = work / "real-1.0-224.safetensors"
-    if not weights.is_file():
-        work.mkdir(parents=True, exist_ok=True)
-        weights_module.save(real_data.real_converted(), weights)
-    calib = work / "calibration"
-    if not calib.is_dir():
-        calib.mkdir(parents=True)
-        for k, crop in enumerate(real_data.calibration_crops(64, size=256)):
-            Image.fromarray(crop).save(calib / f"{k:03d}.png")
+    weights, calib = real_weights_and_calibration(work)
     rows = []
     for count in (int(c) for c in args.counts.split(",")):
         folder = make_folder(work / f"n{count}", count, (500, 375), 3)

@@ -79,6 +79,23 @@ def make_folder(folder: Path, count: int, size: tuple[int, int], seed: int) -> P
     return folder
 
 
+def real_weights_and_calibration(work: Path) -> tuple[Path, Path]:
+    """The real 1.0-224 weights as our file, and a folder of 64 calibration crops (never benchmark files)."""
+    import real_data
+    from mobilenets import weights as weights_module
+
+    weights = work / "real-1.0-224.safetensors"
+    if not weights.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        weights_module.save(real_data.real_converted(), weights)
+    calib = work / "calibration"
+    if not calib.is_dir():
+        calib.mkdir(parents=True)
+        for k, crop in enumerate(real_data.calibration_crops(64, size=256)):
+            Image.fromarray(crop).save(calib / f"{k:03d}.png")
+    return weights, calib
+
+
 RUNNERS = {
     "timm": """
 import time, json, resource, torch, timm
@@ -228,20 +245,10 @@ def main() -> int:
     if args.plot_only:
         print(plot(json.loads((RESULTS / f"{args.name}.json").read_text()), RESULTS / f"{args.name}.png"))
         return 0
-    import real_data
-    from mobilenets import weights as weights_module
-
     work = Path(args.work)
     folders = {"imagenet-like 500x375": make_folder(work / "imagenet-like", args.files, (500, 375), 1),
                "phone 4000x3000": make_folder(work / "phone", args.phone_files, (4000, 3000), 2)}
-    weights = work / "real-1.0-224.safetensors"
-    if not weights.is_file():
-        weights_module.save(real_data.real_converted(), weights)
-    calib = work / "calibration"
-    if not calib.is_dir():
-        calib.mkdir(parents=True)
-        for k, crop in enumerate(real_data.calibration_crops(64, size=256)):
-            Image.fromarray(crop).save(calib / f"{k:03d}.png")
+    weights, calib = real_weights_and_calibration(work)
     candidates = args.candidates.split(",")
     command = "nice -n 0 .venv/bin/python " + " ".join(["benchmarks/predict_throughput.py", *sys.argv[1:]])
     before = os.getloadavg()

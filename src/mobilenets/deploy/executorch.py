@@ -84,21 +84,11 @@ def quantize_plain(folded, batches: list[torch.Tensor], resolution: int):
 
 def saturating_graph(ready) -> FoldedMobileNet:
     """The int8-ready float graph with ReLU in place of each (per-channel) clip: int8 saturation clips instead."""
-    layers = []
-    for i, layer in enumerate(ready.folded.features):
-        clip = float(_clamp(layer).min())
-        top = ready.ranges[f"features.{i}"][1]
-        if clip < top - 1e-6:
-            raise DeployError(f"features.{i}: the activation range (top {top:.4g}) exceeds the layer's clip "
-                              f"({clip:.4g}); prepare the int8 weights again (mobilenets.quantize.prepare_int8)")
-        layers.append(FoldedConv(copy.deepcopy(layer.conv), layer.tf_pad, None))
+    from ..quantize import scalar_clips
+
+    scalar_clips(ready.folded, ready.ranges)  # no range reaches past its layer's clip
+    layers = [FoldedConv(copy.deepcopy(layer.conv), layer.tf_pad, None) for layer in ready.folded.features]
     return FoldedMobileNet(layers, copy.deepcopy(ready.folded.classifier)).eval()
-
-
-def _clamp(layer) -> torch.Tensor:
-    from ..quantize import sim
-
-    return sim.clamp_of(layer, layer.conv.out_channels)
 
 
 def quantize_ready(ready, resolution: int):

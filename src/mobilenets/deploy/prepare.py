@@ -44,15 +44,11 @@ def single_clip(folded: FoldedMobileNet) -> FoldedMobileNet:
     ready = getattr(folded, "int8_ready", None)
     if ready is None:
         return folded
-    from ..quantize import sim
+    from ..quantize import scalar_clips
 
-    layers = []
-    for i, layer in enumerate(ready.folded.features):
-        clamp = float(sim.clamp_of(layer, layer.conv.out_channels).min())
-        if ready.ranges[f"features.{i}"][1] > clamp * (1 + 1e-6):
-            raise DeployError(f"int8 range of layer {i} ({ready.ranges[f'features.{i}'][1]:.4g}) exceeds its "
-                              f"smallest ReLU6 clip ({clamp:.4g}); prepare the weights again (mobilenets quantize)")
-        layers.append(FoldedConv(layer.conv, layer.tf_pad, clamp if math.isfinite(clamp) else None))
+    clips = scalar_clips(ready.folded, ready.ranges)
+    layers = [FoldedConv(layer.conv, layer.tf_pad, clip if math.isfinite(clip) else None)
+              for layer, clip in zip(ready.folded.features, clips)]
     out = FoldedMobileNet(layers, ready.folded.classifier).eval()
     out.int8_ready = ready
     return out

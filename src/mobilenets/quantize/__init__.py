@@ -61,6 +61,25 @@ class Int8Ready:
                 "report": self.report}
 
 
+def scalar_clips(folded: FoldedMobileNet, ranges: dict) -> list[float]:
+    """Each layer's smallest ReLU6 clip (inf for ReLU), checked to lie at or above the top of its int8 range.
+
+    After equalization the clip differs per channel.  Runtimes that fuse one clip per layer, or let int8
+    saturation do the clipping, run the same int8 graph only because calibration caps every layer's range
+    at its smallest clip; ranges from elsewhere that reach past it are refused.
+    """
+    clips = []
+    for i, layer in enumerate(folded.features):
+        clip = float(sim.clamp_of(layer, layer.conv.out_channels).min())
+        top = float(ranges[f"features.{i}"][1])
+        if clip < top - 1e-6:
+            raise QuantizeError(f"features.{i}: the int8 activation range (top {top:.4g}) exceeds the layer's "
+                                f"smallest ReLU6 clip ({clip:.4g}); prepare the int8 weights again "
+                                f"(mobilenets quantize)")
+        clips.append(clip)
+    return clips
+
+
 def _check(model) -> None:
     if not isinstance(model, MobileNetV1):
         raise QuantizeError(f"model must be a mobilenets MobileNetV1 (mobilenets.load or mobilenet_v1), "
@@ -219,4 +238,4 @@ def to_qdq_onnx(ready: Int8Ready, path, *, resolution: int | None = None) -> Pat
     return write_qdq_onnx(ready.folded, ready.ranges, path, resolution=resolution or ready.resolution)
 
 
-__all__ = ["Int8Ready", "QuantizeError", "prepare_int8", "save", "from_model", "to_model", "to_qdq_onnx"]
+__all__ = ["Int8Ready", "QuantizeError", "prepare_int8", "scalar_clips", "save", "from_model", "to_model", "to_qdq_onnx"]
