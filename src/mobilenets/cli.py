@@ -702,8 +702,8 @@ def add_predict(sub) -> None:
     p.add_argument("--workers", type=_workers(), default=None,
                    help="image decoding processes (default: one per core but one; 0 decodes in this process)")
     p.add_argument("--draft", action="store_true",
-                   help="decode JPEGs at the smallest DCT scale still >= the resize size: several times faster on "
-                        "large photos, but it changed 1 answer in 120 on phone-size ones (default: exact decoding)")
+                   help="decode JPEGs at the smallest DCT scale still >= twice the resize size: about 7x faster "
+                        "on phone-size photos, but it changed 1 answer in 100 there (default: exact decoding)")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per image: {"image", "top": [{"class_index", "label", "probability"}]}')
     p.add_argument("-q", "--quiet", action="store_true", help="no download progress on stderr")

@@ -55,7 +55,7 @@ class _Decode(torch.utils.data.Dataset):
         self.sources = sources
         self.resolution = resolution
         self.normalization = normalization
-        self.min_side = images.resize_size(resolution) if draft else None
+        self.min_side = images.draft_side(resolution) if draft else None
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -83,8 +83,8 @@ def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
 
     ``workers``: decoding processes (default :func:`default_workers`; 0
     decodes here).  ``draft``: let JPEGs decode at a reduced scale that still
-    leaves the shorter side at least the resize size (exact preprocessing
-    otherwise; see the README for its effect on the answers).
+    leaves the shorter side at least twice the resize size (:func:`images.draft_side`; exact
+    preprocessing otherwise).
     """
     if workers is None:
         workers = default_workers(len(sources), batch_size)

@@ -132,7 +132,8 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     :func:`deploy.compile`'s "auto") choose how the model runs; int8 needs
     ``calibration`` (see :func:`deploy.compile`).  ``workers`` decoding
     processes (default from the cores); ``draft=True`` decodes JPEGs at a reduced DCT scale (faster
-    on large photos; off by default: on phone-size photos it changed 1 answer in 120).
+    on large photos; off by default: on phone-size photos it changed 1 answer in 100, see
+    :func:`images.draft_side`).
     A file named directly that cannot be decoded is an error; one found in a
     folder is skipped with a warning.
     """
