@@ -19,12 +19,12 @@ Reported per candidate: setup (import, model build, compile), the steady images/
 - keras: keras.utils.image_dataset_from_directory + keras.applications.MobileNet
   .predict (TensorFlow backend).
 - mobilenets fp32 / int8: mobilenets.predict.predict on the folder (its
-  defaults: decoding workers, JPEG draft decoding, deploy.compile's fastest
+  defaults: decoding workers, exact JPEG decoding, deploy.compile's fastest
   runtime; int8 calibrated on 64 crops of the same photos, never the
   benchmark files).
 
---draft-check also measures what JPEG draft decoding does to the answers:
-top-1 agreement of predict with and without it on both folders.
+What JPEG draft decoding (predict --draft, off by default) does to the answers is
+measured by benchmarks/jpeg_draft.py.
 """
 
 from __future__ import annotations
@@ -191,17 +191,6 @@ def run_candidate(name: str, folder: Path, weights: Path, calib: Path) -> dict:
     return r
 
 
-def draft_agreement(folder: Path, weights: Path) -> dict:
-    import mobilenets
-    from mobilenets.predict import predict
-
-    model = mobilenets.load(weights)
-    exact = [r.top[0]["class_index"] for r in predict(model, folder, topk=1, draft=False, backend="eager")]
-    draft = [r.top[0]["class_index"] for r in predict(model, folder, topk=1, draft=True, backend="eager")]
-    same = sum(a == b for a, b in zip(exact, draft))
-    return {"images": len(exact), "top1_agreement": same / len(exact)}
-
-
 def plot(result: dict, path: Path) -> Path:
     """Steady and end-to-end images/s per candidate, one panel per folder, each on its own linear scale."""
     import matplotlib
@@ -237,7 +226,6 @@ def main() -> int:
     ap.add_argument("--phone-files", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--candidates", default=",".join(RUNNERS))
-    ap.add_argument("--draft-check", action="store_true")
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "mobilenets-predict-bench"))
     ap.add_argument("--name", default="predict_throughput")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON of --name")
@@ -278,8 +266,6 @@ def main() -> int:
     result = {"command": command, "cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "loadavg_before": before, "loadavg_after": os.getloadavg(), "files": args.files,
               "phone_files": args.phone_files, "rounds": args.rounds, "summary": summary, "runs": runs}
-    if args.draft_check:
-        result["draft"] = {f: draft_agreement(folder, weights) for f, folder in folders.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Image files to labels, end to end ({result['date']})", "",
@@ -300,9 +286,6 @@ def main() -> int:
             lines.append(f"| {fname} | {c} | {r['images_per_s']:.1f} | {ratio} | {r['end_to_end_images_per_s']:.1f} | "
                          f"{r['setup_s']:.1f} | "
                          f"{r['maxrss_mb']:.0f} / {r['children_maxrss_mb']:.0f} |")
-    if "draft" in result:
-        lines += ["", "JPEG draft decoding vs exact decoding, top-1 agreement of predict (real weights):", ""]
-        lines += [f"- {f}: {d['top1_agreement']:.2%} of {d['images']} images" for f, d in result["draft"].items()]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     plot(result, RESULTS / f"{args.name}.png")
     print("\n".join(lines))
