@@ -55,6 +55,7 @@ from .machine import DeployError
 INT32_MAX = 2 ** 31 - 1
 # XNNPACK graph nodes that multiply by weights: what must run in the delegate, quantized for int8
 WEIGHTED_NODES = ("XNNConv2d", "XNNDepthwiseConv2d", "XNNFullyConnected")
+PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
 
 
 def _quantizer():
@@ -118,7 +119,49 @@ def quantize_ready(ready, resolution: int):
         prepared(example_input(1, resolution))  # only the weight observers record anything
     for node in weighted:
         _floor_weight_scale(prepared, node)
+    _quantize_before_pads(prepared)
     return convert_pt2e(prepared)
+
+
+def _quantize_before_pads(prepared) -> None:
+    """Leave each zero pad (TF's SAME at stride 2) between a dequantize and its convolution, so XNNPACK pads int8.
+
+    XNNPACK's quantizer observes a pad's output on its own, and ExecuTorch
+    lowers a pad standing alone only in float: the program dequantized each
+    stride-2 input, padded it in float and quantized it again (8 of its 10
+    conversions, on the largest tensors; at 1.0-224 a sixth of its time,
+    benchmarks/edge_runtimes.py).  ExecuTorch's own example flow writes the
+    same.  With the pad's input quantized and its output not, ExecuTorch
+    keeps the pad in the convolution's int8 partition and XNNPACK folds it
+    into the convolution's padding.  Exact: the pad's output has its input's
+    range (:func:`_range_key`), which holds 0, so a zero pad lands on the
+    zero point either way; a pad between two different ranges is left alone.
+    """
+    from torchao.quantization.pt2e.observer import ObserverBase
+
+    def observer(node) -> bool:
+        return node.op == "call_module" and isinstance(getattr(prepared, node.target), ObserverBase)
+
+    def qparams(node) -> tuple[float, ...]:
+        return tuple(float(t) for t in getattr(prepared, node.target).calculate_qparams())
+
+    graph = prepared.graph
+    for pad in [n for n in graph.nodes if n.target in PADS]:
+        users = list(pad.users)
+        if len(users) != 1 or not observer(users[0]) or not _zero_pad(pad):
+            continue
+        after, before = users[0], pad.args[0]
+        if observer(before):  # the same range twice: the one before the pad stands for both
+            if qparams(before) != qparams(after):
+                continue
+            after.replace_all_uses_with(pad)
+            graph.erase_node(after)
+        else:  # the network's input: quantized before it is padded
+            after.replace_all_uses_with(pad)
+            after.args = (before,)
+            pad.args = (after, *pad.args[1:])
+            pad.prepend(after)
+    prepared.recompile()
 
 
 def _floor_weight_scale(prepared, node) -> None:
@@ -134,6 +177,13 @@ def _floor_weight_scale(prepared, node) -> None:
     observer.min_val.copy_(torch.minimum(observer.min_val, -floor))
 
 
+def _zero_pad(node) -> bool:
+    """Whether a pad node pads with zeros (aten.pad: x, pad, mode, value; aten.constant_pad_nd: x, pad, value)."""
+    names = ("mode", "value") if node.target == torch.ops.aten.pad.default else ("value",)
+    given = dict(zip(names, node.args[2:])) | {k: v for k, v in node.kwargs.items() if k in names}
+    return given.get("mode", "constant") == "constant" and not given.get("value")
+
+
 def _range_key(node, convs) -> str:
     """Which of our ranges ("input", "features.<i>", "pool", "logits") the tensor ``node`` produces."""
     while node.op == "call_module":  # an observer: its input's range
@@ -146,8 +196,7 @@ def _range_key(node, convs) -> str:
         return "pool"
     if node.target == torch.ops.aten.linear.default:
         return "logits"
-    if node.target in (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default,
-                       torch.ops.aten.flatten.using_ints):
+    if node.target in (*PADS, torch.ops.aten.flatten.using_ints):
         return _range_key(node.args[0], convs)  # zero padding and flattening keep their input's range
     raise DeployError(f"cannot place int8 ranges on the exported graph: unexpected {node.target} ({node.name})")
 
