@@ -3,6 +3,7 @@ by ExecuTorch's runtime, on a small model and on the real 1.0-224 weights."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -72,6 +73,27 @@ def test_small_model_fp32_runs_in_xnnpack(small, small_fp32):
     spread = float((reference - reference.mean(0)).abs().max())
     # measured 2e-5 of a spread of 2-3: float reassociation only
     assert spread > 0.1 and float((out - reference).abs().max()) <= 1e-4 * spread
+
+
+def test_the_file_tells_an_app_its_input_and_labels(small, small_fp32, tmp_path):
+    """Resolution, normalization and labels ride in the program as ExecuTorch's constant methods."""
+    model = small[0]
+    constants = executorch.read_constants(small_fp32.read_bytes())
+    # a model without names or normalization of its own: classes 0..9, TF-slim's x / 127.5 - 1
+    assert constants["resolution"] == RES and constants["labels"] == [str(i) for i in range(10)]
+    assert constants["mean"] == constants["std"] == [0.5, 0.5, 0.5]
+    described = json.loads(constants["mobilenets"])
+    assert (described["alpha"], described["num_classes"], described["precision"]) == (0.25, 10, "fp32")
+    named = copy.deepcopy(model)
+    names = [f"digit {i}" for i in range(10)]
+    named.meta = {**(getattr(model, "meta", None) or {}), "labels": names,
+                  "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+    constants = executorch.read_constants(deploy.export(named, tmp_path / "n.pte", resolution=RES).read_bytes())
+    assert constants["labels"] == names
+    assert constants["mean"] == pytest.approx([0.485, 0.456, 0.406]) and constants["std"] == pytest.approx(
+        [0.229, 0.224, 0.225])
+    # the program still runs one image a call, all of it in XNNPACK
+    assert_all_in_xnnpack(executorch.program_summary(small_fp32.read_bytes()))
 
 
 def test_a_runner_outlives_the_bytes_it_was_given(small, small_fp32, tmp_path):

@@ -50,12 +50,14 @@ from ..checkpoint import atomic_write
 from ..folding import FoldedConv, FoldedMobileNet
 from .backend import Backend, ExportFormat, Run, batch_dim
 from .calibration import as_input, example_input
+from .coreml import class_labels, normalization_of, num_classes_of  # the rules Core ML's package follows too
 from .machine import DeployError
 
 INT32_MAX = 2 ** 31 - 1
 # XNNPACK graph nodes that multiply by weights: what must run in the delegate, quantized for int8
 WEIGHTED_NODES = ("XNNConv2d", "XNNDepthwiseConv2d", "XNNFullyConnected")
 PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
+SINGLE_CONSTANTS = ("resolution", "mobilenets")  # constant methods returning one value (the others: a list)
 
 
 def _quantizer():
@@ -201,9 +203,10 @@ def _range_key(node, convs) -> str:
     raise DeployError(f"cannot place int8 ranges on the exported graph: unexpected {node.target} ({node.name})")
 
 
-def pte_bytes(folded, precision: str, batches: list[torch.Tensor], resolution: int, batch_size: int = 1) -> bytes:
+def pte_bytes(folded, precision: str, batches: list[torch.Tensor], resolution: int, batch_size: int = 1,
+              metadata: dict | None = None) -> bytes:
     """The .pte program of ``folded`` for ``batch_size`` images a call: fp32, or int8 (with its int8-ready ranges,
-    else XNNPACK's own calibration)."""
+    else XNNPACK's own calibration); with ``metadata``, also the methods :func:`constant_methods` gives."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -219,9 +222,41 @@ def pte_bytes(folded, precision: str, batches: list[torch.Tensor], resolution: i
         else:
             module = quantize_plain(folded, batches, resolution)
         program = _export(module, resolution, batch_size)
-        data = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+        constants = None if metadata is None else constant_methods(metadata, resolution, precision,
+                                                                    num_classes_of(folded))
+        data = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                           constant_methods=constants).to_executorch().buffer
     check_delegated(program_summary(data), len(folded.features) + 1, precision)
     return data
+
+
+def constant_methods(metadata: dict, resolution: int, precision: str, num_classes: int) -> dict:
+    """Methods of the program that return what an app needs beside ``forward``, as ExecuTorch stores constants.
+
+    ``resolution`` (int), ``mean`` and ``std`` (3 floats: the input is
+    (pixel / 255 - mean[c]) / std[c], RGB, NCHW), ``labels`` (the class
+    names, ImageNet's for 1000 classes without names of their own), and
+    ``mobilenets``: the JSON a LiteRT file carries under that name.
+    ``Module::execute("labels")`` returns them in C++, ``load_method("labels").execute([])`` in Python.
+    """
+    mean, std = normalization_of(metadata)
+    labels = class_labels(metadata, num_classes)
+    described = {**metadata, "resolution": int(resolution), "layout": "NCHW", "precision": precision}
+    out = {"resolution": int(resolution), "mean": list(mean), "std": list(std),
+           "mobilenets": json.dumps(described)}
+    if labels is not None:
+        out["labels"] = [str(v) for v in labels]
+    return out
+
+
+def read_constants(data: bytes) -> dict:
+    """The program's constant methods (:func:`constant_methods`) as ExecuTorch's runtime returns them."""
+    program = _Program(data)
+    out = {}
+    for name in sorted(program.program.method_names - {"forward"}):
+        values = program.program.load_method(name).execute([])
+        out[name] = values[0] if name in SINGLE_CONSTANTS else values
+    return out
 
 
 def check_delegated(summary: dict, weighted: int, precision: str) -> None:
@@ -258,7 +293,7 @@ def program_summary(data: bytes) -> dict:
             from None
     try:
         program = deserialize_pte_binary(bytes(data)).program
-        plan = program.execution_plan[0]
+        plan = next(p for p in program.execution_plan if p.name == "forward")
     except Exception as e:  # a damaged file fails anywhere in the flatbuffer reader, with any exception
         raise DeployError(f"not an ExecuTorch program: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
@@ -361,7 +396,8 @@ class ExecuTorch(Backend):
     tried_by_auto = False  # lowering takes 10-25 s: built when named, not tried on every auto choice
     requires = ("executorch.runtime", "executorch.exir")
     shares_process = False  # pick --runtime times its files alone, in a fresh process (:mod:`.isolated`)
-    formats = (ExportFormat("executorch", ".pte", ("fp32", "int8"), refusal="ExecuTorch files hold fp32 or int8"),)
+    formats = (ExportFormat("executorch", ".pte", ("fp32", "int8"), refusal="ExecuTorch files hold fp32 or int8",
+                            options=("metadata",)),)
 
     def describe(self, precision: str) -> str:
         return "ExecuTorch (XNNPACK)" + (", int8 per-channel" if precision == "int8" else "")
@@ -369,8 +405,8 @@ class ExecuTorch(Backend):
     def build(self, folded, precision, batches, batch_size, resolution, workdir) -> Run:
         return runner(pte_bytes(folded, precision, batches, resolution, batch_size))
 
-    def save(self, folded, path, format, precision, batches, resolution, **options) -> Path:
-        data = pte_bytes(folded, precision, batches, resolution)
+    def save(self, folded, path, format, precision, batches, resolution, *, metadata=None) -> Path:
+        data = pte_bytes(folded, precision, batches, resolution, metadata=metadata or {})
         return atomic_write(Path(path), lambda f: f.write(data))
 
     def load(self, path, format) -> Run:
