@@ -236,12 +236,13 @@ def constant_methods(metadata: dict, resolution: int, precision: str, num_classe
     ``resolution`` (int), ``mean`` and ``std`` (3 floats: the input is
     (pixel / 255 - mean[c]) / std[c], RGB, NCHW), ``labels`` (the class
     names, ImageNet's for 1000 classes without names of their own), and
-    ``mobilenets``: the JSON a LiteRT file carries under that name.
+    ``mobilenets``: the JSON a LiteRT file carries under that name, less the labels (once is enough).
     ``Module::execute("labels")`` returns them in C++, ``load_method("labels").execute([])`` in Python.
     """
     mean, std = normalization_of(metadata)
     labels = class_labels(metadata, num_classes)
-    described = {**metadata, "resolution": int(resolution), "layout": "NCHW", "precision": precision}
+    described = {**{k: v for k, v in metadata.items() if k != "labels"}, "resolution": int(resolution),
+                 "layout": "NCHW", "precision": precision}
     out = {"resolution": int(resolution), "mean": list(mean), "std": list(std),
            "mobilenets": json.dumps(described)}
     if labels is not None:
