@@ -185,7 +185,8 @@ def pte_coverage(path: Path) -> str:
     """What the program's instructions are: XNNPACK delegate calls, and the portable kernels between them."""
     from executorch.exir._serialize._program import deserialize_pte_binary  # the only reader of a .pte's plan
 
-    plan = deserialize_pte_binary(path.read_bytes()).program.execution_plan[0]
+    plans = deserialize_pte_binary(path.read_bytes()).program.execution_plan
+    plan = next(p for p in plans if p.name == "forward")  # the others return constants (labels, resolution ...)
     calls = [i.instr_args for i in plan.chains[0].instructions]
     delegated = sum(1 for c in calls if type(c).__name__ == "DelegateCall")
     kernels = [plan.operators[c.op_index].name for c in calls if type(c).__name__ == "KernelCall"]

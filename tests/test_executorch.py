@@ -3,6 +3,7 @@ by ExecuTorch's runtime, on a small model and on the real 1.0-224 weights."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -74,6 +75,27 @@ def test_small_model_fp32_runs_in_xnnpack(small, small_fp32):
     assert spread > 0.1 and float((out - reference).abs().max()) <= 1e-4 * spread
 
 
+def test_the_file_tells_an_app_its_input_and_labels(small, small_fp32, tmp_path):
+    """Resolution, normalization and labels ride in the program as ExecuTorch's constant methods."""
+    model = small[0]
+    constants = executorch.read_constants(small_fp32.read_bytes())
+    # a model without names or normalization of its own: classes 0..9, TF-slim's x / 127.5 - 1
+    assert constants["resolution"] == RES and constants["labels"] == [str(i) for i in range(10)]
+    assert constants["mean"] == constants["std"] == [0.5, 0.5, 0.5]
+    described = json.loads(constants["mobilenets"])
+    assert (described["alpha"], described["num_classes"], described["precision"]) == (0.25, 10, "fp32")
+    named = copy.deepcopy(model)
+    names = [f"digit {i}" for i in range(10)]
+    named.meta = {**(getattr(model, "meta", None) or {}), "labels": names,
+                  "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+    constants = executorch.read_constants(deploy.export(named, tmp_path / "n.pte", resolution=RES).read_bytes())
+    assert constants["labels"] == names
+    assert constants["mean"] == pytest.approx([0.485, 0.456, 0.406]) and constants["std"] == pytest.approx(
+        [0.229, 0.224, 0.225])
+    # the program still runs one image a call, all of it in XNNPACK
+    assert_all_in_xnnpack(executorch.program_summary(small_fp32.read_bytes()))
+
+
 def test_a_runner_outlives_the_bytes_it_was_given(small, small_fp32, tmp_path):
     """ExecuTorch's Method does not keep its Program alive; a runner that kept only the method read freed memory.
 
@@ -117,6 +139,33 @@ def test_small_model_int8_export_command(small, tmp_path, capsys):
     assert report["mean_kl"] == pytest.approx(deploy.parity(given, logits)["mean_kl"], rel=1e-5)
 
 
+def test_tf_padding_stays_int8_inside_the_convolutions(small, tmp_path, monkeypatch):
+    """TF's SAME padding (the released weights') pads int8 next to its convolution, not in float between them.
+
+    XNNPACK's quantizer alone gives each pad a dequantize before and a quantize after (2 conversions per
+    stride-2 layer on the largest tensors: 2.5 against 2.1 ms at 1.0-224, benchmarks/edge_runtimes.py); the file
+    must convert only its float input and its float logits, and compute exactly what that file computed."""
+    import dataclasses
+
+    model, batches, x, _ = small
+    tf_model = type(model)(dataclasses.replace(model.config, padding="tf_same")).eval()
+    tf_model.load_state_dict(model.state_dict())
+    ready = quantize.prepare_int8(tf_model, batches)
+    with_pads = quantize.to_model(ready, tf_model)
+    path = deploy.export(with_pads, tmp_path / "q.pte", precision="int8", calibration=batches, resolution=RES)
+    summary = executorch.program_summary(path.read_bytes())
+    assert_all_in_xnnpack(summary)
+    assert weighted_types(summary) == INT8
+    kinds = summary["xnnpack_nodes"]
+    assert kinds["XNNStaticConstantPad"] == 5 and kinds["XNNConvert"] == 2, kinds  # 1 + 4 stride-2 depthwise
+    logits = deploy.load_exported(path)(x)
+    assert deploy.parity(ready.simulate(x), logits)["cosine"] >= 0.997
+    monkeypatch.setattr(executorch, "_quantize_before_pads", lambda prepared: None)
+    float_pads = deploy.export(with_pads, tmp_path / "f.pte", precision="int8", calibration=batches, resolution=RES)
+    assert executorch.program_summary(float_pads.read_bytes())["xnnpack_nodes"]["XNNConvert"] == 10
+    assert torch.equal(deploy.load_exported(float_pads)(x), logits)
+
+
 def test_small_model_plain_int8_is_xnnpacks_own_calibration(small, tmp_path):
     model, batches, x, reference = small
     path = deploy.export(model, tmp_path / "p.pte", precision="int8", calibration=batches, resolution=RES,
@@ -149,6 +198,7 @@ def test_real_weights_fp32_and_int8(tmp_path):
     assert_all_in_xnnpack(summary)
     assert weighted_types(summary) == INT8
     assert_our_ranges(summary, ready.ranges)
+    assert summary["xnnpack_nodes"]["XNNConvert"] == 2  # float in, float out: TF's pads stay int8
     assert int8.stat().st_size < 0.3 * fp32.stat().st_size  # int8 weights: a quarter of the float file
     measured = deploy.parity(reference, deploy.load_exported(int8)(x))
     # measured on these crops: 95.3% agreement, mean KL 0.0138 nats (XNNPACK's own calibration: ~71%, ~0.45)

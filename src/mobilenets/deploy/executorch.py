@@ -14,11 +14,16 @@ activation observer is replaced by the fixed scale and zero point of our
 range for that point, so XNNPACK runs the graph :meth:`Int8Ready.simulate`
 computes.  After equalization ReLU6's clip differs per channel, but it is
 never below the top of its layer's range, so the graph keeps only ReLU (fused
-into each convolution) and int8 saturation at the range's top is the clip.
+into each convolution) and int8 saturation at the range's top is the clip;
+TF's SAME pads stay int8, folded into their convolutions by XNNPACK
+(:func:`_quantize_before_pads`: 1.2x the example flow's speed at 1.0-224).
 ``int8="plain"``: XNNPACK's quantizer with its own observers on the
 calibration batches (ExecuTorch's example flow).  On the real 1.0-224 weights
 the first keeps 94% of the float model's top-1 answers at a mean KL of 0.014
 nats, the second 71% at 0.47 (docs/deploy.md has the table and its command).
+
+Beside ``forward``, a program returns its resolution, normalization, labels
+and description from constant methods (:func:`constant_methods`).
 
 Every program is checked as written: the XNNPACK delegate holds every
 convolution and the classifier (:func:`program_summary`).  ExecuTorch's
@@ -50,11 +55,14 @@ from ..checkpoint import atomic_write
 from ..folding import FoldedConv, FoldedMobileNet
 from .backend import Backend, ExportFormat, Run, batch_dim
 from .calibration import as_input, example_input
+from .coreml import class_labels, normalization_of, num_classes_of  # the rules Core ML's package follows too
 from .machine import DeployError
 
 INT32_MAX = 2 ** 31 - 1
 # XNNPACK graph nodes that multiply by weights: what must run in the delegate, quantized for int8
 WEIGHTED_NODES = ("XNNConv2d", "XNNDepthwiseConv2d", "XNNFullyConnected")
+PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
+SINGLE_CONSTANTS = ("resolution", "mobilenets")  # constant methods returning one value (the others: a list)
 
 
 def _quantizer():
@@ -118,7 +126,49 @@ def quantize_ready(ready, resolution: int):
         prepared(example_input(1, resolution))  # only the weight observers record anything
     for node in weighted:
         _floor_weight_scale(prepared, node)
+    _quantize_before_pads(prepared)
     return convert_pt2e(prepared)
+
+
+def _quantize_before_pads(prepared) -> None:
+    """Leave each zero pad (TF's SAME at stride 2) between a dequantize and its convolution, so XNNPACK pads int8.
+
+    XNNPACK's quantizer observes a pad's output on its own, and ExecuTorch
+    lowers a pad standing alone only in float: the program dequantized each
+    stride-2 input, padded it in float and quantized it again (8 of its 10
+    conversions, on the largest tensors; at 1.0-224 a sixth of its time,
+    benchmarks/edge_runtimes.py).  ExecuTorch's own example flow writes the
+    same.  With the pad's input quantized and its output not, ExecuTorch
+    keeps the pad in the convolution's int8 partition and XNNPACK folds it
+    into the convolution's padding.  Exact: the pad's output has its input's
+    range (:func:`_range_key`), which holds 0, so a zero pad lands on the
+    zero point either way; a pad between two different ranges is left alone.
+    """
+    from torchao.quantization.pt2e.observer import ObserverBase
+
+    def observer(node) -> bool:
+        return node.op == "call_module" and isinstance(getattr(prepared, node.target), ObserverBase)
+
+    def qparams(node) -> tuple[float, ...]:
+        return tuple(float(t) for t in getattr(prepared, node.target).calculate_qparams())
+
+    graph = prepared.graph
+    for pad in [n for n in graph.nodes if n.target in PADS]:
+        users = list(pad.users)
+        if len(users) != 1 or not observer(users[0]) or not _zero_pad(pad):
+            continue
+        after, before = users[0], pad.args[0]
+        if observer(before):  # the same range twice: the one before the pad stands for both
+            if qparams(before) != qparams(after):
+                continue
+            after.replace_all_uses_with(pad)
+            graph.erase_node(after)
+        else:  # the network's input: quantized before it is padded
+            after.replace_all_uses_with(pad)
+            after.args = (before,)
+            pad.args = (after, *pad.args[1:])
+            pad.prepend(after)
+    prepared.recompile()
 
 
 def _floor_weight_scale(prepared, node) -> None:
@@ -134,6 +184,13 @@ def _floor_weight_scale(prepared, node) -> None:
     observer.min_val.copy_(torch.minimum(observer.min_val, -floor))
 
 
+def _zero_pad(node) -> bool:
+    """Whether a pad node pads with zeros (aten.pad: x, pad, mode, value; aten.constant_pad_nd: x, pad, value)."""
+    names = ("mode", "value") if node.target == torch.ops.aten.pad.default else ("value",)
+    given = dict(zip(names, node.args[2:])) | {k: v for k, v in node.kwargs.items() if k in names}
+    return given.get("mode", "constant") == "constant" and not given.get("value")
+
+
 def _range_key(node, convs) -> str:
     """Which of our ranges ("input", "features.<i>", "pool", "logits") the tensor ``node`` produces."""
     while node.op == "call_module":  # an observer: its input's range
@@ -146,15 +203,15 @@ def _range_key(node, convs) -> str:
         return "pool"
     if node.target == torch.ops.aten.linear.default:
         return "logits"
-    if node.target in (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default,
-                       torch.ops.aten.flatten.using_ints):
+    if node.target in (*PADS, torch.ops.aten.flatten.using_ints):
         return _range_key(node.args[0], convs)  # zero padding and flattening keep their input's range
     raise DeployError(f"cannot place int8 ranges on the exported graph: unexpected {node.target} ({node.name})")
 
 
-def pte_bytes(folded, precision: str, batches: list[torch.Tensor], resolution: int, batch_size: int = 1) -> bytes:
+def pte_bytes(folded, precision: str, batches: list[torch.Tensor], resolution: int, batch_size: int = 1,
+              metadata: dict | None = None) -> bytes:
     """The .pte program of ``folded`` for ``batch_size`` images a call: fp32, or int8 (with its int8-ready ranges,
-    else XNNPACK's own calibration)."""
+    else XNNPACK's own calibration); with ``metadata``, also the methods :func:`constant_methods` gives."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -170,9 +227,42 @@ def pte_bytes(folded, precision: str, batches: list[torch.Tensor], resolution: i
         else:
             module = quantize_plain(folded, batches, resolution)
         program = _export(module, resolution, batch_size)
-        data = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+        constants = None if metadata is None else constant_methods(metadata, resolution, precision,
+                                                                    num_classes_of(folded))
+        data = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                           constant_methods=constants).to_executorch().buffer
     check_delegated(program_summary(data), len(folded.features) + 1, precision)
     return data
+
+
+def constant_methods(metadata: dict, resolution: int, precision: str, num_classes: int) -> dict:
+    """Methods of the program that return what an app needs beside ``forward``, as ExecuTorch stores constants.
+
+    ``resolution`` (int), ``mean`` and ``std`` (3 floats: the input is
+    (pixel / 255 - mean[c]) / std[c], RGB, NCHW), ``labels`` (the class
+    names, ImageNet's for 1000 classes without names of their own), and
+    ``mobilenets``: the JSON a LiteRT file carries under that name, less the labels (once is enough).
+    ``Module::execute("labels")`` returns them in C++, ``load_method("labels").execute([])`` in Python.
+    """
+    mean, std = normalization_of(metadata)
+    labels = class_labels(metadata, num_classes)
+    described = {**{k: v for k, v in metadata.items() if k != "labels"}, "resolution": int(resolution),
+                 "layout": "NCHW", "precision": precision}
+    out = {"resolution": int(resolution), "mean": list(mean), "std": list(std),
+           "mobilenets": json.dumps(described)}
+    if labels is not None:
+        out["labels"] = [str(v) for v in labels]
+    return out
+
+
+def read_constants(data: bytes) -> dict:
+    """The program's constant methods (:func:`constant_methods`) as ExecuTorch's runtime returns them."""
+    program = _Program(data)
+    out = {}
+    for name in sorted(program.program.method_names - {"forward"}):
+        values = program.program.load_method(name).execute([])
+        out[name] = values[0] if name in SINGLE_CONSTANTS else values
+    return out
 
 
 def check_delegated(summary: dict, weighted: int, precision: str) -> None:
@@ -209,7 +299,7 @@ def program_summary(data: bytes) -> dict:
             from None
     try:
         program = deserialize_pte_binary(bytes(data)).program
-        plan = program.execution_plan[0]
+        plan = next(p for p in program.execution_plan if p.name == "forward")
     except Exception as e:  # a damaged file fails anywhere in the flatbuffer reader, with any exception
         raise DeployError(f"not an ExecuTorch program: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
@@ -312,7 +402,8 @@ class ExecuTorch(Backend):
     tried_by_auto = False  # lowering takes 10-25 s: built when named, not tried on every auto choice
     requires = ("executorch.runtime", "executorch.exir")
     shares_process = False  # pick --runtime times its files alone, in a fresh process (:mod:`.isolated`)
-    formats = (ExportFormat("executorch", ".pte", ("fp32", "int8"), refusal="ExecuTorch files hold fp32 or int8"),)
+    formats = (ExportFormat("executorch", ".pte", ("fp32", "int8"), refusal="ExecuTorch files hold fp32 or int8",
+                            options=("metadata",)),)
 
     def describe(self, precision: str) -> str:
         return "ExecuTorch (XNNPACK)" + (", int8 per-channel" if precision == "int8" else "")
@@ -320,8 +411,8 @@ class ExecuTorch(Backend):
     def build(self, folded, precision, batches, batch_size, resolution, workdir) -> Run:
         return runner(pte_bytes(folded, precision, batches, resolution, batch_size))
 
-    def save(self, folded, path, format, precision, batches, resolution, **options) -> Path:
-        data = pte_bytes(folded, precision, batches, resolution)
+    def save(self, folded, path, format, precision, batches, resolution, *, metadata=None) -> Path:
+        data = pte_bytes(folded, precision, batches, resolution, metadata=metadata or {})
         return atomic_write(Path(path), lambda f: f.write(data))
 
     def load(self, path, format) -> Run:
