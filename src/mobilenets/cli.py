@@ -700,7 +700,7 @@ def add_predict(sub) -> None:
                    help="runtime (default: eager PyTorch for a few images, else the fastest measured, 'auto')")
     p.add_argument("--calib-data", metavar="DIR", default=None, help="images for int8 calibration")
     p.add_argument("--workers", type=_workers(), default=None,
-                   help="image decoding processes (default: one per core but one; 0 decodes in this process)")
+                   help="image decoding processes (default: one per core; 0 decodes in this process)")
     p.add_argument("--draft", action="store_true",
                    help="decode JPEGs at the smallest DCT scale still >= twice the resize size: about 7x faster "
                         "on phone-size photos, but it changed 1 answer in 100 there (default: exact decoding)")
