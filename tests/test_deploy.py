@@ -538,3 +538,19 @@ def test_torch_int8_runs_onednn_int8_convolutions(model, calibration):
                                                              4, RES))
     code = "\n".join(codes)
     assert code.count("onednn.qconv_pointwise") == 27 and "mkldnn._convolution_pointwise" not in code
+
+
+def test_onnxruntime_threads_sleep_when_the_process_asks_for_passive_waiting(model, tmp_path, monkeypatch):
+    """Spinning between operators took the cores predict's decoding workers need; a process that asked
+    OpenMP to wait passively (the CLI does) gets an ONNX Runtime pool that does the same."""
+    pytest.importorskip("onnxruntime")
+    from mobilenets.folding import fold_batchnorm
+    from mobilenets.deploy.onnxruntime import export_onnx, ort_session
+
+    path = export_onnx(fold_batchnorm(model), tmp_path / "m.onnx", resolution=64, batch_size=1)
+    key = "session.intra_op.allow_spinning"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert ort_session(path).get_session_options().get_session_config_entry(key) == "0"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with pytest.raises(Exception, match="does not have configuration"):  # ONNX Runtime's default: spin
+        ort_session(path).get_session_options().get_session_config_entry(key)

@@ -123,7 +123,13 @@ MAX_RESIZED_PIXELS = 1 << 22
 
 
 def eval_transform(image: Image.Image, resolution: int, normalization: Normalization = INCEPTION) -> torch.Tensor:
-    """Resize the shorter side to resolution / 0.875, centre-crop resolution x resolution, normalise: (3, R, R).
+    """Resize the shorter side to resolution / 0.875, centre-crop resolution x resolution, normalise: (3, R, R)."""
+    return to_tensor(eval_pixels(image, resolution), normalization)
+
+
+def eval_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """:func:`eval_transform` before normalising: the uint8 (3, R, R) crop, a quarter of the bytes to pass
+    between processes.
 
     When the resized image would be huge (a 1 x 100000 strip would ask for
     gigabytes), only the crop's source box is resized: the same scale and
@@ -140,11 +146,11 @@ def eval_transform(image: Image.Image, resolution: int, normalization: Normaliza
         sx, sy = new_w / w, new_h / h  # the scale actually applied on each axis, after rounding
         box = (left / sx, top / sy, (left + resolution) / sx, (top + resolution) / sy)
         image = image.resize((resolution, resolution), Image.BILINEAR, box=box)
-    return to_tensor(image, normalization)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def to_tensor(image: Image.Image | torch.Tensor, normalization: Normalization = INCEPTION) -> torch.Tensor:
-    """(x / 255 - mean) / std as a float (3, H, W) tensor, from an RGB image or a uint8 (3, H, W) tensor."""
+    """(x / 255 - mean) / std as a float tensor, from an RGB image or uint8 (3, H, W) / (N, 3, H, W) pixels."""
     if isinstance(image, Image.Image):
         image = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
     scale, shift = _affine(normalization)

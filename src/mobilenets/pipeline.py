@@ -40,6 +40,13 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def omp_passive() -> bool:
+    """Whether this process asked its threads to sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``, which
+    the CLI sets for busy machines).  OpenMP reads it when PyTorch loads, so a value set later does not
+    count; ONNX Runtime's own thread pool follows it too (deploy.onnxruntime)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
 def default_workers(count: int, batch_size: int) -> int:
     """Decoding processes for ``count`` images: none for a batch or two (starting a process costs more than
     it saves), else one per core (at most 8).  Workers sleep once their batches wait, so the model loses
@@ -52,12 +59,11 @@ def default_workers(count: int, batch_size: int) -> int:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Item i: the preprocessed (3, R, R) tensor of source i, or the reason it could not be decoded."""
+    """Item i: the uint8 (3, R, R) pixels of source i, cropped for evaluation, or why it could not be decoded."""
 
-    def __init__(self, sources: Sequence, resolution: int, normalization: Normalization, draft: bool):
+    def __init__(self, sources: Sequence, resolution: int, draft: bool):
         self.sources = sources
         self.resolution = resolution
-        self.normalization = normalization
         self.min_side = images.draft_side(resolution) if draft else None
 
     def __len__(self) -> int:
@@ -67,7 +73,7 @@ class _Decode(torch.utils.data.Dataset):
         source = self.sources[i]
         try:
             image = source if isinstance(source, Image.Image) else images.load_rgb(source, min_side=self.min_side)
-            return i, images.eval_transform(image, self.resolution, self.normalization)
+            return i, images.eval_pixels(image, self.resolution)
         except ImageError as e:
             return i, str(e)
 
@@ -94,7 +100,9 @@ def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
     if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:
         raise ParameterError(f"workers must be an integer in [0, {MAX_WORKERS}], got {workers!r}")
     loader = torch.utils.data.DataLoader(
-        _Decode(sources, resolution, normalization, draft), batch_size=batch_size, shuffle=False,
+        _Decode(sources, resolution, draft), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate, prefetch_factor=2 if workers else None,
         persistent_workers=False)
-    yield from loader
+    for batch in loader:  # uint8 pixels cross from the workers; normalised here, a whole batch at once
+        x = None if batch.x is None else images.to_tensor(batch.x, normalization)
+        yield Batch(batch.indices, x, batch.failed)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 from .. import pipeline
+from ..pipeline import omp_passive  # noqa: F401 (the trainer's resources read it here)
 
 # Seconds of one core per forward mult-add of a training step (forward, backward, update), measured with
 # `mobilenets train` on one thread for MobileNet 0.5-48 (7.5M mult-adds, ~1.6 ms an image) and 1.0-224
@@ -62,12 +63,6 @@ def cores() -> int:
     available = pipeline.cpu_count()
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, available // max(1, local_ranks))
-
-
-def omp_passive() -> bool:
-    """Whether OpenMP threads sleep while they wait.  OpenMP reads the setting when PyTorch loads, so a value
-    set later does not count; the CLI sets it before anything imports torch."""
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
 def model_seconds(mult_adds: int) -> float:
