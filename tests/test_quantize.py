@@ -231,3 +231,33 @@ def test_cli_quantize_writes_int8_ready_weights(small, tmp_path, capsys):
     assert cli.main(["quantize", "--weights", str(source), "--calib-data", str(folder), "--out", str(out),
                      "--steps", "-1"]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_distillation_moves_each_channel_in_its_own_weight_step(small):
+    from mobilenets.quantize import qat
+
+    # the learning-rate factor: a linear warm-up over the first fifth of the steps, then a cosine decay
+    assert qat.schedule(0, 100) == pytest.approx(0.05 * 0.5 * (1 + torch.cos(torch.tensor(0.0)).item()))
+    assert qat.schedule(19, 100) == pytest.approx(0.5 * (1 + float(torch.cos(torch.tensor(19 / 100 * torch.pi)))))
+    assert qat.schedule(9, 100) == pytest.approx(0.5 * 0.5 * (1 + float(torch.cos(torch.tensor(9 / 100 * torch.pi)))))
+    assert qat.schedule(0, 1) == 1.0
+    model, calib, _ = small
+    ready = quantize.prepare_int8(model, calib)
+    teacher = deploy.fold_batchnorm(model)
+    lr = 0.01
+    tuned = qat.distill(ready.folded, teacher, ready.ranges, calib, steps=1, lr=lr, augment=False)
+    # Adam's first step moves every value with a gradient by lr in its sign: here lr of its own output
+    # channel's int8 weight step (and of its layer's activation step, for a bias), whatever the channel's scale
+    pairs = [(a.conv, b.conv, ready.ranges[f"features.{i}"])
+             for i, (a, b) in enumerate(zip(ready.folded.features, tuned.features))]
+    pairs.append((ready.folded.classifier, tuned.classifier, ready.ranges["logits"]))
+    for before, after, rng in pairs:
+        step = sim.weight_scales(before.weight).reshape(-1, *([1] * (before.weight.dim() - 1)))
+        moved = (after.weight - before.weight).abs() / (lr * step)
+        # (a weight without gradient, of a dead channel, stays; a few with gradients near Adam's eps move less)
+        moved = moved[moved > 0.5]
+        assert moved.numel() > 0 and float(moved.max()) < 1.02, (moved.min(), moved.max())
+        assert float(moved.median()) > 0.9
+        bias = (after.bias - before.bias).abs() / (lr * sim.act_qparams(*rng)[0])
+        bias = bias[bias > 0.5]
+        assert float(bias.max()) < 1.02 and float(bias.median()) > 0.9

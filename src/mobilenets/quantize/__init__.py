@@ -103,7 +103,7 @@ def _batches(calibration) -> list[torch.Tensor]:
 
 
 def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: bool = True,
-                 bias_correction: bool = True, method: str = "mse", beta: float = 0.5, lr: float = 0.02,
+                 bias_correction: bool = True, method: str = "mse", beta: float = 0.5, lr: float = 0.002,
                  batch_size: int = 16, seed: int = 0, log=None) -> Int8Ready:
     """The int8-ready form of ``model`` from unlabeled ``calibration`` batches ((N, 3, H, W), preprocessed).
 
