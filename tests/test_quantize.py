@@ -129,6 +129,53 @@ def test_calibration_chooses_the_logits_range_by_the_softmax(small, monkeypatch)
     assert calibrate.calibrate(folded, calib, method="minmax")[1]["logits"] != (-1.5, 2.5)
 
 
+@pytest.mark.parametrize("groups", [1, 48])
+def test_weights_rounded_by_output_error_stay_on_the_int8_grid(groups):
+    from mobilenets.folding import FoldedConv
+    from mobilenets.quantize import rounding
+
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(48, 48, 3 if groups > 1 else 1, groups=groups, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * torch.rand(48, 1, 1, 1, generator=g))
+    layer = FoldedConv(conv, True, 6.0)
+    # correlated inputs, as a ReLU network's are: a few shared factors under each channel, and neighbouring
+    # pixels alike (what a depthwise filter sees)
+    factors = torch.randn(64, 4, 12, 12, generator=g)
+    x = torch.relu(torch.einsum("nfhw,fc->nchw", factors, torch.randn(4, 48, generator=g))
+                   + 0.3 * torch.randn(64, 48, 12, 12, generator=g))
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    xs = list(x.split(16))
+    rounded = rounding.round_weights(conv.weight, rounding.input_hessian(layer, xs))
+    # on the grid every runtime uses: the same per-channel step, and rounding to nearest keeps it
+    assert torch.allclose(sim.weight_scales(rounded), sim.weight_scales(conv.weight), rtol=1e-6)
+    assert torch.allclose(sim.fake_quant_weight(rounded), rounded, atol=1e-6 * float(rounded.abs().max()))
+    steps = rounded / sim.weight_scales(rounded).view(-1, 1, 1, 1)
+    assert float((steps - steps.round()).abs().max()) < 1e-4 and float(steps.abs().max()) <= 127 + 1e-4
+    # the output error (against the float weights) is well under rounding to nearest's
+    def output_error(w):
+        return float((sim.conv_pre(layer, x, w) - sim.conv_pre(layer, x)).pow(2).mean())
+    nearest, ours = output_error(sim.fake_quant_weight(conv.weight)), output_error(rounded)
+    assert ours < 0.4 * nearest, (ours, nearest)
+    # and no weight moved more than a few steps from where it was
+    assert float(((rounded - conv.weight).abs() / sim.weight_scales(conv.weight).view(-1, 1, 1, 1)).max()) < 4
+
+
+def test_calibration_rounds_weights_by_error(small):
+    model, calib, x = small
+    folded = deploy.fold_batchnorm(model)
+    with torch.no_grad():
+        reference = folded(x)
+        divergence = {}
+        for mode in ("error", "nearest"):
+            adjusted, ranges = calibrate.calibrate(folded, calib, rounding=mode)
+            layer = adjusted.features[3].conv.weight
+            divergence[mode] = kl(reference, sim.simulate(adjusted, ranges, x))
+            on_grid = torch.equal(sim.fake_quant_weight(layer), layer)
+            assert on_grid == (mode == "error")  # calibration left the rounded weights in place
+    assert divergence["error"] < divergence["nearest"], divergence
+
+
 def test_int8_ready_file_round_trips(small, tmp_path):
     model, calib, x = small
     ready = quantize.prepare_int8(model, calib)
@@ -151,6 +198,8 @@ def test_bad_input_is_refused_with_what_works(small):
         quantize.prepare_int8(model, [torch.zeros(2, 64, 64)])
     with pytest.raises(quantize.QuantizeError, match="method must be one of"):
         quantize.prepare_int8(model, calib, method="entropy")
+    with pytest.raises(quantize.QuantizeError, match=r"rounding must be one of \('error', 'nearest'\)"):
+        quantize.prepare_int8(model, calib, rounding="adaround")
     with pytest.raises(ValueError):  # MobilenetsError is a ValueError
         quantize.prepare_int8(torch.nn.Linear(2, 2), calib)
 
