@@ -163,6 +163,16 @@ def test_weights_rounded_by_output_error_stay_on_the_int8_grid(groups):
     assert float(((rounded - conv.weight).abs() / sim.weight_scales(conv.weight).view(-1, 1, 1, 1)).max()) < 4
 
 
+def test_rounding_by_error_needs_enough_calibration_windows():
+    from mobilenets.folding import FoldedConv
+    from mobilenets.quantize import rounding
+
+    layer = FoldedConv(torch.nn.Conv2d(64, 8, 1), True, 6.0)
+    # a 1x1 layer over 64 inputs needs 4 * 64 = 256 windows (pixels) before its Hessian is trusted
+    assert rounding.input_hessian(layer, [torch.rand(4, 64, 8, 8)]) is not None  # 256
+    assert rounding.input_hessian(layer, [torch.rand(3, 64, 8, 8), torch.rand(1, 64, 7, 9)]) is None  # 255
+
+
 def test_calibration_rounds_weights_by_error(small):
     model, calib, x = small
     folded = deploy.fold_batchnorm(model)

@@ -177,8 +177,9 @@ def calibrate(folded: FoldedMobileNet, batches, *, method: str = "mse", bias_cor
     for i, layer in enumerate(folded.features):
         w_float = layer.conv.weight.clone()
         next_f = [layer(x) for x in xs_f]  # the float path keeps the float weights and bias
-        if rounding == "error":
-            layer.conv.weight.copy_(round_weights(w_float, input_hessian(layer, xs_q)))
+        hessian = input_hessian(layer, xs_q) if rounding == "error" else None
+        if hessian is not None:  # else too few calibration windows for this layer: rounded to nearest
+            layer.conv.weight.copy_(round_weights(w_float, hessian))
         wq = sim.fake_quant_weight(layer.conv.weight)
         if bias_correction:
             shift = torch.zeros_like(layer.conv.bias)
