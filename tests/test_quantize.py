@@ -102,33 +102,26 @@ def test_bias_correction_removes_the_mean_output_shift(real):
     assert shifts[True] < 0.5 * shifts[False], shifts
 
 
-def test_logits_range_keeps_the_softmax():
-    # logits as a classifier gives them: a bulk of a thousand small ones, and per image a winner (8-20) with
-    # two runners-up one and two below it, whose order and gaps are the softmax
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(64, 1000, generator=g) * 2
-    top = torch.empty(64).uniform_(8, 20, generator=g)
-    for k in range(3):
-        z[torch.arange(64), torch.randint(1000, (64,), generator=g)] = top - k
-    chosen, by_mse = calibrate.softmax_range(z), calibrate.search_range(z, "mse")
-    minmax = float(z.min()), float(z.max())
-    # squared error fits the bulk and clips the top ones together; the softmax's range keeps them apart and
-    # cuts the bottom instead, which min-max keeps at the cost of a coarser step
-    assert by_mse[1] < float(z.max()) - 0.5 and chosen[1] >= float(z.max()) - 1e-4, (chosen, by_mse)
-    assert chosen[0] > 0.6 * minmax[0] and chosen[0] <= 0.0
-    err = {name: kl(z, sim.fake_quant_act(z, rng)) for name, rng in
-           (("chosen", chosen), ("mse", by_mse), ("minmax", minmax))}
-    assert err["chosen"] < 0.05 * err["mse"] and err["chosen"] < 0.6 * err["minmax"], err
-
-
-def test_calibration_chooses_the_logits_range_by_the_softmax(small, monkeypatch):
+def test_calibration_clips_no_logit(small, monkeypatch):
     model, calib, _ = small
-    seen = []
-    monkeypatch.setattr(calibrate, "softmax_range", lambda z: seen.append(z.shape) or (-1.5, 2.5))
     folded = deploy.fold_batchnorm(model)
-    assert calibrate.calibrate(folded, calib)[1]["logits"] == (-1.5, 2.5)
-    assert seen == [(32, 10)]  # the int8 path's logits of every calibration image
-    assert calibrate.calibrate(folded, calib, method="minmax")[1]["logits"] != (-1.5, 2.5)
+    search, methods = calibrate.search_range, {}
+    monkeypatch.setattr(calibrate, "search_range",
+                        lambda v, method="mse", **kw: methods.setdefault(tuple(v.shape), method) and search(v, method, **kw))
+    adjusted, ranges = calibrate.calibrate(folded, calib)
+    # the int8 path's logits before their own quantization, over the calibration images
+    with torch.no_grad():
+        x = sim.fake_quant_act(torch.cat(calib), ranges["input"])
+        for i, layer in enumerate(adjusted.features):
+            x = sim.fake_quant_act(sim.activate(layer, sim.conv_pre(layer, x, sim.fake_quant_weight(layer.conv.weight))),
+                                   ranges[f"features.{i}"])
+        pooled = sim.fake_quant_act(x.mean((2, 3)), ranges["pool"])
+        z = torch.nn.functional.linear(pooled, sim.fake_quant_weight(adjusted.classifier.weight),
+                                       adjusted.classifier.bias)
+    lo, hi = ranges["logits"]
+    assert lo == pytest.approx(min(float(z.min()), 0.0), abs=1e-4) and hi == pytest.approx(float(z.max()), abs=1e-4)
+    # the logits by min/max, the activations before them by squared error (one by their ranges' rule)
+    assert methods[(32, 10)] == "minmax" and methods[(32, 256)] == "mse", methods
 
 
 @pytest.mark.parametrize("groups", [1, 48])

@@ -8,7 +8,7 @@ int8 backend and export gets the result:
 1. cross-layer equalization of the activation channels (ReLU6's clip scales with each channel),
 2. layer by layer on the calibration images: int8 weights rounded to least output error
    (:mod:`.rounding`), then bias correction of the expected output shift that int8 still causes,
-3. activation ranges chosen by squared error instead of min/max (the logits' by their softmax),
+3. activation ranges chosen by squared error instead of min/max (the logits keep theirs: none clipped),
 4. optionally (``steps > 0``) fine-tuning with fake quantization against the float model's own
    softmax (distillation: no labels).
 
