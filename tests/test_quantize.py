@@ -181,6 +181,26 @@ def test_calibration_rounds_weights_by_error(small):
     assert divergence["error"] < divergence["nearest"], divergence
 
 
+def test_rounding_by_error_is_kept_only_where_it_diverges_less(small, monkeypatch):
+    from mobilenets.quantize import rounding
+
+    model, calib, x = small
+    ready = quantize.prepare_int8(model, calib)
+    kl_by_mode = ready.report["rounding_kl"]
+    assert set(kl_by_mode) == {"error", "nearest"}
+    assert ready.report["rounding_kept"] == min(kl_by_mode, key=kl_by_mode.get)
+    # a rounding that wrecks the weights (each moved by ten steps) is measured, and refused
+    wreck = rounding.round_weights
+    monkeypatch.setattr(calibrate, "round_weights", lambda w, h: wreck(w, h) + 10 * sim.weight_scales(w).view(
+        -1, *([1] * (w.dim() - 1))))
+    refused = quantize.prepare_int8(model, calib)
+    assert refused.report["rounding_kept"] == "nearest"
+    assert refused.report["rounding_kl"]["error"] > 3 * refused.report["rounding_kl"]["nearest"]
+    plain = quantize.prepare_int8(model, calib, rounding="nearest")
+    with torch.no_grad():
+        assert torch.equal(refused.simulate(x), plain.simulate(x))
+
+
 def test_int8_ready_file_round_trips(small, tmp_path):
     model, calib, x = small
     ready = quantize.prepare_int8(model, calib)
