@@ -106,15 +106,18 @@ def test_calibration_clips_no_logit(small, monkeypatch):
     model, calib, _ = small
     folded = deploy.fold_batchnorm(model)
     search, methods = calibrate.search_range, {}
-    monkeypatch.setattr(calibrate, "search_range",
-                        lambda v, method="mse", **kw: methods.setdefault(tuple(v.shape), method) and search(v, method, **kw))
+    def spy(v, method="mse", **kw):
+        methods.setdefault(tuple(v.shape), method)
+        return search(v, method, **kw)
+
+    monkeypatch.setattr(calibrate, "search_range", spy)
     adjusted, ranges = calibrate.calibrate(folded, calib)
     # the int8 path's logits before their own quantization, over the calibration images
     with torch.no_grad():
         x = sim.fake_quant_act(torch.cat(calib), ranges["input"])
         for i, layer in enumerate(adjusted.features):
-            x = sim.fake_quant_act(sim.activate(layer, sim.conv_pre(layer, x, sim.fake_quant_weight(layer.conv.weight))),
-                                   ranges[f"features.{i}"])
+            z = sim.conv_pre(layer, x, sim.fake_quant_weight(layer.conv.weight))
+            x = sim.fake_quant_act(sim.activate(layer, z), ranges[f"features.{i}"])
         pooled = sim.fake_quant_act(x.mean((2, 3)), ranges["pool"])
         z = torch.nn.functional.linear(pooled, sim.fake_quant_weight(adjusted.classifier.weight),
                                        adjusted.classifier.bias)

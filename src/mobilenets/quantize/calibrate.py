@@ -133,15 +133,17 @@ def _sample(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor
 
 @torch.no_grad()
 def calibrate(folded: FoldedMobileNet, batches, *, method: str = "mse", bias_correction: bool = True,
-              rounding: str = "error", samples_per_batch: int = 200_000, seed: int = 0) -> tuple[FoldedMobileNet, dict]:
+              rounding: str = "error", samples_per_batch: int = 200_000,
+              seed: int = 0) -> tuple[FoldedMobileNet, dict]:
     """Ranges for every quantization point, and (optionally) each layer's bias corrected in turn.
 
     Layer by layer, the int8 path (quantized inputs, int8 weights) and the float path run side by
     side.  With ``rounding="error"`` each convolution's int8 weights are rounded to least error of its
-    outputs on the int8 path's inputs (:func:`rounding.round_weights`), else to nearest; the mean per-channel difference of the int8 path's pre-activations is subtracted from the
-    layer's bias, so the expected output of every layer matches the float model's.  Each range is
-    then chosen on the int8 path's own activations, by ``method``; with "mse" the logits' range is
-    their min/max, so no logit is clipped.
+    outputs on the int8 path's inputs (:func:`rounding.round_weights`), else to nearest; then the mean
+    per-channel difference of the int8 path's pre-activations is subtracted from the layer's bias, so
+    the expected output of every layer matches the float model's.  Each range is then chosen on the
+    int8 path's own activations, by ``method``; with "mse" the logits' range is their min/max, so no
+    logit is clipped.
     """
     folded = copy.deepcopy(folded)
     g = torch.Generator().manual_seed(seed)
