@@ -86,6 +86,7 @@ def real():
 
 
 def test_bias_correction_removes_the_mean_output_shift(real):
+    # (weights rounded to nearest, so the whole shift is there to correct)
     # the released weights' first depthwise layer has filters of -28 +- 4 (folded BatchNorm) on dead input
     # channels: int8 rounding shifts their constant output, and every layer after it
     model, calib, x = real
@@ -94,10 +95,113 @@ def test_bias_correction_removes_the_mean_output_shift(real):
         reference = folded(x)
         shifts = {}
         for correct in (False, True):
-            adjusted, ranges = calibrate.calibrate(folded, calib, method="minmax", bias_correction=correct)
+            adjusted, ranges = calibrate.calibrate(folded, calib, method="minmax", bias_correction=correct,
+                                                   rounding="nearest")
             # the mean error of the int8 logits over held-out crops, per class
             shifts[correct] = float((sim.simulate(adjusted, ranges, x) - reference).mean(0).abs().mean())
     assert shifts[True] < 0.5 * shifts[False], shifts
+
+
+def test_calibration_clips_no_logit(small, monkeypatch):
+    model, calib, _ = small
+    folded = deploy.fold_batchnorm(model)
+    search, methods = calibrate.search_range, {}
+    def spy(v, method="mse", **kw):
+        methods.setdefault(tuple(v.shape), method)
+        return search(v, method, **kw)
+
+    monkeypatch.setattr(calibrate, "search_range", spy)
+    adjusted, ranges = calibrate.calibrate(folded, calib)
+    # the int8 path's logits before their own quantization, over the calibration images
+    with torch.no_grad():
+        x = sim.fake_quant_act(torch.cat(calib), ranges["input"])
+        for i, layer in enumerate(adjusted.features):
+            z = sim.conv_pre(layer, x, sim.fake_quant_weight(layer.conv.weight))
+            x = sim.fake_quant_act(sim.activate(layer, z), ranges[f"features.{i}"])
+        pooled = sim.fake_quant_act(x.mean((2, 3)), ranges["pool"])
+        z = torch.nn.functional.linear(pooled, sim.fake_quant_weight(adjusted.classifier.weight),
+                                       adjusted.classifier.bias)
+    lo, hi = ranges["logits"]
+    assert lo == pytest.approx(min(float(z.min()), 0.0), abs=1e-4) and hi == pytest.approx(float(z.max()), abs=1e-4)
+    # the logits by min/max, the activations before them by squared error (one by their ranges' rule)
+    assert methods[(32, 10)] == "minmax" and methods[(32, 256)] == "mse", methods
+
+
+@pytest.mark.parametrize("groups", [1, 48])
+def test_weights_rounded_by_output_error_stay_on_the_int8_grid(groups):
+    from mobilenets.folding import FoldedConv
+    from mobilenets.quantize import rounding
+
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(48, 48, 3 if groups > 1 else 1, groups=groups, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * torch.rand(48, 1, 1, 1, generator=g))
+    layer = FoldedConv(conv, True, 6.0)
+    # correlated inputs, as a ReLU network's are: a few shared factors under each channel, and neighbouring
+    # pixels alike (what a depthwise filter sees)
+    factors = torch.randn(64, 4, 12, 12, generator=g)
+    x = torch.relu(torch.einsum("nfhw,fc->nchw", factors, torch.randn(4, 48, generator=g))
+                   + 0.3 * torch.randn(64, 48, 12, 12, generator=g))
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    xs = list(x.split(16))
+    rounded = rounding.round_weights(conv.weight, rounding.input_hessian(layer, xs))
+    # on the grid every runtime uses: the same per-channel step, and rounding to nearest keeps it
+    assert torch.allclose(sim.weight_scales(rounded), sim.weight_scales(conv.weight), rtol=1e-6)
+    assert torch.allclose(sim.fake_quant_weight(rounded), rounded, atol=1e-6 * float(rounded.abs().max()))
+    steps = rounded / sim.weight_scales(rounded).view(-1, 1, 1, 1)
+    assert float((steps - steps.round()).abs().max()) < 1e-4 and float(steps.abs().max()) <= 127 + 1e-4
+    # the output error (against the float weights) is well under rounding to nearest's
+    def output_error(w):
+        return float((sim.conv_pre(layer, x, w) - sim.conv_pre(layer, x)).pow(2).mean())
+    nearest, ours = output_error(sim.fake_quant_weight(conv.weight)), output_error(rounded)
+    assert ours < 0.4 * nearest, (ours, nearest)
+    # and no weight moved more than a few steps from where it was
+    assert float(((rounded - conv.weight).abs() / sim.weight_scales(conv.weight).view(-1, 1, 1, 1)).max()) < 4
+
+
+def test_rounding_by_error_needs_enough_calibration_windows():
+    from mobilenets.folding import FoldedConv
+    from mobilenets.quantize import rounding
+
+    layer = FoldedConv(torch.nn.Conv2d(64, 8, 1), True, 6.0)
+    # a 1x1 layer over 64 inputs needs 4 * 64 = 256 windows (pixels) before its Hessian is trusted
+    assert rounding.input_hessian(layer, [torch.rand(4, 64, 8, 8)]) is not None  # 256
+    assert rounding.input_hessian(layer, [torch.rand(3, 64, 8, 8), torch.rand(1, 64, 7, 9)]) is None  # 255
+
+
+def test_calibration_rounds_weights_by_error(small):
+    model, calib, x = small
+    folded = deploy.fold_batchnorm(model)
+    with torch.no_grad():
+        reference = folded(x)
+        divergence = {}
+        for mode in ("error", "nearest"):
+            adjusted, ranges = calibrate.calibrate(folded, calib, rounding=mode)
+            layer = adjusted.features[3].conv.weight
+            divergence[mode] = kl(reference, sim.simulate(adjusted, ranges, x))
+            on_grid = torch.equal(sim.fake_quant_weight(layer), layer)
+            assert on_grid == (mode == "error")  # calibration left the rounded weights in place
+    assert divergence["error"] < divergence["nearest"], divergence
+
+
+def test_rounding_by_error_is_kept_only_where_it_diverges_less(small, monkeypatch):
+    from mobilenets.quantize import rounding
+
+    model, calib, x = small
+    ready = quantize.prepare_int8(model, calib)
+    kl_by_mode = ready.report["rounding_kl"]
+    assert set(kl_by_mode) == {"error", "nearest"}
+    assert ready.report["rounding_kept"] == min(kl_by_mode, key=kl_by_mode.get)
+    # a rounding that wrecks the weights (each moved by ten steps) is measured, and refused
+    wreck = rounding.round_weights
+    monkeypatch.setattr(calibrate, "round_weights", lambda w, h: wreck(w, h) + 10 * sim.weight_scales(w).view(
+        -1, *([1] * (w.dim() - 1))))
+    refused = quantize.prepare_int8(model, calib)
+    assert refused.report["rounding_kept"] == "nearest"
+    assert refused.report["rounding_kl"]["error"] > 3 * refused.report["rounding_kl"]["nearest"]
+    plain = quantize.prepare_int8(model, calib, rounding="nearest")
+    with torch.no_grad():
+        assert torch.equal(refused.simulate(x), plain.simulate(x))
 
 
 def test_int8_ready_file_round_trips(small, tmp_path):
@@ -122,6 +226,8 @@ def test_bad_input_is_refused_with_what_works(small):
         quantize.prepare_int8(model, [torch.zeros(2, 64, 64)])
     with pytest.raises(quantize.QuantizeError, match="method must be one of"):
         quantize.prepare_int8(model, calib, method="entropy")
+    with pytest.raises(quantize.QuantizeError, match=r"rounding must be one of \('error', 'nearest'\)"):
+        quantize.prepare_int8(model, calib, rounding="adaround")
     with pytest.raises(ValueError):  # MobilenetsError is a ValueError
         quantize.prepare_int8(torch.nn.Linear(2, 2), calib)
 
@@ -202,3 +308,33 @@ def test_cli_quantize_writes_int8_ready_weights(small, tmp_path, capsys):
     assert cli.main(["quantize", "--weights", str(source), "--calib-data", str(folder), "--out", str(out),
                      "--steps", "-1"]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_distillation_moves_each_channel_in_its_own_weight_step(small):
+    from mobilenets.quantize import qat
+
+    # the learning-rate factor: a linear warm-up over the first fifth of the steps, then a cosine decay
+    assert qat.schedule(0, 100) == pytest.approx(0.05 * 0.5 * (1 + torch.cos(torch.tensor(0.0)).item()))
+    assert qat.schedule(19, 100) == pytest.approx(0.5 * (1 + float(torch.cos(torch.tensor(19 / 100 * torch.pi)))))
+    assert qat.schedule(9, 100) == pytest.approx(0.5 * 0.5 * (1 + float(torch.cos(torch.tensor(9 / 100 * torch.pi)))))
+    assert qat.schedule(0, 1) == 1.0
+    model, calib, _ = small
+    ready = quantize.prepare_int8(model, calib)
+    teacher = deploy.fold_batchnorm(model)
+    lr = 0.01
+    tuned = qat.distill(ready.folded, teacher, ready.ranges, calib, steps=1, lr=lr, augment=False)
+    # Adam's first step moves every value with a gradient by lr in its sign: here lr of its own output
+    # channel's int8 weight step (and of its layer's activation step, for a bias), whatever the channel's scale
+    pairs = [(a.conv, b.conv, ready.ranges[f"features.{i}"])
+             for i, (a, b) in enumerate(zip(ready.folded.features, tuned.features))]
+    pairs.append((ready.folded.classifier, tuned.classifier, ready.ranges["logits"]))
+    for before, after, rng in pairs:
+        step = sim.weight_scales(before.weight).reshape(-1, *([1] * (before.weight.dim() - 1)))
+        moved = (after.weight - before.weight).abs() / (lr * step)
+        # (a weight without gradient, of a dead channel, stays; a few with gradients near Adam's eps move less)
+        moved = moved[moved > 0.5]
+        assert moved.numel() > 0 and float(moved.max()) < 1.02, (moved.min(), moved.max())
+        assert float(moved.median()) > 0.9
+        bias = (after.bias - before.bias).abs() / (lr * sim.act_qparams(*rng)[0])
+        bias = bias[bias > 0.5]
+        assert float(bias.max()) < 1.02 and float(bias.median()) > 0.9

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..folding import FoldedMobileNet
 from . import sim
+from .rounding import input_hessian, round_weights
 
 # the equalization scale a channel may get: beyond it the channel is noise (a dead ReLU)
 MAX_SCALE = 256.0
@@ -132,13 +133,17 @@ def _sample(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor
 
 @torch.no_grad()
 def calibrate(folded: FoldedMobileNet, batches, *, method: str = "mse", bias_correction: bool = True,
-              samples_per_batch: int = 200_000, seed: int = 0) -> tuple[FoldedMobileNet, dict]:
+              rounding: str = "error", samples_per_batch: int = 200_000,
+              seed: int = 0) -> tuple[FoldedMobileNet, dict]:
     """Ranges for every quantization point, and (optionally) each layer's bias corrected in turn.
 
     Layer by layer, the int8 path (quantized inputs, int8 weights) and the float path run side by
-    side; the mean per-channel difference of the int8 path's pre-activations is subtracted from the
-    layer's bias, so the expected output of every layer matches the float model's.  Each range is
-    then chosen on the int8 path's own activations.
+    side.  With ``rounding="error"`` each convolution's int8 weights are rounded to least error of its
+    outputs on the int8 path's inputs (:func:`rounding.round_weights`), else to nearest; then the mean
+    per-channel difference of the int8 path's pre-activations is subtracted from the layer's bias, so
+    the expected output of every layer matches the float model's.  Each range is then chosen on the
+    int8 path's own activations, by ``method``; with "mse" the logits' range is their min/max, so no
+    logit is clipped.
     """
     folded = copy.deepcopy(folded)
     g = torch.Generator().manual_seed(seed)
@@ -146,13 +151,17 @@ def calibrate(folded: FoldedMobileNet, batches, *, method: str = "mse", bias_cor
     ranges = {"input": search_range(torch.cat([_sample(x, samples_per_batch, g) for x in xs_f]), "minmax")}
     xs_q = [sim.fake_quant_act(x, ranges["input"]) for x in xs_f]
     for i, layer in enumerate(folded.features):
+        w_float = layer.conv.weight.clone()
+        next_f = [layer(x) for x in xs_f]  # the float path keeps the float weights and bias
+        hessian = input_hessian(layer, xs_q) if rounding == "error" else None
+        if hessian is not None:  # else too few calibration windows for this layer: rounded to nearest
+            layer.conv.weight.copy_(round_weights(w_float, hessian))
         wq = sim.fake_quant_weight(layer.conv.weight)
-        next_f = [layer(x) for x in xs_f]  # the float path keeps the float bias
         if bias_correction:
             shift = torch.zeros_like(layer.conv.bias)
             count = 0
             for xf, xq in zip(xs_f, xs_q):
-                d = sim.conv_pre(layer, xq, wq) - sim.conv_pre(layer, xf)
+                d = sim.conv_pre(layer, xq, wq) - sim.conv_pre(layer, xf, w_float)
                 shift += d.sum(dim=(0, 2, 3))
                 count += d.shape[0] * d.shape[2] * d.shape[3]
             layer.conv.bias.sub_(shift / count)
@@ -173,5 +182,10 @@ def calibrate(folded: FoldedMobileNet, batches, *, method: str = "mse", bias_cor
                        .mean(0))
     logits = torch.cat([torch.nn.functional.linear(sim.fake_quant_act(p, ranges["pool"]), wq, head.bias)
                         for p in pooled_q])
-    ranges["logits"] = search_range(logits, method)
+    # the logits are the answer: a range chosen by squared error fits the bulk of a thousand small ones and
+    # clips the few largest together (on the real ImageNet weights, 128 crops: the range ended at 20.7 with
+    # logits up to 22.4, and cost 2.7 points of held-out top-1 agreement against float logits); the range
+    # of least softmax divergence cuts the smallest instead, which leaves the divergence where min/max
+    # does (0.0121 against 0.0124 nats there) but moves those logits by up to 5 (the digits)
+    ranges["logits"] = search_range(logits, "minmax" if method == "mse" else method)
     return folded, ranges

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from ..folding import FoldedMobileNet
 from . import QuantizeError, sim
@@ -23,14 +25,55 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False) if (ch, cw) != (h, w) else x
 
 
+class _InUnits(torch.nn.Module):
+    """A parametrization ``value = units * step``: the optimizer sees each tensor in its own int8 steps."""
+
+    def __init__(self, step: torch.Tensor):
+        super().__init__()
+        self.register_buffer("step", step)
+
+    def forward(self, units: torch.Tensor) -> torch.Tensor:
+        return units * self.step
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value / self.step
+
+
+def _learnable(student: FoldedMobileNet, ranges: dict) -> list:
+    """Each conv / classifier of ``student`` with its weight in its output channel's int8 weight step and its
+    bias in its output's activation step (parametrized in place); returns those modules."""
+    modules = [(layer.conv, ranges[f"features.{i}"]) for i, layer in enumerate(student.features)]
+    modules.append((student.classifier, ranges["logits"]))
+    for module, rng in modules:
+        w = module.weight
+        step = sim.weight_scales(w).reshape(-1, *([1] * (w.dim() - 1)))
+        parametrize.register_parametrization(module, "weight", _InUnits(step.clone()))
+        parametrize.register_parametrization(module, "bias",
+                                             _InUnits(torch.full_like(module.bias, sim.act_qparams(*rng)[0])))
+    return [m for m, _ in modules]
+
+
+def schedule(step: int, steps: int) -> float:
+    """The learning-rate factor of ``step`` (0-based) of ``steps``: a linear warm-up over the first fifth, then
+    a cosine decay to 0.
+
+    Adam's first updates are about ``lr`` in the sign of each gradient, for every weight at once: over a
+    fan-in of 1024 those same-signed moves add up and shift a layer's outputs before its moments know the
+    gradients' scale.  The warm-up keeps the first updates small; the decay settles the weights at the end.
+    """
+    warm = max(1, steps // 5)
+    return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+
+
 def distill(folded: FoldedMobileNet, teacher: FoldedMobileNet, ranges: dict, batches, *, steps: int,
-            lr: float = 0.02, batch_size: int = 16, seed: int = 0, log=None, labels: torch.Tensor | None = None,
+            lr: float = 0.002, batch_size: int = 16, seed: int = 0, log=None, labels: torch.Tensor | None = None,
             augment: bool = True) -> FoldedMobileNet:
     """Fine-tune ``folded``'s weights and biases for ``steps`` Adam steps on KL(teacher || int8 student).
 
     Ranges stay fixed (those chosen after calibration).  Step sizes are relative: ``lr`` is the
-    fraction of each layer's int8 weight step (and of its output's activation step, for the bias)
-    that Adam may move per step, so layers with tiny and huge weights learn alike.  With
+    fraction of each output channel's int8 weight step (and of its layer's output activation step,
+    for the bias) that Adam moves a value per step, so channels with tiny and huge weights learn
+    alike (:func:`schedule` gives its warm-up and decay).  With
     ``labels`` (one class index per image of ``batches``, in order) the loss adds the
     cross-entropy on them: the labels correct what the teacher gets wrong, the teacher keeps the
     student from drifting away from the float model.  ``augment``: train on random flips and
@@ -45,25 +88,14 @@ def distill(folded: FoldedMobileNet, teacher: FoldedMobileNet, ranges: dict, bat
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if len(labels) != len(pool):
             raise QuantizeError(f"labels must give one class per image: {len(labels)} labels for {len(pool)} images")
-    groups = []
-    for i, layer in enumerate(student.features):
-        w, b = layer.conv.weight, layer.conv.bias
-        w.requires_grad_(True)
-        b.requires_grad_(True)
-        groups.append({"params": [w], "lr": lr * float(sim.weight_scales(w).mean())})
-        groups.append({"params": [b], "lr": lr * sim.act_qparams(*ranges[f"features.{i}"])[0]})
-    head = student.classifier
-    head.weight.requires_grad_(True)
-    head.bias.requires_grad_(True)
-    groups.append({"params": [head.weight], "lr": lr * float(sim.weight_scales(head.weight).mean())})
-    groups.append({"params": [head.bias], "lr": lr * sim.act_qparams(*ranges["logits"])[0]})
-    opt = torch.optim.Adam(groups)
-    base = [grp["lr"] for grp in opt.param_groups]
+    modules = _learnable(student, ranges)
+    params = [p for m in modules for p in (m.parametrizations.weight.original, m.parametrizations.bias.original)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
     for step in range(steps):
-        # cosine decay: large early moves across rounding boundaries, then settle
-        factor = 0.5 * (1 + torch.cos(torch.tensor(step / max(steps, 1) * torch.pi))).item()
-        for grp, lr0 in zip(opt.param_groups, base):
-            grp["lr"] = lr0 * factor
+        for grp in opt.param_groups:
+            grp["lr"] = lr * schedule(step, steps)
         idx = torch.randint(0, len(pool), (min(batch_size, len(pool)),), generator=g)
         x = _augment(pool[idx], g) if augment else pool[idx]
         with torch.no_grad():
@@ -77,6 +109,9 @@ def distill(folded: FoldedMobileNet, teacher: FoldedMobileNet, ranges: dict, bat
         opt.step()
         if log is not None and (step % 10 == 0 or step == steps - 1):
             log(f"step {step + 1}/{steps} {'KL + CE' if labels is not None else 'KL'} {loss.item():.4f}")
+    for module in modules:
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        parametrize.remove_parametrizations(module, "bias", leave_parametrized=True)
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
