@@ -169,6 +169,27 @@ def test_rounding_by_error_needs_enough_calibration_windows():
     assert rounding.input_hessian(layer, [torch.rand(3, 64, 8, 8), torch.rand(1, 64, 7, 9)]) is None  # 255
 
 
+def test_input_hessian_is_the_mean_outer_product_of_every_window_whatever_the_chunking(monkeypatch):
+    """Windows are unfolded a few images at a time (a batch of 112 x 112 inputs took gigabytes); the
+    Hessian must still be the mean of p p^T over every window, computed here directly."""
+    from mobilenets.folding import FoldedConv
+    from mobilenets.quantize import rounding
+
+    g = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(6, 6, 3, stride=2, groups=3, bias=True)
+    layer = FoldedConv(conv, True, 6.0)
+    xs = [torch.rand(5, 6, 9, 9, generator=g), torch.rand(3, 6, 9, 9, generator=g)]
+    x = torch.cat(xs)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))  # TF SAME, 3 x 3 at stride 2 on 9 px: 5 outputs, 2 pads
+    windows = padded.unfold(2, 3, 2).unfold(3, 3, 2)  # (N, C, 5, 5, 3, 3)
+    windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 2 * 9).double()  # per group: 2 channels x 3 x 3
+    expected = torch.einsum("ngi,ngj->gij", windows, windows) / len(windows)
+    monkeypatch.setattr(rounding, "WINDOW_VALUES", 1)  # one image at a time
+    assert torch.allclose(rounding.input_hessian(layer, xs), expected, atol=1e-12)
+    monkeypatch.setattr(rounding, "WINDOW_VALUES", 1 << 30)  # every batch whole
+    assert torch.allclose(rounding.input_hessian(layer, xs), expected, atol=1e-12)
+
+
 def test_calibration_rounds_weights_by_error(small):
     model, calib, x = small
     folded = deploy.fold_batchnorm(model)

@@ -23,6 +23,8 @@ DAMPING = 0.01
 # the calibration images rather than the layer (the digits model at 32 px, whose last layers see one
 # position per image, lost 2 of 359 validation digits to it)
 SAMPLES_PER_INPUT = 4
+# input-window values unfolded at once (8 M: 64 MB in double), whatever the batch size
+WINDOW_VALUES = 1 << 23
 
 
 def _patches(layer: FoldedConv, x: torch.Tensor) -> torch.Tensor:
@@ -38,11 +40,14 @@ def input_hessian(layer: FoldedConv, xs) -> torch.Tensor | None:
     """Per group, the mean outer product of the layer's input windows over ``xs``: (groups, K, K); None when
     ``xs`` hold fewer than :data:`SAMPLES_PER_INPUT` windows per filter weight."""
     total, count = None, 0
+    kh, kw = layer.conv.kernel_size
     for x in xs:
-        p = _patches(layer, x).double()
-        h = torch.einsum("ngi,ngj->gij", p, p)
-        total = h if total is None else total + h
-        count += p.shape[0]
+        # a few images at a time: the windows of a whole batch of 112 x 112 inputs are gigabytes in double
+        for chunk in x.split(max(1, WINDOW_VALUES // max(1, x[0].numel() * kh * kw))):
+            p = _patches(layer, chunk).double()
+            h = torch.einsum("ngi,ngj->gij", p, p)
+            total = h if total is None else total + h
+            count += p.shape[0]
     if total is None or count < SAMPLES_PER_INPUT * total.shape[-1]:
         return None
     return total / count
