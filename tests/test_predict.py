@@ -311,27 +311,16 @@ def _children(pid: int) -> list[int]:
 
 
 def test_draft_decodes_large_jpegs_at_the_coarsest_dct_scale_keeping_twice_the_resize_size(weights_file, tmp_path,
-                                                                                        monkeypatch):
+                                                                                        decoded_sizes):
     """At resolution 64 the resize size is 73 (64 / 0.875): a 1200 x 900 photo may decode at 1/4 (300 x 225,
     225 >= 2 x 73) but not 1/8 (150 x 113); without draft it decodes whole."""
     from real_data import photos
 
-    from mobilenets import images as images_module
-
     model = mobilenets.load(weights_file)
     Image.fromarray(photos()[0][1]).resize((1200, 900), Image.BICUBIC).save(tmp_path / "photo.jpg", quality=95)
-    sizes = []
-    load = images_module.load_rgb
-
-    def recording(path, *, min_side=None):
-        image = load(path, min_side=min_side)
-        sizes.append(image.size)
-        return image
-
-    monkeypatch.setattr(images_module, "load_rgb", recording)
     drafted = list(predict(model, tmp_path / "photo.jpg", topk=5, workers=0, draft=True))
     exact = list(predict(model, tmp_path / "photo.jpg", topk=5, workers=0))
-    assert sizes == [(300, 225), (1200, 900)]
+    assert decoded_sizes == [(300, 225), (1200, 900)]
     p_draft = [t["probability"] for t in drafted[0].top]
     p_exact = [t["probability"] for t in exact[0].top]
     assert drafted[0].top[0]["class_index"] == exact[0].top[0]["class_index"]

@@ -120,8 +120,8 @@ class TrainTransform:
         x1, y1 = max(x0 + 1, round((left + w) * sx)), max(y0 + 1, round((top + h) * sy))
         # PyTorch's antialiased bilinear resize of uint8 channels-last pixels: the filter PIL's BILINEAR
         # applies (torchvision's RandomResizedCrop), about twice as fast (benchmarks/train_input.py)
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None, :, y0:y1, x0:x1]
-        x = F.interpolate(pixels, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
+        crop = images.pixels(image)[None, :, y0:y1, x0:x1]
+        x = F.interpolate(crop, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
                           align_corners=False)[0]
         if rng.random() < self.hflip:
             x = x.flip(-1)

@@ -146,13 +146,19 @@ def eval_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
         sx, sy = new_w / w, new_h / h  # the scale actually applied on each axis, after rounding
         box = (left / sx, top / sy, (left + resolution) / sx, (top + resolution) / sy)
         image = image.resize((resolution, resolution), Image.BILINEAR, box=box)
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return pixels(image).contiguous()
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB image's uint8 pixels as (3, H, W): a view of one (H, W, 3) copy, so channels-last in memory
+    (what PyTorch's uint8 resize kernel is fastest on)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def to_tensor(image: Image.Image | torch.Tensor, normalization: Normalization = INCEPTION) -> torch.Tensor:
     """(x / 255 - mean) / std as a float tensor, from an RGB image or uint8 (3, H, W) / (N, 3, H, W) pixels."""
     if isinstance(image, Image.Image):
-        image = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        image = pixels(image)
     scale, shift = _affine(normalization)
     # uint8 made contiguous first (a quarter of the bytes to move), then one multiply and one subtract in place
     return image.contiguous().to(torch.float32).mul_(scale).sub_(shift)
