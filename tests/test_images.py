@@ -62,6 +62,56 @@ def test_undecodable_files_raise_image_error_naming_the_file(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(images.ImageError, match="bad.jpg"):
         images.load_rgb(path)
+    with pytest.raises(images.ImageError, match="bad.jpg"):
+        images.load_pixels(path)
+
+
+@pytest.fixture
+def jpeg_decodes(monkeypatch):
+    """How many times torchvision's JPEG decoder ran (load_pixels' fast path)."""
+    import torchvision.io
+
+    calls = []
+    decode = torchvision.io.decode_jpeg
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "gray", "cmyk", "png"] +
+                         [f"orientation{k}" for k in range(2, 9)])
+def test_load_pixels_are_load_rgbs_pixels_bit_for_bit(tmp_path, jpeg_decodes, kind):
+    """The fast path (torchvision's decoder, for JPEGs at full scale) sees exactly what PIL decodes, EXIF
+    orientation included; other files go through PIL."""
+    from real_data import photos
+
+    photo = Image.fromarray(photos()[0][1]).resize((300, 200))
+    options = {"progressive": True} if kind == "progressive" else {}
+    if kind.startswith("orientation"):
+        exif = Image.Exif()
+        exif[images.EXIF_ORIENTATION] = int(kind[-1])
+        options["exif"] = exif
+    image = photo.convert({"gray": "L", "cmyk": "CMYK"}.get(kind, "RGB"))
+    path = save(tmp_path, "a.png" if kind == "png" else "a.jpg", image, **options)
+    expected = torch.from_numpy(np.array(images.load_rgb(path))).permute(2, 0, 1)
+    got = images.load_pixels(path)
+    assert got.dtype == torch.uint8 and torch.equal(got, expected)
+    assert len(jpeg_decodes) == (kind != "png")
+    if kind in ("orientation6", "orientation8"):
+        assert got.shape[-2:] == (300, 200)  # seen rotated
+
+
+def test_load_pixels_checks_the_size_before_decoding(tmp_path, jpeg_decodes, monkeypatch):
+    """PIL's decompression-bomb limit is read from the header before torchvision decodes anything."""
+    path = save(tmp_path, "big.jpg", Image.new("RGB", (400, 300)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 300 // 4)  # refused above twice this
+    with pytest.raises(images.ImageError, match="big.jpg"):
+        images.load_pixels(path)
+    assert not jpeg_decodes
 
 
 def test_eval_transform_resizes_crops_and_scales_to_minus_one_one():
@@ -105,3 +155,10 @@ def test_a_finite_float_tiff_keeps_its_contrast(tmp_path):
     rgb = np.asarray(images.load_rgb(save(tmp_path, "float.tif", Image.fromarray(a, "F"))))
     assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 30].tolist() == [255, 255, 255]
     assert rgb[0, 15].tolist() == [127, 127, 127]
+
+
+def test_load_pixels_falls_back_to_pil_where_torchvision_no_longer_decodes(tmp_path, jpeg_decodes, monkeypatch):
+    path = save(tmp_path, "a.jpg", Image.effect_mandelbrot((64, 48), (-2, -1, 1, 1), 50).convert("RGB"))
+    expected = images.load_pixels(path)
+    monkeypatch.setattr(images, "_torchvision_io", lambda: None)  # torchvision without image decoding
+    assert torch.equal(images.load_pixels(path), expected) and len(jpeg_decodes) == 1

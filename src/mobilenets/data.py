@@ -110,17 +110,19 @@ class TrainTransform:
         pixels.  Most crops are far larger than the smallest one, so this allows more than :meth:`min_side`."""
         return math.ceil(min(width, height) * self.resolution / max(min(box[2], box[3]), 1))
 
-    def resized_crop(self, image: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int],
-                     rng: random.Random) -> torch.Tensor:
-        """Crop ``box`` (drawn on an image of ``size``; ``image`` may be a reduced-scale decoding of it),
-        resize to resolution, flip, normalise."""
+    def resized_crop(self, image: Image.Image | torch.Tensor, box: tuple[int, int, int, int],
+                     size: tuple[int, int], rng: random.Random) -> torch.Tensor:
+        """Crop ``box`` (drawn on an image of ``size``; ``image``, an RGB image or its uint8 (3, H, W) pixels,
+        may be a reduced-scale decoding of it), resize to resolution, flip, normalise."""
+        px = image if isinstance(image, torch.Tensor) else images.pixels(image)
+        height, width = px.shape[-2:]
         left, top, w, h = box
-        sx, sy = image.size[0] / size[0], image.size[1] / size[1]
-        x0, y0 = min(round(left * sx), image.size[0] - 1), min(round(top * sy), image.size[1] - 1)
+        sx, sy = width / size[0], height / size[1]
+        x0, y0 = min(round(left * sx), width - 1), min(round(top * sy), height - 1)
         x1, y1 = max(x0 + 1, round((left + w) * sx)), max(y0 + 1, round((top + h) * sy))
         # PyTorch's antialiased bilinear resize of uint8 channels-last pixels: the filter PIL's BILINEAR
         # applies (torchvision's RandomResizedCrop), about twice as fast (benchmarks/train_input.py)
-        crop = images.pixels(image)[None, :, y0:y1, x0:x1]
+        crop = px[None, :, y0:y1, x0:x1]
         x = F.interpolate(crop, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
                           align_corners=False)[0]
         if rng.random() < self.hflip:
@@ -236,9 +238,10 @@ class ImageFolder(_Dataset):
             drawn["box"] = self.transform.crop_box(width, height, rng)
             return self.transform.crop_min_side(drawn["box"], width, height)
 
-        image = images.load_rgb(self.paths[index], min_side=crop_min_side)
+        image = images.load_pixels(self.paths[index], min_side=crop_min_side)
         if not drawn:  # not a JPEG: decoded whole, the crop drawn from its size, as above
-            return self.transform(image, rng)
+            size = image.shape[-1], image.shape[-2]
+            return self.transform.resized_crop(image, self.transform.crop_box(*size, rng), size, rng)
         return self.transform.resized_crop(image, drawn["box"], drawn["size"], rng)
 
 
