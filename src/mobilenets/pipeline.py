@@ -2,7 +2,7 @@
 
 ``predict``, ``evaluate`` and int8 calibration read folders through
 :func:`batches`, so an image is decoded and preprocessed the same way
-everywhere (:func:`images.load_rgb` + :func:`images.eval_transform`).
+everywhere (:func:`images.load_pixels` + :func:`images.eval_transform`).
 Workers decode the next batches while the caller runs the model on this one;
 at most ``2 x workers`` batches wait in memory, whatever the number of files.
 """
@@ -72,7 +72,7 @@ class _Decode(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         source = self.sources[i]
         try:
-            image = source if isinstance(source, Image.Image) else images.load_rgb(source, min_side=self.min_side)
+            image = source if isinstance(source, Image.Image) else images.load_pixels(source, min_side=self.min_side)
             return i, images.eval_pixels(image, self.resolution)
         except ImageError as e:
             return i, str(e)
