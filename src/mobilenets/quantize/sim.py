@@ -1,8 +1,9 @@
 """Fake-quantized forward of a folded MobileNet: the arithmetic of the QDQ int8 graph, in float.
 
-Weights: per-output-channel symmetric int8 (scale = max|w| / 127, zero point 0).  Activations:
-per-tensor affine uint8 over a range (lo, hi) that always contains 0, so TF-SAME zero padding
-stays exact.  Rounding is round-half-to-even, as QuantizeLinear does.
+Weights: per-output-channel symmetric int8 (scale = max|w| / 127, zero point 0).  Biases: int32 on
+the accumulator's grid (input scale x weight scale), as every int8 runtime we write adds them.
+Activations: per-tensor affine uint8 over a range (lo, hi) that always contains 0, so TF-SAME zero
+padding stays exact.  Rounding is round-half-to-even, as QuantizeLinear does.
 """
 from __future__ import annotations
 
@@ -59,6 +60,17 @@ def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
                                                   -WEIGHT_QMAX, WEIGHT_QMAX)
 
 
+def fake_quant_bias(bias: torch.Tensor, weight: torch.Tensor, in_rng: tuple[float, float]) -> torch.Tensor:
+    """The bias on its int32 grid, straight-through: what XNNPACK, ONNX Runtime's QLinearConv and LiteRT add.
+
+    The shift is at most half an accumulator step (input scale x weight scale), a few thousandths of an
+    output step, yet a float bias moved a value across a rounding tie in 0.03-0.2% of each layer's outputs,
+    and on a small model those flips grew over 27 layers to 10 logit steps (tests/test_executorch.py).
+    """
+    scale = weight_scales(weight) * act_qparams(*in_rng)[0]
+    return bias + (torch.round(bias / scale) * scale - bias).detach()
+
+
 def pad_same(layer: FoldedConv, x: torch.Tensor) -> torch.Tensor:
     """TF-SAME padding (the folded model's own rule) so the sim can run the conv itself."""
     if not layer.tf_pad:
@@ -70,11 +82,12 @@ def pad_same(layer: FoldedConv, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
 
 
-def conv_pre(layer: FoldedConv, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The layer's convolution before its activation, with ``weight`` in place of its own."""
+def conv_pre(layer: FoldedConv, x: torch.Tensor, weight: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's convolution before its activation, with ``weight`` and ``bias`` in place of its own."""
     c = layer.conv
-    return F.conv2d(pad_same(layer, x), c.weight if weight is None else weight, c.bias, c.stride, c.padding,
-                    c.dilation, c.groups)
+    return F.conv2d(pad_same(layer, x), c.weight if weight is None else weight, c.bias if bias is None else bias,
+                    c.stride, c.padding, c.dilation, c.groups)
 
 
 def activate(layer: FoldedConv, z: torch.Tensor) -> torch.Tensor:
@@ -93,10 +106,17 @@ class Ranges(dict):
 
 def simulate(folded: FoldedMobileNet, ranges: dict, x: torch.Tensor, *, quantize_weights: bool = True) -> torch.Tensor:
     """Logits of the int8 graph as float arithmetic (differentiable: straight-through estimators)."""
-    fw = fake_quant_weight if quantize_weights else (lambda w: w)
+    def int8(weight, bias, in_rng):  # float weights keep a float bias: its grid is the int8 weights'
+        if not quantize_weights:
+            return weight, bias
+        return fake_quant_weight(weight), fake_quant_bias(bias, weight, in_rng)
+
     x = fake_quant_act(x, ranges["input"])
+    before = "input"
     for i, layer in enumerate(folded.features):
-        x = fake_quant_act(activate(layer, conv_pre(layer, x, fw(layer.conv.weight))), ranges[f"features.{i}"])
+        z = conv_pre(layer, x, *int8(layer.conv.weight, layer.conv.bias, ranges[before]))
+        before = f"features.{i}"
+        x = fake_quant_act(activate(layer, z), ranges[before])
     x = fake_quant_act(x.mean((2, 3)), ranges["pool"])
     head: nn.Linear = folded.classifier
-    return fake_quant_act(F.linear(x, fw(head.weight), head.bias), ranges["logits"])
+    return fake_quant_act(F.linear(x, *int8(head.weight, head.bias, ranges["pool"])), ranges["logits"])
