@@ -100,7 +100,7 @@ def unapply_scales(folded: FoldedMobileNet, scales: list[torch.Tensor]) -> Folde
 
 
 def _fq_error(v: torch.Tensor, lo: float, hi: float) -> float:
-    return float((sim.fake_quant_act(v, (lo, hi)) - v).pow(2).mean())
+    return float(sim.fake_quant_values(v, (lo, hi)).sub_(v).square_().mean())
 
 
 def search_range(v: torch.Tensor, method: str = "mse", *, grid: int = 60) -> tuple[float, float]:
