@@ -28,11 +28,23 @@ WINDOW_VALUES = 1 << 23
 
 
 def _patches(layer: FoldedConv, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input windows: (N * positions, groups, inputs per group * kh * kw)."""
+    """The layer's input windows in double: (N * positions, groups, inputs per group * kh * kw), contiguous.
+
+    The windows are a strided view of the padded input, gathered and widened to double in one copy
+    (unfold, its transpose and the conversion took three passes over nine times the input).
+    """
     c = layer.conv
-    cols = F.unfold(sim.pad_same(layer, x), c.kernel_size, dilation=c.dilation, padding=c.padding, stride=c.stride)
-    n, k, positions = cols.shape
-    return cols.transpose(1, 2).reshape(n * positions, c.groups, k // c.groups)
+    x = sim.pad_same(layer, x)
+    ph, pw = c.padding
+    if ph or pw:
+        x = F.pad(x, [pw, pw, ph, ph])
+    (kh, kw), (sh, sw), (dh, dw) = c.kernel_size, c.stride, c.dilation
+    # (N, C, out_h, out_w, kh, kw): each position's window, channel-major within it as F.unfold orders it
+    windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    n, channels, out_h, out_w = windows.shape[:4]
+    out = torch.empty((n, out_h, out_w, channels, kh, kw), dtype=torch.float64)
+    out.copy_(windows.permute(0, 2, 3, 1, 4, 5))
+    return out.view(n * out_h * out_w, c.groups, channels // c.groups * kh * kw)
 
 
 @torch.no_grad()
@@ -44,7 +56,7 @@ def input_hessian(layer: FoldedConv, xs) -> torch.Tensor | None:
     for x in xs:
         # a few images at a time: the windows of a whole batch of 112 x 112 inputs are gigabytes in double
         for chunk in x.split(max(1, WINDOW_VALUES // max(1, x[0].numel() * kh * kw))):
-            p = _patches(layer, chunk).double()
+            p = _patches(layer, chunk)
             h = torch.einsum("ngi,ngj->gij", p, p)
             total = h if total is None else total + h
             count += p.shape[0]
