@@ -27,7 +27,7 @@ SAMPLES_PER_INPUT = 4
 WINDOW_VALUES = 1 << 23
 
 
-def _patches(layer: FoldedConv, x: torch.Tensor) -> torch.Tensor:
+def input_windows(layer: FoldedConv, x: torch.Tensor) -> torch.Tensor:
     """The layer's input windows in double: (N * positions, groups, inputs per group * kh * kw), contiguous.
 
     The windows are a strided view of the padded input, gathered and widened to double in one copy
@@ -56,7 +56,7 @@ def input_hessian(layer: FoldedConv, xs) -> torch.Tensor | None:
     for x in xs:
         # a few images at a time: the windows of a whole batch of 112 x 112 inputs are gigabytes in double
         for chunk in x.split(max(1, WINDOW_VALUES // max(1, x[0].numel() * kh * kw))):
-            p = _patches(layer, chunk)
+            p = input_windows(layer, chunk)
             h = torch.einsum("ngi,ngj->gij", p, p)
             total = h if total is None else total + h
             count += p.shape[0]
