@@ -192,6 +192,34 @@ def test_int8_calibration_matters(model, images, reference):
     assert cosine(good(images), reference) > cosine(blank(images), reference)
 
 
+def test_int8_ready_weights_compile_without_calibration(model, calibration, images, tmp_path, monkeypatch):
+    """Weights from mobilenets quantize carry their ranges: compile needs no calibration images and runs none,
+    except on the torch backend, whose observers measure ranges (it says so, and which backends do not)."""
+    from mobilenets import load, quantize
+
+    ready_model = load(quantize.save(quantize.prepare_int8(model, calibration), model, tmp_path / "r.safetensors"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibrated although the weights carry their int8 ranges")
+
+    monkeypatch.setattr(quantize, "prepare_int8", refuse)
+    without = deploy.compile(ready_model, "int8", resolution=RES, backend="onnxruntime")
+    given = deploy.compile(ready_model, "int8", calibration=calibration, resolution=RES, backend="onnxruntime")
+    assert torch.equal(without(images), given(images))  # the model's own ranges either way
+    with pytest.raises(deploy.DeployError, match=r"'torch' measures int8 activation ranges on calibration "
+                                                 r"images: pass calibration=.*'onnxruntime'"):
+        deploy.compile(ready_model, "int8", resolution=RES, backend="torch")
+    with pytest.raises(deploy.DeployError, match="int8 needs calibration data"):  # plain int8 has no ranges
+        deploy.compile(ready_model, "int8", resolution=RES, backend="onnxruntime", int8="plain")
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path / "cache"))
+    for name in deploy.BACKENDS:  # stubs keep the test quick
+        monkeypatch.setattr(deploy.backend.get(name), "build", lambda *a: (lambda x: x))
+    chosen = deploy.compile(ready_model, "int8", batch_size=1, resolution=RES)
+    assert "onnxruntime" in chosen.timings and "torch" not in chosen.timings
+    assert "torch" in deploy.compile(ready_model, "int8", calibration=calibration, batch_size=1,
+                                     resolution=RES).timings
+
+
 # ---------------------------------------------------------------- auto
 
 

@@ -145,6 +145,28 @@ def test_cli_table_is_readable(weights_file, images, capsys):
     assert rank == "1" and index.isdigit() and percent.endswith("%") and label
 
 
+def test_cli_int8_with_int8_ready_weights_needs_no_calibration_images(weights_file, images, tmp_path, capsys,
+                                                                      monkeypatch):
+    from mobilenets import deploy, quantize
+
+    model = mobilenets.load(weights_file)
+    calibration, _ = deploy.image_batches(images, 64)
+    ready = quantize.save(quantize.prepare_int8(model, calibration), model, tmp_path / "ready.safetensors")
+    argv = ["predict", str(images / "rgb.jpg"), "--precision", "int8", "--backend", "onnxruntime", "--json"]
+    assert cli.main([*argv, "--weights", str(weights_file)]) == 2  # float weights: nothing to take ranges from
+    assert "--calib-data" in capsys.readouterr().err
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibrated although the weights carry their int8 ranges")
+
+    monkeypatch.setattr(quantize, "prepare_int8", refuse)
+    assert cli.main([*argv, "--weights", str(ready)]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    calibrated = next(predict(mobilenets.load(ready), images / "rgb.jpg", precision="int8", backend="onnxruntime",
+                              calibration=images))
+    assert answer["top"] == calibrated.to_dict()["top"]  # the file's ranges, with or without calibration images
+
+
 def test_cli_bad_inputs_fail_in_one_line(weights_file, images, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")

@@ -225,6 +225,109 @@ def test_rounding_by_error_is_kept_only_where_it_diverges_less(small, monkeypatc
         assert torch.equal(refused.simulate(x), plain.simulate(x))
 
 
+def test_preparation_is_the_two_calibrations_and_the_less_divergent_one(small):
+    """prepare_int8 shares one float path between the two roundings and reads their int8 logits off the
+    calibration; the result must be, bit for bit, each rounding calibrated alone, compared by the KL of the
+    float model's logits and the int8 simulation's, the lower kept, as the file stores it."""
+    model, calib, _ = small
+    ready = quantize.prepare_int8(model, calib)
+    equalized, scales = calibrate.equalize(deploy.fold_batchnorm(model), calib)
+    with torch.no_grad():
+        teacher = [equalized(x) for x in calib]
+        alone = {mode: calibrate.calibrate(equalized, calib, rounding=mode) for mode in ("error", "nearest")}
+        divergence = {}
+        for mode, (folded, ranges) in alone.items():
+            logits = [sim.simulate(folded, ranges, x) for x in calib]
+            total = sum(float((p.exp() * (p - q)).sum()) for p, q in
+                        ((t.log_softmax(1), z.log_softmax(1)) for t, z in zip(teacher, logits)))
+            divergence[mode] = total / sum(len(x) for x in calib)
+    assert ready.report["rounding_kl"] == divergence
+    kept = min(divergence, key=divergence.get)
+    folded, ranges = alone[kept]
+    expected = quantize.from_model(quantize.to_model(quantize.Int8Ready(folded, ranges, scales, 64), model))
+    assert ready.ranges == expected.ranges
+    state, want = ready.folded.state_dict(), expected.folded.state_dict()
+    assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
+    assert all(torch.equal(a, b) for a, b in zip(ready.scales, expected.scales))
+
+
+def test_calibrating_both_roundings_at_once_gives_each_alone_and_the_logits_of_both_graphs(small):
+    model, calib, _ = small
+    equalized, _ = calibrate.equalize(deploy.fold_batchnorm(model), calib)
+    # few samples per range, so that each rounding's range search draws from its generator
+    float_logits, results = calibrate.calibrate_roundings(equalized, calib, ("error", "nearest"),
+                                                          samples_per_batch=5000)
+    with torch.no_grad():
+        assert all(torch.equal(z, equalized(x)) for z, x in zip(float_logits, calib))
+        for mode, result in zip(("error", "nearest"), results):
+            folded, ranges = calibrate.calibrate(equalized, calib, rounding=mode, samples_per_batch=5000)
+            assert result.ranges == ranges
+            assert all(torch.equal(a, b) for a, b in zip(result.folded.state_dict().values(),
+                                                         folded.state_dict().values()))
+            assert all(torch.equal(z, sim.simulate(folded, ranges, x)) for z, x in zip(result.logits, calib))
+    assert results[0].ranges != results[1].ranges  # two roundings, two int8 graphs: the test can tell them apart
+
+
+def test_fake_quant_values_are_torchs_fake_quantize_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    for lo, hi in [(0.0, 6.0), (0.0, 0.37), (-1.0, 1.0), (-2.5, 0.3), (-0.01, 20.0), (0.0, 1e-6)]:
+        scale, zero_point = sim.act_qparams(lo, hi)
+        v = torch.cat([(torch.rand(50_000, generator=g) * 1.4 - 0.2) * (hi - lo) + lo,  # beyond both ends too
+                       (torch.randint(-300, 300, (2000,), generator=g) + 0.5) * scale,  # ties: round half to even
+                       torch.tensor([0.0, -0.0, lo, hi])])
+        assert torch.equal(sim.fake_quant_values(v, (lo, hi)), sim.fake_quant_act(v, (lo, hi))), (lo, hi)
+
+
+def test_rounding_by_error_is_the_column_by_column_algorithm():
+    """round_weights against the algorithm written plainly here, column by column on (out, K) rows."""
+    from mobilenets.quantize import rounding
+
+    g = torch.Generator().manual_seed(2)
+    for out, inputs, groups, k in [(24, 40, 1, 1), (16, 16, 16, 3), (12, 6, 3, 3)]:
+        weight = torch.randn(out, inputs // groups, k, k, generator=g)
+        windows = torch.rand(300, groups, inputs // groups * k * k, generator=g, dtype=torch.float64)
+        windows[:, :, 1] = 0  # an input that never fires
+        hessian = torch.einsum("ngi,ngj->gij", windows, windows) / len(windows)
+        expected = []
+        for gi in range(groups):
+            h = hessian[gi].clone()
+            dead = h.diagonal() <= 0
+            h.diagonal().add_(rounding.DAMPING * h.diagonal().mean().clamp_min(1e-12) + dead.double())
+            u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+            rows = weight[gi * out // groups:(gi + 1) * out // groups].flatten(1)
+            step = (rows.abs().amax(1) / 127).clamp_min(1e-12).double()  # the int8 grid: float32 max|w| / 127
+            w = rows.double()
+            peak = w.abs().argmax(1)
+            original = w.clone()
+            q = torch.empty_like(w)
+            for j in range(w.shape[1]):
+                column = torch.where(peak == j, original[:, j], w[:, j])
+                q[:, j] = torch.clamp(torch.round(column / step), -127, 127) * step
+                err = (w[:, j] - q[:, j]) / u[j, j]
+                w[:, j + 1:] -= err[:, None] * u[j, j + 1:][None, :]
+            expected.append(q)
+        want = torch.cat(expected).reshape(weight.shape).float()
+        assert torch.equal(rounding.round_weights(weight, hessian), want), (out, inputs, groups, k)
+
+
+def test_input_windows_are_unfolds_windows_bit_for_bit():
+    from mobilenets.folding import FoldedConv
+    from mobilenets.quantize import rounding
+
+    g = torch.Generator().manual_seed(3)
+    for k, stride, dilation, groups, padding, tf_pad in [(3, 1, 1, 1, 1, False), (3, 2, 2, 4, 2, False),
+                                                         (3, 2, 1, 8, 0, True), (1, 1, 1, 1, 0, False),
+                                                         (5, 2, 1, 2, 2, False), (1, 2, 1, 1, 0, True)]:
+        conv = torch.nn.Conv2d(8, 8, k, stride=stride, dilation=dilation, groups=groups, padding=padding)
+        layer = FoldedConv(conv, tf_pad, 6.0)
+        x = torch.rand(2, 8, 13, 11, generator=g)
+        cols = torch.nn.functional.unfold(sim.pad_same(layer, x), k, dilation=dilation, padding=padding,
+                                          stride=stride)
+        want = cols.transpose(1, 2).reshape(-1, groups, cols.shape[1] // groups).double()
+        got = rounding.input_windows(layer, x)
+        assert torch.equal(got, want) and got.is_contiguous(), (k, stride, dilation, groups, padding, tf_pad)
+
+
 def test_int8_ready_file_round_trips(small, tmp_path):
     model, calib, x = small
     ready = quantize.prepare_int8(model, calib)

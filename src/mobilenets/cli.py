@@ -658,7 +658,7 @@ def add_convert(sub) -> None:
 
 
 def run_predict(args) -> int:
-    from . import predict, weights
+    from . import predict, quantize, weights
 
     if args.weights == "imagenet":
         model = weights.load("imagenet", alpha=args.alpha, resolution=args.resolution, progress=not args.quiet)
@@ -667,8 +667,9 @@ def run_predict(args) -> int:
         model = weights.load(args.weights)
         resolution_override = args.resolution
     calibration = args.calib_data if args.precision == "int8" else None
-    if args.precision == "int8" and calibration is None:
-        raise UsageError("predict --precision int8 needs --calib-data DIR: a folder of images like the inputs")
+    if args.precision == "int8" and calibration is None and quantize.from_model(model) is None:
+        raise UsageError("predict --precision int8 needs --calib-data DIR (a folder of images like the inputs), "
+                         "or weights made int8-ready by 'mobilenets quantize', which carry their own ranges")
     results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
                               resolution=resolution_override, precision=args.precision, backend=args.backend,
                               workers=args.workers, draft=args.draft, calibration=calibration)
@@ -695,7 +696,8 @@ def add_predict(sub) -> None:
     p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
-                   help="how the model computes (default fp32; int8 needs --calib-data)")
+                   help="how the model computes (default fp32; int8 needs --calib-data unless the "
+                        "weights are from 'mobilenets quantize')")
     p.add_argument("--backend", choices=("eager", "auto", "torch", "onnxruntime", "openvino"), default=None,
                    help="runtime (default: eager PyTorch for a few images, else the fastest measured, 'auto')")
     p.add_argument("--calib-data", metavar="DIR", default=None, help="images for int8 calibration")

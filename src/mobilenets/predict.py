@@ -130,7 +130,8 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     ``precision`` ("fp32", "bf16", "int8") and ``backend`` (None: eager
     PyTorch below :data:`COMPILE_FROM` images at fp32, else
     :func:`deploy.compile`'s "auto") choose how the model runs; int8 needs
-    ``calibration`` (see :func:`deploy.compile`).  ``workers`` decoding
+    ``calibration`` (see :func:`deploy.compile`) unless the weights are from
+    ``mobilenets quantize`` (they carry their ranges).  ``workers`` decoding
     processes (default from the cores); ``draft=True`` decodes JPEGs at a reduced DCT scale (faster
     on large photos; off by default: on phone-size photos it changed 1 answer in 100, see
     :func:`images.draft_side`).

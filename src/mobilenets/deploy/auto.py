@@ -24,7 +24,7 @@ from ..checkpoint import atomic_write
 from . import backend
 from .backend import Run
 from .calibration import example_input
-from .machine import cpu_name
+from .machine import DeployError, cpu_name
 
 
 def time_run(run: Callable, x, *, warmup: int = 3, min_time: float = 0.5,
@@ -85,7 +85,11 @@ def choose(config: dict, folded, precision: str, batches: list[torch.Tensor], ba
            resolution: int) -> tuple[str, Run, dict[str, float]]:
     """(backend name, its run, ms per batch of each candidate) of the fastest backend for this request."""
     candidates = [b for b in backend.available_backends()
-                  if backend.backend_supports(b, precision) and backend.get(b).tried_by_auto]
+                  if backend.backend_supports(b, precision) and backend.get(b).tried_by_auto
+                  and (batches or not backend.get(b).needs_calibration(folded, precision))]
+    if not candidates:
+        raise DeployError(f"no installed backend builds {precision} without calibration images: pass calibration= "
+                          f"batches of preprocessed images, or pip install 'mobilenets[deploy]'")
     key = choice_key(config, precision, batch_size, resolution, candidates)
     cached = _read_choices().get(key)
     if cached and cached["backend"] in candidates:

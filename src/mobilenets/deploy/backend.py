@@ -95,6 +95,11 @@ class Backend:
         """How this runtime runs ``precision``, in a few words (shown in benchmark tables)."""
         return self.name
 
+    def needs_calibration(self, folded, precision: str) -> bool:
+        """Whether building ``folded`` at ``precision`` needs calibration batches: int8 measures its activation
+        ranges on them, unless the graph is int8-ready (:mod:`mobilenets.quantize`) and brings its own."""
+        return precision == "int8" and getattr(folded, "int8_ready", None) is None
+
     def build(self, folded, precision: str, batches: list[torch.Tensor], batch_size: int, resolution: int,
               workdir: Path) -> Run:
         """A callable taking a (batch_size, 3, resolution, resolution) float32 tensor, returning float32 logits.
@@ -160,6 +165,17 @@ def check_backend(name: str, precision: str) -> None:
     if precision not in backend.precisions:
         others = [b for b in BACKENDS if backend_supports(b, precision)]
         raise DeployError(f"{backend.refusal}; for {precision} use backend " + " or ".join(map(repr, others)))
+
+
+def check_calibration(name: str, folded, precision: str, batches: list[torch.Tensor]) -> None:
+    """Refuse, with what would work, to build ``name`` without the calibration batches it needs."""
+    if batches or not get(name).needs_calibration(folded, precision):
+        return
+    others = [b for b in available_backends()
+              if backend_supports(b, precision) and not get(b).needs_calibration(folded, precision)]
+    instead = f", or use backend {' or '.join(map(repr, others))}, which use the model's own int8 ranges" if others else ""
+    raise DeployError(f"backend {name!r} measures {precision} activation ranges on calibration images: pass "
+                      f"calibration= batches of preprocessed images{instead}")
 
 
 def build(name: str, folded, precision: str, batches: list[torch.Tensor], batch_size: int, resolution: int) -> Run:

@@ -13,7 +13,7 @@ from . import auto
 from . import backend as registry  # the parameter of compile is called backend
 from .backend import Run
 from .calibration import DEFAULT_RESOLUTION, as_input, calibration_batches, check_input_shape, rebatch
-from .prepare import folded_for
+from .prepare import carries_int8, folded_for
 from .machine import DeployError, bf16_supported
 
 
@@ -63,7 +63,9 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
 
     ``precision``: "fp32", "bf16" (fast on CPUs with AMX or AVX-512 BF16) or
     "int8" (needs ``calibration``: an iterable of (N, 3, H, W) batches, or
-    (images, labels) pairs, preprocessed like real inputs).  ``batch_size`` and
+    (images, labels) pairs, preprocessed like real inputs; not for weights from
+    ``mobilenets quantize``, whose own ranges are used, except on the "torch"
+    backend, whose observers measure them).  ``batch_size`` and
     ``resolution`` (default 224) fix the compiled shape: other batch sizes run
     in chunks (the last one padded), other resolutions are refused.
     ``backend``: "auto" (measure the available backends once, cache the
@@ -80,8 +82,13 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
         raise DeployError(f"resolution must be an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128, "
                           f"got {resolution!r}")
-    batches = rebatch(calibration_batches(calibration, resolution), batch_size) if precision == "int8" else []
+    if precision != "int8" or (calibration is None and carries_int8(model, precision, int8)):
+        batches = []  # int8-ready weights from mobilenets quantize carry their ranges: nothing to calibrate
+    else:
+        batches = rebatch(calibration_batches(calibration, resolution), batch_size)
     folded = folded_for(model, precision, batches, int8=int8)
+    if backend != "auto":
+        registry.check_calibration(backend, folded, precision, batches)
     if precision == "bf16" and not bf16_supported():
         warnings.warn("this CPU has neither AMX nor AVX-512 BF16: bf16 is emulated and slower than fp32", stacklevel=2)
 

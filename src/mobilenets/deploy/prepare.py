@@ -33,6 +33,16 @@ def folded_for(model: MobileNetV1, precision: str, batches, *, int8: str = "prep
     return folded
 
 
+def carries_int8(model: MobileNetV1, precision: str, int8: str = "prepared") -> bool:
+    """Whether ``model`` brings the int8 ranges ``precision`` needs (weights from ``mobilenets quantize``), so
+    that nothing need be calibrated."""
+    if precision != "int8" or int8 != "prepared":
+        return False
+    from .. import quantize
+
+    return quantize.from_model(model) is not None
+
+
 def single_clip(folded: FoldedMobileNet) -> FoldedMobileNet:
     """An int8-ready graph with one ReLU6 clip per layer, for runtimes that fuse only a scalar clip (PT2E, LiteRT).
 

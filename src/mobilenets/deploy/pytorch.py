@@ -100,6 +100,10 @@ class PyTorch(Backend):
     def describe(self, precision: str) -> str:
         return "Inductor, freezing, channels_last" + (", PT2E X86InductorQuantizer" if precision == "int8" else "")
 
+    def needs_calibration(self, folded, precision: str) -> bool:
+        # PT2E's observers measure every activation range, int8-ready graph or not (see quantize_pt2e)
+        return precision == "int8"
+
     def build(self, folded, precision, batches, batch_size, resolution, workdir) -> Run:
         if precision == "int8":
             module, dtype = quantize_pt2e(single_clip(folded), batches), torch.float32

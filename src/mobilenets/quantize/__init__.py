@@ -128,14 +128,15 @@ def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: b
     if equalize:
         folded, scales = calibrate.equalize(folded, batches, beta=beta)
     teacher = folded
-    candidates = {mode: calibrate.calibrate(folded, batches, method=method, bias_correction=bias_correction,
-                                            rounding=mode, seed=seed)
-                  for mode in (("error", "nearest") if rounding == "error" else (rounding,))}
+    modes = ("error", "nearest") if rounding == "error" else (rounding,)
+    float_logits, results = calibrate.calibrate_roundings(folded, batches, modes, method=method,
+                                                          bias_correction=bias_correction, seed=seed)
+    candidates = dict(zip(modes, results))
     # rounding by error minimises each layer's own output error, which on a small model fitted for a few
     # steps can leave the end result a little worse (one of 24 digits): keep what diverges less here
-    divergences = {mode: _divergence(f, r, teacher, batches) for mode, (f, r) in candidates.items()}
+    divergences = {mode: _kl(float_logits, c.logits) for mode, c in candidates.items()}
     kept = min(divergences, key=divergences.get)
-    folded, ranges = candidates[kept]
+    folded, ranges = candidates[kept].folded, candidates[kept].ranges
     report = {"equalize": equalize, "bias_correction": bias_correction, "method": method, "rounding": rounding,
               "rounding_kept": kept, "rounding_kl": divergences, "beta": beta,
               "calibration_images": sum(len(b) for b in batches), "steps": steps}
@@ -149,7 +150,9 @@ def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: b
         report["lr"] = lr
         # fine-tuning has made int8 worse on the real weights in our measurements (benchmarks/int8_fidelity.py):
         # keep it only if the int8 graph's divergence from the float model on the calibration images falls
-        before, after = (_divergence(f, ranges, teacher, batches) for f in (folded, tuned))
+        before = divergences[kept]
+        with torch.no_grad():
+            after = _kl(float_logits, [sim.simulate(tuned, ranges, x) for x in batches])
         report["kl_before_steps"], report["kl_after_steps"] = before, after
         report["steps_kept"] = after < before
         if after < before:
@@ -166,15 +169,14 @@ def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: b
     return canonical
 
 
-def _divergence(folded: FoldedMobileNet, ranges: dict, teacher: FoldedMobileNet, batches) -> float:
-    """Mean KL(float || int8 simulated) in nats over ``batches``."""
+def _kl(teacher_logits: list, int8_logits: list) -> float:
+    """Mean KL(float || int8) in nats over batches of logits."""
     total, count = 0.0, 0
-    with torch.no_grad():
-        for x in batches:
-            p = torch.log_softmax(teacher(x), 1)
-            q = torch.log_softmax(sim.simulate(folded, ranges, x), 1)
-            total += float((p.exp() * (p - q)).sum())
-            count += len(x)
+    for z_float, z_int8 in zip(teacher_logits, int8_logits):
+        p = torch.log_softmax(z_float, 1)
+        q = torch.log_softmax(z_int8, 1)
+        total += float((p.exp() * (p - q)).sum())
+        count += len(z_float)
     return total / max(count, 1)
 
 

@@ -3,6 +3,7 @@ sequential bias correction.  Each is measured on calibration batches and leaves 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -99,7 +100,7 @@ def unapply_scales(folded: FoldedMobileNet, scales: list[torch.Tensor]) -> Folde
 
 
 def _fq_error(v: torch.Tensor, lo: float, hi: float) -> float:
-    return float((sim.fake_quant_act(v, (lo, hi)) - v).pow(2).mean())
+    return float(sim.fake_quant_values(v, (lo, hi)).sub_(v).square_().mean())
 
 
 def search_range(v: torch.Tensor, method: str = "mse", *, grid: int = 60) -> tuple[float, float]:
@@ -131,6 +132,16 @@ def _sample(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor
     return flat[torch.randint(flat.numel(), (n,), generator=generator)]
 
 
+@dataclass
+class Calibrated:
+    """One rounding's result: the adjusted float model, its int8 ranges, and the int8 graph's logits on each
+    calibration batch (what :func:`sim.simulate` gives for it, computed on the way)."""
+
+    folded: FoldedMobileNet
+    ranges: dict
+    logits: list
+
+
 @torch.no_grad()
 def calibrate(folded: FoldedMobileNet, batches, *, method: str = "mse", bias_correction: bool = True,
               rounding: str = "error", samples_per_batch: int = 200_000,
@@ -145,47 +156,84 @@ def calibrate(folded: FoldedMobileNet, batches, *, method: str = "mse", bias_cor
     int8 path's own activations, by ``method``; with "mse" the logits' range is their min/max, so no
     logit is clipped.
     """
-    folded = copy.deepcopy(folded)
+    _, (result,) = calibrate_roundings(folded, batches, (rounding,), method=method, bias_correction=bias_correction,
+                                       samples_per_batch=samples_per_batch, seed=seed)
+    return result.folded, result.ranges
+
+
+@torch.no_grad()
+def calibrate_roundings(folded: FoldedMobileNet, batches, roundings, *, method: str = "mse",
+                        bias_correction: bool = True, samples_per_batch: int = 200_000,
+                        seed: int = 0) -> tuple[list, list[Calibrated]]:
+    """:func:`calibrate` once for each of ``roundings``, with one float path for all of them.
+
+    Returns the float model's logits on each batch and a :class:`Calibrated` per rounding, each what
+    :func:`calibrate` gives for that rounding alone, bit for bit (the float path never depends on the
+    rounding, and each rounding draws its range samples from its own generator seeded with ``seed``).
+    """
     g = torch.Generator().manual_seed(seed)
     xs_f = [b.float() for b in batches]
-    ranges = {"input": search_range(torch.cat([_sample(x, samples_per_batch, g) for x in xs_f]), "minmax")}
-    xs_q = [sim.fake_quant_act(x, ranges["input"]) for x in xs_f]
+    input_range = search_range(torch.cat([_sample(x, samples_per_batch, g) for x in xs_f]), "minmax")
+    xs_q = [sim.fake_quant_act(x, input_range) for x in xs_f]
+    paths = []
+    for mode in roundings:
+        generator = torch.Generator()
+        generator.set_state(g.get_state())
+        paths.append(_Int8Path(mode, copy.deepcopy(folded), {"input": input_range}, xs_q, generator))
     for i, layer in enumerate(folded.features):
-        w_float = layer.conv.weight.clone()
-        next_f = [layer(x) for x in xs_f]  # the float path keeps the float weights and bias
-        hessian = input_hessian(layer, xs_q) if rounding == "error" else None
+        # the float path: ``folded`` itself is never changed; its pre-activations serve every bias correction
+        pre_f = [sim.conv_pre(layer, x) for x in xs_f]
+        for path in paths:
+            path.layer(i, layer.conv.weight, pre_f if bias_correction else None, method, samples_per_batch)
+        xs_f = [sim.activate(layer, z) for z in pre_f]
+        del pre_f
+    float_logits = [folded.classifier(torch.flatten(x.mean((2, 3), keepdim=True), 1)) for x in xs_f]
+    pooled_f = torch.cat([x.mean((2, 3)) for x in xs_f]) if bias_correction else None
+    return float_logits, [path.head(pooled_f, method) for path in paths]
+
+
+class _Int8Path:
+    """The int8 side of :func:`calibrate` for one rounding: its own copy of the model, ranges and activations."""
+
+    def __init__(self, rounding: str, folded: FoldedMobileNet, ranges: dict, xs_q: list, generator):
+        self.rounding, self.folded, self.ranges, self.xs_q, self.g = rounding, folded, ranges, xs_q, generator
+
+    def layer(self, i: int, w_float: torch.Tensor, pre_f, method: str, samples_per_batch: int) -> None:
+        layer = self.folded.features[i]
+        hessian = input_hessian(layer, self.xs_q) if self.rounding == "error" else None
         if hessian is not None:  # else too few calibration windows for this layer: rounded to nearest
             layer.conv.weight.copy_(round_weights(w_float, hessian))
         wq = sim.fake_quant_weight(layer.conv.weight)
-        if bias_correction:
+        if pre_f is not None:
             shift = torch.zeros_like(layer.conv.bias)
             count = 0
-            for xf, xq in zip(xs_f, xs_q):
-                d = sim.conv_pre(layer, xq, wq) - sim.conv_pre(layer, xf, w_float)
+            for zf, xq in zip(pre_f, self.xs_q):
+                d = sim.conv_pre(layer, xq, wq) - zf
                 shift += d.sum(dim=(0, 2, 3))
                 count += d.shape[0] * d.shape[2] * d.shape[3]
             layer.conv.bias.sub_(shift / count)
-        xs_f = next_f
-        acts = [sim.activate(layer, sim.conv_pre(layer, xq, wq)) for xq in xs_q]
-        rng = search_range(torch.cat([_sample(a, samples_per_batch, g) for a in acts]), method)
+        acts = [sim.activate(layer, sim.conv_pre(layer, xq, wq)) for xq in self.xs_q]
+        rng = search_range(torch.cat([_sample(a, samples_per_batch, self.g) for a in acts]), method)
         clamp = float(sim.clamp_of(layer, acts[0].shape[1]).min())
-        ranges[f"features.{i}"] = (0.0, min(rng[1], clamp))
-        xs_q = [sim.fake_quant_act(a, ranges[f"features.{i}"]) for a in acts]
-    pooled_q = [x.mean((2, 3)) for x in xs_q]
-    ranges["pool"] = search_range(torch.cat(pooled_q), method)
-    head = folded.classifier
-    wq = sim.fake_quant_weight(head.weight)
-    if bias_correction:
-        pooled_f = torch.cat([x.mean((2, 3)) for x in xs_f])
-        pq = torch.cat([sim.fake_quant_act(p, ranges["pool"]) for p in pooled_q])
-        head.bias.sub_((torch.nn.functional.linear(pq, wq) - torch.nn.functional.linear(pooled_f, head.weight))
-                       .mean(0))
-    logits = torch.cat([torch.nn.functional.linear(sim.fake_quant_act(p, ranges["pool"]), wq, head.bias)
-                        for p in pooled_q])
-    # the logits are the answer: a range chosen by squared error fits the bulk of a thousand small ones and
-    # clips the few largest together (on the real ImageNet weights, 128 crops: the range ended at 20.7 with
-    # logits up to 22.4, and cost 2.7 points of held-out top-1 agreement against float logits); the range
-    # of least softmax divergence cuts the smallest instead, which leaves the divergence where min/max
-    # does (0.0121 against 0.0124 nats there) but moves those logits by up to 5 (the digits)
-    ranges["logits"] = search_range(logits, "minmax" if method == "mse" else method)
-    return folded, ranges
+        self.ranges[f"features.{i}"] = (0.0, min(rng[1], clamp))
+        self.xs_q = [sim.fake_quant_act(a, self.ranges[f"features.{i}"]) for a in acts]
+
+    def head(self, pooled_f, method: str) -> Calibrated:
+        ranges = self.ranges
+        pooled_q = [x.mean((2, 3)) for x in self.xs_q]
+        self.xs_q = None
+        ranges["pool"] = search_range(torch.cat(pooled_q), method)
+        head = self.folded.classifier
+        wq = sim.fake_quant_weight(head.weight)
+        if pooled_f is not None:
+            pq = torch.cat([sim.fake_quant_act(p, ranges["pool"]) for p in pooled_q])
+            head.bias.sub_((torch.nn.functional.linear(pq, wq) - torch.nn.functional.linear(pooled_f, head.weight))
+                           .mean(0))
+        logits = [torch.nn.functional.linear(sim.fake_quant_act(p, ranges["pool"]), wq, head.bias) for p in pooled_q]
+        # the logits are the answer: a range chosen by squared error fits the bulk of a thousand small ones and
+        # clips the few largest together (on the real ImageNet weights, 128 crops: the range ended at 20.7 with
+        # logits up to 22.4, and cost 2.7 points of held-out top-1 agreement against float logits); the range
+        # of least softmax divergence cuts the smallest instead, which leaves the divergence where min/max
+        # does (0.0121 against 0.0124 nats there) but moves those logits by up to 5 (the digits)
+        ranges["logits"] = search_range(torch.cat(logits), "minmax" if method == "mse" else method)
+        return Calibrated(self.folded, ranges, [sim.fake_quant_act(z, ranges["logits"]) for z in logits])

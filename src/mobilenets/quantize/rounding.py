@@ -27,12 +27,24 @@ SAMPLES_PER_INPUT = 4
 WINDOW_VALUES = 1 << 23
 
 
-def _patches(layer: FoldedConv, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input windows: (N * positions, groups, inputs per group * kh * kw)."""
+def input_windows(layer: FoldedConv, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input windows in double: (N * positions, groups, inputs per group * kh * kw), contiguous.
+
+    The windows are a strided view of the padded input, gathered and widened to double in one copy
+    (unfold, its transpose and the conversion took three passes over nine times the input).
+    """
     c = layer.conv
-    cols = F.unfold(sim.pad_same(layer, x), c.kernel_size, dilation=c.dilation, padding=c.padding, stride=c.stride)
-    n, k, positions = cols.shape
-    return cols.transpose(1, 2).reshape(n * positions, c.groups, k // c.groups)
+    x = sim.pad_same(layer, x)
+    ph, pw = c.padding
+    if ph or pw:
+        x = F.pad(x, [pw, pw, ph, ph])
+    (kh, kw), (sh, sw), (dh, dw) = c.kernel_size, c.stride, c.dilation
+    # (N, C, out_h, out_w, kh, kw): each position's window, channel-major within it as F.unfold orders it
+    windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    n, channels, out_h, out_w = windows.shape[:4]
+    out = torch.empty((n, out_h, out_w, channels, kh, kw), dtype=torch.float64)
+    out.copy_(windows.permute(0, 2, 3, 1, 4, 5))
+    return out.view(n * out_h * out_w, c.groups, channels // c.groups * kh * kw)
 
 
 @torch.no_grad()
@@ -44,7 +56,7 @@ def input_hessian(layer: FoldedConv, xs) -> torch.Tensor | None:
     for x in xs:
         # a few images at a time: the windows of a whole batch of 112 x 112 inputs are gigabytes in double
         for chunk in x.split(max(1, WINDOW_VALUES // max(1, x[0].numel() * kh * kw))):
-            p = _patches(layer, chunk).double()
+            p = input_windows(layer, chunk)
             h = torch.einsum("ngi,ngj->gij", p, p)
             total = h if total is None else total + h
             count += p.shape[0]
@@ -62,8 +74,11 @@ def round_weights(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """
     out_channels = weight.shape[0]
     groups, k, _ = hessian.shape
-    w = weight.detach().double().reshape(groups, out_channels // groups, k).clone()
-    step = sim.weight_scales(weight).double().reshape(groups, -1, 1)
+    # columns are stored contiguous, (groups, K, out / groups): the update after column j is one contiguous
+    # block, written through a buffer allocated once (a fresh product each column cost a page-faulted
+    # allocation of up to 8 MB, 1024 times for a 1024-input layer)
+    w = weight.detach().double().reshape(groups, out_channels // groups, k).transpose(1, 2).contiguous()
+    step = sim.weight_scales(weight).double().reshape(groups, -1)
     h = hessian.clone()
     diag = torch.diagonal(h, dim1=1, dim2=2)
     dead = diag <= 0  # inputs that never fire: their weights cannot matter here; round them plainly
@@ -71,12 +86,15 @@ def round_weights(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     # upper Cholesky factor of the inverse Hessian: row j holds how column j's error carries to columns > j
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     # the largest weight of a channel fixes the channel's step: it is rounded to nearest and never moved
-    peak = F.one_hot(w.abs().argmax(-1), k).bool()
+    peak = F.one_hot(w.abs().argmax(1), k).bool().transpose(1, 2)
     pinned = w.clone()
     q = torch.empty_like(w)
+    update = torch.empty_like(w)
     for j in range(k):
-        column = torch.where(peak[..., j], pinned[..., j], w[..., j])
-        q[..., j] = torch.clamp(torch.round(column / step[..., 0]), -sim.WEIGHT_QMAX, sim.WEIGHT_QMAX) * step[..., 0]
-        err = (w[..., j] - q[..., j]) / u[:, j, j].unsqueeze(1)
-        w[..., j + 1:] -= err.unsqueeze(-1) * u[:, j, j + 1:].unsqueeze(1)
-    return q.reshape(weight.shape).to(weight.dtype)
+        column = torch.where(peak[:, j], pinned[:, j], w[:, j])
+        q[:, j] = torch.clamp(torch.round(column / step), -sim.WEIGHT_QMAX, sim.WEIGHT_QMAX) * step
+        err = (w[:, j] - q[:, j]) / u[:, j, j].unsqueeze(1)
+        carried = update[:, : k - j - 1]
+        torch.mul(err.unsqueeze(1), u[:, j, j + 1:].unsqueeze(-1), out=carried)
+        w[:, j + 1:] -= carried
+    return q.transpose(1, 2).reshape(weight.shape).to(weight.dtype)

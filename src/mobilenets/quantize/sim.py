@@ -50,6 +50,24 @@ def fake_quant_act(x: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor:
     return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, ACT_QMAX)
 
 
+def fake_quant_values(x: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor:
+    """:func:`fake_quant_act`'s values, bit for bit, without its gradient mask: five times faster on a CPU,
+    for the range search, which fake-quantizes the same sample some fifty times per tensor.
+
+    The arithmetic is the kernel's: the float32 scale's float32 reciprocal, round half to even, the zero
+    point added in float, clamped, then the integer times the float32 scale (exact before its one rounding).
+    """
+    scale, zero_point = act_qparams(*rng)
+    scale = torch.tensor(scale, dtype=torch.float32)
+    q = torch.round(x * scale.reciprocal())
+    if zero_point:
+        q += zero_point
+    q.clamp_(0, ACT_QMAX)
+    if zero_point:
+        q -= zero_point
+    return q.mul_(scale)
+
+
 def weight_scales(w: torch.Tensor) -> torch.Tensor:
     return (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / WEIGHT_QMAX).clamp_min(1e-12)
 
