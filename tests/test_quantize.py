@@ -226,8 +226,8 @@ def test_rounding_by_error_is_kept_only_where_it_diverges_less(small, monkeypatc
 
 
 def test_preparation_is_the_two_calibrations_and_the_less_divergent_one(small):
-    """prepare_int8 shares one float path between the two roundings and reads their int8 logits off the
-    calibration; the result must be, bit for bit, each rounding calibrated alone, compared by the KL of the
+    """prepare_int8 shares one float path between the two roundings and reads the float logits off it; the
+    result must be, bit for bit, each rounding calibrated alone, compared by the KL of the
     float model's logits and the int8 simulation's, the lower kept, as the file stores it."""
     model, calib, _ = small
     ready = quantize.prepare_int8(model, calib)
@@ -251,7 +251,7 @@ def test_preparation_is_the_two_calibrations_and_the_less_divergent_one(small):
     assert all(torch.equal(a, b) for a, b in zip(ready.scales, expected.scales))
 
 
-def test_calibrating_both_roundings_at_once_gives_each_alone_and_the_logits_of_both_graphs(small):
+def test_calibrating_both_roundings_at_once_gives_each_alone_and_the_float_logits(small):
     model, calib, _ = small
     equalized, _ = calibrate.equalize(deploy.fold_batchnorm(model), calib)
     # few samples per range, so that each rounding's range search draws from its generator
@@ -264,7 +264,6 @@ def test_calibrating_both_roundings_at_once_gives_each_alone_and_the_logits_of_b
             assert result.ranges == ranges
             assert all(torch.equal(a, b) for a, b in zip(result.folded.state_dict().values(),
                                                          folded.state_dict().values()))
-            assert all(torch.equal(z, sim.simulate(folded, ranges, x)) for z, x in zip(result.logits, calib))
     assert results[0].ranges != results[1].ranges  # two roundings, two int8 graphs: the test can tell them apart
 
 
@@ -347,8 +346,9 @@ def test_simulation_computes_what_onnx_runtime_runs(small, tmp_path):
     requantized.  The simulation is that arithmetic, the biases' int32 rounding included."""
     model, calib, x = small
     ready = quantize.prepare_int8(model, calib)
+    assert ready.resolution == 64  # what it was calibrated at (the model's metadata names none), so the file's input
     ours = ready.simulate(x)
-    theirs = _ort(quantize.to_qdq_onnx(ready, tmp_path / "int8.onnx", resolution=64))(x)
+    theirs = _ort(quantize.to_qdq_onnx(ready, tmp_path / "int8.onnx"))(x)
     steps = ((ours - theirs) / sim.act_qparams(*ready.ranges["logits"])[0]).round().abs()
     # measured: 17 of 160 logits 1-2 steps apart (float32 sums landing on the other side of a rounding tie,
     # then amplified), cosine 0.99996.  With float biases in the simulation: 149 of 160, up to 23 steps, 0.985

@@ -133,8 +133,12 @@ def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: b
                                                           bias_correction=bias_correction, seed=seed)
     candidates = dict(zip(modes, results))
     # rounding by error minimises each layer's own output error, which on a small model fitted for a few
-    # steps can leave the end result a little worse (one of 24 digits): keep what diverges less here
-    divergences = {mode: _kl(float_logits, c.logits) for mode, c in candidates.items()}
+    # steps can leave the end result a little worse (one of 24 digits): keep what diverges less here.
+    # Judged on the simulation, whose biases are on the runtimes' int32 grid; calibration's int8 path keeps
+    # float biases, and on a small model those tie flips alone moved this KL by a tenth (tests/test_quantize.py)
+    with torch.no_grad():
+        divergences = {mode: _kl(float_logits, [sim.simulate(c.folded, c.ranges, x) for x in batches])
+                       for mode, c in candidates.items()}
     kept = min(divergences, key=divergences.get)
     folded, ranges = candidates[kept].folded, candidates[kept].ranges
     report = {"equalize": equalize, "bias_correction": bias_correction, "method": method, "rounding": rounding,
@@ -165,7 +169,9 @@ def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: b
     # the weights as a file stores and reloads them (equalization undone, then redone): the same float
     # rounding in memory as after save/load, so a saved int8-ready model runs bit for bit like this one
     canonical = from_model(to_model(ready, model))
-    canonical.report = report
+    # the file form reads the resolution off the weights' metadata (224 when there is none): keep what
+    # calibration ran at, so to_qdq_onnx writes that input size
+    canonical.report, canonical.resolution = report, resolution
     return canonical
 
 

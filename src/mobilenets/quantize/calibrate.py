@@ -134,12 +134,10 @@ def _sample(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor
 
 @dataclass
 class Calibrated:
-    """One rounding's result: the adjusted float model, its int8 ranges, and the int8 graph's logits on each
-    calibration batch (what :func:`sim.simulate` gives for it, computed on the way)."""
+    """One rounding's result: the adjusted float model and its int8 ranges."""
 
     folded: FoldedMobileNet
     ranges: dict
-    logits: list
 
 
 @torch.no_grad()
@@ -236,4 +234,4 @@ class _Int8Path:
         # of least softmax divergence cuts the smallest instead, which leaves the divergence where min/max
         # does (0.0121 against 0.0124 nats there) but moves those logits by up to 5 (the digits)
         ranges["logits"] = search_range(torch.cat(logits), "minmax" if method == "mse" else method)
-        return Calibrated(self.folded, ranges, [sim.fake_quant_act(z, ranges["logits"]) for z in logits])
+        return Calibrated(self.folded, ranges)
