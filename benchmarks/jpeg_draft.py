@@ -4,7 +4,7 @@
 
 On folders made from the photos packages ship (benchmarks/predict_throughput.make_folder:
 "phone", 4000x3000, and "imagenet-like", 500x375, JPEG quality 90), each image is
-preprocessed as predict does (images.load_rgb + images.eval_transform, resolution 224)
+preprocessed as predict does (images.load_pixels + images.eval_transform, resolution 224)
 three ways: exact (full decoding), draft down to the resize size (256), and draft down to
 twice it (images.draft_side, what ``predict --draft`` does).  Reported per way: milliseconds
 per image for decoding and preprocessing (one thread), the mean difference from exact in grey
@@ -40,7 +40,7 @@ def measure(folder: Path, model) -> dict:
     for f in files:
         for w, side in ways.items():
             start = time.perf_counter()
-            x[w].append(images.eval_transform(images.load_rgb(f, min_side=side), 224))
+            x[w].append(images.eval_transform(images.load_pixels(f, min_side=side), 224))
             seconds[w] += time.perf_counter() - start
     with torch.inference_mode():
         logits = {w: torch.cat([model(torch.stack(v[i:i + 32])) for i in range(0, len(v), 32)]) for w, v in x.items()}

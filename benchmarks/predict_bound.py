@@ -6,7 +6,7 @@ Every core busy with nothing but this work, N cores give at most N / (decode + m
 where decode and model are CPU seconds per image.  Both are measured as CPU time of this process
 with one thread (time.process_time: what the work costs, not how long a busy machine made it wait):
 
-- decode: images.load_rgb + images.eval_transform (exact preprocessing, 224) per file of the
+- decode: images.load_pixels + images.eval_transform (exact preprocessing, 224) per file of the
   folders of benchmarks/predict_throughput.py ("imagenet-like" 500x375, "phone" 4000x3000);
 - model: deploy.compile(real MobileNet v1 1.0-224 weights, precision, batch_size=32) for each
   backend installed, per image of a batch of 32; the fastest backend counts.
@@ -61,7 +61,7 @@ def main() -> int:
         files = sorted((folder / "photos").glob("*.jpg"))[:count]
         start = time.process_time()
         for f in files:
-            images.eval_transform(images.load_rgb(f), 224)
+            images.eval_transform(images.load_pixels(f), 224)
         decode[name] = (time.process_time() - start) / len(files)
         print(f"decode {name}: {decode[name] * 1000:.2f} ms CPU per image", file=sys.stderr, flush=True)
     calibration, _ = deploy.image_batches(calib, 224)
