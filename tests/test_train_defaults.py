@@ -75,6 +75,33 @@ def test_given_threads_and_workers_win():
                                        passive=True, threads=1, num_workers=0).reason
 
 
+def test_no_thread_for_a_core_other_work_keeps_busy():
+    # one process spinning on one of 2 cores: 1 thread trained 1.4x faster than 2 (train_input.md)
+    assert choose(mult_adds=LARGE, in_memory=True, busy=1.0) == (1, 0)
+    assert choose(mult_adds=LARGE, in_memory=True, busy=0.3) == (2, 0)
+    assert choose(mult_adds=LARGE, in_memory=True, cores=8, busy=2.8) == (5, 0)
+    assert choose(mult_adds=LARGE, in_memory=True, busy=2.0) == (1, 0)  # never none
+    assert choose(mult_adds=LARGE, in_memory=True, busy=1.0, threads=2) == (2, 0)  # given wins
+
+
+def test_busy_cores_sees_another_process_spinning():
+    """Measured from /proc/stat over this process's cores while a child spins on one of them."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("/proc/stat is Linux's")
+    core = min(os.sched_getaffinity(0))
+    spin = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+    try:
+        time.sleep(0.5)  # started and spinning
+        assert resources.busy_cores(0.5) >= 0.8
+    finally:
+        spin.kill()
+        spin.wait()
+
+
 def test_cores_follow_the_affinity_mask_and_are_shared_by_local_ranks(monkeypatch):
     monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

@@ -215,7 +215,9 @@ def choose_resources(c: TrainConfig, train_set, num_classes: int, device: torch.
     return resources.choose(
         cores=resources.cores(), in_memory=train_set.in_memory, mult_adds=mult_adds, batch_size=c.batch_size,
         loader_seconds=0.0 if decided else resources.probe_loader(train_set), passive=resources.omp_passive(),
-        images=len(train_set) // dist.world_size, threads=c.threads, num_workers=c.num_workers)
+        images=len(train_set) // dist.world_size, threads=c.threads, num_workers=c.num_workers,
+        # the other ranks of this machine start alongside and would count as busy: one process only
+        busy=resources.busy_cores() if c.threads is None and dist.world_size == 1 and mult_adds else 0.0)
 
 
 def save_last(s: TrainState) -> Path:

@@ -25,6 +25,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import pipeline
 from ..pipeline import omp_passive  # noqa: F401 (the trainer's resources read it here)
@@ -46,6 +47,10 @@ MIN_EPOCH_LOADING_SECONDS = 10.0
 # each worker keeps two batches in flight: beyond this many, memory grows with no core left to gain (not
 # measured here: this machine has 2 cores)
 MAX_WORKERS = 16
+# A thread on a core another program keeps busy holds up every parallel region of the step: with one process
+# spinning on one of 2 cores, MobileNet 0.25-128 trained at 245 images/s on 1 thread and 177 on 2
+# (benchmarks/results/train_input.md), so a thread is given only to a core that is mostly free.
+BUSY_SAMPLE_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,34 @@ def cores() -> int:
     available = pipeline.cpu_count()
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, available // max(1, local_ranks))
+
+
+def busy_cores(seconds: float = BUSY_SAMPLE_SECONDS) -> float:
+    """How many of this process's cores other work keeps busy, sampled over ``seconds`` (Linux ``/proc/stat``;
+    0.0 where it cannot be read).  This process sleeps meanwhile, so what it sees is everyone else."""
+    allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            lines = Path("/proc/stat").read_text().splitlines()
+        except OSError:
+            return None
+        busy = total = 0
+        for line in lines:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name != "cpu" and (allowed is None or name in allowed):
+                ticks = [int(f) for f in fields[:8]]
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+        return busy, total
+
+    first = sample()
+    time.sleep(seconds)
+    second = sample()
+    if first is None or second is None or second[1] <= first[1]:
+        return 0.0
+    cpus = len(allowed) if allowed else (os.cpu_count() or 1)
+    return cpus * (second[0] - first[0]) / (second[1] - first[1])
 
 
 def model_seconds(mult_adds: int) -> float:
@@ -86,14 +119,14 @@ def probe_loader(dataset, count: int = PROBE_IMAGES) -> float:
 
 def choose(*, cores: int, in_memory: bool, mult_adds: int, batch_size: int, loader_seconds: float,
            passive: bool, images: int | None = None, threads: int | None = None,
-           num_workers: int | None = None) -> Resources:
+           num_workers: int | None = None, busy: float = 0.0) -> Resources:
     """Threads per process and loader processes for one training process.
 
     ``mult_adds``: the model's forward mult-adds per image at the training
     resolution; ``loader_seconds``: CPU seconds to load one image (see
     :func:`probe_loader`); ``images``: per epoch and process (None: many);
     ``threads``/``num_workers`` given are kept as they are, and the other is
-    chosen around them.
+    chosen around them; ``busy``: cores other programs keep busy (:func:`busy_cores`).
     """
     model = model_seconds(mult_adds)
     # the share of the work that is loading; with it, the cores the loader needs to keep up with the model
@@ -116,9 +149,11 @@ def choose(*, cores: int, in_memory: bool, mult_adds: int, batch_size: int, load
         # use every core; spinning ones would fight the loader for it (10-100x slower), so they get the rest.
         left = cores if passive else max(1, cores - num_workers)
         splittable = 1 + int(batch_size * mult_adds // MIN_MULT_ADDS_PER_THREAD)
-        threads = max(1, min(left, splittable))
+        free = max(1, round(cores - busy))  # cores other programs leave mostly free
+        threads = max(1, min(left, splittable, free))
         why_threads = (f"{batch_size} x {mult_adds / 1e6:.0f}M mult-adds a step"
-                       + ("" if passive else ", OpenMP not passive: none beside the loader processes"))
+                       + ("" if passive else ", OpenMP not passive: none beside the loader processes")
+                       + (f", {busy:.1f} core(s) busy with other work" if busy >= 0.5 else ""))
     else:
         why_threads = "given"
     reason = (f"{cores} core(s): {num_workers} loader process(es) ({why_workers}), {threads} thread(s) "
