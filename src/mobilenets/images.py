@@ -169,8 +169,8 @@ def resize_size(resolution: int) -> int:
 def draft_side(resolution: int) -> int:
     """The shorter side ``predict(draft=True)`` lets a JPEG decode at, at least: twice the resize size, so the
     resize after the DCT scaling still averages over 2+ pixels (PIL's ``reducing_gap`` idea).  On 400
-    phone-size photos this kept 99.0% of the exact answers where the resize size itself kept 97.3%, at
-    22 against 16 ms an image (exact: 109 ms); benchmarks/results/jpeg_draft.md."""
+    phone-size photos this kept 99.25% of the exact answers where the resize size itself kept 97.25%, at
+    12 against 10 ms an image (exact: 39 ms); benchmarks/results/jpeg_draft.md."""
     return 2 * resize_size(resolution)
 
 
