@@ -61,7 +61,9 @@ def test_train_qat_writes_int8_weights_whose_accuracy_onnxruntime_confirms(qat_r
     assert row["epoch"] == 5 and row["int8_qat_steps"] == 20
     model = mobilenets.load(qat_run / train_qat.INT8)
     ready = quantize.from_model(model)
-    assert ready is not None and ready.report["qat_steps"] == 20
+    # the file holds the fine-tuned weights only if they kept the simulated val top-1 (measured: not kept here,
+    # 90.25% against post-training 90.53%, since the simulation's biases are on the runtimes' int32 grid)
+    assert ready is not None and ready.report.get("qat_steps") == (20 if row["int8_qat_kept"] else None)
     float_model = mobilenets.load(qat_run)  # best.pt: the run's final model
     x, y = val_digits(float_model)
     with torch.no_grad():
@@ -72,7 +74,7 @@ def test_train_qat_writes_int8_weights_whose_accuracy_onnxruntime_confirms(qat_r
     predictor = deploy.compile(model, precision="int8", calibration=[x[:32]], backend="onnxruntime",
                                batch_size=32, resolution=model.meta["resolution"])
     runtime_top1 = top1(predictor(x), y)
-    # measured: runtime 90.53%, reported (simulated, in batches of 16) 90.53%, float 90.25%; the two int8
+    # measured: runtime 90.25%, reported (simulated, in batches of 16) 90.53%, float 89.97%; the two int8
     # forms disagree on about 3 of the 359 digits, where rounding at the int8 boundaries goes either way
     assert abs(runtime_top1 - row["int8_val_top1"]) <= 4 * DIGIT
     # the issue's bar for a model trained here: int8 loses at most 0.3 points (one digit) of top-1
