@@ -30,6 +30,10 @@ EXIF_ORIENTATION = 0x0112  # the tag ImageOps.exif_transpose follows
 CROP_FRACTION = 0.875
 
 
+# what PIL (and a file system) raise for a file that is not a decodable image
+UNDECODABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 class ImageError(MobilenetsError):
     """A file that is not a decodable image."""
 
@@ -72,7 +76,7 @@ def load_rgb(path: str | Path, *, min_side: int | Callable[[int, int], int] | No
             if draft:
                 im.draft(None, draft)
             return _decode(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UNDECODABLE as e:
         raise ImageError(f"cannot decode image {path}: {e}") from None
 
 
@@ -99,7 +103,7 @@ def load_pixels(path: str | Path, *, min_side: int | Callable[[int, int], int] |
             elif draft:
                 im.draft(None, draft)
             return pixels(_decode(im))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UNDECODABLE as e:
         raise ImageError(f"cannot decode image {path}: {e}") from None
 
 
@@ -196,13 +200,13 @@ def eval_pixels(image: Image.Image | torch.Tensor, resolution: int) -> torch.Ten
     gigabytes), only the crop's source box is resized, by PIL: the same scale
     and offsets, so the same pixels to within one grey level.
     """
-    px = image if isinstance(image, torch.Tensor) else pixels(image)
+    w, h = (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
     resize = resize_size(resolution)
-    h, w = px.shape[-2:]
     scale = resize / min(w, h)
     new_w, new_h = max(resize, round(w * scale)), max(resize, round(h * scale))
     left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     if new_w * new_h <= MAX_RESIZED_PIXELS:
+        px = image if isinstance(image, torch.Tensor) else pixels(image)
         resized = F.interpolate(px[None], size=(new_h, new_w), mode="bilinear", antialias=True,
                                 align_corners=False)[0]
         return resized[:, top:top + resolution, left:left + resolution].contiguous()

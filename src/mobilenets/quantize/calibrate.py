@@ -185,8 +185,9 @@ def calibrate_roundings(folded: FoldedMobileNet, batches, roundings, *, method: 
             path.layer(i, layer.conv.weight, pre_f if bias_correction else None, method, samples_per_batch)
         xs_f = [sim.activate(layer, z) for z in pre_f]
         del pre_f
-    float_logits = [folded.classifier(torch.flatten(x.mean((2, 3), keepdim=True), 1)) for x in xs_f]
-    pooled_f = torch.cat([x.mean((2, 3)) for x in xs_f]) if bias_correction else None
+    pooled = [x.mean((2, 3)) for x in xs_f]
+    float_logits = [folded.classifier(p) for p in pooled]
+    pooled_f = torch.cat(pooled) if bias_correction else None
     return float_logits, [path.head(pooled_f, method) for path in paths]
 
 
