@@ -84,9 +84,11 @@ def _read_choices() -> dict:
 def choose(config: dict, folded, precision: str, batches: list[torch.Tensor], batch_size: int,
            resolution: int) -> tuple[str, Run, dict[str, float]]:
     """(backend name, its run, ms per batch of each candidate) of the fastest backend for this request."""
-    candidates = [b for b in backend.available_backends()
+    # availability last: it imports the runtime, and ExecuTorch's import alone takes 5 s
+    candidates = [b for b in backend.BACKENDS
                   if backend.backend_supports(b, precision) and backend.get(b).tried_by_auto
-                  and (batches or not backend.get(b).needs_calibration(folded, precision))]
+                  and (batches or not backend.get(b).needs_calibration(folded, precision))
+                  and backend.get(b).available()]
     if not candidates:
         raise DeployError(f"no installed backend builds {precision} without calibration images: pass calibration= "
                           f"batches of preprocessed images, or pip install 'mobilenets[deploy]'")
