@@ -220,6 +220,49 @@ def test_int8_ready_weights_compile_without_calibration(model, calibration, imag
                                      resolution=RES).timings
 
 
+def test_int8_preparation_is_cached_per_weights_calibration_and_code(model, calibration, images, tmp_path,
+                                                                      monkeypatch):
+    """The second compile of the same weights on the same calibration reads the first one's int8 preparation
+    (the same logits, bit for bit) instead of preparing again; other weights or images prepare anew, a
+    damaged cache file is prepared again, and the cache keeps its newest entries only."""
+    from mobilenets import quantize
+    from mobilenets.deploy import prepare
+
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
+    first = deploy.compile(model, "int8", calibration=calibration, resolution=RES, backend="onnxruntime")
+    real_prepare, prepared = quantize.prepare_int8, []
+    monkeypatch.setattr(quantize, "prepare_int8", lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
+    again = deploy.compile(model, "int8", calibration=calibration, resolution=RES, backend="onnxruntime")
+    assert not prepared and torch.equal(first(images), again(images))
+    assert [f.suffix for f in (tmp_path / "int8").iterdir()] == [".safetensors"]
+
+    # what the result depends on is in the key: the calibration images, the weights
+    deploy.compile(model, "int8", calibration=calibration[:-1], resolution=RES, backend="onnxruntime")
+    other = mobilenet_v1(0.25, num_classes=10).eval()
+    deploy.compile(other, "int8", calibration=calibration, resolution=RES, backend="onnxruntime")
+    assert len(prepared) == 2 and len(list((tmp_path / "int8").iterdir())) == 3
+    # read back, it keeps the resolution it was calibrated at, not the one its weights' metadata names
+    assert other.meta["resolution"] != RES
+    assert prepare.prepared_int8(other, deploy.rebatch(calibration, 1)).resolution == RES
+    assert len(prepared) == 2
+
+    # a damaged file is prepared again, to the same result, and mended
+    cached = prepare.cache_path(model, deploy.rebatch(calibration, 1))
+    cached.write_bytes(cached.read_bytes()[:-100])
+    with pytest.warns(UserWarning, match="ignoring the cached int8 preparation"):
+        mended = deploy.compile(model, "int8", calibration=calibration, resolution=RES, backend="onnxruntime")
+    assert len(prepared) == 3 and torch.equal(first(images), mended(images))
+    deploy.compile(model, "int8", calibration=calibration, resolution=RES, backend="onnxruntime")
+    assert len(prepared) == 3
+
+    monkeypatch.setattr(prepare, "INT8_CACHE_ENTRIES", 2)
+    deploy.compile(model, "int8", calibration=calibration[1:], resolution=RES, backend="onnxruntime")
+    deploy.compile(model, "int8", calibration=calibration, resolution=RES, backend="onnxruntime")  # used again
+    deploy.compile(model, "int8", calibration=calibration[2:], resolution=RES, backend="onnxruntime")
+    assert len(prepared) == 5  # the least recently used went, not the oldest written:
+    assert len(list((tmp_path / "int8").iterdir())) == 2 and cached.is_file()
+
+
 # ---------------------------------------------------------------- auto
 
 

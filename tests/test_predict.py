@@ -167,6 +167,29 @@ def test_cli_int8_with_int8_ready_weights_needs_no_calibration_images(weights_fi
     assert answer["top"] == calibrated.to_dict()["top"]  # the file's ranges, with or without calibration images
 
 
+def test_cli_int8_prepares_once_then_reads_the_cache(weights_file, images, tmp_path, capsys, monkeypatch):
+    """The second predict --precision int8 of the same weights and calibration folder prepares nothing (it
+    says so on stderr, unless --quiet) and answers as the first."""
+    from mobilenets import quantize
+
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path / "cache"))
+    argv = ["predict", str(images / "rgb.jpg"), "--weights", str(weights_file), "--precision", "int8",
+            "--backend", "onnxruntime", "--calib-data", str(images), "--json"]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr()
+    assert "int8: preparing the weights on" in first.err and str(tmp_path / "cache" / "int8") in first.err
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("prepared again although the cache holds this preparation")
+
+    monkeypatch.setattr(quantize, "prepare_int8", refuse)
+    assert cli.main(argv) == 0
+    second = capsys.readouterr()
+    assert "int8: the preparation of these weights on these calibration images, from" in second.err
+    assert json.loads(second.out) == json.loads(first.out)
+    assert cli.main([*argv, "--quiet"]) == 0 and capsys.readouterr().err == ""
+
+
 def test_cli_bad_inputs_fail_in_one_line(weights_file, images, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")

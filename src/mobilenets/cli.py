@@ -672,7 +672,8 @@ def run_predict(args) -> int:
                          "or weights made int8-ready by 'mobilenets quantize', which carry their own ranges")
     results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
                               resolution=resolution_override, precision=args.precision, backend=args.backend,
-                              workers=args.workers, draft=args.draft, calibration=calibration)
+                              workers=args.workers, draft=args.draft, calibration=calibration,
+                              log=None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
     if args.json:
         for r in results:
             print(json.dumps(r.to_dict()), flush=True)
@@ -708,7 +709,7 @@ def add_predict(sub) -> None:
                         "on phone-size photos, but it changed 1 answer in 100 there (default: exact decoding)")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per image: {"image", "top": [{"class_index", "label", "probability"}]}')
-    p.add_argument("-q", "--quiet", action="store_true", help="no download progress on stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (downloads, int8 preparation)")
     p.set_defaults(func=run_predict)
 
 

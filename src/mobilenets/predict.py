@@ -119,7 +119,7 @@ def _batches(sources: list[_Source], resolution: int, normalization, batch_size:
 
 def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, resolution: int | None = None,
             normalization: Normalization | None = None, precision: str = "fp32", backend: str | None = None,
-            workers: int | None = None, draft: bool = False, calibration=None) -> Iterator[Prediction]:
+            workers: int | None = None, draft: bool = False, calibration=None, log=None) -> Iterator[Prediction]:
     """Classify images, ``batch_size`` at a time, yielding one :class:`Prediction` per image in input order.
 
     ``inputs``: an image file, a folder (every image below it, sorted), a PIL
@@ -136,7 +136,7 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     on large photos; off by default: on phone-size photos it changed 1 answer in 100, see
     :func:`images.draft_side`).
     A file named directly that cannot be decoded is an error; one found in a
-    folder is skipped with a warning.
+    folder is skipped with a warning.  ``log(str)`` hears about slow setup (int8 preparation).
     """
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise MobilenetsError(f"topk must be an integer >= 1, got {topk!r}")
@@ -158,7 +158,7 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
         from . import deploy
 
         calibration, _ = deploy.image_batches(calibration, resolution, normalization=normalization)
-    run = _runner(model, len(sources), precision, backend, calibration, batch_size, resolution)
+    run = _runner(model, len(sources), precision, backend, calibration, batch_size, resolution, log)
 
     for batch in _batches(sources, resolution, normalization, batch_size, workers, draft):
         for i, why in batch.failed:
@@ -175,7 +175,7 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
 
 
 def _runner(model: MobileNetV1, count: int, precision: str, backend: str | None, calibration, batch_size: int,
-            resolution: int):
+            resolution: int, log=None):
     """The function that turns a batch into logits: eager PyTorch, or a compiled predictor."""
     if backend is None and precision == "fp32" and count < COMPILE_FROM:
         backend = "eager"
@@ -195,7 +195,8 @@ def _runner(model: MobileNetV1, count: int, precision: str, backend: str | None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporters' chatter; deploy's own warnings concern benchmarks
         return deploy.compile(model.cpu(), precision=precision, calibration=calibration,
-                              batch_size=min(batch_size, count), resolution=resolution, backend=backend or "auto")
+                              batch_size=min(batch_size, count), resolution=resolution, backend=backend or "auto",
+                              log=log)
 
 
 def decode_predictions(logits: torch.Tensor, k: int = 5, labels: list[str] | None = None) -> list[list[dict]]:

@@ -58,7 +58,7 @@ class Predictor:
 
 def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable | None = None,
             batch_size: int = 1, resolution: int | None = None, backend: str = "auto",
-            int8: str = "prepared") -> Predictor:
+            int8: str = "prepared", log=None) -> Predictor:
     """An optimised predictor for ``model``: ``predictor(x)`` takes (N, 3, H, W) preprocessed input, returns logits.
 
     ``precision``: "fp32", "bf16" (fast on CPUs with AMX or AVX-512 BF16) or
@@ -72,7 +72,9 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
     fastest), "torch", "onnxruntime" or "openvino".  Nothing is left on disk.
     ``int8``: "prepared" (default) makes the model int8-ready first
     (:mod:`mobilenets.quantize`; weights from ``mobilenets quantize`` are used as
-    they are), "plain" leaves each runtime's own post-training quantization.
+    they are), "plain" leaves each runtime's own post-training quantization;
+    the preparation is cached (:func:`.prepare.prepared_int8`), and ``log(str)``
+    hears whether it ran or was read.
     """
     registry.check_precision(precision)
     registry.check_backend(backend, precision)
@@ -86,7 +88,7 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
         batches = []  # int8-ready weights from mobilenets quantize carry their ranges: nothing to calibrate
     else:
         batches = rebatch(calibration_batches(calibration, resolution), batch_size)
-    folded = folded_for(model, precision, batches, int8=int8)
+    folded = folded_for(model, precision, batches, int8=int8, log=log)
     if backend != "auto":
         registry.check_calibration(backend, folded, precision, batches)
     if precision == "bf16" and not bf16_supported():
