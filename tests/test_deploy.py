@@ -268,6 +268,7 @@ def test_int8_preparation_is_cached_per_weights_calibration_and_code(model, cali
 
 def test_auto_measures_once_then_reuses_its_choice(model, images, reference, tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
+    monkeypatch.setattr(deploy.auto.cores, "busy_cores", lambda *a: 0.0)  # a quiet machine: the choice is final
     first = deploy.compile(model, "fp32", batch_size=2, resolution=RES)
     assert first.backend in deploy.available_backends()
     assert set(first.timings) == {"torch", "onnxruntime", "openvino", "litert"}  # every candidate was timed
@@ -285,6 +286,35 @@ def test_auto_measures_once_then_reuses_its_choice(model, images, reference, tmp
     second = deploy.compile(model, "fp32", batch_size=2, resolution=RES)
     assert second.backend == first.backend and second.timings == first.timings
     assert cosine(second(images), reference) >= 0.999
+
+
+def test_auto_measures_again_once_the_machine_is_quiet(model, tmp_path, monkeypatch):
+    """A choice measured while other work kept a core busy serves while it stays busy, and is measured again
+    when the machine is quiet; a choice measured quiet is never measured again."""
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
+    built = []
+    for name in deploy.BACKENDS:  # stubs keep the test quick; each build is counted
+        monkeypatch.setattr(deploy.backend.get(name), "build",
+                            lambda *a, name=name: built.append(name) or (lambda x: x))
+    busy = [1.0]
+    monkeypatch.setattr(deploy.auto.cores, "busy_cores", lambda *a: busy[0])
+    deploy.compile(model, "fp32", batch_size=1, resolution=RES)
+    entry, = json.loads((tmp_path / "auto-backend.json").read_text()).values()
+    assert entry["busy_cores"] == 1.0 and len(built) == 4
+    deploy.compile(model, "fp32", batch_size=1, resolution=RES)
+    assert len(built) == 5  # still busy: the provisional winner alone
+    busy[0] = 0.1
+    deploy.compile(model, "fp32", batch_size=1, resolution=RES)
+    assert len(built) == 9  # quiet: every candidate measured again
+    entry, = json.loads((tmp_path / "auto-backend.json").read_text()).values()
+    assert entry["busy_cores"] == 0.1
+
+    def unasked(*a):
+        raise AssertionError("a choice measured on a quiet machine was checked again")
+
+    monkeypatch.setattr(deploy.auto.cores, "busy_cores", unasked)
+    deploy.compile(model, "fp32", batch_size=1, resolution=RES)
+    assert len(built) == 10
 
 
 def test_auto_never_offers_onnxruntime_for_bf16(model, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from imagefolders import make_dataset
-from mobilenets import data, train
+from mobilenets import cores, data, train
 from mobilenets.cost import cost
 from mobilenets.train import resources
 from mobilenets.train.console import Progress
@@ -96,7 +96,7 @@ def test_busy_cores_sees_another_process_spinning():
     spin = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
     try:
         time.sleep(0.5)  # started and spinning
-        assert resources.busy_cores(0.5) >= 0.8
+        assert cores.busy_cores(0.5) >= 0.8
     finally:
         spin.kill()
         spin.wait()
@@ -114,11 +114,11 @@ def test_cores_follow_the_affinity_mask_and_are_shared_by_local_ranks(monkeypatc
 
 def test_omp_passive_reads_the_environment(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-    assert resources.omp_passive()
+    assert cores.omp_passive()
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert not resources.omp_passive()
+    assert not cores.omp_passive()
     monkeypatch.delenv("OMP_WAIT_POLICY")
-    assert not resources.omp_passive()
+    assert not cores.omp_passive()
 
 
 def test_probe_measures_the_loaders_cpu_time_per_image(tmp_path):

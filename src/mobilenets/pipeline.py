@@ -9,7 +9,6 @@ at most ``2 x workers`` batches wait in memory, whatever the number of files.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 from . import images
+from .cores import cpu_count
 from .data import MAX_WORKERS
 from .errors import ParameterError
 from .images import INCEPTION, ImageError, Normalization
@@ -30,21 +30,6 @@ class Batch:
     indices: list[int]
     x: torch.Tensor | None
     failed: list[tuple[int, str]]  # (position, why)
-
-
-def cpu_count() -> int:
-    """Cores this process may use (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def omp_passive() -> bool:
-    """Whether this process asked its threads to sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``, which
-    the CLI sets for busy machines).  OpenMP reads it when PyTorch loads, so a value set later does not
-    count; ONNX Runtime's own thread pool follows it too (deploy.onnxruntime)."""
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
 def default_workers(count: int, batch_size: int) -> int:

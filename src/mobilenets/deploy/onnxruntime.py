@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .backend import Backend, ExportFormat, Run, batch_dim
-from ..pipeline import omp_passive
+from ..cores import omp_passive
 from .calibration import as_input, example_input
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import checkpoint, data
+from .. import checkpoint, cores, data
 from ..errors import MobilenetsError
 from ..evaluate import evaluate
 from ..images import INCEPTION, Normalization
@@ -214,10 +214,10 @@ def choose_resources(c: TrainConfig, train_set, num_classes: int, device: torch.
     decided = c.num_workers is not None and c.threads is not None
     return resources.choose(
         cores=resources.cores(), in_memory=train_set.in_memory, mult_adds=mult_adds, batch_size=c.batch_size,
-        loader_seconds=0.0 if decided else resources.probe_loader(train_set), passive=resources.omp_passive(),
+        loader_seconds=0.0 if decided else resources.probe_loader(train_set), passive=cores.omp_passive(),
         images=len(train_set) // dist.world_size, threads=c.threads, num_workers=c.num_workers,
         # the other ranks of this machine start alongside and would count as busy: one process only
-        busy=resources.busy_cores() if c.threads is None and dist.world_size == 1 and mult_adds else 0.0)
+        busy=cores.busy_cores() if c.threads is None and dist.world_size == 1 and mult_adds else 0.0)
 
 
 def save_last(s: TrainState) -> Path:

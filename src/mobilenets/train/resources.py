@@ -25,10 +25,8 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from .. import pipeline
-from ..pipeline import omp_passive  # noqa: F401 (the trainer's resources read it here)
+from ..cores import cpu_count
 
 # Seconds of one core per forward mult-add of a training step (forward, backward, update), measured with
 # `mobilenets train` on one thread for MobileNet 0.5-48 (7.5M mult-adds, ~1.6 ms an image) and 1.0-224
@@ -49,8 +47,8 @@ MIN_EPOCH_LOADING_SECONDS = 10.0
 MAX_WORKERS = 16
 # A thread on a core another program keeps busy holds up every parallel region of the step: with one process
 # spinning on one of 2 cores, MobileNet 0.25-128 trained at 245 images/s on 1 thread and 177 on 2
-# (benchmarks/results/train_input.md), so a thread is given only to a core that is mostly free.
-BUSY_SAMPLE_SECONDS = 0.25
+# (benchmarks/results/train_input.md), so a thread is given only to a core that is mostly free
+# (cores.busy_cores).
 
 
 @dataclass(frozen=True)
@@ -65,37 +63,9 @@ class Resources:
 def cores() -> int:
     """Cores this process may use: its affinity mask (what taskset, cgroups and schedulers grant), shared by
     the ranks torchrun starts on this machine."""
-    available = pipeline.cpu_count()
+    available = cpu_count()
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, available // max(1, local_ranks))
-
-
-def busy_cores(seconds: float = BUSY_SAMPLE_SECONDS) -> float:
-    """How many of this process's cores other work keeps busy, sampled over ``seconds`` (Linux ``/proc/stat``;
-    0.0 where it cannot be read).  This process sleeps meanwhile, so what it sees is everyone else."""
-    allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
-
-    def sample() -> tuple[int, int] | None:
-        try:
-            lines = Path("/proc/stat").read_text().splitlines()
-        except OSError:
-            return None
-        busy = total = 0
-        for line in lines:
-            name, *fields = line.split()
-            if name.startswith("cpu") and name != "cpu" and (allowed is None or name in allowed):
-                ticks = [int(f) for f in fields[:8]]
-                total += sum(ticks)
-                busy += sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
-        return busy, total
-
-    first = sample()
-    time.sleep(seconds)
-    second = sample()
-    if first is None or second is None or second[1] <= first[1]:
-        return 0.0
-    cpus = len(allowed) if allowed else (os.cpu_count() or 1)
-    return cpus * (second[0] - first[0]) / (second[1] - first[1])
 
 
 def model_seconds(mult_adds: int) -> float:
