@@ -277,6 +277,39 @@ def test_workers_and_batching_equal_the_per_image_path(weights_file, tmp_path):
         assert np.allclose([t["probability"] for t in r.top], values.tolist(), atol=1e-6)
 
 
+def test_decoding_workers_start_before_the_model_is_built_and_end_with_a_failed_build(weights_file, tmp_path,
+                                                                                       monkeypatch):
+    """The workers decode while the runtime is built (setup overlaps); if building fails, none is left."""
+    import multiprocessing
+
+    from mobilenets import predict as predict_module
+
+    model = mobilenets.load(weights_file)
+    rng = np.random.default_rng(2)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.jpg")
+    real_runner, alive = predict_module._runner, []
+
+    def runner(*args, **kwargs):
+        alive.append(len(multiprocessing.active_children()))
+        return real_runner(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "_runner", runner)
+    assert len(list(predict(model, tmp_path, batch_size=2, workers=2))) == 12
+    assert alive == [2]
+
+    def broken(*args, **kwargs):
+        raise mobilenets.MobilenetsError("no runtime")
+
+    monkeypatch.setattr(predict_module, "_runner", broken)
+    with pytest.raises(mobilenets.MobilenetsError, match="no runtime"):
+        list(predict(model, tmp_path, batch_size=2, workers=2))
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert multiprocessing.active_children() == []
+
+
 def test_a_compiled_runtime_gives_the_eager_answers(weights_file, images):
     pytest.importorskip("onnxruntime")
     model = mobilenets.load(weights_file)

@@ -73,7 +73,7 @@ def _collate(items) -> Batch:
 def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
             normalization: Normalization = INCEPTION, batch_size: int = 32, workers: int | None = None,
             draft: bool = False) -> Iterator[Batch]:
-    """Preprocessed batches of ``sources`` (image files or PIL images), in order.
+    """Preprocessed batches of ``sources`` (image files or PIL images), in order; the workers start at once.
 
     ``workers``: decoding processes (default :func:`default_workers`; 0
     decodes here).  ``draft``: let JPEGs decode at a reduced scale that still
@@ -88,6 +88,12 @@ def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
         _Decode(sources, resolution, draft), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate, prefetch_factor=2 if workers else None,
         persistent_workers=False)
-    for batch in loader:  # uint8 pixels cross from the workers; normalised here, a whole batch at once
+    # the workers start here, not at the first next(): they import their decoder and decode the first
+    # batches while the caller builds its model (forked before any runtime starts its thread pool)
+    return _normalised(iter(loader), normalization)
+
+
+def _normalised(decoded: Iterator[Batch], normalization: Normalization) -> Iterator[Batch]:
+    for batch in decoded:  # uint8 pixels cross from the workers; normalised here, a whole batch at once
         x = None if batch.x is None else images.to_tensor(batch.x, normalization)
         yield Batch(batch.indices, x, batch.failed)

@@ -91,12 +91,15 @@ def _tensor_sources(t: torch.Tensor, start: int) -> list[_Source]:
 
 
 def _batches(sources: list[_Source], resolution: int, normalization, batch_size: int, workers, draft):
-    """pipeline.batches over the images to decode, with preprocessed tensors passed through in place."""
-    decode = [i for i, s in enumerate(sources) if not isinstance(s.item, torch.Tensor)]
-    if len(decode) == len(sources):
-        yield from pipeline.batches([s.item for s in sources], resolution=resolution, normalization=normalization,
-                                    batch_size=batch_size, workers=workers, draft=draft)
-        return
+    """pipeline.batches over the images to decode (its workers start now), with preprocessed tensors passed
+    through in place."""
+    if not any(isinstance(s.item, torch.Tensor) for s in sources):
+        return pipeline.batches([s.item for s in sources], resolution=resolution, normalization=normalization,
+                                batch_size=batch_size, workers=workers, draft=draft)
+    return _mixed_batches(sources, resolution, normalization, batch_size, draft)
+
+
+def _mixed_batches(sources: list[_Source], resolution: int, normalization, batch_size: int, draft):
     for start in range(0, len(sources), batch_size):  # a mix: small inputs given in memory, decode here
         chunk = range(start, min(start + batch_size, len(sources)))
         tensors = [i for i in chunk if isinstance(sources[i].item, torch.Tensor)]
@@ -158,9 +161,11 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
         from . import deploy
 
         calibration, _ = deploy.image_batches(calibration, resolution, normalization=normalization)
+    # decoding starts before the model is built, and overlaps it
+    stream = _batches(sources, resolution, normalization, batch_size, workers, draft)
     run = _runner(model, len(sources), precision, backend, calibration, batch_size, resolution, log)
 
-    for batch in _batches(sources, resolution, normalization, batch_size, workers, draft):
+    for batch in stream:
         for i, why in batch.failed:
             if not sources[i].in_folder:
                 raise ImageError(why)
