@@ -68,25 +68,25 @@ def test_undecodable_files_raise_image_error_naming_the_file(tmp_path, content):
 
 @pytest.fixture
 def jpeg_decodes(monkeypatch):
-    """How many times torchvision's JPEG decoder ran (load_pixels' fast path)."""
-    import torchvision.io
+    """How many times simplejpeg's decoder ran (load_pixels' fast path)."""
+    import simplejpeg
 
     calls = []
-    decode = torchvision.io.decode_jpeg
+    decode = simplejpeg.decode_jpeg
 
     def counting(*args, **kwargs):
         calls.append(1)
         return decode(*args, **kwargs)
 
-    monkeypatch.setattr(torchvision.io, "decode_jpeg", counting)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", counting)
     return calls
 
 
 @pytest.mark.parametrize("kind", ["baseline", "progressive", "gray", "cmyk", "png"] +
                          [f"orientation{k}" for k in range(2, 9)])
 def test_load_pixels_are_load_rgbs_pixels_bit_for_bit(tmp_path, jpeg_decodes, kind):
-    """The fast path (torchvision's decoder, for JPEGs at full scale) sees exactly what PIL decodes, EXIF
-    orientation included; other files go through PIL."""
+    """The fast path (simplejpeg, for colour and grayscale JPEGs at full scale) sees exactly what PIL decodes,
+    EXIF orientation included; other files (CMYK JPEGs, PNG) go through PIL."""
     from real_data import photos
 
     photo = Image.fromarray(photos()[0][1]).resize((300, 200))
@@ -100,13 +100,13 @@ def test_load_pixels_are_load_rgbs_pixels_bit_for_bit(tmp_path, jpeg_decodes, ki
     expected = torch.from_numpy(np.array(images.load_rgb(path))).permute(2, 0, 1)
     got = images.load_pixels(path)
     assert got.dtype == torch.uint8 and torch.equal(got, expected)
-    assert len(jpeg_decodes) == (kind != "png")
+    assert len(jpeg_decodes) == (kind not in ("png", "cmyk"))
     if kind in ("orientation6", "orientation8"):
         assert got.shape[-2:] == (300, 200)  # seen rotated
 
 
 def test_load_pixels_checks_the_size_before_decoding(tmp_path, jpeg_decodes, monkeypatch):
-    """PIL's decompression-bomb limit is read from the header before torchvision decodes anything."""
+    """PIL's decompression-bomb limit is read from the header before simplejpeg decodes anything."""
     path = save(tmp_path, "big.jpg", Image.new("RGB", (400, 300)))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 300 // 4)  # refused above twice this
     with pytest.raises(images.ImageError, match="big.jpg"):
@@ -157,8 +157,8 @@ def test_a_finite_float_tiff_keeps_its_contrast(tmp_path):
     assert rgb[0, 15].tolist() == [127, 127, 127]
 
 
-def test_load_pixels_falls_back_to_pil_where_torchvision_no_longer_decodes(tmp_path, jpeg_decodes, monkeypatch):
+def test_load_pixels_falls_back_to_pil_without_simplejpeg(tmp_path, jpeg_decodes, monkeypatch):
     path = save(tmp_path, "a.jpg", Image.effect_mandelbrot((64, 48), (-2, -1, 1, 1), 50).convert("RGB"))
     expected = images.load_pixels(path)
-    monkeypatch.setattr(images, "_torchvision_io", lambda: None)  # torchvision without image decoding
+    monkeypatch.setattr(images, "_simplejpeg", lambda: None)  # not installed
     assert torch.equal(images.load_pixels(path), expected) and len(jpeg_decodes) == 1
