@@ -705,7 +705,7 @@ def add_predict(sub) -> None:
     p.add_argument("--workers", type=_workers(), default=None,
                    help="image decoding processes (default: one per core; 0 decodes in this process)")
     p.add_argument("--draft", action="store_true",
-                   help="decode JPEGs at the smallest DCT scale still >= twice the resize size: about 7x faster "
+                   help="decode JPEGs at the smallest DCT scale still >= twice the resize size: about 2x faster "
                         "on phone-size photos, but it changed 1 answer in 100 there (default: exact decoding)")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per image: {"image", "top": [{"class_index", "label", "probability"}]}')

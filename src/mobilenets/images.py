@@ -186,7 +186,7 @@ def draft_side(resolution: int) -> int:
     """The shorter side ``predict(draft=True)`` lets a JPEG decode at, at least: twice the resize size, so the
     resize after the DCT scaling still averages over 2+ pixels (PIL's ``reducing_gap`` idea).  On 400
     phone-size photos this kept 99.25% of the exact answers where the resize size itself kept 97.25%, at
-    12 against 10 ms an image (exact: 39 ms); benchmarks/results/jpeg_draft.md."""
+    13 against 10.5 ms an image (exact: 28 ms); benchmarks/results/jpeg_draft.md."""
     return 2 * resize_size(resolution)
 
 
