@@ -9,6 +9,8 @@ at most ``2 x workers`` batches wait in memory, whatever the number of files.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,9 @@ from .cores import cpu_count
 from .data import MAX_WORKERS
 from .errors import ParameterError
 from .images import INCEPTION, ImageError, Normalization
+
+# batches between two releases of freed memory (release_free_memory): 3 ms each, 0.3% of fp32 predict's time
+RELEASE_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,30 @@ def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
 
 
 def _normalised(decoded: Iterator[Batch], normalization: Normalization) -> Iterator[Batch]:
-    for batch in decoded:  # uint8 pixels cross from the workers; normalised here, a whole batch at once
+    for k, batch in enumerate(decoded, 1):  # uint8 pixels cross from the workers; normalised here, a batch at once
+        if k % RELEASE_EVERY == 0:
+            release_free_memory()
         x = None if batch.x is None else images.to_tensor(batch.x, normalization)
         yield Batch(batch.indices, x, batch.failed)
+
+
+def release_free_memory() -> None:
+    """Give the pages of freed memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Each batch allocates and frees blocks of tens of megabytes (the float batch, a runtime's copy of it,
+    PyTorch's activations).  glibc raises its mmap threshold after the first such free, and from then
+    on serves them from the heap, where in some runs (2 of 3 here) they fragmented it: predict on 1.0-224
+    grew by one batch's 19 MB a batch, to 3.2 GB over 4,000 images.  Freed, those pages are returned by
+    ``malloc_trim`` (3 ms), which keeps the same runs at 0.9 GB.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # the C library this process already uses
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return None
