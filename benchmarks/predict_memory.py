@@ -5,8 +5,8 @@
 Folders of 500x375 JPEGs cut from the packaged photos (predict_throughput.make_folder), the real 1.0-224
 weights; each count runs ``--repeats`` times, each in a fresh process (predict_throughput.run_candidate),
 which reports its own peak RSS and the largest of its decoding workers'; the table shows the largest of
-the repeats (heap fragmentation differs from run to run: before pipeline.release_free_memory, 2 runs in 3
-grew by a batch's 19 MB a batch).  Writes benchmarks/results/predict_memory.{json,md}.
+the repeats (heap fragmentation differs from run to run: before pipeline.bound_heap, 2 runs in 3 grew
+by a batch's 19 MB a batch).  Writes benchmarks/results/predict_memory.{json,md}.
 """
 
 from __future__ import annotations

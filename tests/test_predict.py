@@ -310,20 +310,25 @@ def test_decoding_workers_start_before_the_model_is_built_and_end_with_a_failed_
     assert multiprocessing.active_children() == []
 
 
-def test_freed_memory_is_given_back_every_few_batches(weights_file, tmp_path, monkeypatch):
+def test_large_blocks_are_mapped_whole_once_the_pipeline_runs(weights_file, tmp_path, monkeypatch):
     """Batches of tens of megabytes fragmented glibc's heap in 2 runs of 3 (predict grew to 3.2 GB over 4,000
-    images, benchmarks/predict_memory.py): the pipeline returns freed pages every RELEASE_EVERY batches."""
+    images, benchmarks/predict_memory.py): the pipeline fixes the mmap threshold for them, once a process."""
     from mobilenets import pipeline
 
-    if sys.platform.startswith("linux"):
-        assert pipeline._malloc_trim() is not None  # glibc: the call is real here, not skipped
-    released = []
-    monkeypatch.setattr(pipeline, "release_free_memory", lambda: released.append(1))
-    rng = np.random.default_rng(4)
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
-    batches = list(pipeline.batches(sorted(tmp_path.iterdir()), resolution=32, batch_size=1, workers=0))
-    assert len(batches) == 10 and len(released) == 10 // pipeline.RELEASE_EVERY
+    calls = []
+    monkeypatch.setattr(pipeline, "bound_heap", lambda: calls.append(1))
+    Image.new("RGB", (40, 50)).save(tmp_path / "a.png")
+    assert len(list(pipeline.batches([tmp_path / "a.png"], resolution=32, workers=0))) == 1 and calls == [1]
+    monkeypatch.undo()
+    if sys.platform.startswith("linux"):  # glibc: the call is real here, and what it sets is the threshold
+        import ctypes
+
+        set_params = []
+        monkeypatch.setattr(ctypes, "CDLL", lambda name: type("libc", (), {
+            "mallopt": staticmethod(lambda param, value: set_params.append((param, value)) or 1)}))
+        pipeline.bound_heap.cache_clear()
+        assert pipeline.bound_heap() and set_params == [(-3, 1 << 20)]  # M_MMAP_THRESHOLD, 1 MiB
+        pipeline.bound_heap.cache_clear()
 
 
 def test_a_compiled_runtime_gives_the_eager_answers(weights_file, images):

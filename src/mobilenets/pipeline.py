@@ -24,8 +24,10 @@ from .data import MAX_WORKERS
 from .errors import ParameterError
 from .images import INCEPTION, ImageError, Normalization
 
-# batches between two releases of freed memory (release_free_memory): 3 ms each, 0.3% of fp32 predict's time
-RELEASE_EVERY = 8
+# glibc's mallopt parameter, and the size from which blocks are mapped whole (bound_heap): a batch's tensors
+# are megabytes, PIL's and Python's small objects stay on the heap
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -93,36 +95,33 @@ def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
         _Decode(sources, resolution, draft), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate, prefetch_factor=2 if workers else None,
         persistent_workers=False)
+    bound_heap()
     # the workers start here, not at the first next(): they import their decoder and decode the first
     # batches while the caller builds its model (forked before any runtime starts its thread pool)
     return _normalised(iter(loader), normalization)
 
 
 def _normalised(decoded: Iterator[Batch], normalization: Normalization) -> Iterator[Batch]:
-    for k, batch in enumerate(decoded, 1):  # uint8 pixels cross from the workers; normalised here, a batch at once
-        if k % RELEASE_EVERY == 0:
-            release_free_memory()
+    for batch in decoded:  # uint8 pixels cross from the workers; normalised here, a whole batch at once
         x = None if batch.x is None else images.to_tensor(batch.x, normalization)
         yield Batch(batch.indices, x, batch.failed)
 
 
-def release_free_memory() -> None:
-    """Give the pages of freed memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+@functools.lru_cache(maxsize=1)
+def bound_heap() -> bool:
+    """Serve blocks of ``MMAP_THRESHOLD`` bytes or more from the system directly (glibc's ``mallopt``; elsewhere
+    nothing), for the rest of this process.  Returns whether it could.
 
     Each batch allocates and frees blocks of tens of megabytes (the float batch, a runtime's copy of it,
-    PyTorch's activations).  glibc raises its mmap threshold after the first such free, and from then
-    on serves them from the heap, where in some runs (2 of 3 here) they fragmented it: predict on 1.0-224
-    grew by one batch's 19 MB a batch, to 3.2 GB over 4,000 images.  Freed, those pages are returned by
-    ``malloc_trim`` (3 ms), which keeps the same runs at 0.9 GB.
+    PyTorch's activations).  By default glibc raises its mmap threshold after the first such free and from
+    then on serves them from the heap, where in some runs (2 of 3 here) they fragmented it: predict on
+    1.0-224 grew by one batch's 19 MB a batch, to 3.2 GB over 4,000 images.  With the threshold fixed they
+    are mapped and unmapped whole.  (Trimming the heap every few batches with ``malloc_trim`` kept memory
+    flat too, but unmapped memory that another library in the test process still used as a signal stack,
+    and the process died on its next signal.)
     """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
     try:
-        return ctypes.CDLL(None).malloc_trim  # the C library this process already uses
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already uses
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-        return None
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))

@@ -9,8 +9,10 @@ int8 weights) on the calibration batches.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
+import threading
 import warnings
 from pathlib import Path
 
@@ -22,6 +24,40 @@ from .machine import DeployError
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 HINT_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]
+SIGNAL_STACK_BYTES = 1 << 16
+
+
+class _StackT(ctypes.Structure):  # POSIX stack_t
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+_signal_stacks: dict[int, ctypes.Array] = {}  # per thread, never freed
+
+
+@contextlib.contextmanager
+def own_signal_stack():
+    """Run OpenVINO with, before and after, a signal stack of ours that is never freed.
+
+    OpenVINO's CPU plugin (2026.x) points the calling thread's signal stack at a buffer of its own when it
+    compiles, and puts back the stack it found when that model is destroyed.  Destroyed out of order, two
+    models leave the thread on a freed buffer; Python runs every signal handler on that stack (SA_ONSTACK),
+    so the next Ctrl-C or SIGCHLD killed the process with SIGSEGV (the test suite, after a few hundred
+    compiles).  Starting each compile from our stack makes ours what every model puts back.
+    """
+    _use_own_stack()
+    try:
+        yield
+    finally:
+        _use_own_stack()
+
+
+def _use_own_stack() -> None:
+    try:
+        sigaltstack = ctypes.CDLL(None).sigaltstack
+    except (OSError, AttributeError):  # no POSIX signal stacks here (Windows)
+        return
+    buffer = _signal_stacks.setdefault(threading.get_ident(), ctypes.create_string_buffer(SIGNAL_STACK_BYTES))
+    sigaltstack(ctypes.byref(_StackT(ctypes.cast(buffer, ctypes.c_void_p), 0, SIGNAL_STACK_BYTES)), None)
 
 
 def openvino_model(folded, precision: str, batches, *, resolution: int, batch_size: int | None):
@@ -38,12 +74,14 @@ def openvino_model(folded, precision: str, batches, *, resolution: int, batch_si
 
         with tempfile.TemporaryDirectory(prefix="mobilenets-ov-") as tmp:
             path = to_qdq_onnx(ready, Path(tmp) / "int8.onnx", resolution=resolution)
-            model = ov.Core().read_model(str(path))
+            with own_signal_stack():
+                model = ov.Core().read_model(str(path))
             model.reshape(ov.PartialShape(shape))
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = ov.convert_model(folded, example_input=example, input=[ov.PartialShape(shape)])
+            with own_signal_stack():
+                model = ov.convert_model(folded, example_input=example, input=[ov.PartialShape(shape)])
     if precision == "int8" and ready is None:
         try:
             import nncf
@@ -53,7 +91,7 @@ def openvino_model(folded, precision: str, batches, *, resolution: int, batch_si
         logging.getLogger("nncf").setLevel(logging.ERROR)
         # a static-shape model takes calibration rows in its own batch size
         data = [b.numpy() for b in (rebatch(batches, batch_size) if batch_size else batches)]
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), own_signal_stack():
             warnings.simplefilter("ignore")
             model = nncf.quantize(model, nncf.Dataset(data), subset_size=sum(len(d) for d in data))
     if precision in PRECISION_HINTS:
@@ -68,7 +106,8 @@ def openvino_compile(model, *, precision: str, throughput: bool = False):
     config = {"PERFORMANCE_HINT": "THROUGHPUT" if throughput else "LATENCY"}
     if precision in PRECISION_HINTS:
         config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
-    return ov.Core().compile_model(model, "CPU", config)
+    with own_signal_stack():
+        return ov.Core().compile_model(model, "CPU", config)
 
 
 class Request:
@@ -106,12 +145,13 @@ class OpenVINO(Backend):
     def load(self, path, format) -> Run:
         import openvino as ov
 
-        core = ov.Core()
-        model = core.read_model(str(path))
-        config = {}
-        if model.has_rt_info(HINT_KEY):  # the precision the file was exported for (OpenVINO defaults to bf16 on AMX)
-            config["INFERENCE_PRECISION_HINT"] = model.get_rt_info(HINT_KEY).astype(str)
-        compiled = core.compile_model(model, "CPU", config)
+        with own_signal_stack():
+            core = ov.Core()
+            model = core.read_model(str(path))
+            config = {}
+            if model.has_rt_info(HINT_KEY):  # the precision the file was exported for (OpenVINO defaults to bf16 on AMX)
+                config["INFERENCE_PRECISION_HINT"] = model.get_rt_info(HINT_KEY).astype(str)
+            compiled = core.compile_model(model, "CPU", config)
         return lambda x: torch.from_numpy(compiled(as_input(x).numpy())[0].copy()).float()
 
 
