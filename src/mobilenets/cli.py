@@ -49,6 +49,11 @@ resolution = _number(int, resolution_ok, RESOLUTION_RANGE)
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 
 
+def _progress(args):
+    """Where a command's progress lines go: stderr, or nowhere with --quiet."""
+    return None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+
+
 
 def _workers():
     from .data import MAX_WORKERS
@@ -457,7 +462,7 @@ def run_benchmark(args) -> int:
     benchmark.check_arguments(batch_sizes=args.batch_size, floor_size=args.floor_size, rounds=args.rounds,
                               min_time=args.min_time)  # before a model is fitted or loaded
     benchmark.quiet()
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
+    log = _progress(args)
     if args.grid:
         # measured afresh, and cached where `mobilenets pick` looks for it
         data, cache, _ = pick.cached_grid(precision=args.precision[0], batch_size=args.batch_size[0],
@@ -525,7 +530,7 @@ def run_pick(args) -> int:
     if args.device is not None:
         return _pick_published(args, pick)
     benchmark.quiet()
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
+    log = _progress(args)
     data, cache, cached = pick.cached_grid(precision=args.precision, batch_size=args.batch,
                                            backend=args.backend or "auto", runtime=args.runtime,
                                            remeasure=args.remeasure, log=log)
@@ -673,7 +678,7 @@ def run_predict(args) -> int:
     results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
                               resolution=resolution_override, precision=args.precision, backend=args.backend,
                               workers=args.workers, draft=args.draft, calibration=calibration,
-                              log=None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
+                              log=_progress(args))
     if args.json:
         for r in results:
             print(json.dumps(r.to_dict()), flush=True)
@@ -725,7 +730,7 @@ def run_quantize(args) -> int:
     res = int(meta.get("resolution") or 224)
     normalization = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else INCEPTION
     batches, _ = deploy.image_batches(args.calib_data, res, normalization=normalization, limit=args.calib_images)
-    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    log = _progress(args)
     ready = quantize.prepare_int8(model, batches, steps=args.steps, method=args.method, log=log)
     out = quantize.save(ready, model, args.out)
     x = torch.cat(batches)

@@ -116,9 +116,9 @@ def bound_heap() -> bool:
     PyTorch's activations).  By default glibc raises its mmap threshold after the first such free and from
     then on serves them from the heap, where in some runs (2 of 3 here) they fragmented it: predict on
     1.0-224 grew by one batch's 19 MB a batch, to 3.2 GB over 4,000 images.  With the threshold fixed they
-    are mapped and unmapped whole.  (Trimming the heap every few batches with ``malloc_trim`` kept memory
-    flat too, but unmapped memory that another library in the test process still used as a signal stack,
-    and the process died on its next signal.)
+    are mapped and unmapped whole: 0.88 GB over 6,400 images, for 4-6% of images/s.  (``malloc_trim``
+    every 8 batches kept memory flat too, near 1.1 GB; it was dropped while a crash was blamed on it that
+    turned out to be OpenVINO's, see deploy.openvino.own_signal_stack.)
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process already uses

@@ -101,14 +101,17 @@ def choose(config: dict, folded, precision: str, batches: list[torch.Tensor], ba
                           f"batches of preprocessed images, or pip install 'mobilenets[deploy]'")
     key = choice_key(config, precision, batch_size, resolution, candidates)
     cached = _read_choices().get(key)
-    # measured on a busy machine (or before that was recorded), and this one is quiet now: measure properly
-    if cached and cached.get("busy_cores", BUSY) >= BUSY and cores.busy_cores() < BUSY:
-        cached = None
+    busy = None
+    if cached and cached.get("busy_cores", BUSY) >= BUSY:
+        busy = cores.busy_cores()
+        if busy < BUSY:  # measured on a busy machine (or before that was recorded), quiet now: measure properly
+            cached = None
     if cached and cached["backend"] in candidates:
         run = backend.build(cached["backend"], folded, precision, batches, batch_size, resolution)
         return cached["backend"], run, dict(cached["timings"])
 
-    busy = cores.busy_cores()
+    if busy is None:  # sampled once: the same 0.25 s serves both questions
+        busy = cores.busy_cores()
     built = {}
     for name in candidates:
         try:

@@ -56,7 +56,9 @@ def _use_own_stack() -> None:
         sigaltstack = ctypes.CDLL(None).sigaltstack
     except (OSError, AttributeError):  # no POSIX signal stacks here (Windows)
         return
-    buffer = _signal_stacks.setdefault(threading.get_ident(), ctypes.create_string_buffer(SIGNAL_STACK_BYTES))
+    buffer = _signal_stacks.get(threading.get_ident())
+    if buffer is None:  # one per thread, made once
+        buffer = _signal_stacks[threading.get_ident()] = ctypes.create_string_buffer(SIGNAL_STACK_BYTES)
     sigaltstack(ctypes.byref(_StackT(ctypes.cast(buffer, ctypes.c_void_p), 0, SIGNAL_STACK_BYTES)), None)
 
 
