@@ -6,8 +6,8 @@ a separable row holds ``depthwise`` and ``pointwise``, each a ``conv`` + ``bn``;
 the last layer is ``classifier``.  These names are stable.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: TorchScript reads annotations as written, and string
+# annotations break scripting an fx-traced or create_feature_extractor model ('_torch_Tensor_').
 from collections import OrderedDict
 import math
 import numbers
@@ -78,7 +78,7 @@ class MobileNetV1Config:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> MobileNetV1Config:
+    def from_dict(cls, d: dict) -> "MobileNetV1Config":
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
