@@ -212,9 +212,7 @@ def digits(steps: int, qat: int, log) -> list[dict]:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
         model = mobilenets.load(run, progress=False)
-        from mobilenets.images import Normalization
-
-        rows += digits_scores(model, model.meta["resolution"], Normalization.from_dict(model.meta["normalization"]),
+        rows += digits_scores(model, model.meta.resolution, model.meta.normalization,
                               steps, log, "main job (make demo's training)", trained_int8=run / "int8.safetensors")
     brief = benchmark.make_model(1.0, num_classes=10)
     rows += digits_scores(brief, 32, images.INCEPTION, steps, log, "briefly fitted 1.0-32")

@@ -12,6 +12,8 @@ from PIL import Image
 
 import mobilenets
 from mobilenets import cli, paper, weights
+from mobilenets.images import IMAGENET
+from mobilenets.metadata import Metadata
 from mobilenets.weights import WEIGHTS, WeightsError, registry
 
 from imagefolders import CLASSES, make_split
@@ -104,13 +106,14 @@ def test_save_and_load_round_trip_any_model(tmp_path, converted_file, kind):
         model = mobilenets.mobilenet_v1(0.25, weights=converted_file, num_classes=3)
         with torch.no_grad():
             model.classifier.weight.add_(1.0)
-        model.meta["labels"] = list(CLASSES)
+        model.meta = Metadata(resolution=96, normalization=IMAGENET, labels=CLASSES, source="test")
     else:
         model = mobilenets.mobilenet_v1(0.5, num_classes=7, shallow=True, output_stride=16, padding="tf_same")
     path = mobilenets.save(model, tmp_path / "m.safetensors")
     loaded = mobilenets.load(path)
-    assert loaded.config == model.config and loaded.meta["labels"] == model.meta["labels"]
-    assert loaded.meta["resolution"] == model.meta["resolution"]
+    assert loaded.config == model.config and loaded.meta.labels == model.meta.labels
+    assert loaded.meta.resolution == model.meta.resolution
+    assert loaded.meta.normalization == model.meta.normalization
     assert loaded.pretrained_cfg["num_classes"] == model.config.num_classes
     assert torch.equal(forward(loaded), forward(model))
 
@@ -133,14 +136,14 @@ def test_run_folders_resolve_to_best_then_last(tmp_path):
     assert weights.resolve(run) == run / "last.pt"
     checkpoint.save(obj, run / "best.pt")
     assert weights.resolve(run) == run / "best.pt"
-    assert mobilenets.load(run).meta["resolution"] == 64
+    assert mobilenets.load(run).meta.resolution == 64
     with pytest.raises(FileNotFoundError, match="does not exist"):
         weights.resolve(tmp_path / "nope.pt")
 
 
 def test_evaluate_accepts_converts_output(tmp_path, capsys):
     model = mobilenets.mobilenet_v1(0.25, num_classes=3)
-    model.meta["labels"], model.meta["resolution"] = list(CLASSES), 32
+    model.meta = Metadata(labels=CLASSES, resolution=32)
     path = mobilenets.save(model, tmp_path / "m.safetensors")
     root = make_split(tmp_path / "val", 2, 0)
     assert cli.main(["evaluate", "--checkpoint", str(path), "--data", str(root), "--json", "-j", "0"]) == 0

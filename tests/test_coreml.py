@@ -23,6 +23,7 @@ import torch
 from mobilenets import deploy, mobilenet_v1, quantize
 from mobilenets.benchmark import make_model
 from mobilenets.images import IMAGENET
+from mobilenets.metadata import Metadata
 from mobilenets.labels import imagenet_labels
 
 if importlib.util.find_spec("coremltools") is None:
@@ -176,7 +177,7 @@ def test_per_channel_std_folds_into_the_first_convolution(tmp_path, images):
     program's function must stay the model's, zero padding included (TF-SAME pads asymmetrically)."""
     model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same")
     model.load_state_dict(make_model(ALPHA, num_classes=10, steps=20, resolution=RES).state_dict())
-    model.eval().meta = {"normalization": IMAGENET.to_dict()}
+    model.eval().meta = Metadata(normalization=IMAGENET)
     path = deploy.export(model, tmp_path / "imagenet.mlpackage", precision="fp32", resolution=RES)
     _, main = program(path)
     mul = next(op for op in main.operations if op.op_type == "mul")
@@ -196,10 +197,10 @@ def test_check_fails_on_a_package_of_another_model(trained, packages, tmp_path):
         deploy.check_exported(other, packages["fp16"])
     relabelled = make_model(ALPHA, num_classes=10, steps=0, resolution=RES)
     relabelled.load_state_dict(trained.state_dict())
-    relabelled.meta = {"labels": [f"digit {i}" for i in range(10)]}
+    relabelled.meta = Metadata(labels=[f"digit {i}" for i in range(10)])
     with pytest.raises(deploy.DeployError, match="class labels"):
         deploy.check_exported(relabelled, packages["fp16"])
-    relabelled.meta = {"normalization": IMAGENET.to_dict()}
+    relabelled.meta = Metadata(normalization=IMAGENET)
     with pytest.raises(deploy.DeployError, match="image scaling"):
         deploy.check_exported(relabelled, packages["fp16"])
     with pytest.raises(deploy.DeployError, match="holds fp16 weights, not int8"):

@@ -242,7 +242,7 @@ def test_int8_preparation_is_cached_per_weights_calibration_and_code(model, cali
     deploy.compile(other, "int8", calibration=calibration, resolution=RES, backend="onnxruntime")
     assert len(prepared) == 2 and len(list((tmp_path / "int8").iterdir())) == 3
     # read back, it keeps the resolution it was calibrated at, not the one its weights' metadata names
-    assert other.meta["resolution"] != RES
+    assert other.meta.resolution != RES
     assert prepare.prepared_int8(other, deploy.rebatch(calibration, 1)).resolution == RES
     assert len(prepared) == 2
 

@@ -21,6 +21,8 @@ from mobilenets.benchmark import make_model  # noqa: E402
 from mobilenets.cli import main  # noqa: E402
 from mobilenets.deploy import executorch  # noqa: E402
 from mobilenets.quantize import sim  # noqa: E402
+from mobilenets.images import Normalization  # noqa: E402
+from mobilenets.metadata import Metadata  # noqa: E402
 
 RES = 64
 LAYERS = 28  # 27 convolutions and the classifier
@@ -86,8 +88,7 @@ def test_the_file_tells_an_app_its_input_and_labels(small, small_fp32, tmp_path)
     assert (described["alpha"], described["num_classes"], described["precision"]) == (0.25, 10, "fp32")
     named = copy.deepcopy(model)
     names = [f"digit {i}" for i in range(10)]
-    named.meta = {**(getattr(model, "meta", None) or {}), "labels": names,
-                  "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+    named.meta = Metadata(labels=names, normalization=Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     constants = executorch.read_constants(deploy.export(named, tmp_path / "n.pte", resolution=RES).read_bytes())
     assert constants["labels"] == names
     assert constants["mean"] == pytest.approx([0.485, 0.456, 0.406]) and constants["std"] == pytest.approx(

@@ -25,6 +25,8 @@ import torch
 
 from mobilenets import deploy, mobilenet_v1, tflite_schema, weights
 from mobilenets.benchmark import make_model
+from mobilenets.images import IMAGENET
+from mobilenets.metadata import Metadata
 from mobilenets.weights.tflite import from_tflite
 
 pytest.importorskip("ai_edge_litert")
@@ -106,12 +108,12 @@ def test_fp32_export_fuses_relu6(trained, tmp_path, images):
 
 def test_file_carries_metadata_and_description(model, tmp_path):
     model = copy.deepcopy(model)
-    model.meta = {"labels": [f"class {i}" for i in range(10)], "normalization": {"mean": [0.5] * 3,
-                                                                                "std": [0.5] * 3}}
+    # not the defaults: a writer that stored the defaults instead would fail
+    model.meta = Metadata(labels=[f"class {i}" for i in range(10)], normalization=IMAGENET)
     path = deploy.export(model, tmp_path / "m.tflite", resolution=RES)
     graph = tflite_schema.read(path.read_bytes())
     meta = json.loads(graph.metadata["mobilenets"])
-    assert meta["labels"][3] == "class 3" and meta["normalization"]["mean"] == [0.5] * 3
+    assert meta["labels"][3] == "class 3" and meta["normalization"] == IMAGENET.to_dict()
     assert meta["alpha"] == ALPHA and meta["resolution"] == RES and meta["layout"] == "NHWC"
     assert "MobileNet v1" in graph.description
 
@@ -162,7 +164,7 @@ def test_export_then_import_round_trips(model, images, tmp_path):
     path = deploy.export(model, tmp_path / "m.tflite", resolution=RES)
     converted = from_tflite(path)
     assert converted.config.padding == model.config.padding and converted.config.alpha == ALPHA
-    assert converted.meta["resolution"] == RES
+    assert converted.meta.resolution == RES
     with torch.no_grad():
         assert_same_function(converted.model()(images), model(images))
 
@@ -205,7 +207,7 @@ def nchw(x):
 def test_float_file_imports_exactly(peers, tmp_path):
     folder, outputs = peers
     converted = from_tflite(folder / "float.tflite")
-    assert (converted.config.alpha, converted.config.padding, converted.meta["resolution"]) == (0.25, "tf_same", 128)
+    assert (converted.config.alpha, converted.config.padding, converted.meta.resolution) == (0.25, "tf_same", 128)
     saved = weights.save(converted, tmp_path / "w.safetensors")
     model = weights.load(saved)
     with torch.no_grad():
@@ -222,7 +224,7 @@ def test_quantized_files_dequantize_their_weights(peers, name):
     # the interpreter's own view of the first filter, dequantized with its parameters, in OHWI
     expected = torch.from_numpy(outputs[f"{name}_conv0"]).permute(0, 3, 1, 2)
     torch.testing.assert_close(converted.state_dict["features.0.conv.weight"], expected, rtol=1e-6, atol=1e-7)
-    ranges = converted.meta["int8"]["ranges"]
+    ranges = converted.meta.int8["ranges"]
     assert len(ranges) == 1 + 27 + 2 and ranges["features.0"][0] == 0.0  # ReLU6 outputs start at 0
     # the float model of a quantized file is usable (fine-tuning starts from it): close to the int8 answers
     with torch.no_grad():
@@ -238,7 +240,7 @@ def test_quantized_file_reexports_within_one_step(peers, tmp_path, name):
     model = weights.load(weights.save(from_tflite(folder / f"{name}.tflite"), tmp_path / "w.safetensors"))
     path = deploy.export(model, tmp_path / "again.tflite", precision="int8", resolution=128)
     ours = deploy.load_exported(path)(nchw(outputs["x"])).numpy()
-    lo, hi = model.meta["int8"]["ranges"]["logits"]
+    lo, hi = model.meta.int8["ranges"]["logits"]
     step = (hi - lo) / 255
     within = np.abs(ours - outputs[name]) <= step * 1.001
     assert within.mean() >= 0.99
@@ -252,7 +254,7 @@ def test_release_tgz_is_read(peers, tmp_path):
     with tarfile.open(tgz, "w:gz") as t:
         t.add(folder / "int8.tflite", arcname="mobilenet_v1_0.25_128_quant.tflite")
         t.addfile(tarfile.TarInfo("labels.txt"), io.BytesIO(b""))
-    assert from_tflite(tgz).meta["source"].endswith(".tflite")
+    assert from_tflite(tgz).meta.source.endswith(".tflite")
 
 
 # ---------------------------------------------------------------- bad files

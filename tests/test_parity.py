@@ -99,7 +99,7 @@ def test_keras_parity(peer, references, tmp_path):
             assert model.config.alpha == case["alpha"]
             assert model.config.num_classes == (0 if case["notop"] else 1000)
             assert model.config.padding == "tf_same" and model.config.bn_eps == 1e-3
-            assert model.meta["resolution"] == case["resolution"]  # from the file name or the model config
+            assert model.meta.resolution == case["resolution"]  # from the file name or the model config
             rel = relative_difference(ours(model, ref["x"], case["notop"]), ref["y"])
             report(f"{peer} {manifest['version']}", name, rel)
             assert rel <= TOLERANCE, (name, rel)
@@ -123,8 +123,8 @@ def test_tf_slim_parity(references, tmp_path):
         prefix = folder / case["files"][0]
         model = convert_save_load("tf-slim", prefix, tmp_path)
         assert model.config.alpha == case["alpha"] and model.config.num_classes == 1000
-        assert model.meta["resolution"] == case["resolution"]  # from the folder name mobilenet_v1_<a>_<r>
-        assert model.meta["labels"][0] == "tench, Tinca tinca"
+        assert model.meta.resolution == case["resolution"]  # from the folder name mobilenet_v1_<a>_<r>
+        assert model.meta.labels[0] == "tench, Tinca tinca"
         # TF-slim's class 0 is "background": dropped by default
         rel = relative_difference(ours(model, ref["x"], False), ref["y"][:, 1:])
         report(f"tf-slim {manifest['version']}", f"{case['alpha']}-{case['resolution']}", rel)
@@ -136,7 +136,7 @@ def test_tf_slim_keep_background(references, tmp_path):
     case = manifest["cases"][-1]
     ref = np.load(folder / case["reference"])
     model = convert_save_load("tf-slim", folder / case["files"][0], tmp_path, keep_background=True)
-    assert model.config.num_classes == 1001 and model.meta["labels"][0] == "background"
+    assert model.config.num_classes == 1001 and model.meta.labels[0] == "background"
     assert relative_difference(ours(model, ref["x"], False), ref["y"]) <= TOLERANCE
 
 
@@ -206,7 +206,7 @@ def test_timm_parity(alpha, resolution, suffix, tmp_path):
         torch.save(theirs.state_dict(), src)
     model = convert_save_load("timm", src, tmp_path)
     assert model.config.alpha == alpha and model.config.padding == "symmetric" and model.config.bn_eps == 1e-5
-    assert model.meta["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert model.meta.normalization.to_dict() == {"mean": [0.5] * 3, "std": [0.5] * 3}
     x = torch.rand(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         expected, got = theirs(x).numpy(), model(x).numpy()
@@ -243,6 +243,6 @@ def test_tf_slim_released_archive_converts_like_its_checkpoint(references, tmp_p
             tar.add(f, arcname=f"./{f.name}")
         tar.add(tmp_path / "info.txt", arcname="./info.txt")
     a, b = weights.convert("tf-slim", archive), weights.convert("tf-slim", prefix)
-    assert a.meta["resolution"] == b.meta["resolution"] == manifest["cases"][-1]["resolution"]
+    assert a.meta.resolution == b.meta.resolution == manifest["cases"][-1]["resolution"]
     assert a.state_dict.keys() == b.state_dict.keys()
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)

@@ -54,7 +54,7 @@ def expected_probabilities(model, path, resolution, normalization):
 
 def test_folder_in_every_mode_with_preprocessing_from_metadata(weights_file, images):
     model = mobilenets.load(weights_file)
-    assert model.meta["resolution"] == 64
+    assert model.meta.resolution == 64
     results = list(predict(model, [images], topk=3, batch_size=4))
     assert len(results) == 7
     assert [r.image for r in results] == sorted(r.image for r in results)  # folder order, recursive
@@ -63,7 +63,7 @@ def test_folder_in_every_mode_with_preprocessing_from_metadata(weights_file, ima
         values, indices = p.topk(3)
         assert [t["class_index"] for t in r.top] == indices.tolist()
         assert np.allclose([t["probability"] for t in r.top], values.tolist(), atol=1e-6)
-        assert [t["label"] for t in r.top] == [model.meta["labels"][i] for i in indices.tolist()]
+        assert [t["label"] for t in r.top] == [model.meta.labels[i] for i in indices.tolist()]
         probs = [t["probability"] for t in r.top]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
 
@@ -110,7 +110,7 @@ def test_checkpoint_metadata_drives_resolution_normalization_and_labels(tmp_path
 def test_a_model_without_metadata_uses_224_px_and_x_over_127_5_minus_1(images, weights_file):
     """A model that lost its meta (empty): predict falls back to the official weights' preprocessing."""
     model = trained_like(weights_file, 4)
-    model.meta = {}
+    del model.meta
     [r] = predict(model, [images / "rgb.jpg"], topk=4)
     p = expected_probabilities(model, images / "rgb.jpg", 224, Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     assert np.allclose([t["probability"] for t in r.top], p.sort(descending=True).values.tolist(), atol=1e-6)

@@ -332,7 +332,7 @@ def test_int8_ready_file_round_trips(small, tmp_path):
     ready = quantize.prepare_int8(model, calib)
     path = quantize.save(ready, model, tmp_path / "ready.safetensors")
     loaded = load(path)
-    assert loaded.meta["int8"]["ranges"]["features.0"] == [float(v) for v in ready.ranges["features.0"]]
+    assert loaded.meta.int8["ranges"]["features.0"] == [float(v) for v in ready.ranges["features.0"]]
     back = quantize.from_model(loaded)
     with torch.no_grad():
         assert torch.equal(back.simulate(x), ready.simulate(x))

@@ -86,12 +86,12 @@ def test_real_graph_logits_match_tensorflow(real_pb, tmp_path):
     assert agree == 1.0
     # the default drops class 0 (background): ImageNet class k is TensorFlow's k + 1
     model = real_data.real_model()
-    assert model.config.num_classes == 1000 and len(model.meta["labels"]) == 1000
+    assert model.config.num_classes == 1000 and len(model.meta.labels) == 1000
     assert relative_difference(logits(model, x), tf_logits[:, 1:]) <= TOLERANCE
     # real weights classify real photos: the cat (chelsea.png) crops are mostly cats
     cats = [k for k, box in enumerate(real_data.heldout_boxes(CROPS))
             if real_data.photos()[box[0]][0] == "chelsea.png"]
-    labels = [model.meta["labels"][i] for i in logits(model, x[cats]).argmax(1)]
+    labels = [model.meta.labels[i] for i in logits(model, x[cats]).argmax(1)]
     assert cats and sum("cat" in label for label in labels) > len(cats) / 2, labels
 
 
@@ -99,9 +99,9 @@ def test_real_graph_metadata(real_pb):
     converted = real_data.real_converted()
     c = converted.config
     assert (c.alpha, c.padding, c.bn_eps, c.activation) == (1.0, "tf_same", 1e-3, "relu6")
-    assert converted.meta["resolution"] == 224  # the input placeholder's 1x224x224x3
-    assert converted.meta["source"] == "tf-frozen:retrained_graph.pb"
-    assert converted.meta["normalization"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    assert converted.meta.resolution == 224  # the input placeholder's 1x224x224x3
+    assert converted.meta.source == "tf-frozen:retrained_graph.pb"
+    assert converted.meta.normalization.to_dict() == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
 def test_cli_chooses_tf_frozen_for_pb_and_load_gives_the_same_model(real_pb, tmp_path):
@@ -131,7 +131,7 @@ def test_release_archive_holding_the_graph(real_pb, tmp_path):
         tar.addfile(info, io.BytesIO(b"\x0a\x02\x0a\x00"))
     converted = weights.convert("tf-frozen", archive)
     plain = real_data.real_converted()
-    assert converted.meta["source"] == "tf-frozen:mobilenet_v1_1.0_224.tgz"
+    assert converted.meta.source == "tf-frozen:mobilenet_v1_1.0_224.tgz"
     assert all(torch.equal(converted.state_dict[k], v) for k, v in plain.state_dict.items())
     assert not (tmp_path.parent / "escaped_eval.pb").exists() and not Path("escaped_eval.pb").exists()
 
@@ -152,8 +152,8 @@ def test_crafted_graph_alpha_resolution_epsilon_from_the_graph(crafted):
     """alpha 0.5, 160 px, fused BatchNorm with epsilon 1e-5, a layer without gamma, names under 'import/'."""
     converted = from_tf_frozen(crafted / "mobilenet_050.pb", keep_background=True)
     ref = np.load(crafted / "mobilenet_050.npz")
-    assert (converted.config.alpha, converted.config.bn_eps, converted.meta["resolution"]) == (0.5, 1e-5, 160)
-    assert converted.config.num_classes == 1001 and converted.meta["labels"][0] == "background"
+    assert (converted.config.alpha, converted.config.bn_eps, converted.meta.resolution) == (0.5, 1e-5, 160)
+    assert converted.config.num_classes == 1001 and converted.meta.labels[0] == "background"
     sd = converted.state_dict
     dw = ref["const:MobilenetV1/Conv2d_5_depthwise/depthwise_weights"]  # H, W, C, 1 -> C, 1, H, W
     np.testing.assert_array_equal(sd["features.5.depthwise.conv.weight"].numpy(), dw.transpose(2, 3, 0, 1))
@@ -164,7 +164,7 @@ def test_crafted_graph_alpha_resolution_epsilon_from_the_graph(crafted):
     dropped = from_tf_frozen(crafted / "mobilenet_050.pb")
     head_w = ref["const:MobilenetV1/Logits/Conv2d_1c_1x1/weights"][0, 0]  # (C, 1001)
     head_b = ref["const:MobilenetV1/Logits/Conv2d_1c_1x1/biases"]
-    assert dropped.config.num_classes == 1000 and len(dropped.meta["labels"]) == 1000
+    assert dropped.config.num_classes == 1000 and len(dropped.meta.labels) == 1000
     np.testing.assert_array_equal(dropped.state_dict["classifier.weight"].numpy(), head_w[:, 1:].T)
     np.testing.assert_array_equal(dropped.state_dict["classifier.bias"].numpy(), head_b[1:])
     ours = logits(converted.model(), torch.from_numpy(ref["x"]).permute(0, 3, 1, 2))
@@ -174,7 +174,7 @@ def test_crafted_graph_alpha_resolution_epsilon_from_the_graph(crafted):
 
 
 def test_resolution_argument_wins_over_the_placeholder(crafted):
-    assert from_tf_frozen(crafted / "mobilenet_050.pb", resolution=192).meta["resolution"] == 192
+    assert from_tf_frozen(crafted / "mobilenet_050.pb", resolution=192).meta.resolution == 192
 
 
 # ---------------------------------------------------------------- bad files: one line that says what would work

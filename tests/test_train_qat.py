@@ -9,7 +9,6 @@ import torch
 
 import mobilenets
 from mobilenets import cli, data, deploy, quantize, train
-from mobilenets.images import Normalization
 from mobilenets.quantize import qat as distillation
 from mobilenets.train import qat as train_qat
 
@@ -35,8 +34,8 @@ def digits_run(out, **overrides):
 
 
 def val_digits(model):
-    resolution = model.meta["resolution"]
-    transform = data.EvalTransform(resolution, Normalization.from_dict(model.meta["normalization"]))
+    resolution = model.meta.resolution
+    transform = data.EvalTransform(resolution, model.meta.normalization)
     _, val = data.splits(None, resolution, train_transform=transform, eval_transform=transform)
     return torch.stack([val[i][0] for i in range(len(val))]), torch.tensor(val.targets)
 
@@ -72,7 +71,7 @@ def test_train_qat_writes_int8_weights_whose_accuracy_onnxruntime_confirms(qat_r
     assert row["int8_float_val_top1"] == max(r["val_top1"] for r in train.read_metrics(qat_run))
     # the int8 graph as a runtime runs it (QDQ ONNX, integer kernels) against what the run reported
     predictor = deploy.compile(model, precision="int8", calibration=[x[:32]], backend="onnxruntime",
-                               batch_size=32, resolution=model.meta["resolution"])
+                               batch_size=32, resolution=model.meta.resolution)
     runtime_top1 = top1(predictor(x), y)
     # measured: runtime 90.25%, reported (simulated, in batches of 16) 90.53%, float 89.97%; the two int8
     # forms disagree on about 3 of the 359 digits, where rounding at the int8 boundaries goes either way

@@ -59,7 +59,7 @@ def test_keras_conversion_infers_alpha_resolution_classes_and_records_metadata(c
 
     model = mobilenets.load(converted_file)
     assert not model.training
-    assert model.meta["resolution"] == 128 and model.meta["labels"] == labels
+    assert model.meta.resolution == 128 and model.meta.labels == tuple(labels)
 
 
 def test_keras_weights_land_where_the_layout_says(keras_file):
@@ -85,14 +85,14 @@ def test_keras_weights_land_where_the_layout_says(keras_file):
 def test_keras_no_top_gives_a_feature_model(tmp_path):
     src = write_keras2_h5(tmp_path / "mobilenet_5_0_160_tf_no_top.h5", 0.5, include_top=False)
     c = weights.convert("keras", src)
-    assert c.config.num_classes == 0 and c.meta["labels"] is None and c.meta["resolution"] == 160
+    assert c.config.num_classes == 0 and c.meta.labels is None and c.meta.resolution == 160
     assert forward(c.model()).shape == (2, 512)
 
 
 def test_resolution_defaults_to_224_and_can_be_given(tmp_path):
     src = write_keras2_h5(tmp_path / "weights.h5", 0.25)
-    assert weights.convert("keras", src).meta["resolution"] == 224
-    assert weights.convert("keras", src, resolution=96).meta["resolution"] == 96
+    assert weights.convert("keras", src).meta.resolution == 224
+    assert weights.convert("keras", src, resolution=96).meta.resolution == 96
 
 
 def test_keras3_legacy_names_are_accepted(tmp_path, keras_file):
@@ -153,7 +153,7 @@ def test_load_reads_training_checkpoints(tmp_path):
                     "labels": [str(i) for i in range(10)], "source": "train"}, "epoch": 3}
     checkpoint.save(obj, tmp_path / "ckpt.pt")
     loaded = mobilenets.load(tmp_path / "ckpt.pt")
-    assert not loaded.training and loaded.meta["resolution"] == 96 and loaded.config.num_classes == 10
+    assert not loaded.training and loaded.meta.resolution == 96 and loaded.config.num_classes == 10
     assert torch.equal(forward(loaded, 96), forward(model, 96))
 
 
@@ -249,9 +249,9 @@ def test_unloadable_files_say_what_would_work(tmp_path, keras_file, kind):
 
 def test_builder_with_weights_keeps_body_and_can_replace_the_head(converted_file):
     base = mobilenets.mobilenet_v1(0.25, weights=converted_file)
-    assert base.config.padding == "tf_same" and base.meta["resolution"] == 128
+    assert base.config.padding == "tf_same" and base.meta.resolution == 128
     tuned = mobilenets.mobilenet_v1(0.25, weights=converted_file, num_classes=10, dropout=0.2)
-    assert tuned.config.num_classes == 10 and tuned.config.dropout == 0.2 and tuned.meta["labels"] is None
+    assert tuned.config.num_classes == 10 and tuned.config.dropout == 0.2 and tuned.meta.labels is None
     assert torch.equal(tuned.features[13].pointwise.bn.running_var, base.features[13].pointwise.bn.running_var)
     with pytest.raises(WeightsError, match="alpha 0.25 weights, not alpha 0.5"):
         mobilenets.mobilenet_v1(0.5, weights=converted_file)
@@ -261,7 +261,7 @@ def test_builder_with_weights_keeps_body_and_can_replace_the_head(converted_file
 
 def test_builder_without_weights_is_the_plain_model():
     model = mobilenets.mobilenet_v1(0.5, num_classes=10)
-    assert model.config.alpha == 0.5 and model.config.num_classes == 10 and model.meta["labels"] is None
+    assert model.config.alpha == 0.5 and model.config.num_classes == 10 and model.meta.labels is None
 
 
 # ---------------------------------------------------------------- TF checkpoint reader pieces
@@ -325,7 +325,7 @@ def test_pretrained_downloads_verifies_converts_once(server, tmp_path, monkeypat
     recorded = json.loads((cache / "sha256.json").read_text())
     assert set(recorded) == {"mobilenet_2_5_128_tf.h5"}
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp files left
-    assert model.meta["resolution"] == 128 and model.meta["source"] == "keras:mobilenet_2_5_128_tf.h5"
+    assert model.meta.resolution == 128 and model.meta.source == "keras:mobilenet_2_5_128_tf.h5"
     assert torch.equal(forward(model, 128), forward(weights.convert("keras", src).model(), 128))
 
     (cache / "mobilenet_2_5_128_tf.h5").unlink()  # the converted file is enough from now on

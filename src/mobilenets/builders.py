@@ -3,19 +3,19 @@
 ``save(model, path)`` writes our .safetensors (config, weights, resolution,
 normalisation, labels, checksum), so any model round-trips: converted,
 trained, fine-tuned, with any number of classes or an ablation of Table 4/5.
-Every model these return carries ``model.meta`` and ``model.pretrained_cfg``
-(timm's keys), so timm's data helpers see its real preprocessing.
+Every model these return carries ``model.meta`` (a :class:`~mobilenets.metadata.Metadata`) and
+``model.pretrained_cfg`` (timm's keys, derived from it), so timm's data helpers see its real preprocessing.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from . import weights as _weights
-from .images import INCEPTION
 from .model import MobileNetV1, MobileNetV1Config
-from .weights.layout import DEFAULT_RESOLUTION, WeightsError, check_resolution, pretrained_cfg
+from .weights.layout import WeightsError, check_resolution
 
 
 def mobilenet_v1(alpha: float = 1.0, *, weights: str | os.PathLike | None = None, resolution: int | None = None,
@@ -38,10 +38,8 @@ def mobilenet_v1(alpha: float = 1.0, *, weights: str | os.PathLike | None = None
             model = MobileNetV1(MobileNetV1Config(alpha=alpha, **kwargs))
         except TypeError as e:
             raise WeightsError(f"unknown model option ({e})") from None
-        res = check_resolution(resolution, "mobilenet_v1") if resolution is not None else DEFAULT_RESOLUTION
-        model.meta = {"alpha": model.config.alpha, "resolution": res, "normalization": INCEPTION.to_dict(),
-                      "labels": None, "source": "initialised"}
-        model.pretrained_cfg = pretrained_cfg(model.config, model.meta)
+        if resolution is not None:
+            model.meta = replace(model.meta, resolution=check_resolution(resolution, "mobilenet_v1"))
         return model
     if isinstance(weights, str) and weights == "imagenet":
         converted = _weights.read("imagenet", alpha=alpha, resolution=resolution, progress=progress)
@@ -51,7 +49,7 @@ def mobilenet_v1(alpha: float = 1.0, *, weights: str | os.PathLike | None = None
             raise WeightsError(f"{weights} holds alpha {converted.config.alpha:g} weights, not alpha {alpha:g}; "
                                f"pass alpha={converted.config.alpha:g} or use mobilenets.load({str(weights)!r})")
         if resolution is not None:
-            converted.meta["resolution"] = check_resolution(resolution, "mobilenet_v1")
+            converted.meta = replace(converted.meta, resolution=check_resolution(resolution, "mobilenet_v1"))
     return _weights.build(converted, kwargs, weights)
 
 

@@ -289,8 +289,8 @@ def add_plot(sub) -> None:
 
 def _deploy_model(args):
     """(model, resolution, normalization, labels) from --weights/--checkpoint, else a seeded --alpha model."""
+    from . import metadata
     from .benchmark import make_model
-    from .images import INCEPTION, Normalization
 
     if args.weights and args.checkpoint:
         raise UsageError(f"mobilenets {args.command}: give --weights or --checkpoint, not both")
@@ -298,12 +298,11 @@ def _deploy_model(args):
         from .weights import load
 
         model = load(args.checkpoint or args.weights)
-        meta = getattr(model, "meta", {}) or {}
     else:
-        model, meta = make_model(args.alpha), {}
-    res = args.resolution or meta.get("resolution") or 224
-    normalization = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else INCEPTION
-    return model, int(res), normalization, meta.get("labels")
+        model = make_model(args.alpha)
+    meta = metadata.of(model)
+    labels = list(meta.labels) if meta.labels is not None else None
+    return model, int(args.resolution or meta.resolution), meta.normalization, labels
 
 
 def _calibration(args, model, resolution, normalization, labels):
@@ -637,9 +636,10 @@ def run_convert(args) -> int:
                                 resolution=args.resolution)
     out = weights.save(converted, args.out)
     c = converted.config
-    summary = {"out": str(out), "source": converted.meta["source"], "alpha": c.alpha,
-               "resolution": converted.meta["resolution"], "num_classes": c.num_classes, "padding": c.padding,
-               "bn_eps": c.bn_eps, "normalization": converted.meta["normalization"]}
+    meta = converted.meta.to_dict()
+    summary = {"out": str(out), "source": meta["source"], "alpha": c.alpha,
+               "resolution": meta["resolution"], "num_classes": c.num_classes, "padding": c.padding,
+               "bn_eps": c.bn_eps, "normalization": meta["normalization"]}
     print(json.dumps(summary))
     return 0
 
@@ -724,12 +724,8 @@ def run_quantize(args) -> int:
     from . import deploy, quantize, weights
 
     model = weights.load(args.weights)
-    meta = getattr(model, "meta", {}) or {}
-    from .images import INCEPTION, Normalization
-
-    res = int(meta.get("resolution") or 224)
-    normalization = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else INCEPTION
-    batches, _ = deploy.image_batches(args.calib_data, res, normalization=normalization, limit=args.calib_images)
+    batches, _ = deploy.image_batches(args.calib_data, model.meta.resolution, normalization=model.meta.normalization,
+                                      limit=args.calib_images)
     log = _progress(args)
     ready = quantize.prepare_int8(model, batches, steps=args.steps, method=args.method, log=log)
     out = quantize.save(ready, model, args.out)

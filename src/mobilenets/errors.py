@@ -19,3 +19,15 @@ class ParameterError(MobilenetsError):
 
 class ParameterTypeError(ParameterError, TypeError):
     """A parameter of the wrong kind (text for a number); also a ``TypeError``, as Python's convention has it."""
+
+
+class WeightsError(MobilenetsError):
+    """Weights that cannot be converted, loaded or fetched; the message says why and what would work."""
+
+
+class MissingWeightsError(WeightsError, FileNotFoundError):
+    """A weights path that does not exist (also a FileNotFoundError, for callers that catch that)."""
+
+
+class MetadataError(WeightsError):
+    """Metadata of a set of weights (resolution, normalization, labels, int8 data) that cannot be right."""

@@ -19,7 +19,6 @@ from . import data, weights
 from .architecture import RESOLUTION_RANGE, resolution_ok
 from .data import DataError
 from .errors import ParameterError
-from .images import INCEPTION, Normalization
 from .labels import imagenet_labels, imagenet_wnids
 
 
@@ -125,11 +124,9 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path | None
     path = weights.resolve(checkpoint_path)
     model = weights.load(path)
     meta = model.meta
-    resolution = resolution or meta.get("resolution")
-    if not resolution:
-        raise ParameterError(f"{path} stores no resolution; pass resolution, e.g. 224")
-    normalization = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else INCEPTION
-    labels = meta.get("labels")
+    resolution = resolution or meta.resolution
+    normalization = meta.normalization
+    labels = list(meta.labels) if meta.labels is not None else None
     transform = data.EvalTransform(resolution, normalization)
     if data_dir is None:
         dataset = data.Digits("val", resolution, transform)

@@ -22,6 +22,7 @@ from torch import nn
 from . import architecture
 from .architecture import Block, Layer
 from .errors import ParameterError, ParameterTypeError
+from .metadata import Metadata
 
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU}
 PADDINGS = ("symmetric", "tf_same")
@@ -158,7 +159,15 @@ class MobileNetV1(nn.Module):
     Takes an ``(N, 3, H, W)`` float tensor with H, W >= 32 and returns
     ``(N, num_classes)`` logits, or ``(N, channels)`` pooled features when
     ``num_classes == 0``.  Build it with :func:`mobilenet_v1`.
+
+    ``meta`` (a :class:`~mobilenets.metadata.Metadata`) is what its weights
+    need at inference: resolution, normalisation, labels, source.
+    ``pretrained_cfg`` is derived from it and the config, so it stays true
+    after ``reset_classifier``.
     """
+
+    # Python-side views, not part of the scripted forward
+    __jit_unused_properties__ = ["pretrained_cfg", "default_cfg"]
 
     def __init__(self, config: MobileNetV1Config | None = None, **options):
         super().__init__()
@@ -180,7 +189,25 @@ class MobileNetV1(nn.Module):
         self.endpoint_names = tuple(
             dict.fromkeys(name for block in self.blocks for name in (block.name, *(l.name for l in block.layers)))
         )
+        self.meta = Metadata()
+        self._cfg_extra: dict = {}
         self.reset_parameters()
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's keys for this model's preprocessing and head, from ``meta`` and the config.
+
+        Keys another library sets (timm's ``tag``, ``architecture``, ...) are kept; the derived ones always
+        describe the model as it is now.
+        """
+        derived = self.meta.pretrained_cfg(self.config.num_classes, self.config.output_stride)
+        return {**self._cfg_extra, **derived}
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: dict) -> None:
+        self._cfg_extra = dict(cfg or {})
+
+    default_cfg = pretrained_cfg  # timm's older name for the same dict
 
     def reset_parameters(self) -> None:
         """TF-slim's initialisation: truncated normal (stddev 0.09, cut at 2 sigma) for every weight."""
@@ -224,6 +251,7 @@ class MobileNetV1(nn.Module):
         old = next(self.features.parameters())
         self.classifier = classifier.to(device=old.device, dtype=old.dtype)
         self.config = config
+        self.meta = self.meta.for_head(num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

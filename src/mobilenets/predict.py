@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import pipeline
+from . import metadata, pipeline
 from .errors import MobilenetsError
 from .images import ImageError, Normalization, list_images, warn_skipped
 from .model import MobileNetV1
@@ -148,13 +148,11 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     if model.config.num_classes == 0:
         raise MobilenetsError("these weights have no classifier (a feature extractor, e.g. a _no_top file); "
                               "classifying needs weights with their classification head")
-    meta = getattr(model, "meta", None) or {}
-    resolution = resolution or int(meta.get("resolution") or 224)
+    meta = metadata.of(model)
+    resolution = resolution or meta.resolution
     if normalization is None:
-        normalization = Normalization.from_dict(meta["normalization"]) if meta.get("normalization") else Normalization()
-    labels = meta.get("labels") or None
-    if labels is not None and len(labels) != model.config.num_classes:
-        labels = None
+        normalization = meta.normalization
+    labels = list(meta.labels) if meta.labels and len(meta.labels) == model.config.num_classes else None
     topk = min(topk, model.config.num_classes)
     sources = _sources(inputs)
     if isinstance(calibration, (str, Path)):  # a folder of images, read like the inputs

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .. import metadata
 from ..model import MobileNetV1
 from .backend import EXPORT_PRECISIONS, PRECISIONS, Run, export_formats
 from .calibration import DEFAULT_RESOLUTION, as_input, calibration_batches
@@ -155,7 +156,7 @@ def _stored_ranges(model: MobileNetV1) -> dict | None:
     Ranges stored with equalization scales other than 1 belong to a rescaled
     model (mobilenets.quantize), not to ``model`` itself: those are not used here.
     """
-    int8 = (getattr(model, "meta", None) or {}).get("int8") or {}
+    int8 = metadata.of(model).int8 or {}
     if not int8.get("ranges") or any(v != 1.0 for s in int8.get("scales", []) for v in s):
         return None
     return int8["ranges"]
@@ -163,7 +164,7 @@ def _stored_ranges(model: MobileNetV1) -> dict | None:
 
 def _metadata(model: MobileNetV1) -> dict:
     """What a runtime's user needs beside the graph: width, normalization, class labels."""
-    meta = getattr(model, "meta", None) or {}
+    meta = metadata.of(model).to_dict()
     out = {"model": "mobilenet_v1", "alpha": model.config.alpha, "num_classes": model.config.num_classes,
            "padding": model.config.padding}
     for key in ("normalization", "labels", "source"):

@@ -1,7 +1,7 @@
 """The folded float graph a backend builds from: for int8, the int8-ready one (:mod:`mobilenets.quantize`).
 
 int8 is prepared once here, on the folded PyTorch model, so every int8 backend and export gets it:
-weights from ``mobilenets quantize`` (``model.meta["int8"]``) are used as they are; otherwise
+weights from ``mobilenets quantize`` (``model.meta.int8``) are used as they are; otherwise
 :func:`quantize.prepare_int8` runs on the calibration batches (equalization, bias correction, ranges
 chosen by error). ``int8="plain"`` keeps each runtime's own post-training quantization of the
 unadjusted model, for comparison: on the real ImageNet weights it keeps only about 72-75% of the float

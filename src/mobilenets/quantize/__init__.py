@@ -19,11 +19,12 @@ model and :func:`from_model` (used by the int8 backends) gives the int8-ready fo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from .. import metadata
 from ..folding import FoldedMobileNet, fold_batchnorm
 from ..errors import MobilenetsError
 from ..model import ConvBNAct, MobileNetV1
@@ -194,7 +195,7 @@ def _layer_names(model: MobileNetV1) -> list[str]:
 
 
 def to_model(ready: Int8Ready, like: MobileNetV1) -> MobileNetV1:
-    """A MobileNetV1 whose float forward is the int8-ready model's, with the int8 data in ``meta["int8"]``.
+    """A MobileNetV1 whose float forward is the int8-ready model's, with the int8 data in ``meta.int8``.
 
     The equalization is undone (the file keeps one ReLU6 clip per layer, as the architecture has)
     and each BatchNorm is the identity, so folding gives back the adjusted weights exactly.
@@ -216,8 +217,7 @@ def to_model(ready: Int8Ready, like: MobileNetV1) -> MobileNetV1:
             bn.bias.copy_(layer.conv.bias)
         model.classifier.weight.copy_(plain.classifier.weight)
         model.classifier.bias.copy_(plain.classifier.bias)
-    model.meta = dict(getattr(like, "meta", {}) or {})
-    model.meta["int8"] = ready.metadata()
+    model.meta = replace(metadata.of(like), int8=ready.metadata())
     return model
 
 
@@ -226,17 +226,14 @@ def save(ready: Int8Ready, like: MobileNetV1, path) -> Path:
     from .. import weights
 
     model = to_model(ready, like)
-    meta = dict(model.meta)
-    meta.setdefault("resolution", ready.resolution)
-    meta.setdefault("normalization", {"mean": [0.5] * 3, "std": [0.5] * 3})
-    meta["source"] = f"int8-ready:{meta.get('source', '')}"
+    meta = replace(model.meta, source=f"int8-ready:{model.meta.source}")
     converted = weights.Converted({k: v for k, v in model.state_dict().items()}, model.config, meta)
     return weights.save(converted, path)
 
 
 def from_model(model: MobileNetV1) -> Int8Ready | None:
-    """The int8-ready form stored in ``model.meta["int8"]`` (a file from :func:`save`), or None."""
-    data = (getattr(model, "meta", None) or {}).get("int8")
+    """The int8-ready form stored in ``model.meta.int8`` (a file from :func:`save`), or None."""
+    data = metadata.of(model).int8
     if not data:
         return None
     if int(data.get("version", 0)) > FORMAT_VERSION:
@@ -249,7 +246,7 @@ def from_model(model: MobileNetV1) -> Int8Ready | None:
     for i, s in enumerate(scales):
         calibrate.apply_scales(folded, i, s)
     ranges = {k: (float(a), float(b)) for k, (a, b) in data["ranges"].items()}
-    resolution = int((getattr(model, "meta", None) or {}).get("resolution", 224))
+    resolution = metadata.of(model).resolution
     return Int8Ready(folded, ranges, scales, resolution, dict(data.get("report", {})))
 
 

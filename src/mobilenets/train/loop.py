@@ -27,7 +27,8 @@ from torch import nn
 from .. import checkpoint, cores, data
 from ..errors import MobilenetsError
 from ..evaluate import evaluate
-from ..images import INCEPTION, Normalization
+from ..images import INCEPTION
+from ..metadata import Metadata
 from ..model import MobileNetV1, MobileNetV1Config
 from .config import TrainConfig
 from .console import Interrupted, Progress, StopRequest
@@ -74,7 +75,7 @@ class TrainState:
     criterion: nn.Module
     train_set: torch.utils.data.Dataset
     val_loader: torch.utils.data.DataLoader
-    meta: dict
+    meta: Metadata
     steps_per_epoch: int
     progress: Progress
     resources: resources.Resources
@@ -95,7 +96,7 @@ def build_model(c: TrainConfig, labels: list[str], source, dist: Dist) -> Mobile
     """A fresh model, or the ``finetune`` weights with a new head when the classes differ (and say so)."""
     if source is None:
         return MobileNetV1(MobileNetV1Config(alpha=c.alpha, num_classes=len(labels)))
-    if source.config.num_classes == len(labels) and source.meta.get("labels") == labels:
+    if source.config.num_classes == len(labels) and source.meta.labels == tuple(labels):
         log(dist, f"fine-tuning {c.finetune}: same {len(labels)} classes, every layer kept")
         return source.model().train()
     model = MobileNetV1(dataclasses.replace(source.config, num_classes=len(labels)))
@@ -124,13 +125,13 @@ def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None)
     hflip = c.hflip if c.hflip is not None else (0.0 if c.data is None else 0.5)
     normalization, source = INCEPTION, None
     if state is not None:
-        normalization = Normalization.from_dict(state["meta"]["normalization"])
+        normalization = Metadata.from_dict(state["meta"], str(resume)).normalization
     elif c.finetune is not None:
         from .. import weights  # a converted .safetensors file or a mobilenets checkpoint
 
         source = weights.read(c.finetune)  # a feature extractor (num_classes 0) gets a head too
         # the normalisation belongs to the weights being fine-tuned, and so does the width
-        normalization = Normalization.from_dict(source.meta.get("normalization") or INCEPTION.to_dict())
+        normalization = source.meta.normalization
         c = dataclasses.replace(c, alpha=float(source.config.alpha))
     min_scale = c.min_scale if c.min_scale is not None else data.default_min_scale(c.alpha)
     train_set, val_set = data.splits(
@@ -159,13 +160,10 @@ def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, c)
     ema = ModelEMA(model, c.model_ema_decay) if c.model_ema else None
-    meta = {
-        "resolution": c.resolution,
-        "normalization": normalization.to_dict(),
-        "labels": list(labels),
-        "source": f"mobilenets train --recipe {c.recipe} on {c.data or data.BUILTIN}"
-                  + (f", fine-tuned from {c.finetune}" if c.finetune else ""),
-    }
+    meta = Metadata(resolution=c.resolution, normalization=normalization, labels=labels,
+                    source=f"mobilenets train --recipe {c.recipe} on {c.data or data.BUILTIN}"
+                    + (f", fine-tuned from {c.finetune}" if c.finetune else ""))
+    model.meta = meta  # the model knows what it is being trained for (evaluate and export read it)
     train_model = model
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(
@@ -226,7 +224,7 @@ def save_last(s: TrainState) -> Path:
     if s.dist.main:
         c = s.config
         checkpoint.save(checkpoint.training_checkpoint(
-            s.model.config.to_dict(), s.model.state_dict(), s.meta, train_config=c.to_dict(),
+            s.model.config.to_dict(), s.model.state_dict(), s.meta.to_dict(), train_config=c.to_dict(),
             optimizer=s.optimizer.state_dict(),
             scheduler={"name": c.lr_scheduler, "step": s.epoch * s.steps_per_epoch + s.step,
                        "steps_per_epoch": s.steps_per_epoch},
@@ -392,7 +390,7 @@ def end_epoch(s: TrainState, sums: dict) -> dict:
         if dist.main:
             checkpoint.save(checkpoint.model_checkpoint(
                 s.model.config.to_dict(), weights.state_dict(),
-                {**s.meta, "weights": "ema" if weights is not s.model else "model"},
+                {**s.meta.to_dict(), "weights": "ema" if weights is not s.model else "model"},
                 epoch=s.epoch + 1, metrics=row), s.out / BEST)
     s.epoch, s.step, s.partial = s.epoch + 1, 0, [0.0, 0.0, 0.0]
     save_last(s)

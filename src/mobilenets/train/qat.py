@@ -19,7 +19,6 @@ import torch
 from .. import data, quantize, weights
 from ..evaluate import evaluate
 from ..folding import fold_batchnorm
-from ..images import Normalization
 from ..quantize import qat as distillation
 
 INT8 = "int8.safetensors"
@@ -65,7 +64,7 @@ def finish(s, log) -> dict:
     """Write ``int8.safetensors`` into the run folder; returns the numbers for the last metrics row."""
     c = s.config
     model = weights.load(s.out, progress=False).cpu().eval()  # best.pt, else last.pt
-    normalization = Normalization.from_dict(s.meta["normalization"])
+    normalization = s.meta.normalization
     # the training images as the model sees them at inference: no random crop, no flip
     train_images = copy.copy(s.train_set)
     train_images.transform = data.EvalTransform(c.resolution, normalization)

@@ -48,7 +48,7 @@ def convert(source: str, path, *, keep_background: bool = False, resolution: int
 def load(source, *, progress: bool = True, **options) -> MobileNetV1:
     """The model (eval mode) in ``source``: a run folder, checkpoint, .safetensors, state dict or "imagenet".
 
-    ``model.meta`` holds what the weights need at inference (``resolution``,
+    ``model.meta`` (a :class:`~mobilenets.metadata.Metadata`) holds what the weights need at inference (``resolution``,
     ``normalization``, ``labels``, ``source``) and ``model.pretrained_cfg``
     the same in timm's keys.  ``options`` may change training-only settings
     (``dropout``, ``bn_momentum``, ``output_stride``) or give a new head

@@ -18,7 +18,8 @@ import torch
 
 from .. import checkpoint
 from ..model import MobileNetV1Config
-from .layout import Converted, WeightsError, check_normalization, check_resolution, check_shapes
+from ..metadata import Metadata
+from .layout import Converted, WeightsError, check_shapes
 
 FORMAT = "mobilenets"
 VERSION = 1
@@ -41,20 +42,15 @@ def save(weights, path) -> Path:
 
     converted = weights if isinstance(weights, Converted) else Converted.from_model(weights)
     sd = {k: v.detach().contiguous().cpu() for k, v in converted.state_dict.items()}
-    meta = converted.meta
+    meta = converted.meta.check_labels(converted.config.num_classes).to_dict()
     metadata = {
         "format": FORMAT,
         "version": str(VERSION),
         "config": json.dumps(converted.config.to_dict()),
         "alpha": json.dumps(converted.config.alpha),
-        "resolution": json.dumps(int(meta.get("resolution") or 224)),
-        "normalization": json.dumps(meta.get("normalization") or {"mean": [0.5] * 3, "std": [0.5] * 3}),
-        "labels": json.dumps(meta.get("labels")),
-        "source": str(meta.get("source", "")),
+        **{k: v if k == "source" else json.dumps(v) for k, v in meta.items()},
         "sha256": tensors_sha256(sd),
     }
-    if meta.get("int8"):  # int8-ready weights (mobilenets.quantize): activation ranges, equalization scales
-        metadata["int8"] = json.dumps(meta["int8"])
     data = st_save(sd, metadata=metadata)
     return checkpoint.atomic_write(path, lambda f: f.write(data))
 
@@ -109,10 +105,8 @@ def read(path) -> Converted:
     try:
         version = int(metadata.get("version", "0"))
         config = MobileNetV1Config.from_dict(json.loads(metadata["config"]))
-        resolution = json.loads(metadata["resolution"])
-        normalization = json.loads(metadata["normalization"])
-        labels = json.loads(metadata.get("labels", "null"))
-        int8 = json.loads(metadata["int8"]) if metadata.get("int8") else None
+        stored = {k: json.loads(metadata[k]) for k in ("resolution", "normalization", "labels", "int8")
+                  if metadata.get(k)}
     except (KeyError, TypeError, ValueError, RecursionError) as e:
         raise WeightsError(f"{path}: unreadable mobilenets metadata ({_first_line(e)})") from None
     if version > VERSION:
@@ -121,11 +115,10 @@ def read(path) -> Converted:
     odd = [k for k, d in dtypes.items() if d not in FLOAT_DTYPES and not k.endswith("num_batches_tracked")]
     if odd:
         raise WeightsError(f"{path}: tensor {odd[0]} has dtype {dtypes[odd[0]]}, expected a float type")
-    check_resolution(resolution, str(path))
-    check_normalization(normalization, str(path))
-    if labels is not None and (not isinstance(labels, list) or len(labels) != config.num_classes
-                               or not all(isinstance(x, str) for x in labels)):
-        raise WeightsError(f"{path}: labels must be null or {config.num_classes} strings, one per class")
+    if "resolution" not in stored or "normalization" not in stored:
+        raise WeightsError(f"{path}: unreadable mobilenets metadata (no resolution or normalization)")
+    meta = Metadata.from_dict({**stored, "source": metadata.get("source", "")}, str(path),
+                              num_classes=config.num_classes)
     sd = read_tensors(path)
     digest = tensors_sha256(sd)
     recorded = metadata.get("sha256")
@@ -135,11 +128,5 @@ def read(path) -> Converted:
     if digest != recorded:
         raise WeightsError(f"{path} is corrupted: its tensors' sha256 {digest[:12]}... does not match the "
                            f"recorded {recorded[:12]}...; convert or download it again")
-    meta = {"alpha": config.alpha, "resolution": resolution, "normalization": normalization, "labels": labels,
-            "source": metadata.get("source", ""), "sha256": recorded}
-    if int8 is not None:
-        if not isinstance(int8, dict):
-            raise WeightsError(f"{path}: its int8 metadata must be an object (ranges and scales), got {type(int8).__name__}")
-        meta["int8"] = int8  # checked against the model by mobilenets.quantize.from_model when used
     return Converted(sd, config, meta)
 

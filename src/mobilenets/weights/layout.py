@@ -15,21 +15,13 @@ import torch
 
 from .. import checkpoint, labels
 from ..architecture import MAX_ALPHA, MAX_CLASSES, RESOLUTION_RANGE, resolution_ok
-from ..errors import MobilenetsError
-from ..images import CROP_FRACTION, INCEPTION, Normalization
+from ..errors import MissingWeightsError, WeightsError  # noqa: F401 (their historical home)
+from .. import metadata
+from ..images import Normalization
+from ..metadata import DEFAULT_RESOLUTION, Metadata, check_normalization  # noqa: F401 (readers import them here)
 from ..model import MobileNetV1, MobileNetV1Config
-
-DEFAULT_RESOLUTION = 224
 # Options that are properties of a set of weights; a caller may not override them when loading.
 FIXED_OPTIONS = ("alpha", "activation", "padding", "bn_eps", "min_depth", "full_conv", "shallow")
-
-
-class WeightsError(MobilenetsError):
-    """Weights that cannot be converted, loaded or fetched; the message says why and what would work."""
-
-
-class MissingWeightsError(WeightsError, FileNotFoundError):
-    """A weights path that does not exist (also a FileNotFoundError, for callers that catch that)."""
 
 
 def imagenet_labels() -> list[str]:
@@ -42,18 +34,6 @@ def check_resolution(value, name: str = "<weights>") -> int:
     if not resolution_ok(value):
         raise WeightsError(f"{name}: resolution must be {RESOLUTION_RANGE}, got {value!r}")
     return value
-
-
-def check_normalization(normalization, name: str = "<weights>") -> dict:
-    """A stored normalisation: {"mean": [3 numbers], "std": [3 positive numbers]}."""
-    ok = isinstance(normalization, dict) and all(
-        isinstance(normalization.get(k), list) and len(normalization[k]) == 3
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in normalization[k])
-        for k in ("mean", "std"))
-    if not ok or not all(v > 0 for v in normalization["std"]):
-        raise WeightsError(f"{name}: normalization must be {{'mean': [3 numbers], 'std': [3 positive numbers]}}, "
-                           f"got {str(normalization)[:80]}")
-    return normalization
 
 
 def meta_shapes(config: MobileNetV1Config) -> dict[str, tuple[int, ...]]:
@@ -116,50 +96,23 @@ def infer_config(shapes: dict[str, tuple[int, ...]], *, name: str = "<weights>",
     raise WeightsError(f"{name}: the layer widths fit no width multiplier alpha ({mismatch})")
 
 
-def timm_cfg(resolution: int, normalization: Normalization, num_classes: int, *,
-             crop_pct: float = CROP_FRACTION, interpolation: str = "bilinear") -> dict:
-    """timm's ``pretrained_cfg`` keys, so ``timm.data.resolve_data_config(model=m)`` sees our preprocessing."""
-    return {
-        "input_size": (3, resolution, resolution),
-        "interpolation": interpolation,
-        "mean": tuple(normalization.mean),
-        "std": tuple(normalization.std),
-        "crop_pct": crop_pct,
-        "crop_mode": "center",
-        "num_classes": num_classes,
-        "first_conv": "features.0.conv",
-        "classifier": "classifier",
-    }
-
-
-def pretrained_cfg(config: MobileNetV1Config, meta: dict) -> dict:
-    """:func:`timm_cfg` for a model from its config and the preprocessing its meta records."""
-    norm = Normalization.from_dict(meta.get("normalization") or INCEPTION.to_dict())
-    return timm_cfg(int(meta.get("resolution") or DEFAULT_RESOLUTION), norm, config.num_classes)
-
-
 @dataclass
 class Converted:
     """Weights in our layout: a state dict, the config that fits it and the metadata of the weights."""
 
     state_dict: dict[str, torch.Tensor]
     config: MobileNetV1Config
-    meta: dict
+    meta: Metadata
 
     def model(self, **options) -> MobileNetV1:
-        return build(self, options, self.meta.get("source") or "<converted>")
+        return build(self, options, self.meta.source or "<converted>")
 
     @classmethod
     def from_model(cls, model: MobileNetV1) -> Converted:
         """Any model (converted, trained, fine-tuned, ablated), with its meta or the defaults of a fresh one."""
         if not isinstance(model, MobileNetV1):
             raise WeightsError(f"expected a mobilenets MobileNetV1 model, got {type(model).__name__}")
-        meta = dict(getattr(model, "meta", None) or {})
-        meta.setdefault("resolution", DEFAULT_RESOLUTION)
-        meta.setdefault("normalization", INCEPTION.to_dict())
-        meta.setdefault("labels", None)
-        meta.setdefault("source", "python")
-        meta["alpha"] = model.config.alpha
+        meta = metadata.of(model).check_labels(model.config.num_classes, "model.meta")
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         return cls(sd, model.config, meta)
 
@@ -187,16 +140,14 @@ def build(converted: Converted, options: dict, name) -> MobileNetV1:
     new_head = config.num_classes != converted.config.num_classes
     model = MobileNetV1(config) if new_head else empty_model(config)
     sd = dict(converted.state_dict)
-    meta = dict(converted.meta)
+    meta = converted.meta
     if new_head:
         # a new head for fine-tuning: keep the body, let the classifier start from its initialisation
         sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
-        meta["labels"] = None
+        meta = meta.for_head(config.num_classes)
     checkpoint.load_state_dict(model, sd, path=name)
-    meta["alpha"] = config.alpha
     model.meta = meta
-    model.pretrained_cfg = pretrained_cfg(config, meta)
     return model.eval()
 
 
@@ -209,11 +160,7 @@ def finish(sd: dict[str, torch.Tensor], config: MobileNetV1Config, *, source: st
     check_shapes(config, {k: tuple(v.shape) for k, v in sd.items()}, str(path))
     if labels is None and config.num_classes == 1000:
         labels = imagenet_labels()
-    meta = {
-        "alpha": config.alpha,
-        "resolution": check_resolution(int(resolution or DEFAULT_RESOLUTION), str(path)),
-        "normalization": normalization.to_dict(),
-        "labels": labels,
-        "source": f"{source}:{Path(path).name}",
-    }
+    meta = Metadata.from_dict({"resolution": check_resolution(int(resolution or DEFAULT_RESOLUTION), str(path)),
+                               "normalization": normalization, "labels": labels,
+                               "source": f"{source}:{Path(path).name}"}, str(path), num_classes=config.num_classes)
     return Converted(sd, config, meta)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..images import CROP_FRACTION, INCEPTION, Normalization, eval_transform
-from .layout import WeightsError, imagenet_labels, timm_cfg
+from ..metadata import Metadata
+from .layout import WeightsError, imagenet_labels
 
 ALPHAS = (1.0, 0.75, 0.5, 0.25)
 RESOLUTIONS = (224, 192, 160, 128)
@@ -80,10 +81,15 @@ class Weights:
         return EvalPreprocess(self.resolution, self.normalization)
 
     @property
+    def meta(self) -> Metadata:
+        """What a model loaded from these weights carries as ``model.meta``."""
+        return Metadata(resolution=self.resolution, normalization=self.normalization, labels=self.labels,
+                        source=f"keras:{self.keras_file}", crop_pct=self.crop_pct, interpolation=self.interpolation)
+
+    @property
     def pretrained_cfg(self) -> dict:
         """The same preprocessing in timm's ``pretrained_cfg`` keys."""
-        return timm_cfg(self.resolution, self.normalization, self.num_classes, crop_pct=self.crop_pct,
-                        interpolation=self.interpolation)
+        return self.meta.pretrained_cfg(self.num_classes)
 
 
 WEIGHTS: dict[tuple[float, int], Weights] = {

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
-from ..images import INCEPTION
+from ..metadata import Metadata
 from ..model import MobileNetV1Config
 from . import file
 from .download import pretrained
 from .keras import HDF5_SIGNATURE
 from .layout import (DEFAULT_RESOLUTION, FIXED_OPTIONS, Converted, MissingWeightsError, WeightsError,
-                     check_normalization, check_resolution, check_shapes, infer_config)
+                     check_shapes, infer_config)
 
 RUN_FILES = ("best.pt", "last.pt")
 
@@ -83,9 +83,7 @@ def read(source, *, options: dict | None = None, **resolve_args) -> Converted:
                            f"mobilenets convert --from timm {path} --out model.safetensors")
     options = {k: v for k, v in (options or {}).items() if k in FIXED_OPTIONS and k != "alpha"}
     config = infer_config(sd, name=str(path), **options)
-    meta = {"alpha": config.alpha, "resolution": DEFAULT_RESOLUTION, "normalization": INCEPTION.to_dict(),
-            "labels": None, "source": f"state_dict:{path.name}"}
-    return Converted(sd, config, meta)
+    return Converted(sd, config, Metadata(source=f"state_dict:{path.name}"))
 
 
 def _state_dict(obj, path) -> dict[str, torch.Tensor]:
@@ -125,15 +123,9 @@ def _from_checkpoint(obj: dict, path: Path) -> Converted:
         raise WeightsError(f"{path}: unreadable model config ({(str(e).splitlines() or [''])[0]})") from None
     sd = _state_dict(obj.get("state_dict"), path)
     check_shapes(config, {k: tuple(v.shape) for k, v in sd.items()}, str(path))
-    meta = obj.get("meta") or {}
-    if not isinstance(meta, dict):
-        raise WeightsError(f"{path}: meta must be a dict, got {type(meta).__name__}")
-    meta = dict(meta)
-    meta["resolution"] = check_resolution(meta.get("resolution") or DEFAULT_RESOLUTION, str(path))
-    meta["normalization"] = check_normalization(meta.get("normalization") or INCEPTION.to_dict(), str(path))
-    labels = meta.get("labels")
-    if labels is not None and (not isinstance(labels, list) or len(labels) != config.num_classes):
-        raise WeightsError(f"{path}: labels must be None or {config.num_classes} names, one per class")
-    meta["alpha"] = config.alpha
-    meta.setdefault("source", f"checkpoint:{path.name}")
+    stored = obj.get("meta") or {}
+    if not isinstance(stored, dict):
+        raise WeightsError(f"{path}: meta must be a dict, got {type(stored).__name__}")
+    meta = Metadata.from_dict({"source": f"checkpoint:{path.name}", **stored}, str(path),
+                              num_classes=config.num_classes)
     return Converted(sd, config, meta)

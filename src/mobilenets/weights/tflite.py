@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from .. import tflite_schema as fb
-from ..images import INCEPTION, Normalization
+from ..images import INCEPTION
+from ..metadata import Metadata
 from .layout import Converted, WeightsError, imagenet_labels, infer_config
 
 MAX_FILE_BYTES = 1 << 30
@@ -210,14 +211,17 @@ def from_tflite(path, *, keep_background: bool = False, resolution: int | None =
     config = infer_config(sd, name=str(path), **options)
     if labels is None:
         labels = ours.get("labels") or (imagenet_labels() if config.num_classes == 1000 else None)
-    normalization = Normalization.from_dict(ours["normalization"]) if ours.get("normalization") else INCEPTION
-    meta = {"alpha": config.alpha, "resolution": int(resolution or input_shape[1]),
-            "normalization": normalization.to_dict(), "labels": labels, "source": f"tflite:{source}"}
+    int8 = None
     if all(r is not None for r in ranges.values()) and ranges:
-        meta["int8"] = {"version": INT8_FORMAT_VERSION, "weights": _weight_layout(graph, convs),
-                        "activations": "affine per tensor (from the .tflite file)",
-                        "ranges": {k: list(v) for k, v in ranges.items()},
-                        "scales": [[1.0] * int(sd[f"{n}.conv.weight"].shape[0]) for n in names], "report": {}}
+        int8 = {"version": INT8_FORMAT_VERSION, "weights": _weight_layout(graph, convs),
+                "activations": "affine per tensor (from the .tflite file)",
+                "ranges": {k: list(v) for k, v in ranges.items()},
+                "scales": [[1.0] * int(sd[f"{n}.conv.weight"].shape[0]) for n in names], "report": {}}
+    # what the file's own metadata claims is checked like any stored record, before anything is written
+    meta = Metadata.from_dict({"resolution": int(resolution or input_shape[1]),
+                               "normalization": ours.get("normalization") or INCEPTION, "labels": labels,
+                               "source": f"tflite:{source}", "int8": int8}, str(path),
+                              num_classes=config.num_classes)
     return Converted(sd, config, meta)
 
 
