@@ -122,7 +122,7 @@ def test_eval_transform_resizes_crops_and_scales_to_minus_one_one():
 
 
 def test_eval_transform_centre_crop_keeps_the_centre():
-    # a 280x280 image resized to 160/0.875 = 183 then cropped: the centre pixel survives, the border does not
+    # a 280x280 image resized to floor(160/0.875) = 182 then cropped: the centre pixel survives, the border does not
     a = np.zeros((280, 280, 3), dtype=np.uint8)
     a[130:150, 130:150] = 255
     x = images.eval_transform(Image.fromarray(a), 160, images.IMAGENET)

@@ -178,8 +178,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def resize_size(resolution: int) -> int:
-    """The shorter side an image is resized to before the centre crop: resolution / 0.875 (256 for 224)."""
-    return int(round(resolution / CROP_FRACTION))
+    """The shorter side an image is resized to before the centre crop: resolution / 0.875, rounded down
+    (256 for 224, 182 for 160).  Down, as timm computes it from ``pretrained_cfg``'s crop_pct, so a timm
+    user's pipeline and ours resize to the same size (rounding to nearest gave 183 at 160)."""
+    return math.floor(resolution / CROP_FRACTION)
 
 
 def draft_side(resolution: int) -> int:
@@ -214,9 +216,11 @@ def eval_pixels(image: Image.Image | torch.Tensor, resolution: int) -> torch.Ten
     """
     w, h = (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
     resize = resize_size(resolution)
-    scale = resize / min(w, h)
-    new_w, new_h = max(resize, round(w * scale)), max(resize, round(h * scale))
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    # torchvision's (and so timm's) sizes and offsets to the pixel: the long side truncated, the crop's
+    # offset rounded half to even; rounding either otherwise shifts the sampling grid by up to a pixel
+    new_long = int(resize * max(w, h) / min(w, h))
+    new_w, new_h = (new_long, resize) if w >= h else (resize, new_long)
+    left, top = int(round((new_w - resolution) / 2.0)), int(round((new_h - resolution) / 2.0))
     if new_w * new_h <= MAX_RESIZED_PIXELS:
         px = image if isinstance(image, torch.Tensor) else pixels(image)
         resized = F.interpolate(px[None], size=(new_h, new_w), mode="bilinear", antialias=True,
