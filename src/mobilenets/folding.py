@@ -44,6 +44,9 @@ class FoldedMobileNet(nn.Module):
         super().__init__()
         self.features = nn.Sequential(*layers)
         self.classifier = classifier
+        # for int8: the int8-ready form these weights came from (a mobilenets.quantize.Int8Ready: ranges,
+        # equalization scales), which every int8 backend builds from; None for plain folding
+        self.int8_ready = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -98,7 +98,7 @@ class Backend:
     def needs_calibration(self, folded, precision: str) -> bool:
         """Whether building ``folded`` at ``precision`` needs calibration batches: int8 measures its activation
         ranges on them, unless the graph is int8-ready (:mod:`mobilenets.quantize`) and brings its own."""
-        return precision == "int8" and getattr(folded, "int8_ready", None) is None
+        return precision == "int8" and folded.int8_ready is None
 
     def build(self, folded, precision: str, batches: list[torch.Tensor], batch_size: int, resolution: int,
               workdir: Path) -> Run:

@@ -248,7 +248,7 @@ def check(path, reference, metadata: dict, *, precision: str | None = None, imag
     report = {"path": str(path), "format": "coreml", "precision": kind, "executed": False, "why": NOT_RUN,
               "specification_version": int(spec.specificationVersion), "input": INPUT, "resolution": resolution,
               "outputs": outputs, "classes": len(labels_wanted or []), "convolutions": convs,
-              "weights": "int8-ready" if getattr(folded, "int8_ready", None) is not None else "folded",
+              "weights": "int8-ready" if folded.int8_ready is not None else "folded",
               "weight_tensors": len(layers),
               ("weights_max_steps" if kind == "int8" else "weights_max_abs_diff"): worst_weight,
               **({"int8_codes_differing": codes_differ} if kind == "int8" else {}),

@@ -215,7 +215,7 @@ def pte_bytes(folded, precision: str, batches: list[torch.Tensor], resolution: i
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    ready = getattr(folded, "int8_ready", None) if precision == "int8" else None
+    ready = folded.int8_ready if precision == "int8" else None
     if precision == "int8" and ready is None and not batches:
         raise DeployError("int8 needs calibration batches")
     with warnings.catch_warnings():

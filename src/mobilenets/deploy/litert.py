@@ -27,7 +27,7 @@ def tflite_bytes(folded, precision: str, batches, resolution: int, *, io: str | 
     """The .tflite file of ``folded`` as bytes (``io``: int8 [default], uint8 or float, int8 models only)."""
     if io is not None and precision != "int8" and io != "float":
         raise DeployError(f"io={io!r} applies to int8 files; an {precision} file has float input and output")
-    ready = getattr(folded, "int8_ready", None)
+    ready = folded.int8_ready
     if precision == "int8" and ready is not None:  # int8-ready weights bring their own ranges
         folded, ranges = single_clip(folded), ready.ranges
     return fb.write(build_graph(folded, resolution, precision, batches, io or "int8", metadata, ranges))

@@ -70,7 +70,7 @@ def onnx_file(folded, path, precision: str, batches, *, resolution: int, batch_s
     path = Path(path)
     if precision != "int8":
         return export_onnx(folded, path, resolution=resolution, batch_size=batch_size)
-    ready = getattr(folded, "int8_ready", None)
+    ready = folded.int8_ready
     if ready is not None:  # our own QDQ graph: equalized, bias-corrected, ranges chosen by error
         from ..quantize import to_qdq_onnx
 

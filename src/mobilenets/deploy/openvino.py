@@ -68,7 +68,7 @@ def openvino_model(folded, precision: str, batches, *, resolution: int, batch_si
 
     example = example_input(batch_size or 1, resolution)
     shape = [batch_size or -1, 3, resolution, resolution]
-    ready = getattr(folded, "int8_ready", None) if precision == "int8" else None
+    ready = folded.int8_ready if precision == "int8" else None
     if ready is not None:  # our QDQ graph, which OpenVINO reads as int8 (FakeQuantize): no NNCF needed
         import tempfile
 

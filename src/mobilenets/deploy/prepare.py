@@ -126,7 +126,7 @@ def single_clip(folded: FoldedMobileNet) -> FoldedMobileNet:
     calibration caps the int8-ready ranges there (an observer of this graph cannot see more either).
     The result keeps ``int8_ready``.
     """
-    ready = getattr(folded, "int8_ready", None)
+    ready = folded.int8_ready
     if ready is None:
         return folded
     from ..quantize import scalar_clips

@@ -60,7 +60,7 @@ def quantize_pt2e(folded: FoldedMobileNet, batches: list[torch.Tensor], *, dynam
     """
     PerChannelMinMaxObserver, convert_pt2e, prepare_pt2e, x86 = _pt2e()
     config = x86.get_default_x86_inductor_quantization_config()
-    if getattr(folded, "int8_ready", None) is not None:
+    if folded.int8_ready is not None:
         weight = dataclasses.replace(config.weight, quant_min=-sim.WEIGHT_QMAX, quant_max=sim.WEIGHT_QMAX,
                                      observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(
                                          eps=torch.finfo(torch.float32).tiny))
