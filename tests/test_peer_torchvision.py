@@ -144,6 +144,28 @@ def test_transforms_script_and_give_the_eval_preprocessing(size):
     assert float((as_float - expected).abs().max()) <= 1.01 / 255 / min(normalization.std)
 
 
+@pytest.mark.parametrize("shape", [(3, 375, 501), (2, 3, 517, 133)])  # crop offsets x.5: rounding shows
+def test_transforms_equal_torchvisions_image_classification_on_tensors(shape):
+    """torchvision's ImageClassification with the same sizes (the oracle): the same sizes and crop offsets and
+    the same antialiased bilinear filter.  On a float image they agree up to the normalising arithmetic
+    ((x / 255 - mean) / std against our x * scale - shift: float32 ulps of values up to 2.7); on uint8 pixels
+    torchvision resizes in float and rounds, ours with PyTorch's uint8 kernel: one grey level apart at most
+    (a wrong size or a crop one pixel off moves values by far more on this noise image)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms._presets import ImageClassification
+
+    from mobilenets.images import resize_size
+
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    theirs = ImageClassification(crop_size=160, resize_size=resize_size(160), mean=IMAGENET.mean,
+                                 std=IMAGENET.std, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    ours = torch.jit.script(EvalTransform(160, IMAGENET))
+    grey_level = 1 / 255 / min(IMAGENET.std)
+    assert float((ours(pixels) - theirs(pixels)).abs().max()) <= grey_level + 1e-5
+    floats = pixels.float() / 255
+    torch.testing.assert_close(ours(floats), theirs(floats), rtol=0, atol=1e-5)
+
+
 def test_member_transforms_are_modules_that_script():
     w = MobileNet_V1_Weights.IMAGENET1K_0_75_192
     transform = w.transforms()
@@ -178,7 +200,7 @@ def test_builders_take_a_member_its_name_or_imagenet(served):
     name = "MobileNet_V1_Weights.IMAGENET1K_0_5_160"
     for model in (mobilenet_v1(weights=w), mobilenet_v1(weights=name), mobilenets.mobilenet_v1(weights=w),
                   mobilenets.mobilenet_v1(weights=name), mobilenets.mobilenet_v1(0.5, weights=w, resolution=160)):
-        assert model.config.alpha == 0.5 and model.meta["resolution"] == 160
+        assert model.config.alpha == 0.5 and model.meta.resolution == 160
         assert torch.equal(model.eval()(x), reference)
     assert served.requests == ["/mobilenet_5_0_160_tf.h5"]  # one download, converted once
 
