@@ -20,7 +20,8 @@ from .weights.layout import WeightsError, check_resolution
 
 
 def mobilenet_v1(alpha: float | None = None, *, weights: str | os.PathLike | Enum | None = None,
-                 resolution: int | None = None, num_classes: int | None = None, progress: bool = True, **kwargs) -> MobileNetV1:
+                 resolution: int | None = None, num_classes: int | None = None, progress: bool = True,
+                 **kwargs) -> MobileNetV1:
     """MobileNet v1 (Howard et al., 2017, arXiv:1704.04861) with width multiplier ``alpha`` (default 1.0).
 
     ``weights=None`` gives a freshly initialised model (``kwargs`` as in
