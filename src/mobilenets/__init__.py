@@ -23,8 +23,8 @@ _EXPORTS = {
     "MobilenetsError": "errors",
 }
 _SUBMODULES = {"architecture", "benchmark", "builders", "cache", "checkpoint", "cli", "cost", "data", "deploy",
-               "errors", "evaluate", "images", "labels", "model", "paper", "pick", "pipeline", "predict", "train",
-               "weights"}
+               "errors", "evaluate", "images", "labels", "model", "models", "paper", "pick", "pipeline", "predict",
+               "train", "weights"}
 
 __all__ = sorted([*_EXPORTS, "cost", "measure"])
 

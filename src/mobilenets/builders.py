@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from enum import Enum
 from pathlib import Path
 
 from . import weights as _weights
@@ -18,19 +19,31 @@ from .model import MobileNetV1, MobileNetV1Config
 from .weights.layout import WeightsError, check_resolution
 
 
-def mobilenet_v1(alpha: float = 1.0, *, weights: str | os.PathLike | None = None, resolution: int | None = None,
-                 num_classes: int | None = None, progress: bool = True, **kwargs) -> MobileNetV1:
-    """MobileNet v1 (Howard et al., 2017, arXiv:1704.04861) with width multiplier ``alpha``.
+def mobilenet_v1(alpha: float | None = None, *, weights: str | os.PathLike | Enum | None = None,
+                 resolution: int | None = None, num_classes: int | None = None, progress: bool = True,
+                 **kwargs) -> MobileNetV1:
+    """MobileNet v1 (Howard et al., 2017, arXiv:1704.04861) with width multiplier ``alpha`` (default 1.0).
 
     ``weights=None`` gives a freshly initialised model (``kwargs`` as in
     :class:`MobileNetV1Config`: ``padding``, ``bn_eps``, ``dropout``, ...;
     ``num_classes`` defaults to 1000).  ``weights="imagenet"`` loads the
     released ImageNet weights for ``alpha`` x ``resolution`` (see
-    ``mobilenets.weights.WEIGHTS``), fetched and converted once.
+    ``mobilenets.weights.WEIGHTS``), fetched and converted once; so does a
+    member of ``mobilenets.models.MobileNet_V1_Weights`` or its name
+    ("MobileNet_V1_Weights.IMAGENET1K_0_5_160", as torchvision's
+    ``get_weight`` takes it), which also sets ``alpha`` and ``resolution``.
     ``weights=PATH`` loads a run folder, checkpoint, .safetensors or state
     dict.  With weights, ``resolution`` defaults to the weights' own and
     ``num_classes`` gives a new, freshly initialised head for fine-tuning.
     """
+    released = _weights.registry.released(weights)
+    if released is not None:
+        for name, given, own in (("alpha", alpha, released.alpha), ("resolution", resolution, released.resolution)):
+            if given is not None and given != own:
+                raise WeightsError(f"{weights!r} are the {released.alpha:g}-{released.resolution} weights, "
+                                   f"not {name} {given!r}; leave {name} out or choose the member for it")
+        alpha, resolution, weights = released.alpha, released.resolution, "imagenet"
+    alpha = 1.0 if alpha is None else alpha
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if weights is None:

@@ -215,22 +215,87 @@ def eval_pixels(image: Image.Image | torch.Tensor, resolution: int) -> torch.Ten
     and offsets, so the same pixels to within one grey level.
     """
     w, h = (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
-    resize = resize_size(resolution)
-    # torchvision's (and so timm's) sizes and offsets to the pixel: the long side truncated, the crop's
-    # offset rounded half to even; rounding either otherwise shifts the sampling grid by up to a pixel
-    new_long = int(resize * max(w, h) / min(w, h))
-    new_w, new_h = (new_long, resize) if w >= h else (resize, new_long)
-    left, top = int(round((new_w - resolution) / 2.0)), int(round((new_h - resolution) / 2.0))
+    new_w, new_h, left, top = _resized_box(w, h, resolution, resize_size(resolution))
     if new_w * new_h <= MAX_RESIZED_PIXELS:
-        px = image if isinstance(image, torch.Tensor) else pixels(image)
-        resized = F.interpolate(px[None], size=(new_h, new_w), mode="bilinear", antialias=True,
-                                align_corners=False)[0]
-        return resized[:, top:top + resolution, left:left + resolution].contiguous()
+        return resize_crop(image if isinstance(image, torch.Tensor) else pixels(image), resolution,
+                           resize_size(resolution))
     if isinstance(image, torch.Tensor):
         image = Image.fromarray(image.permute(1, 2, 0).numpy())
     sx, sy = new_w / w, new_h / h  # the scale actually applied on each axis, after rounding
     box = (left / sx, top / sy, (left + resolution) / sx, (top + resolution) / sy)
     return pixels(image.resize((resolution, resolution), Image.BILINEAR, box=box)).contiguous()
+
+
+def _resized_box(w: int, h: int, resolution: int, resize: int) -> tuple[int, int, int, int]:
+    """(width, height) after resizing the shorter side to ``resize``, and the crop's (left, top)."""
+    # torchvision's (and so timm's) sizes and offsets to the pixel: the long side truncated, the crop's
+    # offset rounded half to even; rounding either otherwise shifts the sampling grid by up to a pixel
+    new_long = int(resize * max(w, h) / min(w, h))
+    new_w, new_h = (new_long, resize) if w >= h else (resize, new_long)
+    return new_w, new_h, int(round((new_w - resolution) / 2.0)), int(round((new_h - resolution) / 2.0))
+
+
+def resize_crop(image: torch.Tensor, resolution: int, resize: int) -> torch.Tensor:
+    """:func:`eval_pixels`' resize (shorter side to ``resize``, :func:`resize_size`) and centre crop of a
+    (3, H, W) or (N, 3, H, W) tensor, any dtype; scriptable.
+
+    uint8 pixels take PyTorch's antialiased bilinear uint8 kernel; float
+    ones the same filter in float.  The result keeps the input's dtype.
+    """
+    w, h = image.shape[-1], image.shape[-2]
+    new_w, new_h, left, top = _resized_box(w, h, resolution, resize)
+    batch = image if image.dim() == 4 else image.unsqueeze(0)
+    resized = F.interpolate(batch, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    cropped = resized[:, :, top:top + resolution, left:left + resolution]
+    return (cropped if image.dim() == 4 else cropped[0]).contiguous()
+
+
+class EvalTransform(torch.nn.Module):
+    """:func:`eval_transform` as a module that scripts (``torch.jit.script``), as torchvision's
+    ``ImageClassification`` is: the transforms of a set of weights.
+
+    Takes an RGB PIL image (eager only), uint8 pixels (3, H, W) or (N, 3, H, W)
+    (0..255), or a float tensor of that shape in [0, 1] (what
+    ``ToTensor`` / ``convert_image_dtype`` give); returns the normalised
+    float (…, 3, R, R) crop.  PIL images and uint8 pixels give exactly
+    :func:`eval_transform`'s values.
+    """
+
+    def __init__(self, resolution: int, normalization: Normalization = INCEPTION):
+        super().__init__()
+        self.resolution, self.resize = int(resolution), resize_size(resolution)
+        self.mean, self.std = list(normalization.mean), list(normalization.std)
+        scale, shift = _affine(normalization)
+        # (x / 255 - mean) / std = x * scale - shift: eval_transform's constants, so its exact values
+        self.register_buffer("scale", scale.clone(), persistent=False)
+        self.register_buffer("shift", shift.clone(), persistent=False)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if not isinstance(img, torch.Tensor) or (img.dtype == torch.uint8 and img.dim() == 3):
+                return self._eager(img)  # eval_transform itself, with its path for huge images
+        if img.dtype == torch.uint8:
+            return resize_crop(img, self.resolution, self.resize).to(torch.float32).mul_(self.scale).sub_(self.shift)
+        if not img.is_floating_point():
+            raise TypeError(f"expected uint8 pixels or a float image in [0, 1], got {img.dtype}")
+        # float in [0, 1]: 255 x the uint8 scale, computed in float64 then rounded like the uint8 constants
+        scale = (self.scale.double() * 255.0).to(img.dtype)
+        return resize_crop(img, self.resolution, self.resize) * scale - self.shift.to(img.dtype)
+
+    @torch.jit.unused
+    def _eager(self, img) -> torch.Tensor:
+        return eval_transform(img, self.resolution, Normalization(tuple(self.mean), tuple(self.std)))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(crop_size={self.resolution}, resize_size={self.resize}, "
+                f"mean={self.mean}, std={self.std}, interpolation=bilinear, antialias=True)")
+
+    def describe(self) -> str:
+        """A line for documentation, in the words of torchvision's ``ImageClassification.describe``."""
+        return (f"Accepts PIL.Image, batched (B, C, H, W) and single (C, H, W) image torch.Tensor objects. "
+                f"The images are resized to resize_size={[self.resize]} using "
+                f"interpolation=bilinear (antialiased), followed by a central crop of crop_size={[self.resolution]}. "
+                f"uint8 values are rescaled to [0.0, 1.0], then normalized using mean={self.mean} and std={self.std}.")
 
 
 def pixels(image: Image.Image) -> torch.Tensor:
