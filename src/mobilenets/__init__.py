@@ -2,12 +2,19 @@
 
 Names are imported on first use (PEP 562), so ``import mobilenets`` and the
 CLI start without loading PyTorch; the CLI must set OpenMP's wait policy
-before PyTorch's runtime starts.
+before PyTorch's runtime starts.  For the same reason timm is never imported
+here: :mod:`mobilenets.timm` registers the family in timm's model registry
+when timm itself is imported, in either order (see
+:func:`register_when_timm_is_imported`).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 
 __version__ = "0.2.0"
 
@@ -24,6 +31,7 @@ _EXPORTS = {
 }
 _SUBMODULES = {"architecture", "benchmark", "builders", "cache", "checkpoint", "cli", "cost", "data", "deploy",
                "errors", "evaluate", "images", "labels", "model", "models", "paper", "pick", "pipeline", "predict",
+               "timm",
                "train", "weights"}
 
 __all__ = sorted([*_EXPORTS, "cost", "measure"])
@@ -41,3 +49,46 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+def _register_in_timm() -> None:
+    try:
+        importlib.import_module(".timm", __name__)
+    except Exception as e:  # a timm we cannot register with must not break the user's own `import timm`
+        warnings.warn(f"mobilenets could not register its models with timm {getattr(sys.modules.get('timm'), '__version__', '')}: "
+                      f"{type(e).__name__}: {e}", stacklevel=2)
+
+
+class _AfterTimmImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when ``timm`` is about to be imported, wraps its loader to register us after it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "timm":
+            return None
+        sys.meta_path.remove(self)  # once; and find the real spec without finding ourselves again
+        spec = importlib.util.find_spec("timm")
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            _register_in_timm()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def register_when_timm_is_imported() -> None:
+    """Register the family in timm's registry now if timm is loaded, else right after ``import timm``.
+
+    Costs nothing when timm is never imported: only a finder that waits for
+    the name ``timm`` is added to ``sys.meta_path``.
+    """
+    if "timm" in sys.modules:
+        _register_in_timm()
+    elif not any(isinstance(f, _AfterTimmImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterTimmImport())
+
+
+register_when_timm_is_imported()

@@ -67,6 +67,7 @@ MAX_ALPHA = 4.0
 MAX_RESOLUTION = 2048
 MAX_CLASSES = 100_000
 OUTPUT_STRIDES = (8, 16, 32)
+MAX_IN_CHANS = 1024  # input channels: RGB is 3; multispectral stacks have tens; a typo of 10**6 is refused
 
 
 def depth(channels: int, alpha: float, min_depth: int = 8) -> int:
@@ -164,22 +165,26 @@ def body(
     full_conv: bool = False,
     shallow: bool = False,
     output_stride: int | None = None,
+    in_chans: int = 3,
 ) -> tuple[Block, ...]:
     """The convolutional body for width multiplier ``alpha``.
 
     ``full_conv`` replaces every separable pair by a standard 3x3 convolution
     (Table 4); ``shallow`` removes rows 7-11 (Table 5); ``output_stride`` keeps
     the feature map at 1/8 or 1/16 of the input by turning later strides into
-    dilation, as TF-slim does for dense prediction.
+    dilation, as TF-slim does for dense prediction; ``in_chans`` is the number
+    of input channels (3 for RGB; 1 for grayscale, more for other sensors).
     """
     alpha = check_alpha(alpha)
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or not 1 <= in_chans <= MAX_IN_CHANS:
+        raise ParameterError(f"in_chans must be an integer in [1, {MAX_IN_CHANS}] (3 for RGB), got {in_chans!r}")
     if isinstance(min_depth, bool) or not isinstance(min_depth, int) or min_depth < 1:
         raise ParameterError(f"min_depth must be a positive integer (TF-slim uses 8), got {min_depth!r}")
     if output_stride is not None and output_stride not in OUTPUT_STRIDES:
         raise ParameterError(f"output_stride must be one of {OUTPUT_STRIDES} or None, got {output_stride!r}")
 
     blocks = []
-    in_channels = 3
+    in_channels = in_chans
     current_stride, rate = 1, 1
     for index, conv_def in enumerate(CONV_DEFS):
         if shallow and index in SHALLOW_REMOVED:
@@ -203,6 +208,34 @@ def body(
         blocks.append(Block(index, layers))
         in_channels = out_channels
     return tuple(blocks)
+
+
+@dataclass(frozen=True)
+class FeatureLevel:
+    """A feature map for dense prediction: the output of the last row at one of the paper's five resolutions."""
+
+    position: int  # index into the body's blocks (= the ``features`` child), not the Table 1 row
+    block: Block
+    reduction: int  # input size / feature-map size, after output_stride's dilation
+
+
+def feature_levels(blocks: tuple[Block, ...]) -> tuple[FeatureLevel, ...]:
+    """One level per stride of Table 1 (1/2, 1/4, 1/8, 1/16, 1/32): the last row before the next stride-2 row.
+
+    For the standard body these are rows 1, 3, 5, 11 and 13 with 64, 128, 256, 512 and 1024 channels at alpha 1
+    (TF-slim's Conv2d_11 and Conv2d_13 are SSD's two backbone taps).  The levels follow Table 1's strides, not
+    the dilated ones, so level i names the same row at every output_stride; only its reduction changes.
+    """
+    levels, table_stride, reduction = [], 1, 1
+    for position, block in enumerate(blocks):
+        table_stride *= CONV_DEFS[block.index].stride
+        reduction *= block.layers[0].stride
+        level = FeatureLevel(position, block, reduction)
+        if levels and levels[-1][0] == table_stride:
+            levels[-1] = (table_stride, level)
+        elif table_stride > 1:
+            levels.append((table_stride, level))
+    return tuple(level for _, level in levels)
 
 
 def classifier(blocks: tuple[Block, ...], num_classes: int) -> Layer | None:

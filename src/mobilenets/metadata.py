@@ -110,12 +110,12 @@ class Metadata:
         labels = self.labels if self.labels is not None and len(self.labels) == num_classes else None
         return replace(self, labels=labels, int8=None)
 
-    def pretrained_cfg(self, num_classes: int, output_stride: int | None = None) -> dict:
+    def pretrained_cfg(self, num_classes: int, output_stride: int | None = None, in_chans: int = 3) -> dict:
         """timm's ``pretrained_cfg`` keys, so ``timm.data.resolve_data_config(model=m)`` sees this preprocessing."""
         pool = -(-self.resolution // (output_stride or 32))
         return {
-            "input_size": (3, self.resolution, self.resolution),
-            "min_input_size": (3, MIN_RESOLUTION, MIN_RESOLUTION),
+            "input_size": (in_chans, self.resolution, self.resolution),
+            "min_input_size": (in_chans, MIN_RESOLUTION, MIN_RESOLUTION),
             "interpolation": self.interpolation,
             "mean": tuple(self.normalization.mean),
             "std": tuple(self.normalization.std),

@@ -9,13 +9,14 @@ billion classes is refused in one line instead of exhausting memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from .. import checkpoint, labels
 from ..architecture import MAX_ALPHA, MAX_CLASSES, RESOLUTION_RANGE, resolution_ok
 from ..errors import MissingWeightsError, WeightsError  # noqa: F401 (their historical home)
+from ..errors import ParameterTypeError
 from .. import metadata
 from ..images import Normalization
 from ..metadata import DEFAULT_RESOLUTION, Metadata, check_normalization  # noqa: F401 (readers import them here)
@@ -75,6 +76,9 @@ def infer_config(shapes: dict[str, tuple[int, ...]], *, name: str = "<weights>",
     if not 0 < last <= MAX_ALPHA * 1024 or num_classes > MAX_CLASSES:
         raise WeightsError(f"{name}: {last} channels and {num_classes} classes are beyond what this library "
                            f"loads (alpha <= {MAX_ALPHA:g}, num_classes <= {MAX_CLASSES})")
+    first = shapes.get("features.0.conv.weight")
+    if first and len(first) == 4:
+        options.setdefault("in_chans", first[1])
     mismatch = ""
     # widths are int(c * alpha), so several alphas fit one file: the 4-digit rounding of the last width
     # over 1024 is exact for the released 1.0, 0.75, 0.5, 0.25 (and timm's 1.25); the raw ratio is the fallback
@@ -96,6 +100,20 @@ def infer_config(shapes: dict[str, tuple[int, ...]], *, name: str = "<weights>",
     raise WeightsError(f"{name}: the layer widths fit no width multiplier alpha ({mismatch})")
 
 
+def adapt_first_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """The first convolution's weight (out, c, k, k) for ``in_chans`` input channels, the rule timm uses.
+
+    One channel: the sum over the colour channels, so a grey image gives what its RGB copy gave.  More:
+    the channels repeated cyclically and scaled by c / in_chans, so an input of whole RGB copies gives the
+    RGB output.
+    """
+    channels = weight.shape[1]
+    if in_chans == 1:
+        return weight.sum(1, keepdim=True)
+    repeats = -(-in_chans // channels)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (channels / in_chans)
+
+
 @dataclass
 class Converted:
     """Weights in our layout: a state dict, the config that fits it and the metadata of the weights."""
@@ -112,6 +130,9 @@ class Converted:
         """Any model (converted, trained, fine-tuned, ablated), with its meta or the defaults of a fresh one."""
         if not isinstance(model, MobileNetV1):
             raise WeightsError(f"expected a mobilenets MobileNetV1 model, got {type(model).__name__}")
+        if len(model.features) != len(model.config.blocks()):
+            raise WeightsError("this model is a pruned backbone (features_only or prune_intermediate_layers): "
+                               "its config no longer describes it; save the full model it came from")
         meta = metadata.of(model).check_labels(model.config.num_classes, "model.meta")
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         return cls(sd, model.config, meta)
@@ -131,16 +152,19 @@ def build(converted: Converted, options: dict, name) -> MobileNetV1:
         raise WeightsError(f"{name}: {', '.join(f'{k}={options[k]!r}' for k in fixed)} conflicts with the weights "
                            f"({', '.join(f'{k}={getattr(converted.config, k)!r}' for k in fixed)}); leave it out")
     options = {k: v for k, v in options.items() if k not in FIXED_OPTIONS}
+    unknown = sorted(set(options) - {f.name for f in fields(MobileNetV1Config)})
+    if unknown:
+        raise ParameterTypeError(f"{name}: unknown model option(s) {', '.join(unknown)}")
     try:
         config = replace(converted.config, **options)
-    except TypeError as e:
-        raise WeightsError(f"{name}: unknown model option ({e})") from None
     except ValueError as e:
         raise WeightsError(f"{name}: {e}") from None
     new_head = config.num_classes != converted.config.num_classes
     model = MobileNetV1(config) if new_head else empty_model(config)
     sd = dict(converted.state_dict)
     meta = converted.meta
+    if config.in_chans != converted.config.in_chans:
+        sd["features.0.conv.weight"] = adapt_first_conv(sd["features.0.conv.weight"], config.in_chans)
     if new_head:
         # a new head for fine-tuning: keep the body, let the classifier start from its initialisation
         sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
