@@ -84,17 +84,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _pip_download(folder: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", REQUIREMENT,
+def pip_download(folder: Path, requirement: str = REQUIREMENT, sdist: str = SDIST,
+                 what: str = "the real MobileNet graph") -> Path:
+    """The source release ``sdist`` of ``requirement`` from the package registry, into ``folder``.
+
+    Skipped when the registry is unreachable (failed under CI, where it is reachable).
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement,
            "-d", str(folder), "--disable-pip-version-check"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    sdist = folder / SDIST
-    if done.returncode == 0 and sdist.is_file():
-        return sdist
+    path = folder / sdist
+    if done.returncode == 0 and path.is_file():
+        return path
     tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
     if not os.environ.get("CI") and any(word in done.stderr for word in _OFFLINE):
-        pytest.skip(f"the package registry is unreachable, so the real MobileNet graph ({REQUIREMENT}) "
-                    f"cannot be fetched: {tail}")
+        pytest.skip(f"the package registry is unreachable, so {what} ({requirement}) cannot be fetched: {tail}")
     pytest.fail(f"'{' '.join(cmd)}' failed (exit {done.returncode}): {tail}")
 
 
@@ -104,7 +108,7 @@ def real_graph_path() -> Path:
     path = data_dir() / "nudity-0.2.3" / "retrained_graph.pb"
     if not path.is_file() or _sha256(path) != GRAPH_SHA256:
         with tempfile.TemporaryDirectory(prefix="pip-download-") as tmp:
-            sdist = _pip_download(Path(tmp))
+            sdist = pip_download(Path(tmp))
             with tarfile.open(sdist) as tar:
                 member = tar.getmember(GRAPH_MEMBER)
                 if not member.isfile() or member.size != GRAPH_BYTES:
