@@ -59,6 +59,12 @@ def timm_tests_folder() -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def timm_tests():
+    # module-scoped, so it runs before imagenet_cache moves MOBILENETS_CACHE: the download is cached for good
+    return timm_tests_folder()
+
+
 @pytest.fixture
 def imagenet_cache(tmp_path, monkeypatch):
     """A mobilenets cache holding the real 1.0-224 weights where the download would put them; no URL works."""
@@ -70,10 +76,9 @@ def imagenet_cache(tmp_path, monkeypatch):
     return cache
 
 
-def test_timm_runs_its_own_model_tests_on_ours(imagenet_cache):
-    folder = timm_tests_folder()
+def test_timm_runs_its_own_model_tests_on_ours(timm_tests, imagenet_cache):
     env = {k: v for k, v in os.environ.items() if k != "GITHUB_ACTIONS"}  # it hides the pretrained tests
-    env["TIMM_TESTS"] = str(folder)
+    env["TIMM_TESTS"] = str(timm_tests)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
                            "ignore::pytest.PytestUnknownMarkWarning", str(SUITE)],
                           cwd=SUITE.parent.parent, env=env, capture_output=True, text=True, timeout=1800)
