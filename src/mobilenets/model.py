@@ -177,6 +177,11 @@ class MobileNetV1(nn.Module):
     ``feature_info`` (one dict per feature level, see
     :func:`architecture.feature_levels`), ``forward_intermediates`` and
     ``prune_intermediate_layers``.
+
+    ``meta`` (a :class:`~mobilenets.metadata.Metadata`) is what its weights
+    need at inference: resolution, normalisation, labels, source.
+    ``pretrained_cfg`` is derived from it and the config, so it stays true
+    after ``reset_classifier``.
     """
 
     # Python-side views of the config and meta, not part of the scripted forward
@@ -296,8 +301,8 @@ class MobileNetV1(nn.Module):
 
         ``global_pool`` is "avg" or "" (no pooling: forward returns the feature map, or logit maps with a
         classifier); None keeps the current one.  The new head takes the model's device, dtype and train/eval mode;
-        ``config``, ``pretrained_cfg["num_classes"]`` and ``meta["labels"]`` (now None) follow, so saving and
-        reloading the model keeps the new head.
+        ``config``, ``pretrained_cfg`` and ``meta`` (see ``Metadata.for_head``) follow, so saving and reloading
+        the model keeps the new head.
         """
         global_pool = self.config.global_pool if global_pool is None else global_pool
         config = dataclasses.replace(self.config, num_classes=num_classes, global_pool=global_pool)  # validates

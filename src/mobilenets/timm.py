@@ -32,8 +32,7 @@ runs ``forward_intermediates``, as timm's FeatureGetterNet does).
 
 from __future__ import annotations
 
-from timm.models import generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from .builders import mobilenet_v1
 from .errors import ParameterError
