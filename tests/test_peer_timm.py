@@ -169,6 +169,8 @@ def test_unpooled_maps_and_per_position_logits():
 def test_unknown_arguments_are_type_errors(tmp_path):
     with pytest.raises(TypeError, match="colour"):
         mobilenet_v1(0.25, colour="red")
+    with pytest.raises(TypeError, match="weights='imagenet'"):
+        mobilenet_v1(0.25, pretrained=True)
     path = save(mobilenet_v1(0.25), tmp_path / "m.safetensors")
     with pytest.raises(TypeError, match="colour"):
         mobilenet_v1(0.25, weights=path, colour="red")

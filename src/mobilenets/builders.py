@@ -54,8 +54,9 @@ def mobilenet_v1(alpha: float | None = None, *, weights: str | os.PathLike | Enu
     known = {f.name for f in dataclasses.fields(MobileNetV1Config)} - {"alpha", "num_classes"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
+        hint = "; for pretrained weights pass weights='imagenet'" if "pretrained" in unknown else ""
         raise ParameterTypeError(f"mobilenet_v1() got unexpected keyword argument(s) {', '.join(unknown)}; "
-                                 f"model options are {', '.join(sorted(known))}")
+                                 f"model options are {', '.join(sorted(known))}{hint}")
     if drop_rate is not None:
         if "dropout" in kwargs:
             raise ParameterError("pass dropout or drop_rate (timm's name for it), not both")
