@@ -12,7 +12,8 @@ made the tests hang). Each mutant runs in a copy of the checkout in a temp folde
 never changed, and under ``nice``. A full run does not fit in CI on 2 cores, hence the sample.
 
 Results go to ``<out>.json`` (every sampled mutant: id, line, diff, outcome) and ``<out>.md`` (the score per
-module). Survivors are triaged by hand in ``benchmarks/results/mutation_triage.json``: for each survivor's
+module). Mutants inside an annotation of a module that postpones them are equivalent by construction and are not
+run. Survivors are triaged by hand in ``benchmarks/results/mutation_triage.json``: for each survivor's
 id, either ``{"killed_by": "tests/test_x.py::test_y"}`` (a test added to kill it) or ``{"equivalent":
 "one-line reason"}``. The score per module is killed / (sampled - equivalent), where a survivor that a
 triaged test kills counts as killed only after a rerun shows it (``--rerun-triaged``). Target: 85% or more
@@ -82,6 +83,28 @@ def _mutants(copy: Path, sources: list[str]) -> list:
                                         w.mutations[0].occurrence))
 
 
+def annotation_spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The (start, end) positions of every annotation in a module that postpones them (``from __future__ import
+    annotations``): a mutant there changes a string nobody evaluates, so it is equivalent by construction."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    if not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
+               any(a.name == "annotations" for a in n.names) for n in tree.body):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        annotations = []
+        if isinstance(node, ast.arg):
+            annotations.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            annotations.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+        found += [((a.lineno, a.col_offset), (a.end_lineno, a.end_col_offset)) for a in annotations if a is not None]
+    return found
+
+
 def mutant_id(copy: Path, spec) -> str:
     return f"{Path(spec.module_path).relative_to(copy)}:{spec.operator_name}:{spec.occurrence}"
 
@@ -103,9 +126,17 @@ def run(modules: list[str], per_module: int, seed: int, timeout: float, only=Non
                     sample = [w for w in items if mutant_id(copy, w.mutations[0]) in only]
                 print(f"{module}: {len(items)} mutants, {len(sample)} sampled", flush=True)
                 command = f"nice {sys.executable} -m pytest -x -q -p no:cacheprovider {' '.join(tests)}"
+                spans = {src: annotation_spans(copy / src) for src in sources}
                 for item in sample:
                     spec = item.mutations[0]
                     start = time.time()
+                    where = tuple(spec.start_pos)
+                    if any(a <= where < b for a, b in spans[str(Path(spec.module_path).relative_to(copy))]):
+                        rows.append({"module": module, "id": mutant_id(copy, spec), "line": spec.start_pos[0],
+                                     "operator": spec.operator_name, "outcome": "annotation", "seconds": 0.0,
+                                     "diff": ""})
+                        print(f"  {rows[-1]['id']} (line {spec.start_pos[0]}): in an annotation, equivalent", flush=True)
+                        continue
                     result = mutate_and_test(item.mutations, command, timeout)
                     outcome = result.test_outcome.value if result.test_outcome else result.worker_outcome.value
                     rows.append({"module": module, "id": mutant_id(copy, spec), "line": spec.start_pos[0],
@@ -119,11 +150,14 @@ def run(modules: list[str], per_module: int, seed: int, timeout: float, only=Non
 
 
 def scores(rows: list[dict], triage: dict) -> dict:
-    """Per module: sampled, killed, survived, equivalent, untriaged survivors, score (killed / non-equivalent)."""
+    """Per module: sampled, killed, survived, equivalent (triaged, or in an annotation), untriaged survivors,
+    score (killed / non-equivalent)."""
     out = {}
     for module in sorted({r["module"] for r in rows}):
-        mine = [r for r in rows if r["module"] == module and r["outcome"] in ("killed", "survived")]
-        equivalent = [r for r in mine if r["outcome"] == "survived" and "equivalent" in triage.get(r["id"], {})]
+        mine = [r for r in rows if r["module"] == module and r["outcome"] in ("killed", "survived", "annotation")]
+        equivalent = [r for r in mine if r["outcome"] == "annotation" or
+                      (r["outcome"] == "survived" and "equivalent" in triage.get(r["id"], {}))]
+        # a survivor whose triage names a killing test counts as killed only once a rerun (--only) shows it
         killed = [r for r in mine if r["outcome"] == "killed"]
         survived = [r for r in mine if r["outcome"] == "survived" and r not in equivalent]
         live = len(mine) - len(equivalent)
@@ -133,10 +167,17 @@ def scores(rows: list[dict], triage: dict) -> dict:
     return out
 
 
-def write(out: Path, rows: list[dict], args) -> None:
+def _commit() -> str:
+    """HEAD, marked "+changes" when src/ or tests/ differ from it (the copy holds the working tree)."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src", "tests"], capture_output=True,
+                           text=True).stdout.strip()
+    return head + (" +changes" if dirty else "")
+
+
+def write(out: Path, rows: list[dict], args, commit: str) -> None:
     triage = json.loads(TRIAGE.read_text()) if TRIAGE.exists() else {}
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     table = scores(rows, triage)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
@@ -167,8 +208,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mutation_sample")
     parser.add_argument("--only", nargs="*", default=None, help="mutant ids to run (e.g. survivors after triage)")
     args = parser.parse_args(argv)
+    commit = _commit()  # what the copy is taken from, before it is taken
     rows = run(args.modules, args.per_module, args.seed, args.timeout, args.only)
-    write(args.out, rows, args)
+    write(args.out, rows, args, commit)
     table = scores(rows, json.loads(TRIAGE.read_text()) if TRIAGE.exists() else {})
     print(json.dumps(table, indent=1))
     return 0 if all(s["score"] is None or s["score"] >= 0.85 for s in table.values()) else 1
