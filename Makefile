@@ -37,8 +37,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/mobilenets evaluate --checkpoint $(OUT)/digits/last.pt
 
 # One pytest process per test file (tests/run_files.py says why); the last line sums the whole suite.
+# JOBS=2 runs two files at a time, the slowest first (the files that time things still run alone).
+JOBS ?= 1
 test: $(VENV)/.installed-test
-	$(PY) tests/run_files.py
+	$(PY) tests/run_files.py --jobs $(JOBS)
 
 clean:
 	rm -rf $(OUT) .pytest_cache

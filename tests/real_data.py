@@ -7,7 +7,8 @@ body and 1001-way ``MobilenetV1/Logits`` are the released weights (input
 ``input``, 1x224x224x3, Inception preprocessing x / 127.5 - 1; the
 ``final_training_ops`` head on top is not ours).  It is fetched once with
 ``pip download --no-deps --no-binary :all: nudity==0.2.3`` into
-``mobilenets.cache.cache_dir() / "test-data"``, and its sha256 is checked
+``$MOBILENETS_TEST_DATA`` (the suite's: ``.test-cache/test-data`` in the checkout, see tests/conftest.py;
+outside the suite ``mobilenets.cache.cache_dir() / "test-data"``), and its sha256 is checked
 against :data:`GRAPH_SHA256` on every use.  When the registry cannot be
 reached the caller is skipped with the reason, except under CI (``$CI`` set),
 where the registry is reachable and a failure fails (outside pytest, as a
@@ -73,7 +74,8 @@ _OFFLINE = ("NewConnectionError", "Failed to establish a new connection", "Tempo
 
 
 def data_dir() -> Path:
-    return cache_dir() / "test-data"
+    """``$MOBILENETS_TEST_DATA`` (the suite sets it: tests/conftest.py), else the cache's ``test-data``."""
+    return Path(os.environ.get("MOBILENETS_TEST_DATA") or cache_dir() / "test-data")
 
 
 def _sha256(path: Path) -> str:

@@ -162,7 +162,26 @@ def test_benchmark_leaves_no_temporary_files(tmp_path):
     assert {("openvino", "fp32"), ("openvino", "int8"), ("mobilenets onnxruntime", "int8")} <= names
     # Inductor's compile cache (torchinductor_<user>) and ONNX Runtime's session id (.ses) are theirs, kept on purpose
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("torchinductor_") and p.name != ".ses") == []
-    assert all(kl >= 0 for _, _, kl in rows)
+    # each row carries its divergence; its value is checked against the closed form in
+    # test_mean_kl_and_parity_match_closed_forms (this run is about temporary files)
+    assert all(kl is not None and kl >= 0 for _, _, kl in rows)
+
+
+def test_mean_kl_and_parity_match_closed_forms():
+    """Logits whose softmaxes are known exactly: row 0 (0, ln 3) -> p = (1/4, 3/4) against (0, 0) -> q = (1/2,
+    1/2): KL(p || q) = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.13081 nats (the other direction, KL(q || p), is 0.14384);
+    row 1 is the same on both sides (KL 0). Mean 0.065406."""
+    import math
+
+    reference = torch.tensor([[0.0, math.log(3)], [2.0, -1.0]])
+    logits = torch.tensor([[0.0, 0.0], [7.0, 4.0]])  # row 1 shifted by 5: the same softmax
+    expected = (0.25 * math.log(0.5) + 0.75 * math.log(1.5)) / 2
+    p = deploy.parity(reference, logits, labels=[1, 1])
+    assert p["mean_kl"] == pytest.approx(expected, rel=1e-6)  # the logits are float32: ln 3 to ~1e-7
+    assert p["top1_agreement"] == 0.5 and p["max_abs_diff"] == pytest.approx(5.0)
+    assert p["reference_accuracy"] == 0.5 and p["accuracy"] == 0.0  # argmax (1, 0) and (0, 0); labels (1, 1)
+    cosine = float(reference.flatten() @ logits.flatten() / (reference.norm() * logits.norm()))
+    assert p["cosine"] == pytest.approx(cosine, rel=1e-6)
 
 
 def test_benchmark_command_refuses_unknown_choices(capsys):

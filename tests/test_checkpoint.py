@@ -55,6 +55,26 @@ def test_pickle_with_code_is_refused_and_does_not_run(tmp_path):
     assert not marker.exists()
 
 
+class BlockedModulePayload:
+    """Calls into a module torch's weights-only unpickler blocks outright (os): its error says "GLOBAL" only,
+    not the lowercase "global" of the not-allowlisted case above, and must still read as a refusal."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_calling_a_blocked_module_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "x": BlockedModulePayload(str(marker))}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to load .*system"):
+        checkpoint.load(path)
+    assert not marker.exists()
+
+
 def test_unreadable_and_foreign_files(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
@@ -142,3 +162,11 @@ def test_written_files_follow_the_umask(tmp_path):
         assert atomic_write(tmp_path / "b.bin", lambda f: f.write(b"x")).stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_atomic_write_creates_missing_folders_at_any_depth(tmp_path):
+    """A run folder or cache entry two levels below an existing folder (tests/real_data.py writes
+    test-data/<package>/<file>): both levels are made, and nothing but the file is left in them."""
+    path = tmp_path / "a" / "b" / "weights.bin"
+    checkpoint.atomic_write(path, lambda f: f.write(b"\x00\x01"))
+    assert path.read_bytes() == b"\x00\x01" and os.listdir(path.parent) == ["weights.bin"]

@@ -11,9 +11,11 @@ than hang. The ranges are the documented ones (README, --help): alpha in
 floor's n in [1, 8192], workers in [0, 256].
 """
 
+import atexit
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,10 @@ import mobilenets
 from mobilenets.cli import main
 from mobilenets.train import fields
 from mobilenets.train.config import field_type
+
+SESSION_CACHE = Path(os.environ["MOBILENETS_CACHE"])  # read before any test's monkeypatch: conftest's own
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="pytest-tmp-of-mobilenets-"))  # removed when this process exits
+atexit.register(shutil.rmtree, SESSION_TMP, ignore_errors=True)
 
 SEED = 20260412
 VALUES = ["0", "-4", "1e308", "nan", "inf", "-inf", "", "abc", "99999999999999999999", "1.5", "-0", "1e-400", "0x10"]
@@ -189,9 +195,13 @@ def _tree(root: Path) -> set:
 
 
 def _outside() -> dict:
-    """What a stray write would change outside the test folder: the working tree, the user's cache, $TMPDIR."""
+    """What a stray write would change outside the test folder: the working tree, the cache a command would use
+    without the test's $MOBILENETS_CACHE (this process's own, set by conftest: no other process writes in it,
+    unlike the user's, which the suite never touches), mobilenets* entries in the temp folder (this process's own,
+    SESSION_TMP: the machine's is shared, and other processes' entries came and went during a test; entries
+    of other names are the runtimes', e.g. an exporter's .ses)."""
     repo = Path(__file__).resolve().parents[1]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mobilenets"
+    cache = SESSION_CACHE
     return {"repo": sorted(p.name for p in repo.iterdir()),
             "cache": sorted(p.name for p in cache.iterdir()) if cache.is_dir() else [],
             "tmp": sorted(p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("mobilenets"))}
@@ -207,10 +217,12 @@ def workdir(tmp_path, monkeypatch):
         (tmp_path / name).mkdir()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path / "cache"))
-    # $TMPDIR stays as it is: pointing this process's temp folder at one deleted after the test left runtimes
-    # with paths into it, and the test process crashed (SIGSEGV) later; stray mobilenets* entries in the real
-    # temp folder are compared before and after instead (outside_state)
+    # the temp folder is one that lives as long as this process, not the test: pointing it at one deleted after
+    # the test left runtimes with paths into it, and the test process crashed (SIGSEGV) later; its entries are
+    # compared before and after instead (_outside)
     monkeypatch.delenv("MOBILENETS_DEBUG", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(SESSION_TMP))
+    monkeypatch.setenv("TMPDIR", str(SESSION_TMP))
     return tmp_path
 
 
@@ -252,3 +264,12 @@ def test_bad_arguments_in_a_real_process_print_no_traceback(tmp_path, inputs):
         lines = err.strip().splitlines()
         assert proc.returncode == 2, (argv, proc.returncode, err[-2000:])
         assert len(lines) == 1 and lines[0].startswith("mobilenets: error: ") and "Traceback" not in err, (argv, err)
+
+
+def test_the_suite_uses_a_cache_of_its_own_not_the_users():
+    """conftest gives each test process an empty cache: the user's is neither read nor written by the suite."""
+    from mobilenets.cache import cache_dir
+
+    users = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mobilenets"
+    assert cache_dir() == SESSION_CACHE and SESSION_CACHE.resolve() != users.resolve()
+    assert SESSION_CACHE.is_relative_to(tempfile.gettempdir())

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imagefolders import CLASSES, make_split
 from mobilenets import checkpoint, cli
 from mobilenets.evaluate import evaluate_checkpoint
-from mobilenets.images import IMAGENET, eval_transform, list_images, load_rgb
+from mobilenets.images import IMAGENET, Normalization, eval_transform, list_images, load_rgb
 from mobilenets.model import mobilenet_v1
 
 
@@ -22,14 +26,27 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@functools.cache
+def _fitted_state() -> dict:
+    """A 0.25 MobileNet briefly fitted to the built-in digits (mobilenets.benchmark.make_model): its features
+    respond to strokes and edges, so its logits differ from image to image. A freshly initialised one's do not
+    (BatchNorm statistics of the init saturate every ReLU6: identical logits on every image), and with those
+    no preprocessing bug could change a score."""
+    from mobilenets.benchmark import make_model
+
+    return make_model(0.25, num_classes=10, steps=12, resolution=32).state_dict()
+
+
 def save_model(path, num_classes, labels, resolution=32, normalization=IMAGENET, seed=0):
     torch.manual_seed(seed)
     model = mobilenet_v1(0.25, num_classes=num_classes).eval()
-    # give BN running statistics that differ per channel so that predictions are not constant
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
+    fitted = _fitted_state()
+    state = {k: v for k, v in fitted.items() if not k.startswith("classifier.")}
+    rows = min(num_classes, 10)  # the fitted head's rows for the first classes, random ones beyond
+    for name in ("classifier.weight", "classifier.bias"):
+        state[name] = model.state_dict()[name].clone()
+        state[name][:rows] = fitted[name][:rows]
+    model.load_state_dict(state)
     checkpoint.save({"format": "mobilenets", "version": 1, "config": model.config.to_dict(),
                      "state_dict": model.state_dict(),
                      "meta": {"resolution": resolution, "normalization": normalization.to_dict(), "labels": labels,
@@ -38,32 +55,76 @@ def save_model(path, num_classes, labels, resolution=32, normalization=IMAGENET,
 
 
 def by_hand(model, root, labels, resolution, normalization=IMAGENET):
+    """Top-1, top-5 (%), image count and mean cross-entropy of ``model`` on ``root/<class>/*``, scored by a plain
+    PyTorch loop over torchvision's transforms (PIL decode, Resize(floor(R / 0.875)) with antialiasing,
+    CenterCrop(R), Normalize): nothing of mobilenets' preprocessing or evaluation code. On uint8 tensors
+    torchvision resizes with PyTorch's kernel, as mobilenets does, so the pixels agree to float rounding (7e-7
+    measured): a MobileNet amplifies even one grey level (PIL's own kernel, one level off on 4% of pixels,
+    moved these logits by up to 1.4)."""
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.PILToTensor(), v2.Resize(int(resolution / 0.875), antialias=True),
+                            v2.CenterCrop(resolution), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(normalization.mean, normalization.std)])
     top1 = top5 = n = 0
-    for path in list_images(root):
-        x = eval_transform(load_rgb(path), resolution, normalization)[None]
+    losses, all_logits = [], []
+    for path in sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")):
+        with Image.open(path) as im:
+            x = transform(im.convert("RGB"))[None]
         with torch.no_grad():
             logits = model(x)[0]
         target = labels.index(path.parent.name)
         ranked = logits.argsort(descending=True).tolist()
         top1 += ranked[0] == target
         top5 += target in ranked[:5]
+        losses.append(float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([target]))))
+        all_logits.append(logits)
         n += 1
-    return 100 * top1 / n, 100 * top5 / n, n
+    logits = torch.stack(all_logits)
+    # the fixture can show a preprocessing error only if the logits depend on the image
+    assert float((logits - logits.mean(0)).abs().max()) > 0.05 * float(logits.abs().max()), "constant logits"
+    return 100 * top1 / n, 100 * top5 / n, n, sum(losses) / n
 
 
 def test_matches_scoring_each_image_by_hand(tmp_path):
+    """evaluate's top-1, top-5 and loss against a plain PyTorch loop over torchvision's transforms, at 32 and 48
+    pixels, on images that are not square (the crop offset matters) with structure at several scales."""
     labels = [*CLASSES, *(f"other{i}" for i in range(5))]  # 8 classes, so top-5 is not trivially 100%
     model = save_model(tmp_path / "m.pt", len(labels), labels)
     root = make_split(tmp_path / "val", 6, 3)
+    rng = np.random.default_rng(7)
+    for k, kind in enumerate(CLASSES):  # a non-square one per class: 57 x 43, 43 x 61, 70 x 50
+        w, h = [(57, 43), (43, 61), (70, 50)][k]
+        y, x = np.mgrid[0:h, 0:w]
+        pixels = 128 + 60 * np.sin(x / (2 + k)) * np.cos(y / 5) + rng.normal(0, 25, (h, w, 3)).transpose(2, 0, 1)
+        Image.fromarray(np.clip(pixels.transpose(1, 2, 0), 0, 255).astype(np.uint8)).save(root / kind / "odd.png")
     result = evaluate_checkpoint(tmp_path / "m.pt", root, num_workers=0)
-    top1, top5, n = by_hand(model, root, labels, 32)
-    assert result["images"] == n == 18
+    top1, top5, n, loss = by_hand(model, root, labels, 32)
+    assert result["images"] == n == 21
     assert result["top1"] == pytest.approx(top1) and result["top5"] == pytest.approx(top5)
-    assert top5 < 100 or top1 < 100  # the model is not trivially right: the comparison means something
+    # the loss is a continuous function of every input pixel: one grey level on 4% of the pixels moved these
+    # logits by up to 1.4 (by_hand's docstring), so any preprocessing error shows; 1e-5 leaves room for float
+    # summation order only (the pixels agree to 7e-7)
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert 0 < top1 < 100 and top5 < 100  # the model is neither always right nor always wrong
     # a different resolution is honoured, and changes the result's inputs
     at_48 = evaluate_checkpoint(tmp_path / "m.pt", root, resolution=48, num_workers=0)
     assert at_48["resolution"] == 48
-    assert (at_48["top1"], at_48["top5"]) == pytest.approx(by_hand(model, root, labels, 48)[:2])
+    top1_48, top5_48, _, loss_48 = by_hand(model, root, labels, 48)
+    assert (at_48["top1"], at_48["top5"]) == pytest.approx((top1_48, top5_48))
+    assert at_48["loss"] == pytest.approx(loss_48, rel=1e-5) and abs(loss_48 - loss) > 1e-3
+
+
+def test_non_default_normalization_is_the_one_stored(tmp_path):
+    """A checkpoint whose stored normalization is neither INCEPTION nor IMAGENET is scored with that one."""
+    labels = list(CLASSES)
+    odd = Normalization((0.3, 0.6, 0.45), (0.15, 0.35, 0.25))
+    model = save_model(tmp_path / "m.pt", 3, labels, normalization=odd)
+    root = make_split(tmp_path / "val", 4, 5)
+    result = evaluate_checkpoint(tmp_path / "m.pt", root, num_workers=0)
+    loss = by_hand(model, root, labels, 32, odd)[3]
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert abs(by_hand(model, root, labels, 32, IMAGENET)[3] - loss) > 1e-3  # the fixture tells them apart
 
 
 def test_a_folder_may_hold_some_of_the_classes(tmp_path):

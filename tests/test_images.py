@@ -162,3 +162,45 @@ def test_load_pixels_falls_back_to_pil_without_simplejpeg(tmp_path, jpeg_decodes
     expected = images.load_pixels(path)
     monkeypatch.setattr(images, "_simplejpeg", lambda: None)  # not installed
     assert torch.equal(images.load_pixels(path), expected) and len(jpeg_decodes) == 1
+
+
+def _structured(w: int, h: int, seed: int) -> Image.Image:
+    """A real photograph resized to w x h plus fine seeded noise: edges at every scale, from the photo's
+    objects down to single pixels, so a resize or crop one pixel off shows (a flat image or a thin patch
+    cannot show it)."""
+    from real_data import photos
+
+    base = np.asarray(Image.fromarray(photos()[seed % len(photos())][1]).resize((w, h), Image.BICUBIC), np.int16)
+    noise = np.random.default_rng(seed).integers(-20, 21, (h, w, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size,resolution,normalization", [
+    ((300, 200), 224, "inception"), ((200, 300), 160, "imagenet"), ((517, 389), 128, "odd"),
+    ((97, 131), 96, "inception"), ((64, 48), 192, "imagenet"), ((1000, 1), 32, "odd"), ((41, 40), 32, "imagenet")])
+def test_eval_transform_is_torchvisions_resize_crop_normalize(size, resolution, normalization):
+    """The independent oracle: torchvision's Resize(floor(R / 0.875)) (PIL bilinear), CenterCrop(R), ToTensor,
+    Normalize, at several resolutions, aspect ratios (down- and upscaling) and normalizations."""
+    from torchvision import transforms
+
+    norm = {"inception": images.INCEPTION, "imagenet": images.IMAGENET,
+            "odd": images.Normalization((0.3, 0.6, 0.45), (0.15, 0.35, 0.25))}[normalization]
+    image = _structured(*size, seed=sum(size))
+
+    def torchvision_eval(shift=0):
+        resized = transforms.Resize(int(resolution / 0.875))(image)
+        w, h = resized.size
+        left, top = int(round((w - resolution) / 2.0)) + shift, int(round((h - resolution) / 2.0))
+        assert shift or transforms.CenterCrop(resolution)(resized).tobytes() == \
+            resized.crop((left, top, left + resolution, top + resolution)).tobytes()
+        crop = resized.crop((left, top, left + resolution, top + resolution))
+        return transforms.Normalize(norm.mean, norm.std)(transforms.ToTensor()(crop))
+
+    ours = images.eval_transform(image, resolution, norm)
+    grey = torch.tensor(norm.std)[:, None, None] * 255  # one grey level, in normalized units per channel
+    levels = (ours - torchvision_eval()).abs() * grey
+    # PyTorch's uint8 bilinear kernel rounds some pixels one level off PIL's (eval_pixels' docstring)
+    assert ours.shape == (3, resolution, resolution)
+    assert float(levels.max()) <= 1.0 + 1e-3 and float(levels.mean()) < 0.25
+    if min(size) > 1:  # the fixture can show a crop one pixel off: that moves the mean by more than a level
+        assert float(((ours - torchvision_eval(shift=1)).abs() * grey).mean()) > 1.0

@@ -129,11 +129,16 @@ def test_int8_export_is_full_integer_per_channel(model, images, tmp_path):
         q = d["quantization_parameters"]
         axis = q["quantized_dimension"]
         assert len(q["scales"]) == d["shape"][axis] > 1 and not q["zero_points"].any()
+    # agreement on 240 of the built-in validation digits (the 24 calibration images among them), not on those 24: int8 rounding moves these logits by up to
+    # ~0.5, so the few images whose top two are closer than that may flip (a few percent). On 24 images the 0.9
+    # threshold allowed 2 flips, and 3 happen by chance about one run in ten at a 5% rate (it failed at 0.875); on
+    # 240 it allows 24, ~4 standard deviations above 12. A broken int8 path (scales, layout) agrees at chance, 0.1.
+    digits = torch.cat(deploy.builtin_batches(RES, limit=240)[0])
     with torch.no_grad():
-        reference = model(images)
-    out = deploy.load_exported(path)(images)
+        reference = model(digits)
+    out = deploy.load_exported(path)(digits)
     p = deploy.parity(reference, out)
-    assert p["cosine"] >= 0.99 and p["top1_agreement"] >= 0.9
+    assert p["cosine"] >= 0.99 and p["top1_agreement"] >= 0.9, p
     assert p["max_abs_diff"] > 1e-2  # really integer arithmetic, not float passed through
 
 

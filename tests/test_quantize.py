@@ -102,6 +102,45 @@ def test_bias_correction_removes_the_mean_output_shift(real):
     assert shifts[True] < 0.5 * shifts[False], shifts
 
 
+def _mean_errors(adjusted, folded, ranges, x):
+    """Per layer, the largest per-channel mean (over images and positions) of the int8 path's pre-activation
+    minus the float model's, relative to the float pre-activation's mean size; the int8 path written out with
+    sim's quantizers (weights fake-quantized, bias kept float, activations to their ranges), not calibrate's."""
+    out = []
+    xq, xf = sim.fake_quant_act(x, ranges["input"]), x
+    for i, (q, f) in enumerate(zip(adjusted.features, folded.features)):
+        zq = sim.conv_pre(q, xq, sim.fake_quant_weight(q.conv.weight))
+        zf = sim.conv_pre(f, xf)
+        out.append(float((zq - zf).mean((0, 2, 3)).abs().max() / zf.abs().mean()))
+        xq, xf = sim.fake_quant_act(sim.activate(q, zq), ranges[f"features.{i}"]), sim.activate(f, zf)
+    pq = sim.fake_quant_act(xq.mean((2, 3)), ranges["pool"])
+    lq = torch.nn.functional.linear(pq, sim.fake_quant_weight(adjusted.classifier.weight), adjusted.classifier.bias)
+    lf = folded.classifier(xf.mean((2, 3)))
+    out.append(float((lq - lf).mean(0).abs().max() / lf.abs().mean()))
+    return out
+
+
+def test_bias_correction_zeroes_every_layers_mean_error_on_the_calibration_images(small):
+    """What the correction promises, layer by layer: on the calibration images, each channel's mean
+    pre-activation on the int8 path equals the float model's. Checked on the int8 path written out here (so a
+    correction of the wrong sign or size, which later layers' corrections partly undo at the logits, shows at
+    its own layer)."""
+    model, calib, _ = small
+    folded = deploy.fold_batchnorm(model)
+    x = torch.cat(calib)
+    errors = {}
+    with torch.no_grad():
+        for correct in (False, True):
+            adjusted, ranges = calibrate.calibrate(folded, calib, method="minmax", bias_correction=correct,
+                                                   rounding="nearest")
+            errors[correct] = _mean_errors(adjusted, folded, ranges, x)
+    # corrected: float summation order only (float32 sums over ~10^5 values: relative 1e-5 at most)
+    assert max(errors[True]) < 1e-4, errors[True]
+    # uncorrected, rounding shifts the means by far more (so a reversed sign, doubling it, or half a correction
+    # cannot pass): at least 1e-3 in most layers and the logits
+    assert sum(e > 1e-3 for e in errors[False]) >= len(errors[False]) // 2, errors[False]
+
+
 def test_calibration_clips_no_logit(small, monkeypatch):
     model, calib, _ = small
     folded = deploy.fold_batchnorm(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -482,7 +483,7 @@ def instrumented(dataset, tmp_path_factory):
     """
     out = tmp_path_factory.mktemp("instrumented") / "run"
     seen = {"model": None, "initial": None, "after_step": [], "logits": None, "targets": None, "steps": [],
-            "conv_dtypes": []}
+            "conv_dtypes": [], "groups": []}
 
     def forward_hook(module, inputs, output):
         if isinstance(module, MobileNetV1) and module.training:
@@ -497,6 +498,9 @@ def instrumented(dataset, tmp_path_factory):
     def before_step(optimizer, args, kwargs):
         if seen["initial"] is None:
             seen["initial"] = params()
+        names = {id(p): n for n, p in seen["model"].named_parameters()}
+        seen["groups"].append([(group["lr"], group["weight_decay"], sorted(names[id(p)] for p in group["params"]))
+                               for group in optimizer.param_groups])
 
     def after_step(optimizer, args, kwargs):
         seen["after_step"].append(params())
@@ -543,6 +547,89 @@ def test_ema_of_a_training_run_is_the_formula_over_the_weights_it_saw(instrument
     moved = max((ema[k].double() - raw[k].double()).abs().max().item() for k in expected)
     from_start = max((ema[k].double() - seen["initial"][k]).abs().max().item() for k in expected)
     assert moved > 1e-4 and from_start > 1e-4
+
+
+def test_the_lr_applied_at_each_step_is_the_recipes_formula(instrumented):
+    """The lr the optimizer held at each of the 9 steps of the 1-epoch modern run (lr 0.002, lr_min 0): the
+    warm-up is capped at a tenth of the run (0.1 epoch: step 0 only, from lr/100), then cosine to lr_min over
+    the remaining 0.9 epoch. Written out here, not taken from train.Schedule."""
+    _, seen = instrumented
+    lrs = [{lr for lr, _, _ in step} for step in seen["groups"]]
+    assert len(lrs) == 9 and all(len(lr) == 1 for lr in lrs)  # every group at the same lr
+    for t, (lr,) in enumerate(lrs):
+        epoch = t / 9
+        if epoch < 0.1:
+            expected = 0.002 * (0.01 + 0.99 * epoch / 0.1)
+        else:
+            expected = 0.002 * 0.5 * (1 + math.cos(math.pi * (epoch - 0.1) / 0.9))
+        assert lr == pytest.approx(expected, rel=1e-9), t
+    assert lrs[0] != lrs[1]  # the step-0 warm-up and the cosine differ by 100x: a formula error shows
+
+
+def test_the_optimizer_decays_exactly_the_full_and_pointwise_conv_and_classifier_weights(instrumented):
+    """The groups of the optimizer the run used (modern: weight decay 0.05), not parameter_groups' output:
+    decay on the first full conv, the 13 pointwise convs and the classifier weight; none on depthwise filters,
+    BatchNorm or biases (the paper, section 3.2)."""
+    _, seen = instrumented
+    decayed = sorted(n for _, wd, names in seen["groups"][0] if wd > 0 for n in names)
+    assert {wd for _, wd, _ in seen["groups"][0] if wd > 0} == {0.05}
+    assert decayed == sorted(["features.0.conv.weight", "classifier.weight"]
+                             + [f"features.{i}.pointwise.conv.weight" for i in range(1, 14)])
+    every = sorted(n for _, _, names in seen["groups"][0] for n in names)
+    assert every == sorted(n for n, _ in seen["model"].named_parameters())  # nothing left out, nothing twice
+
+
+def test_the_file_labelled_ema_holds_the_ema_weights(instrumented):
+    """best.pt says which weights it holds ("ema" or "model"); they must be those, bit for bit, and not the
+    other set (which differs: see the EMA formula test)."""
+    out, _ = instrumented
+    best, last = checkpoint.load(out / "best.pt"), checkpoint.load(out / "last.pt")
+    label = best["meta"]["weights"]
+    held = last["ema"]["state_dict"] if label == "ema" else last["state_dict"]
+    other = last["state_dict"] if label == "ema" else last["ema"]["state_dict"]
+    assert set(best["state_dict"]) == set(held)
+    assert all(torch.equal(best["state_dict"][k], held[k]) for k in held)
+    assert any(not torch.equal(best["state_dict"][k], other[k]) for k in held if held[k].is_floating_point())
+    # and the choice is the one the metrics justify: EMA kept when its top-1 is at least the raw weights'
+    row = train.read_metrics(out)[-1]
+    assert label == ("ema" if row["ema_val_top1"] >= row["val_top1"] else "model")
+
+
+def test_options_set_to_zero_mean_zero():
+    """0 is a value, not "unset": no decay on any tensor, no warm-up (lr from step 0), no smoothing, a cosine
+    that ends at exactly 0."""
+    c = train.make_config("modern", weight_decay=0.0, lr_warmup_epochs=0.0, label_smoothing=0.0, lr_min=0.0,
+                          epochs=10, lr=0.004)
+    assert c.weight_decay == 0.0 and c.lr_warmup_epochs == 0.0 and c.label_smoothing == 0.0
+    optimizer = train.make_optimizer(mobilenet_v1(0.25, num_classes=3), c)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.0]
+    schedule = train.Schedule(c, steps_per_epoch=10, epochs=10)
+    assert schedule.lr(0) == 0.004 and schedule.lr(100) == pytest.approx(0.0, abs=1e-12)
+    paper = train.make_config("paper", lr_warmup_epochs=0.0, epochs=10)
+    assert train.Schedule(paper, steps_per_epoch=10, epochs=10).lr(0) == paper.lr
+
+
+def test_each_epoch_sees_another_order_of_every_image(tmp_path, dataset, monkeypatch):
+    """The (index, seed) keys the training loader drew in a 2-epoch run: each epoch every image once, in an
+    order of its own, with its own augmentation seeds."""
+    drawn = []
+    iterate = data.EpochSampler.__iter__
+
+    def recording(self):
+        for key in iterate(self):
+            drawn.append((self.epoch, key))
+            yield key
+
+    monkeypatch.setattr(data.EpochSampler, "__iter__", recording)
+    train.train(tiny(tmp_path / "run", dataset, epochs=2))
+    by_epoch = [[key for e, key in drawn if e == epoch] for epoch in (0, 1)]
+    n = sum(1 for _ in (Path(dataset) / "train").rglob("*.png"))
+    assert {e for e, _ in drawn} == {0, 1}
+    for keys in by_epoch:
+        assert sorted(i for i, _ in keys) == list(range(n))
+    assert [i for i, _ in by_epoch[0]] != [i for i, _ in by_epoch[1]]
+    seeds = [{i: seed for i, seed in keys} for keys in by_epoch]
+    assert all(seeds[0][i] != seeds[1][i] for i in range(n))
 
 
 def test_label_smoothing_changes_the_loss_by_its_formula(instrumented):

@@ -18,6 +18,13 @@ survives or times out (a timeout proves nothing), or the baseline fails.
 Every bug found in the code belongs on this list: add the planted form of it
 with the narrowest tests that catch it.  ``tests/test_mutation_list.py`` checks
 that every original text still occurs exactly once, so the list cannot rot.
+
+This list is a regression list, not the measure of the suite: it holds the bugs
+someone thought of, and the suite caught all 63 of them while 12 of 14 bugs
+planted by someone who had not seen it survived.  The measure is the score of
+mechanically generated mutants on a seeded random sample per core module,
+``tools/mutation_sample.py`` (cosmic-ray), recorded in
+``benchmarks/results/mutation_sample.md``.
 """
 
 from __future__ import annotations

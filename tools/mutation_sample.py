@@ -1,0 +1,220 @@
+"""Mechanical mutation testing of the core modules: a seeded random sample of cosmic-ray's mutants per module.
+
+    .venv/bin/python tools/mutation_sample.py [--modules cost checkpoint ...] [--per-module 15] [--seed N]
+                                              [--timeout 600] [--out benchmarks/results/mutation_sample]
+
+The measure of the suite is this sample, not tools/mutation_check.py's hand-written list (the bugs someone
+thought of; a regression list only). cosmic-ray (the ``test`` extra) enumerates every mutant of a module's
+files (operators swapped, comparisons flipped, constants changed, ``break``/``continue`` exchanged, ...);
+this script draws ``--per-module`` of them with ``--seed`` and runs each against only the test files that
+cover that module (``MODULES`` below), with a per-mutant timeout (a timeout counts as killed: the mutant
+made the tests hang). Each mutant runs in a copy of the checkout in a temp folder, so the working tree is
+never changed, and under ``nice``. A full run does not fit in CI on 2 cores, hence the sample.
+
+Results go to ``<out>.json`` (every sampled mutant: id, line, diff, outcome) and ``<out>.md`` (the score per
+module). Mutants inside an annotation of a module that postpones them are equivalent by construction and are not
+run. Survivors are triaged by hand in ``benchmarks/results/mutation_triage.json``: for each survivor's
+id, either ``{"killed_by": "tests/test_x.py::test_y"}`` (a test added to kill it) or ``{"equivalent":
+"one-line reason"}``. The score per module is killed / (sampled - equivalent), where a survivor that a
+triaged test kills counts as killed only after a rerun shows it (``--rerun-triaged``). Target: 85% or more
+in every module, on a sample drawn after the last code change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRIAGE = ROOT / "benchmarks" / "results" / "mutation_triage.json"
+
+# module -> (source files mutated, the test files that cover them); test files chosen to be the ones a bug in
+# those sources should fail, and short enough to run once per mutant
+MODULES = {
+    "images": (["src/mobilenets/images.py", "src/mobilenets/pipeline.py"], ["tests/test_images.py"]),
+    "data": (["src/mobilenets/data.py"], ["tests/test_data.py"]),
+    "train": (["src/mobilenets/train/optim.py", "src/mobilenets/train/loop.py"],
+              ["tests/test_train.py", "tests/test_train_defaults.py"]),
+    "evaluate": (["src/mobilenets/evaluate.py", "src/mobilenets/predict.py", "src/mobilenets/deploy/fidelity.py"],
+                 ["tests/test_evaluate.py", "tests/test_predict.py"]),
+    "converters": (["src/mobilenets/weights/keras.py", "src/mobilenets/weights/tf_slim.py",
+                    "src/mobilenets/weights/tf_frozen.py", "src/mobilenets/weights/tflite.py",
+                    "src/mobilenets/weights/timm.py", "src/mobilenets/weights/layout.py"],
+                   ["tests/test_weights.py", "tests/test_tf_frozen.py"]),
+    "quantize": (["src/mobilenets/quantize/calibrate.py", "src/mobilenets/quantize/sim.py",
+                  "src/mobilenets/quantize/rounding.py", "src/mobilenets/deploy/prepare.py"],
+                 ["tests/test_quantize.py"]),
+    "checkpoint": (["src/mobilenets/checkpoint.py"], ["tests/test_checkpoint.py"]),
+    "cost": (["src/mobilenets/cost.py"], ["tests/test_cost.py", "tests/test_paper.py"]),
+}
+
+
+def _copy_checkout(into: Path) -> Path:
+    """The checkout's src, tests, tools and project files, without caches (a stale .pyc could hide a mutant)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for name in ("src", "tests", "tools", "docs"):
+        if (ROOT / name).exists():
+            shutil.copytree(ROOT / name, into / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "Makefile"):
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, into / name)
+    if (ROOT / ".test-cache").exists():  # the real test data, fetched once (tests/conftest.py)
+        (into / ".test-cache").symlink_to(ROOT / ".test-cache")
+    return into
+
+
+def _mutants(copy: Path, sources: list[str]) -> list:
+    """Every cosmic-ray work item (one mutation each) of ``sources`` in the copy, in a stable order."""
+    from cosmic_ray.commands.init import init
+    from cosmic_ray.work_db import WorkDB, use_db
+
+    with use_db(str(copy / "session.sqlite"), WorkDB.Mode.create) as db:
+        init([copy / s for s in sources], db, {})
+        items = list(db.pending_work_items)
+    return sorted(items, key=lambda w: (str(w.mutations[0].module_path), w.mutations[0].operator_name,
+                                        w.mutations[0].occurrence))
+
+
+def annotation_spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The (start, end) positions of every annotation in a module that postpones them (``from __future__ import
+    annotations``): a mutant there changes a string nobody evaluates, so it is equivalent by construction."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    if not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
+               any(a.name == "annotations" for a in n.names) for n in tree.body):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        annotations = []
+        if isinstance(node, ast.arg):
+            annotations.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            annotations.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+        found += [((a.lineno, a.col_offset), (a.end_lineno, a.end_col_offset)) for a in annotations if a is not None]
+    return found
+
+
+def mutant_id(copy: Path, spec) -> str:
+    return f"{Path(spec.module_path).relative_to(copy)}:{spec.operator_name}:{spec.occurrence}"
+
+
+def run(modules: list[str], per_module: int, seed: int, timeout: float, only=None) -> list[dict]:
+    from cosmic_ray.mutating import mutate_and_test
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mutation-sample-") as tmp:
+        copy = _copy_checkout(Path(tmp))
+        cwd = os.getcwd()
+        os.chdir(copy)  # the test command runs here, on the copy's src (tests/conftest.py puts it first)
+        try:
+            for module in modules:
+                sources, tests = MODULES[module]
+                items = _mutants(copy, sources)
+                sample = random.Random(f"{seed}:{module}").sample(items, min(per_module, len(items)))
+                if only:  # named mutants (a rerun after triage), whether or not this seed draws them
+                    sample = [w for w in items if mutant_id(copy, w.mutations[0]) in only]
+                print(f"{module}: {len(items)} mutants, {len(sample)} sampled", flush=True)
+                command = f"nice {sys.executable} -m pytest -x -q -p no:cacheprovider {' '.join(tests)}"
+                spans = {src: annotation_spans(copy / src) for src in sources}
+                for item in sample:
+                    spec = item.mutations[0]
+                    start = time.time()
+                    where = tuple(spec.start_pos)
+                    if any(a <= where < b for a, b in spans[str(Path(spec.module_path).relative_to(copy))]):
+                        rows.append({"module": module, "id": mutant_id(copy, spec), "line": spec.start_pos[0],
+                                     "operator": spec.operator_name, "outcome": "annotation", "seconds": 0.0,
+                                     "diff": ""})
+                        print(f"  {rows[-1]['id']} (line {spec.start_pos[0]}): in an annotation, equivalent", flush=True)
+                        continue
+                    result = mutate_and_test(item.mutations, command, timeout)
+                    outcome = result.test_outcome.value if result.test_outcome else result.worker_outcome.value
+                    rows.append({"module": module, "id": mutant_id(copy, spec), "line": spec.start_pos[0],
+                                 "operator": spec.operator_name, "outcome": outcome,
+                                 "seconds": round(time.time() - start, 1), "diff": result.diff or ""})
+                    print(f"  {rows[-1]['id']} (line {spec.start_pos[0]}): {outcome} in {rows[-1]['seconds']} s",
+                          flush=True)
+        finally:
+            os.chdir(cwd)
+    return rows
+
+
+def scores(rows: list[dict], triage: dict) -> dict:
+    """Per module: sampled, killed, survived, equivalent (triaged, or in an annotation), untriaged survivors,
+    score (killed / non-equivalent)."""
+    out = {}
+    for module in sorted({r["module"] for r in rows}):
+        mine = [r for r in rows if r["module"] == module and r["outcome"] in ("killed", "survived", "annotation")]
+        equivalent = [r for r in mine if r["outcome"] == "annotation" or
+                      (r["outcome"] == "survived" and "equivalent" in triage.get(r["id"], {}))]
+        # a survivor whose triage names a killing test counts as killed only once a rerun (--only) shows it
+        killed = [r for r in mine if r["outcome"] == "killed"]
+        survived = [r for r in mine if r["outcome"] == "survived" and r not in equivalent]
+        live = len(mine) - len(equivalent)
+        out[module] = {"sampled": len(mine), "killed": len(killed), "survived": len(survived),
+                       "equivalent": len(equivalent), "untriaged": [r["id"] for r in survived if r["id"] not in triage],
+                       "score": round(len(killed) / live, 3) if live else None}
+    return out
+
+
+def _commit() -> str:
+    """HEAD, marked "+changes" when src/ or tests/ differ from it (the copy holds the working tree)."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src", "tests"], capture_output=True,
+                           text=True).stdout.strip()
+    return head + (" +changes" if dirty else "")
+
+
+def write(out: Path, rows: list[dict], args, commit: str) -> None:
+    triage = json.loads(TRIAGE.read_text()) if TRIAGE.exists() else {}
+    table = scores(rows, triage)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"commit": commit, "seed": args.seed, "per_module": args.per_module, "timeout_s": args.timeout,
+         "scores": table, "mutants": rows}, indent=1) + "\n")
+    lines = [f"# Mutation sample (cosmic-ray), commit {commit}, seed {args.seed}, {args.per_module} per module",
+             "", f"    {' '.join(sys.argv)}", "",
+             "| module | sampled | killed | survived | equivalent | score |", "|---|---|---|---|---|---|"]
+    for module, s in table.items():
+        score = "n/a" if s["score"] is None else f"{100 * s['score']:.0f}%"
+        lines.append(f"| {module} | {s['sampled']} | {s['killed']} | {s['survived']} | {s['equivalent']} | {score} |")
+    lines += ["", "Survivors (triage: benchmarks/results/mutation_triage.json):", ""]
+    for r in rows:
+        if r["outcome"] == "survived":
+            t = triage.get(r["id"], {})
+            note = t.get("equivalent") and f"equivalent: {t['equivalent']}" or t.get("killed_by") and \
+                f"killed by {t['killed_by']}" or "untriaged"
+            lines.append(f"- `{r['id']}` line {r['line']}: {note}")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modules", nargs="+", choices=sorted(MODULES), default=sorted(MODULES))
+    parser.add_argument("--per-module", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant; a timeout counts as killed")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mutation_sample")
+    parser.add_argument("--only", nargs="*", default=None, help="mutant ids to run (e.g. survivors after triage)")
+    args = parser.parse_args(argv)
+    commit = _commit()  # what the copy is taken from, before it is taken
+    rows = run(args.modules, args.per_module, args.seed, args.timeout, args.only)
+    write(args.out, rows, args, commit)
+    table = scores(rows, json.loads(TRIAGE.read_text()) if TRIAGE.exists() else {})
+    print(json.dumps(table, indent=1))
+    return 0 if all(s["score"] is None or s["score"] >= 0.85 for s in table.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
