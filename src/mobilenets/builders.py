@@ -22,9 +22,12 @@ def mobilenet_v1(alpha: float = 1.0, *, weights: str | os.PathLike | None = None
                  num_classes: int | None = None, progress: bool = True, **kwargs) -> MobileNetV1:
     """MobileNet v1 (Howard et al., 2017, arXiv:1704.04861) with width multiplier ``alpha``.
 
-    ``weights=None`` gives a freshly initialised model (``kwargs`` as in
-    :class:`MobileNetV1Config`: ``padding``, ``bn_eps``, ``dropout``, ...;
-    ``num_classes`` defaults to 1000).  ``weights="imagenet"`` loads the
+    ``weights=None`` gives a freshly initialised model; ``kwargs`` are
+    :class:`MobileNetV1Config`'s options: ``activation`` ("relu6" or "relu"),
+    ``padding`` ("symmetric" or "tf_same"), ``bn_eps``, ``bn_momentum``,
+    ``dropout``, ``min_depth``, ``output_stride`` (8, 16, 32), ``full_conv``
+    (Table 4) and ``shallow`` (Table 5); ``num_classes`` defaults to 1000 and
+    ``num_classes=0`` gives a pooled-feature model.  ``weights="imagenet"`` loads the
     released ImageNet weights for ``alpha`` x ``resolution`` (see
     ``mobilenets.weights.WEIGHTS``), fetched and converted once.
     ``weights=PATH`` loads a run folder, checkpoint, .safetensors or state

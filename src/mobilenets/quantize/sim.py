@@ -114,16 +114,11 @@ def activate(layer: FoldedConv, z: torch.Tensor) -> torch.Tensor:
     return torch.minimum(z, clamp.reshape(-1, 1, 1).to(z)) if torch.isfinite(clamp).any() else z
 
 
-def classifier_weight(folded: FoldedMobileNet) -> torch.Tensor:
-    return folded.classifier.weight
-
-
-class Ranges(dict):
-    """Activation ranges by point: "input", "features.<i>" (output of folded layer i), "pool", "logits"."""
-
-
 def simulate(folded: FoldedMobileNet, ranges: dict, x: torch.Tensor, *, quantize_weights: bool = True) -> torch.Tensor:
-    """Logits of the int8 graph as float arithmetic (differentiable: straight-through estimators)."""
+    """Logits of the int8 graph as float arithmetic (differentiable: straight-through estimators).
+
+    ``ranges``: activation ranges by point: "input", "features.<i>" (output of folded layer i), "pool", "logits".
+    """
     def int8(weight, bias, in_rng):  # float weights keep a float bias: its grid is the int8 weights'
         if not quantize_weights:
             return weight, bias
