@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import QuantizeError
 from ..folding import FoldedConv, FoldedMobileNet
 
 WEIGHT_QMAX = 127
@@ -112,6 +113,25 @@ def activate(layer: FoldedConv, z: torch.Tensor) -> torch.Tensor:
     z = F.relu(z)
     clamp = clamp_of(layer, z.shape[1])
     return torch.minimum(z, clamp.reshape(-1, 1, 1).to(z)) if torch.isfinite(clamp).any() else z
+
+
+def scalar_clips(folded: FoldedMobileNet, ranges: dict) -> list[float]:
+    """Each layer's smallest ReLU6 clip (inf for ReLU), checked to lie at or above the top of its int8 range.
+
+    After equalization the clip differs per channel.  Runtimes that fuse one clip per layer, or let int8
+    saturation do the clipping, run the same int8 graph only because calibration caps every layer's range
+    at its smallest clip; ranges from elsewhere that reach past it are refused.
+    """
+    clips = []
+    for i, layer in enumerate(folded.features):
+        clip = float(clamp_of(layer, layer.conv.out_channels).min())
+        top = float(ranges[f"features.{i}"][1])
+        if clip < top - 1e-6:
+            raise QuantizeError(f"features.{i}: the int8 activation range (top {top:.4g}) exceeds the layer's "
+                                f"smallest ReLU6 clip ({clip:.4g}); prepare the int8 weights again "
+                                f"(mobilenets quantize)")
+        clips.append(clip)
+    return clips
 
 
 def simulate(folded: FoldedMobileNet, ranges: dict, x: torch.Tensor, *, quantize_weights: bool = True) -> torch.Tensor:
