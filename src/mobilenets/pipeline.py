@@ -42,9 +42,7 @@ class DecodedBatch:
 def default_workers(count: int, batch_size: int) -> int:
     """Decoding processes for ``count`` images: none for a batch or two (starting a process costs more than
     it saves), else one per core (at most 8).  Workers sleep once their batches wait, so the model loses
-    little to them; leaving it a core of its own starved the decoding instead: on 2 busy cores 2 workers
-    gave 1.11x (ImageNet-size JPEGs) and 1.15x (12-megapixel ones) the images/s of 1
-    (benchmarks/results/predict_workers.md)."""
+    little to them, while leaving it a core of its own starves the decoding (benchmarks/results/predict_workers.md)."""
     if count <= 2 * batch_size:
         return 0
     return max(1, min(cpu_count(), 8))
