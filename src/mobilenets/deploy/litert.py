@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import tflite_schema as fb
+from ..formats import tflite_schema as fb
 from .backend import Backend, ExportFormat, Run
 from .calibration import as_input
 from .machine import DeployError

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import tflite_schema as fb
+from ..formats import tflite_schema as fb
 from ..images import INCEPTION
 from ..metadata import Metadata
 from .layout import Converted, WeightsError, imagenet_labels, infer_config
