@@ -99,3 +99,79 @@ def test_cycles_are_found_through_every_kind_of_import(tmp_path, source, expecte
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     assert cycles(import_graph(root)) == expected
+
+
+# ---------------------------------------------------------------- the CLI reads the library's registries
+
+CLI = PACKAGE / "cli.py"
+
+
+def _choice_arguments(tree: ast.AST):
+    """(line, node) of every choices= argument and every choice list handed to cli._csv."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        for keyword in node.keywords:
+            if keyword.arg == "choices":
+                yield node.lineno, keyword.value
+        if isinstance(node.func, ast.Name) and node.func.id == "_csv" and len(node.args) > 1:
+            yield node.lineno, node.args[1]
+
+
+def test_the_cli_writes_no_choice_list_of_its_own():
+    tree = ast.parse(CLI.read_text())
+    literal = (ast.Tuple, ast.List, ast.Set, ast.Dict, ast.Constant, ast.ListComp, ast.GeneratorExp)
+    found = list(_choice_arguments(tree))
+    assert len(found) >= 10
+    written = [f"cli.py:{line}: {ast.unparse(value)}" for line, value in found
+               if any(isinstance(n, literal) for n in ast.walk(value)) and not isinstance(value, ast.Subscript)]
+    assert not written, "choice lists written in cli.py; read the library's registry instead: " + "; ".join(written)
+
+
+def _option(parser, command: str, flag: str):
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return sub, next(a for a in sub._actions if flag in a.option_strings)
+
+
+@pytest.mark.parametrize("command, flag, registry", [
+    ("export", "--format", "mobilenets.deploy:EXPORT_FORMATS"),
+    ("export", "--precision", "mobilenets.deploy:EXPORT_PRECISIONS"),
+    ("export", "--io", "mobilenets.deploy.tflite_graph:IO_TYPES"),
+    ("pick", "--precision", "mobilenets.deploy:PRECISIONS"),
+    ("pick", "--backend", "mobilenets.deploy:COMPILE_BACKENDS"),
+    ("pick", "--runtime", "mobilenets.pick:DEVICE_RUNTIMES"),
+    ("pick", "--accelerator", "mobilenets.device_latency:ACCELERATORS"),
+    ("convert", "--from", "mobilenets.weights:SOURCES"),
+    ("predict", "--precision", "mobilenets.deploy:PRECISIONS"),
+    ("predict", "--backend", "mobilenets.predict:BACKENDS"),
+    ("quantize", "--method", "mobilenets.quantize:METHODS"),
+])
+def test_the_help_lists_exactly_the_registry(command, flag, registry):
+    import importlib
+
+    from mobilenets.cli import build_parser
+
+    module, name = registry.split(":")
+    expected = list(getattr(importlib.import_module(module), name))
+    sub, action = _option(build_parser(), command, flag)
+    assert list(action.choices) == expected
+    assert "{" + ",".join(expected) + "}" in " ".join(sub.format_help().split())
+
+
+@pytest.mark.parametrize("flag, registry", [("--backend", "COMPILE_BACKENDS"), ("--precision", "PRECISIONS")])
+def test_benchmark_lists_accept_exactly_the_registry(flag, registry):
+    from mobilenets import deploy
+    from mobilenets.cli import build_parser
+
+    expected = list(getattr(deploy, registry))
+    _, action = _option(build_parser(), "benchmark", flag)
+    assert action.type(",".join(expected)) == expected
+    with pytest.raises(Exception, match="not in"):
+        action.type("not-a-" + flag.strip("-"))
+
+
+def test_converters_are_one_table():
+    from mobilenets import weights
+
+    assert weights.SOURCES == tuple(weights.CONVERTERS) == ("keras", "tf-slim", "tf-frozen", "timm", "tflite")
+    assert set(weights.SUFFIX_SOURCES.values()) <= set(weights.SOURCES)

@@ -235,6 +235,24 @@ def make_model(alpha: float, *, seed: int = SEED, num_classes: int = 1000, steps
     return model.eval()
 
 
+def model_for(*, weights=None, checkpoint=None, alpha: float = 1.0, resolution: int | None = None):
+    """(model, resolution, normalization, labels or None) of ``weights`` or ``checkpoint``, else
+    :func:`make_model`'s seeded ``alpha`` model; ``resolution`` defaults to the weights' own."""
+    from . import metadata
+
+    if weights and checkpoint:
+        raise ParameterError("give weights or checkpoint, not both")
+    if weights or checkpoint:
+        from .weights import load
+
+        model = load(checkpoint or weights)
+    else:
+        model = make_model(alpha)
+    meta = metadata.of(model)
+    labels = list(meta.labels) if meta.labels is not None else None
+    return model, int(resolution or meta.resolution), meta.normalization, labels
+
+
 def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_sizes=(1,),
               precisions=("fp32",), backends=("auto",), peers: bool = True, calibration=None,
               rounds: int = 5, min_time: float = 0.4, warmup: int = 3, normalization=None, floor_size: int = 2048,

@@ -26,6 +26,9 @@ from .model import MobileNetV1
 
 # Below this many images, compiling a runtime (seconds) costs more than it saves; the eager model runs them.
 COMPILE_FROM = 256
+# what predict runs by name: the eager model, the fastest measured here ("auto"), and the runtimes that serve
+# from this process (LiteRT's and ExecuTorch's files are for devices; Core ML does not run here)
+BACKENDS = ("eager", "auto", "torch", "onnxruntime", "openvino")
 
 
 @dataclass(frozen=True)
