@@ -15,7 +15,7 @@ from imagefolders import CLASSES, make_split
 from mobilenets import checkpoint, cli
 from mobilenets.evaluate import evaluate_checkpoint
 from mobilenets.images import IMAGENET, Normalization, eval_transform, list_images, load_rgb
-from mobilenets.model import mobilenet_v1
+from mobilenets import mobilenet_v1
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from mobilenets import deploy, mobilenet_v1, tflite_schema, weights
+from mobilenets import deploy, mobilenet_v1, weights
+from mobilenets.formats import tflite_schema
 from mobilenets.benchmark import make_model
 from mobilenets.images import IMAGENET
 from mobilenets.metadata import Metadata

@@ -20,7 +20,8 @@ from torch import nn
 from imagefolders import make_dataset
 from mobilenets import checkpoint, cli, data, train
 from mobilenets.images import IMAGENET
-from mobilenets.model import MobileNetV1, MobileNetV1Config, mobilenet_v1
+from mobilenets import mobilenet_v1
+from mobilenets.model import MobileNetV1, MobileNetV1Config
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"images_per_s", "epoch_time_s", "model_images_per_s", "loader_images_per_core_s",

@@ -123,7 +123,7 @@ def test_resume_of_a_finished_run_adds_int8_without_training(tmp_path, qat_run):
 
 
 def test_distill_refuses_labels_that_do_not_match_the_images():
-    from mobilenets.model import mobilenet_v1
+    from mobilenets import mobilenet_v1
 
     model = mobilenet_v1(alpha=0.25, num_classes=3).eval()
     batches = [torch.randn(4, 3, 32, 32)]

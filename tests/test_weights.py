@@ -16,7 +16,8 @@ import torch
 import mobilenets
 from mobilenets import cache, checkpoint, cli, weights
 from mobilenets.checkpoint import CheckpointError
-from mobilenets.weights.tf_checkpoint import _snappy_decompress, find_prefix
+from mobilenets.formats.sstable import snappy_decompress
+from mobilenets.weights.tf_checkpoint import find_prefix
 from mobilenets.weights import WeightsError
 
 from weights_helpers import Server, write_keras2_h5
@@ -268,7 +269,7 @@ def test_builder_without_weights_is_the_plain_model():
 
 
 def test_crc32c_known_values():
-    from mobilenets.weights.tf_checkpoint import crc32c
+    from mobilenets.formats.sstable import crc32c
 
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     assert crc32c(b"") == 0
@@ -283,7 +284,7 @@ def test_crc32c_known_values():
 
 def test_snappy_blocks_decode():
     # "abc" as a literal, then a 9-byte copy from 3 back (overlapping its own output)
-    assert _snappy_decompress(b"\x0c\x08abc\x15\x03") == b"abcabcabcabc"
+    assert snappy_decompress(b"\x0c\x08abc\x15\x03") == b"abcabcabcabc"
 
 
 def test_checkpoint_prefix_forms(tmp_path):

@@ -12,9 +12,9 @@ stride 1; see docs/architecture.md, Errata).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from .checks import is_integer, is_number
 from .errors import ParameterError, ParameterTypeError
 
 
@@ -81,14 +81,12 @@ RESOLUTION_RANGE = f"an integer in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] such as 
 
 def alpha_ok(alpha) -> bool:
     """Whether ``alpha`` is a width multiplier this library builds: finite, in (0, MAX_ALPHA]."""
-    return (not isinstance(alpha, bool) and isinstance(alpha, (int, float)) and math.isfinite(alpha)
-            and 0 < alpha <= MAX_ALPHA)
+    return is_number(alpha) and 0 < alpha <= MAX_ALPHA
 
 
 def resolution_ok(resolution) -> bool:
     """Whether ``resolution`` is an input size in [MIN_RESOLUTION, MAX_RESOLUTION]."""
-    return (not isinstance(resolution, bool) and isinstance(resolution, int)
-            and MIN_RESOLUTION <= resolution <= MAX_RESOLUTION)
+    return is_integer(resolution) and MIN_RESOLUTION <= resolution <= MAX_RESOLUTION
 
 
 def check_alpha(alpha: float) -> float:
@@ -99,10 +97,10 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def check_resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
+def check_input_size(resolution: int | tuple[int, int]) -> tuple[int, int]:
     """Normalise an input size to (height, width) and check each side is in [MIN_RESOLUTION, MAX_RESOLUTION]."""
     size = (resolution, resolution) if not isinstance(resolution, (tuple, list)) else tuple(resolution)
-    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in size):
+    if len(size) != 2 or not all(is_integer(s) for s in size):
         raise ParameterTypeError(f"resolution must be an integer or a (height, width) pair of integers, "
                                  f"got {resolution!r}")
     if not all(resolution_ok(s) for s in size):
@@ -111,7 +109,7 @@ def check_resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def check_num_classes(num_classes: int) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+    if not is_integer(num_classes):
         raise ParameterTypeError(f"num_classes must be an integer >= 0 (0 gives pooled features), "
                                  f"got {num_classes!r}")
     if not 0 <= num_classes <= MAX_CLASSES:
@@ -176,9 +174,9 @@ def body(
     of input channels (3 for RGB; 1 for grayscale, more for other sensors).
     """
     alpha = check_alpha(alpha)
-    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or not 1 <= in_chans <= MAX_IN_CHANS:
+    if not is_integer(in_chans) or not 1 <= in_chans <= MAX_IN_CHANS:
         raise ParameterError(f"in_chans must be an integer in [1, {MAX_IN_CHANS}] (3 for RGB), got {in_chans!r}")
-    if isinstance(min_depth, bool) or not isinstance(min_depth, int) or min_depth < 1:
+    if not is_integer(min_depth) or min_depth < 1:
         raise ParameterError(f"min_depth must be a positive integer (TF-slim uses 8), got {min_depth!r}")
     if output_stride is not None and output_stride not in OUTPUT_STRIDES:
         raise ParameterError(f"output_stride must be one of {OUTPUT_STRIDES} or None, got {output_stride!r}")
@@ -261,7 +259,7 @@ class SizedLayer:
 
 def layers(blocks: tuple[Block, ...], resolution: int | tuple[int, int], num_classes: int) -> tuple[SizedLayer, ...]:
     """Every convolution and the classifier, with input and output sizes for ``resolution``."""
-    size = check_resolution(resolution)
+    size = check_input_size(resolution)
     sized = []
     for block in blocks:
         for layer in block.layers:

@@ -34,10 +34,11 @@ from typing import Callable
 import torch
 
 from . import deploy
-from .architecture import check_resolution
+from .architecture import check_input_size
+from .checks import check_integer, is_integer, is_number
 from .cost import cost
 from .errors import ParameterError
-from .model import mobilenet_v1
+from .builders import mobilenet_v1
 
 SEED = 0
 # Bounds that keep a typo from asking for all the memory: a batch of 1024 at 224 px is 0.6 GB of input and
@@ -46,22 +47,15 @@ MAX_BATCH = 1024
 MAX_FLOOR_SIZE = 8192
 
 
-def _positive_int(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
-
-
 def check_arguments(*, batch_sizes=(1,), floor_size: int = 2048, rounds: int = 5, min_time: float = 0.4) -> None:
     """Refuse timing arguments that cannot work or would exhaust memory, before any model is built."""
-    bad = [b for b in batch_sizes if not _positive_int(b) or b > MAX_BATCH]
+    bad = [b for b in batch_sizes if not is_integer(b) or not 1 <= b <= MAX_BATCH]
     if bad or not batch_sizes:
         raise ParameterError(f"batch sizes must be integers in [1, {MAX_BATCH}] such as 1, 8, 32, "
                              f"got {list(batch_sizes)!r}")
-    if not _positive_int(floor_size) or floor_size > MAX_FLOOR_SIZE:
-        raise ParameterError(f"floor_size must be an integer in [1, {MAX_FLOOR_SIZE}] (default 2048), "
-                             f"got {floor_size!r}")
-    if not _positive_int(rounds):
-        raise ParameterError(f"rounds must be an integer >= 1, got {rounds!r}")
-    if isinstance(min_time, bool) or not isinstance(min_time, (int, float)) or not 0 < min_time < float("inf"):
+    check_integer(floor_size, "floor_size", 1, MAX_FLOOR_SIZE, example=" (default 2048)")
+    check_integer(rounds, "rounds", 1)
+    if not is_number(min_time) or min_time <= 0:
         raise ParameterError(f"min_time must be a number of seconds > 0 such as 0.4, got {min_time!r}")
 
 
@@ -241,6 +235,24 @@ def make_model(alpha: float, *, seed: int = SEED, num_classes: int = 1000, steps
     return model.eval()
 
 
+def model_for(*, weights=None, checkpoint=None, alpha: float = 1.0, resolution: int | None = None):
+    """(model, resolution, normalization, labels or None) of ``weights`` or ``checkpoint``, else
+    :func:`make_model`'s seeded ``alpha`` model; ``resolution`` defaults to the weights' own."""
+    from . import metadata
+
+    if weights and checkpoint:
+        raise ParameterError("give weights or checkpoint, not both")
+    if weights or checkpoint:
+        from .weights import load
+
+        model = load(checkpoint or weights)
+    else:
+        model = make_model(alpha)
+    meta = metadata.of(model)
+    labels = list(meta.labels) if meta.labels is not None else None
+    return model, int(resolution or meta.resolution), meta.normalization, labels
+
+
 def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_sizes=(1,),
               precisions=("fp32",), backends=("auto",), peers: bool = True, calibration=None,
               rounds: int = 5, min_time: float = 0.4, warmup: int = 3, normalization=None, floor_size: int = 2048,
@@ -254,7 +266,7 @@ def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_si
     """
     log = log or (lambda s: None)
     check_arguments(batch_sizes=batch_sizes, floor_size=floor_size, rounds=rounds, min_time=min_time)
-    check_resolution(resolution)
+    check_input_size(resolution)
     model = model if model is not None else make_model(alpha)
     alpha = model.config.alpha
     mult_adds = cost(alpha, resolution, num_classes=model.config.num_classes, min_depth=model.config.min_depth,

@@ -30,12 +30,15 @@ def mobilenet_v1(alpha: float | None = None, *, weights: str | os.PathLike | Enu
                  device=None, dtype=None, **kwargs) -> MobileNetV1:
     """MobileNet v1 (Howard et al., 2017, arXiv:1704.04861) with width multiplier ``alpha`` (default 1.0).
 
-    ``weights=None`` gives a freshly initialised model (``kwargs`` as in
-    :class:`MobileNetV1Config`: ``padding``, ``bn_eps``, ``dropout``,
-    ``in_chans``, ``global_pool``, ...; ``num_classes`` defaults to 1000).
-    ``weights="imagenet"`` loads the released ImageNet weights for ``alpha``
-    x ``resolution`` (see ``mobilenets.weights.WEIGHTS``), fetched and
-    converted once; so does a member of
+    ``weights=None`` gives a freshly initialised model; ``kwargs`` are
+    :class:`MobileNetV1Config`'s options: ``activation`` ("relu6" or "relu"),
+    ``padding`` ("symmetric" or "tf_same"), ``bn_eps``, ``bn_momentum``,
+    ``dropout``, ``min_depth``, ``output_stride`` (8, 16, 32), ``full_conv``
+    (Table 4), ``shallow`` (Table 5), ``in_chans`` and ``global_pool``;
+    ``num_classes`` defaults to 1000 and ``num_classes=0`` gives a
+    pooled-feature model.  ``weights="imagenet"`` loads the released ImageNet
+    weights for ``alpha`` x ``resolution`` (see ``mobilenets.weights.WEIGHTS``),
+    fetched and converted once; so does a member of
     ``mobilenets.models.MobileNet_V1_Weights`` or its name
     ("MobileNet_V1_Weights.IMAGENET1K_0_5_160", as torchvision's
     ``get_weight`` takes it), which also sets ``alpha`` and ``resolution``.

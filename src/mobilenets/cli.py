@@ -287,41 +287,6 @@ def add_plot(sub) -> None:
 # ---------------------------------------------------------------- export, benchmark, pick
 
 
-def _deploy_model(args):
-    """(model, resolution, normalization, labels) from --weights/--checkpoint, else a seeded --alpha model."""
-    from . import metadata
-    from .benchmark import make_model
-
-    if args.weights and args.checkpoint:
-        raise UsageError(f"mobilenets {args.command}: give --weights or --checkpoint, not both")
-    if args.weights or args.checkpoint:
-        from .weights import load
-
-        model = load(args.checkpoint or args.weights)
-    else:
-        model = make_model(args.alpha)
-    meta = metadata.of(model)
-    labels = list(meta.labels) if meta.labels is not None else None
-    return model, int(args.resolution or meta.resolution), meta.normalization, labels
-
-
-def _calibration(args, model, resolution, normalization, labels):
-    """(batches, labels or None) from --calib-data DIR, else the built-in digits (labelled when the model has 10 classes)."""
-    from pathlib import Path
-
-    from . import deploy
-
-    if args.calib_data:
-        batches, paths = deploy.image_batches(args.calib_data, resolution, normalization=normalization,
-                                              limit=args.calib_images)
-        # DIR/<class>/* with the model's class names gives labels, so accuracy can be reported
-        names = [Path(p).parent.name for p in paths]
-        y = [labels.index(n) for n in names] if labels and all(n in labels for n in names) else None
-        return batches, y
-    batches, y = deploy.builtin_batches(resolution, normalization=normalization, limit=args.calib_images)
-    return batches, y if model.config.num_classes == 10 else None
-
-
 def _add_weights_arguments(p) -> None:
     p.add_argument("--weights", metavar="FILE", help="converted weights (.safetensors) or a checkpoint file")
     p.add_argument("--checkpoint", metavar="RUN_DIR|FILE", help="a training run folder (its best.pt) or a .pt")
@@ -330,39 +295,20 @@ def _add_weights_arguments(p) -> None:
     p.add_argument("--resolution", type=resolution, help="input size (default: the weights', else 224)")
 
 
-INT8_AGREEMENT_WARNING = 0.95
-
-
 def run_export(args) -> int:
-    import torch
+    from .export_check import export_and_check
 
-    from . import deploy
-
-    out, fmt = deploy.export_target(args.out, args.format)  # the format follows --out's suffix unless given
-    precision = args.precision or deploy.default_precision(fmt)
-    deploy.check_export(fmt, precision)  # before anything is loaded or fitted
-    model, res, normalization, labels = _deploy_model(args)
-    batches, y = _calibration(args, model, res, normalization, labels)
-    x = torch.cat(batches)
-    with torch.no_grad():
-        reference = model.eval()(x)
-    if not deploy.runs_here(fmt):  # Core ML: written, then checked here, not run
-        return _report_checked(_export_checked(deploy, model, out, fmt, precision, batches, res, args.io, x,
-                                               reference, y), args.json)
-    path = deploy.export(model, out, fmt, precision=precision, calibration=batches, resolution=res, io=args.io)
-    run = deploy.load_exported(path, fmt)
-    report = {"path": str(path), "format": fmt, "precision": precision, "resolution": res,
-              **deploy.parity(reference, run(x), y)}
-    if precision == "int8" and report["top1_agreement"] < INT8_AGREEMENT_WARNING:
-        # still written (exit 0): the user decides, but must not mistake it for the float model
-        print(f"mobilenets: warning: the int8 file keeps only {100 * report['top1_agreement']:.1f}% of the float "
-              f"model's top-1 answers on the {report['images']} calibration images (under "
-              f"{100 * INT8_AGREEMENT_WARNING:.0f}%); calibrate on more images like your inputs (--calib-data), or "
-              f"prepare the weights with 'mobilenets quantize'", file=sys.stderr)
+    report = export_and_check(args.out, format=args.format, precision=args.precision, weights=args.weights,
+                              checkpoint=args.checkpoint, alpha=args.alpha, resolution=args.resolution, io=args.io,
+                              calib_data=args.calib_data, calib_images=args.calib_images,
+                              warn=lambda text: print(f"mobilenets: warning: {text}", file=sys.stderr))
+    if report.get("executed") is False:  # a format no runtime here runs (Core ML): checked, not run
+        return _report_checked(report, args.json)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"wrote {path} ({fmt}, {precision}, {res}x{res})")
+    res = report["resolution"]
+    print(f"wrote {report['path']} ({report['format']}, {report['precision']}, {res}x{res})")
     print(_parity_line("parity vs PyTorch fp32", report))
     return 0
 
@@ -373,18 +319,6 @@ def _parity_line(what: str, p: dict) -> str:
     if "accuracy" in p:
         line += f", accuracy {100 * p['accuracy']:.1f}% (PyTorch {100 * p['reference_accuracy']:.1f}%)"
     return line
-
-
-def _export_checked(deploy, model, out, fmt, precision, batches, res, io, x, reference, y) -> dict:
-    """Export a format that does not run here, and check the file against the model."""
-    from . import quantize
-
-    spec = deploy.export_formats()[fmt][1]
-    if precision == "int8" and spec.weights_only_int8 and quantize.from_model(model) is None:
-        # prepared once, for the file and for its check, which compares it with these int8-ready weights
-        model = quantize.to_model(quantize.prepare_int8(model, batches), model)
-    path = deploy.export(model, out, fmt, precision=precision, resolution=res, io=io)
-    return deploy.check_exported(model, path, fmt, precision=precision, images=x, logits=reference, labels=y)
 
 
 def _report_checked(report: dict, as_json: bool) -> int:
@@ -412,6 +346,7 @@ def _report_checked(report: dict, as_json: bool) -> int:
 
 def add_export(sub) -> None:
     from .deploy import EXPORT_FORMATS, EXPORT_PRECISIONS
+    from .deploy.tflite_graph import IO_TYPES
 
     p = sub.add_parser("export", help="write the model for ONNX Runtime, OpenVINO, LiteRT, ExecuTorch, Core ML, "
                                       "TorchScript or torch.export",
@@ -423,7 +358,7 @@ def add_export(sub) -> None:
                         "onnx without a suffix")
     p.add_argument("--precision", choices=EXPORT_PRECISIONS,
                    help="default fp32; fp16 for coreml (whose int8 is weights only, with no calibration)")
-    p.add_argument("--io", choices=("int8", "uint8", "float"),
+    p.add_argument("--io", choices=IO_TYPES,
                    help="tflite int8 only: type of the file's input and output (default int8; float adds "
                         "QUANTIZE/DEQUANTIZE at the ends)")
     p.add_argument("--calib-data", metavar="DIR", help="images for int8 calibration and the parity check "
@@ -476,7 +411,8 @@ def run_benchmark(args) -> int:
             print(f"{r['model']:9} {r['mult_adds']:>12,} mult-adds  {r['median_ms']:8.2f} ms  p90 {r['p90_ms']:8.2f}"
                   f"  {r['backend']}")
         return 0
-    model, res, normalization, _ = _deploy_model(args)
+    model, res, normalization, _ = benchmark.model_for(weights=args.weights, checkpoint=args.checkpoint,
+                                                       alpha=args.alpha, resolution=args.resolution)
     result = benchmark.benchmark(model, resolution=res, batch_sizes=args.batch_size, precisions=args.precision,
                                  backends=args.backend, peers=not args.no_peers, rounds=args.rounds,
                                  min_time=args.min_time, normalization=normalization, floor_size=args.floor_size,
@@ -492,7 +428,7 @@ def run_benchmark(args) -> int:
 
 def add_benchmark(sub) -> None:
     from .benchmark import MAX_BATCH, MAX_FLOOR_SIZE
-    from .deploy import BACKENDS, PRECISIONS
+    from .deploy import COMPILE_BACKENDS, PRECISIONS
 
     p = sub.add_parser("benchmark", help="latency and throughput beside timm, ONNX Runtime and OpenVINO",
                        description="Median and p90 latency after warm-up, throughput, achieved mult-adds/s against "
@@ -502,7 +438,7 @@ def add_benchmark(sub) -> None:
                                                    allowed=f"integers in [1, {MAX_BATCH}] such as 1,8,32"),
                    default=[1], help="comma-separated (default 1)")
     p.add_argument("--precision", type=_csv(str, PRECISIONS), default=["fp32"], help="comma-separated fp32,bf16,int8")
-    p.add_argument("--backend", type=_csv(str, ("auto", *BACKENDS)), default=["auto"],
+    p.add_argument("--backend", type=_csv(str, COMPILE_BACKENDS), default=["auto"],
                    help="our backends to time, comma-separated (default auto)")
     p.add_argument("--no-peers", action="store_true", help="time only ours")
     p.add_argument("--rounds", type=_positive_int, default=5, help="interleaved timing rounds (default 5)")
@@ -589,7 +525,7 @@ def _pick_published(args, pick) -> int:
 
 def add_pick(sub) -> None:
     from .benchmark import MAX_BATCH
-    from .deploy import BACKENDS, PRECISIONS
+    from .deploy import COMPILE_BACKENDS, PRECISIONS
     from .device_latency import ACCELERATORS, DEVICES
     from .pick import DEVICE_RUNTIMES
 
@@ -604,7 +540,7 @@ def add_pick(sub) -> None:
                    default=1, help="batch size (default 1)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--backend", choices=("auto", *BACKENDS), default=None,
+    where.add_argument("--backend", choices=COMPILE_BACKENDS, default=None,
                        help="compile with this backend in this process (default auto: the fastest here)")
     where.add_argument("--runtime", choices=DEVICE_RUNTIMES,
                        help="export each model as this runtime's file and time it in that runtime on this CPU "
@@ -627,24 +563,14 @@ def add_pick(sub) -> None:
 def run_convert(args) -> int:
     from . import weights
 
-    suffix = args.src.lower()
-    source = args.source or ("tf-frozen" if suffix.endswith(".pb") else "tflite" if suffix.endswith(".tflite") else None)
-    if source is None:
-        raise UsageError(f"mobilenets convert: say where {args.src} comes from with --from "
-                         f"keras|tf-slim|tf-frozen|timm|tflite (only .pb and .tflite files are recognised on their own)")
-    converted = weights.convert(source, args.src, keep_background=args.keep_background,
-                                resolution=args.resolution)
-    out = weights.save(converted, args.out)
-    c = converted.config
-    meta = converted.meta.to_dict()
-    summary = {"out": str(out), "source": meta["source"], "alpha": c.alpha,
-               "resolution": meta["resolution"], "num_classes": c.num_classes, "padding": c.padding,
-               "bn_eps": c.bn_eps, "normalization": meta["normalization"]}
-    print(json.dumps(summary))
+    print(json.dumps(weights.convert_file(args.src, args.out, source=args.source, keep_background=args.keep_background,
+                                          resolution=args.resolution)))
     return 0
 
 
 def add_convert(sub) -> None:
+    from .weights import SOURCES, SUFFIX_SOURCES
+
     p = sub.add_parser("convert", help="convert released weights (Keras .h5, TF-slim checkpoint, frozen .pb, timm, "
                                        ".tflite) to .safetensors",
                        description="Convert official weights to a .safetensors file that 'mobilenets.load' and "
@@ -652,8 +578,10 @@ def add_convert(sub) -> None:
     p.add_argument("src", help="Keras .h5 file; TF-slim checkpoint prefix, .index file, folder or .tgz; "
                               "frozen TensorFlow graph .pb (or the release .tgz with one); timm .pth/.bin/.safetensors; "
                               ".tflite (float or quantized)")
-    p.add_argument("--from", dest="source", default=None, choices=("keras", "tf-slim", "tf-frozen", "timm", "tflite"),
-                   help="where the weights come from (default: tf-frozen for a .pb, tflite for a .tflite, else required)")
+    p.add_argument("--from", dest="source", default=None, choices=SOURCES,
+                   help="where the weights come from (default: "
+                        + ", ".join(f"{source} for a {suffix}" for suffix, source in SUFFIX_SOURCES.items())
+                        + ", else required)")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the converted file")
     p.add_argument("--keep-background", action="store_true",
                    help="tf-slim, tf-frozen, tflite: keep class 0 ('background'), giving 1001 classes")
@@ -689,6 +617,9 @@ def run_predict(args) -> int:
 
 
 def add_predict(sub) -> None:
+    from .deploy import PRECISIONS
+    from .predict import BACKENDS
+
     p = sub.add_parser("predict", help="classify images or folders of images",
                        description="Classify images with official or converted weights, preprocessed as the "
                                    "weights expect (resize by resolution/0.875, centre crop, their mean/std).")
@@ -701,10 +632,10 @@ def add_predict(sub) -> None:
                    help="with imagenet: 224, 192, 160 or 128 (default 224); with a FILE: override its resolution")
     p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="how the model computes (default fp32; int8 needs --calib-data unless the "
                         "weights are from 'mobilenets quantize')")
-    p.add_argument("--backend", choices=("eager", "auto", "torch", "onnxruntime", "openvino"), default=None,
+    p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="runtime (default: eager PyTorch for a few images, else the fastest measured, 'auto')")
     p.add_argument("--calib-data", metavar="DIR", default=None, help="images for int8 calibration")
     p.add_argument("--workers", type=_workers(), default=None,
@@ -719,25 +650,16 @@ def add_predict(sub) -> None:
 
 
 def run_quantize(args) -> int:
-    import torch
+    from .deploy import quantize_file
 
-    from . import deploy, quantize, weights
-
-    model = weights.load(args.weights)
-    batches, _ = deploy.image_batches(args.calib_data, model.meta.resolution, normalization=model.meta.normalization,
-                                      limit=args.calib_images)
-    log = _progress(args)
-    ready = quantize.prepare_int8(model, batches, steps=args.steps, method=args.method, log=log)
-    out = quantize.save(ready, model, args.out)
-    x = torch.cat(batches)
-    with torch.no_grad():
-        report = deploy.parity(model(x), ready.simulate(x))
-    print(json.dumps({"out": str(out), "steps": args.steps, "images": report["images"],
-                      "top1_agreement": report["top1_agreement"], "cosine": report["cosine"]}))
+    print(json.dumps(quantize_file(args.weights, args.calib_data, args.out, calib_images=args.calib_images,
+                                   steps=args.steps, method=args.method, log=_progress(args))))
     return 0
 
 
 def add_quantize(sub) -> None:
+    from .quantize import METHODS
+
     p = sub.add_parser("quantize", help="make weights int8-ready (equalization, bias correction, ranges, QAT)",
                        description="Adjust the weights so their int8 version keeps the float answers, from "
                                    "unlabeled images: equalization, bias correction, activation ranges by error, "
@@ -748,7 +670,7 @@ def add_quantize(sub) -> None:
     p.add_argument("--steps", type=_number(int, lambda v: 0 <= v <= 100_000, "an integer in [0, 100000]"), default=0,
                    help="fine-tuning steps with fake quantization against the float model (default 0: post-training "
                         "only; kept only if it lowers the int8 model's divergence on the calibration images)")
-    p.add_argument("--method", choices=("mse", "minmax", "p99.99", "p99.999"), default="mse",
+    p.add_argument("--method", choices=METHODS, default="mse",
                    help="how activation ranges are chosen (default mse)")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the int8-ready weights")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")

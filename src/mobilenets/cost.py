@@ -139,7 +139,7 @@ def cost(
     blocks = architecture.body(alpha, min_depth=min_depth, full_conv=full_conv, shallow=shallow,
                                output_stride=output_stride)
     sized = architecture.layers(blocks, resolution, num_classes)
-    return Cost(float(alpha), architecture.check_resolution(resolution), tuple(layer_cost(s) for s in sized))
+    return Cost(float(alpha), architecture.check_input_size(resolution), tuple(layer_cost(s) for s in sized))
 
 
 def measure(model, resolution: int | tuple[int, int] = 224) -> dict:
@@ -152,7 +152,7 @@ def measure(model, resolution: int | tuple[int, int] = 224) -> dict:
     import torch
     from torch import nn
 
-    height, width = architecture.check_resolution(resolution)
+    height, width = architecture.check_input_size(resolution)
     mult_adds = 0
 
     def hook(module, inputs, output):

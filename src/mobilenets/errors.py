@@ -31,3 +31,7 @@ class MissingWeightsError(WeightsError, FileNotFoundError):
 
 class MetadataError(WeightsError):
     """Metadata of a set of weights (resolution, normalization, labels, int8 data) that cannot be right."""
+
+
+class QuantizeError(MobilenetsError):
+    """int8 preparation that cannot run on the given model or data; the message says what would work."""

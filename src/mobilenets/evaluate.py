@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from . import data, weights
 from .architecture import RESOLUTION_RANGE, resolution_ok
+from .checks import check_integer
 from .data import DataError
 from .errors import ParameterError
 from .labels import imagenet_labels, imagenet_wnids
@@ -114,10 +115,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path | None
     # the arguments are checked before the model is read, so a typo costs nothing
     if resolution is not None and not resolution_ok(resolution):
         raise ParameterError(f"resolution must be {RESOLUTION_RANGE}, got {resolution!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ParameterError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or not 0 <= num_workers <= data.MAX_WORKERS:
-        raise ParameterError(f"num_workers must be an integer in [0, {data.MAX_WORKERS}], got {num_workers!r}")
+    check_integer(batch_size, "batch_size", 1)
+    check_integer(num_workers, "num_workers", 0, data.MAX_WORKERS)
     device = _device(device)
     if data_dir is not None and not Path(data_dir).is_dir():
         raise FileNotFoundError(f"{data_dir} is not a directory; expected {data_dir}/<class>/*.jpg")

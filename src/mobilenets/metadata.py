@@ -11,10 +11,10 @@ reader builds one with :meth:`Metadata.from_dict`, so a claim is checked in
 one place.
 """
 
-import math
 from dataclasses import dataclass, replace
 
 from .architecture import MIN_RESOLUTION, RESOLUTION_RANGE, resolution_ok
+from .checks import is_number
 from .errors import MetadataError
 from .images import CROP_FRACTION, INCEPTION, Normalization
 
@@ -35,7 +35,7 @@ def check_normalization(normalization, name: str = "<weights>") -> Normalization
         d = normalization
     ok = isinstance(d, dict) and all(
         isinstance(d.get(k), (list, tuple)) and len(d[k]) == 3
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in d[k])
+        and all(is_number(v) for v in d[k])
         for k in ("mean", "std"))
     if not ok or not all(MIN_STD <= v for v in d["std"]) or not all(abs(v) <= MAX_MEAN for v in d["mean"]):
         raise MetadataError(f"{name}: normalization must be {{'mean': [3 finite numbers], 'std': [3 numbers "

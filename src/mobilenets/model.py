@@ -9,8 +9,6 @@ the last layer is ``classifier``.  These names are stable.
 # No `from __future__ import annotations` here: TorchScript reads annotations as written, and string
 # annotations break scripting an fx-traced or create_feature_extractor model ('_torch_Tensor_').
 from collections import OrderedDict
-import math
-import numbers
 import dataclasses
 from dataclasses import asdict, dataclass, fields
 
@@ -21,6 +19,7 @@ from torch import nn
 
 from . import architecture
 from .architecture import Block, Layer
+from .checks import is_number
 from .errors import ParameterError, ParameterTypeError
 from .metadata import Metadata
 
@@ -28,10 +27,6 @@ ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU}
 PADDINGS = ("symmetric", "tf_same")
 # The paper pools by averaging; every deploy path and the int8 pipeline assume it, so max pooling is not offered.
 GLOBAL_POOLS = ("avg", "")
-
-
-def _number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -68,11 +63,11 @@ class MobileNetV1Config:
             raise ParameterError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if not isinstance(self.padding, str) or self.padding not in PADDINGS:
             raise ParameterError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
-        if not _number(self.bn_eps) or not 0 < self.bn_eps < 1:
+        if not is_number(self.bn_eps) or not 0 < self.bn_eps < 1:
             raise ParameterError(f"bn_eps must be in (0, 1) (TF uses 1e-3, PyTorch 1e-5), got {self.bn_eps!r}")
-        if not _number(self.bn_momentum) or not 0 <= self.bn_momentum <= 1:
+        if not is_number(self.bn_momentum) or not 0 <= self.bn_momentum <= 1:
             raise ParameterError(f"bn_momentum must be in [0, 1] (PyTorch uses 0.1), got {self.bn_momentum!r}")
-        if not _number(self.dropout) or not 0 <= self.dropout < 1:
+        if not is_number(self.dropout) or not 0 <= self.dropout < 1:
             raise ParameterError(f"dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("full_conv", "shallow"):
             if getattr(self, name) not in (True, False):
@@ -503,15 +498,3 @@ class MobileNetV1Features(MobileNetV1):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)
-
-
-def mobilenet_v1(alpha: float = 1.0, num_classes: int = 1000, **options) -> MobileNetV1:
-    """MobileNet v1 with width multiplier ``alpha`` (arXiv:1704.04861).
-
-    Options (see :class:`MobileNetV1Config`): ``activation`` ("relu6" or
-    "relu"), ``padding`` ("symmetric" or "tf_same"), ``bn_eps``,
-    ``bn_momentum``, ``dropout``, ``min_depth``, ``output_stride`` (8, 16, 32),
-    ``full_conv`` (Table 4) and ``shallow`` (Table 5).  ``num_classes=0``
-    gives a pooled-feature model.
-    """
-    return MobileNetV1(MobileNetV1Config(alpha=alpha, num_classes=num_classes, **options))

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from . import images
+from .checks import check_integer
 from .cores import cpu_count
 from .data import MAX_WORKERS
-from .errors import ParameterError
 from .images import INCEPTION, ImageError, Normalization
 
 # glibc's mallopt parameter, and the size from which blocks are mapped whole (bound_heap): a batch's tensors
@@ -31,7 +31,7 @@ MMAP_THRESHOLD = 1 << 20
 
 
 @dataclass(frozen=True)
-class Batch:
+class DecodedBatch:
     """``x`` holds the decodable images of ``indices`` (positions in the input); ``failed`` the others."""
 
     indices: list[int]
@@ -42,9 +42,7 @@ class Batch:
 def default_workers(count: int, batch_size: int) -> int:
     """Decoding processes for ``count`` images: none for a batch or two (starting a process costs more than
     it saves), else one per core (at most 8).  Workers sleep once their batches wait, so the model loses
-    little to them; leaving it a core of its own starved the decoding instead: on 2 busy cores 2 workers
-    gave 1.11x (ImageNet-size JPEGs) and 1.15x (12-megapixel ones) the images/s of 1
-    (benchmarks/results/predict_workers.md)."""
+    little to them, while leaving it a core of its own starves the decoding (benchmarks/results/predict_workers.md)."""
     if count <= 2 * batch_size:
         return 0
     return max(1, min(cpu_count(), 8))
@@ -70,16 +68,16 @@ class _Decode(torch.utils.data.Dataset):
             return i, str(e)
 
 
-def _collate(items) -> Batch:
+def _collate(items) -> DecodedBatch:
     good = [(i, x) for i, x in items if isinstance(x, torch.Tensor)]
     failed = [(i, x) for i, x in items if not isinstance(x, torch.Tensor)]
     x = torch.stack([x for _, x in good]) if good else None
-    return Batch([i for i, _ in good], x, failed)
+    return DecodedBatch([i for i, _ in good], x, failed)
 
 
 def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
             normalization: Normalization = INCEPTION, batch_size: int = 32, workers: int | None = None,
-            draft: bool = False) -> Iterator[Batch]:
+            draft: bool = False) -> Iterator[DecodedBatch]:
     """Preprocessed batches of ``sources`` (image files or PIL images), in order; the workers start at once.
 
     ``workers``: decoding processes (default :func:`default_workers`; 0
@@ -89,8 +87,7 @@ def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
     """
     if workers is None:
         workers = default_workers(len(sources), batch_size)
-    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:
-        raise ParameterError(f"workers must be an integer in [0, {MAX_WORKERS}], got {workers!r}")
+    check_integer(workers, "workers", 0, MAX_WORKERS)
     loader = torch.utils.data.DataLoader(
         _Decode(sources, resolution, draft), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate, prefetch_factor=2 if workers else None,
@@ -101,10 +98,10 @@ def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
     return _normalised(iter(loader), normalization)
 
 
-def _normalised(decoded: Iterator[Batch], normalization: Normalization) -> Iterator[Batch]:
+def _normalised(decoded: Iterator[DecodedBatch], normalization: Normalization) -> Iterator[DecodedBatch]:
     for batch in decoded:  # uint8 pixels cross from the workers; normalised here, a whole batch at once
         x = None if batch.x is None else images.to_tensor(batch.x, normalization)
-        yield Batch(batch.indices, x, batch.failed)
+        yield DecodedBatch(batch.indices, x, batch.failed)
 
 
 @functools.lru_cache(maxsize=1)

@@ -19,12 +19,16 @@ import torch
 from PIL import Image
 
 from . import metadata, pipeline
+from .checks import check_integer
 from .errors import MobilenetsError
 from .images import ImageError, Normalization, list_images, warn_skipped
 from .model import MobileNetV1
 
 # Below this many images, compiling a runtime (seconds) costs more than it saves; the eager model runs them.
 COMPILE_FROM = 256
+# what predict runs by name: the eager model, the fastest measured here ("auto"), and the runtimes that serve
+# from this process (LiteRT's and ExecuTorch's files are for devices; Core ML does not run here)
+BACKENDS = ("eager", "auto", "torch", "onnxruntime", "openvino")
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ def _mixed_batches(sources: list[_Source], resolution: int, normalization, batch
                 failed += [(images_[j], why) for j, why in b.failed]
         good = [i for i in chunk if i in decoded or i in tensors]
         x = torch.stack([decoded[i] if i in decoded else sources[i].item for i in good]) if good else None
-        yield pipeline.Batch(good, x, failed)
+        yield pipeline.DecodedBatch(good, x, failed)
 
 
 def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, resolution: int | None = None,
@@ -141,10 +145,8 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     A file named directly that cannot be decoded is an error; one found in a
     folder is skipped with a warning.  ``log(str)`` hears about slow setup (int8 preparation).
     """
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise MobilenetsError(f"topk must be an integer >= 1, got {topk!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise MobilenetsError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_integer(topk, "topk", 1, error=MobilenetsError)
+    check_integer(batch_size, "batch_size", 1, error=MobilenetsError)
     if model.config.num_classes == 0:
         raise MobilenetsError("these weights have no classifier (a feature extractor, e.g. a _no_top file); "
                               "classifying needs weights with their classification head")

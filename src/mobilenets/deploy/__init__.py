@@ -24,8 +24,8 @@ Backends, one module each behind :class:`~.backend.Backend`:
 from __future__ import annotations
 
 from .auto import interleaved, time_run
-from .backend import (BACKENDS, EXPORT_PRECISIONS, PRECISIONS, Backend, available_backends, backend_supports,
-                      export_formats)
+from .backend import (BACKENDS, COMPILE_BACKENDS, EXPORT_PRECISIONS, PRECISIONS, Backend, available_backends,
+                      backend_supports, export_formats)
 from .calibration import builtin_batches, calibration_batches, image_batches, rebatch
 from .fidelity import parity
 from ..folding import FoldedConv, FoldedMobileNet, FoldingError, fold_batchnorm
@@ -33,13 +33,15 @@ from .formats import (check_export, check_exported, default_precision, export, e
                       runs_here)
 from .machine import DeployError, bf16_supported, cpu_flags, cpu_name
 from .predictor import Predictor, compile
+from .prepare import quantize_file
 
 EXPORT_FORMATS = tuple(export_formats())
 
 __all__ = [
-    "BACKENDS", "EXPORT_FORMATS", "EXPORT_PRECISIONS", "PRECISIONS", "Backend", "DeployError", "Predictor",
+    "BACKENDS", "COMPILE_BACKENDS", "EXPORT_FORMATS", "EXPORT_PRECISIONS", "PRECISIONS", "Backend", "DeployError",
+    "Predictor",
     "available_backends", "backend_supports", "bf16_supported", "builtin_batches", "calibration_batches",
     "check_export", "check_exported", "compile", "cpu_flags", "cpu_name", "default_precision", "export",
-    "export_target", "fold_batchnorm", "image_batches", "interleaved", "load_exported", "parity", "rebatch",
-    "runs_here", "time_run",
+    "export_target", "fold_batchnorm", "image_batches", "interleaved", "load_exported", "parity", "quantize_file",
+    "rebatch", "runs_here", "time_run",
 ]

@@ -28,9 +28,8 @@ from .backend import Run
 from .calibration import example_input
 from .machine import DeployError, cpu_name
 
-# Other work on this many cores makes a measurement provisional.  Measured: a choice cached while a neighbour
-# was busy timed OpenVINO int8 at 65.7 ms a batch of 32 (LiteRT 40.3) where a quiet run gives 29.3 (34.1),
-# and the wrong winner cost predict --precision int8 16% of its images/s (502 against 597)
+# Other work on this many cores makes a measurement provisional: timed while a neighbour was busy, the wrong
+# runtime won (benchmarks/results/deploy_auto.md)
 BUSY = 0.5
 
 

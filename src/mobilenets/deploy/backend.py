@@ -34,6 +34,8 @@ RUNTIMES = {
     "coreml": "coreml",
 }
 BACKENDS = tuple(RUNTIMES)
+# what compile(backend=) takes: a runtime, or "auto" for the fastest measured here
+COMPILE_BACKENDS = ("auto", *BACKENDS)
 
 Run = Callable[[torch.Tensor], torch.Tensor]
 

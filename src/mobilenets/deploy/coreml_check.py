@@ -28,8 +28,9 @@ import torch
 
 from ..quantize.sim import clamp_of
 from .calibration import as_input
-from .coreml import (FEATURES, INPUT, LABEL, NOT_RUN, PROBABILITIES, WEIGHT_QMAX, class_labels, import_coremltools,
-                     input_scaling, int8_codes, normalization_of, num_classes_of, quiet, weight_layers)
+from .coreml_package import (FEATURES, INPUT, LABEL, NOT_RUN, PROBABILITIES, WEIGHT_QMAX, class_labels,
+                             import_coremltools, input_scaling, int8_codes, normalization_of, num_classes_of, quiet,
+                             weight_layers)
 from .fidelity import parity
 from .machine import DeployError
 from .mlprogram import dequantize, evaluate

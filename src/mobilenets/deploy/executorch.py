@@ -55,7 +55,7 @@ from ..checkpoint import atomic_write
 from ..folding import FoldedConv, FoldedMobileNet
 from .backend import Backend, ExportFormat, Run, batch_dim
 from .calibration import as_input, example_input
-from .coreml import class_labels, normalization_of, num_classes_of  # the rules Core ML's package follows too
+from .coreml_package import class_labels, normalization_of, num_classes_of  # the rules Core ML's package follows too
 from .machine import DeployError
 
 INT32_MAX = 2 ** 31 - 1

@@ -1,6 +1,6 @@
 """The LiteRT backend (extra ``deploy``): a ``.tflite`` flatbuffer we write ourselves, run by LiteRT's interpreter.
 
-The file is written against LiteRT's schema (:mod:`mobilenets.tflite_schema`)
+The file is written against LiteRT's schema (:mod:`mobilenets.formats.tflite_schema`)
 from the folded model (:mod:`.tflite_graph`), fp32 or full-integer int8, so
 no TensorFlow converter is needed; ``ai-edge-litert``'s interpreter (XNNPACK
 delegate on by default) runs it for builds, parity and benchmarks.  The
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import tflite_schema as fb
+from ..formats import tflite_schema as fb
 from .backend import Backend, ExportFormat, Run
 from .calibration import as_input
 from .machine import DeployError

@@ -8,6 +8,7 @@ from typing import Iterable
 import torch
 
 from ..architecture import MIN_RESOLUTION
+from ..checks import check_integer, is_integer
 from ..model import MobileNetV1
 from . import auto
 from . import backend as registry  # the parameter of compile is called backend
@@ -78,10 +79,9 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
     """
     registry.check_precision(precision)
     registry.check_backend(backend, precision)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DeployError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_integer(batch_size, "batch_size", 1, error=DeployError)
     resolution = DEFAULT_RESOLUTION if resolution is None else resolution
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
+    if not is_integer(resolution) or resolution < MIN_RESOLUTION:
         raise DeployError(f"resolution must be an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128, "
                           f"got {resolution!r}")
     if precision != "int8" or (calibration is None and carries_int8(model, precision, int8)):

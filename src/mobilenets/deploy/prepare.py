@@ -137,3 +137,28 @@ def single_clip(folded: FoldedMobileNet) -> FoldedMobileNet:
     out = FoldedMobileNet(layers, ready.folded.classifier).eval()
     out.int8_ready = ready
     return out
+
+
+def quantize_file(weights, calib_data, out, *, calib_images: int = 128, steps: int = 0, method: str = "mse",
+                  log=None) -> dict:
+    """``mobilenets quantize``: the int8-ready form of the weights in ``weights``, written to ``out``.
+
+    Prepared (:func:`quantize.prepare_int8`) on up to ``calib_images`` images of the folder ``calib_data``,
+    preprocessed as the weights expect.  Returns ``{"out", "steps", "images", "top1_agreement", "cosine"}``:
+    how closely the int8 graph (simulated) follows the float model on those images.
+    """
+    from .. import quantize
+    from ..weights import load
+    from .calibration import image_batches
+    from .fidelity import parity
+
+    model = load(weights)
+    batches, _ = image_batches(calib_data, model.meta.resolution, normalization=model.meta.normalization,
+                               limit=calib_images)
+    ready = quantize.prepare_int8(model, batches, steps=steps, method=method, log=log)
+    path = quantize.save(ready, model, out)
+    x = torch.cat(batches)
+    with torch.no_grad():
+        report = parity(model(x), ready.simulate(x))
+    return {"out": str(path), "steps": steps, "images": report["images"], "top1_agreement": report["top1_agreement"],
+            "cosine": report["cosine"]}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import tflite_schema as fb
+from ..formats import tflite_schema as fb
 from ..folding import FoldedConv, FoldedMobileNet
 from .machine import DeployError
 

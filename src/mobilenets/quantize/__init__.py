@@ -18,7 +18,6 @@ model and :func:`from_model` (used by the int8 backends) gives the int8-ready fo
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,17 +25,14 @@ import torch
 
 from .. import metadata
 from ..folding import FoldedMobileNet, fold_batchnorm
-from ..errors import MobilenetsError
+from ..errors import QuantizeError
 from ..model import ConvBNAct, MobileNetV1
 from . import calibrate, sim
+from .sim import scalar_clips
 
 FORMAT_VERSION = 1
 METHODS = ("mse", "minmax", "p99.99", "p99.999")
 ROUNDINGS = ("error", "nearest")
-
-
-class QuantizeError(MobilenetsError):
-    """int8 preparation that cannot run on the given model or data; the message says what would work."""
 
 
 @dataclass
@@ -61,25 +57,6 @@ class Int8Ready:
                 "ranges": {k: [float(a), float(b)] for k, (a, b) in self.ranges.items()},
                 "scales": [[float(v) for v in s] for s in self.scales],
                 "report": self.report}
-
-
-def scalar_clips(folded: FoldedMobileNet, ranges: dict) -> list[float]:
-    """Each layer's smallest ReLU6 clip (inf for ReLU), checked to lie at or above the top of its int8 range.
-
-    After equalization the clip differs per channel.  Runtimes that fuse one clip per layer, or let int8
-    saturation do the clipping, run the same int8 graph only because calibration caps every layer's range
-    at its smallest clip; ranges from elsewhere that reach past it are refused.
-    """
-    clips = []
-    for i, layer in enumerate(folded.features):
-        clip = float(sim.clamp_of(layer, layer.conv.out_channels).min())
-        top = float(ranges[f"features.{i}"][1])
-        if clip < top - 1e-6:
-            raise QuantizeError(f"features.{i}: the int8 activation range (top {top:.4g}) exceeds the layer's "
-                                f"smallest ReLU6 clip ({clip:.4g}); prepare the int8 weights again "
-                                f"(mobilenets quantize)")
-        clips.append(clip)
-    return clips
 
 
 def _check(model) -> None:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from ..folding import FoldedMobileNet
-from . import QuantizeError, sim
+from ..errors import QuantizeError
+from . import sim
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

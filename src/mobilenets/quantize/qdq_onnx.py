@@ -11,6 +11,7 @@ import torch
 
 from ..folding import FoldedMobileNet
 from . import sim
+from .sim import scalar_clips
 
 OPSET = 17
 
@@ -61,8 +62,6 @@ def qdq_model(folded: FoldedMobileNet, ranges: dict, *, resolution: int):
                                       name=f"{name}.Conv", group=group, strides=[stride, stride],
                                       dilations=[dilation, dilation], kernel_shape=[k, k], pads=list(pads)))
         return f"{name}.out"
-
-    from . import scalar_clips
 
     scalar_clips(folded, ranges)
     x = qdq("x", "input", ranges["input"])

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import QuantizeError
 from ..folding import FoldedConv, FoldedMobileNet
 
 WEIGHT_QMAX = 127
@@ -114,16 +115,30 @@ def activate(layer: FoldedConv, z: torch.Tensor) -> torch.Tensor:
     return torch.minimum(z, clamp.reshape(-1, 1, 1).to(z)) if torch.isfinite(clamp).any() else z
 
 
-def classifier_weight(folded: FoldedMobileNet) -> torch.Tensor:
-    return folded.classifier.weight
+def scalar_clips(folded: FoldedMobileNet, ranges: dict) -> list[float]:
+    """Each layer's smallest ReLU6 clip (inf for ReLU), checked to lie at or above the top of its int8 range.
 
-
-class Ranges(dict):
-    """Activation ranges by point: "input", "features.<i>" (output of folded layer i), "pool", "logits"."""
+    After equalization the clip differs per channel.  Runtimes that fuse one clip per layer, or let int8
+    saturation do the clipping, run the same int8 graph only because calibration caps every layer's range
+    at its smallest clip; ranges from elsewhere that reach past it are refused.
+    """
+    clips = []
+    for i, layer in enumerate(folded.features):
+        clip = float(clamp_of(layer, layer.conv.out_channels).min())
+        top = float(ranges[f"features.{i}"][1])
+        if clip < top - 1e-6:
+            raise QuantizeError(f"features.{i}: the int8 activation range (top {top:.4g}) exceeds the layer's "
+                                f"smallest ReLU6 clip ({clip:.4g}); prepare the int8 weights again "
+                                f"(mobilenets quantize)")
+        clips.append(clip)
+    return clips
 
 
 def simulate(folded: FoldedMobileNet, ranges: dict, x: torch.Tensor, *, quantize_weights: bool = True) -> torch.Tensor:
-    """Logits of the int8 graph as float arithmetic (differentiable: straight-through estimators)."""
+    """Logits of the int8 graph as float arithmetic (differentiable: straight-through estimators).
+
+    ``ranges``: activation ranges by point: "input", "features.<i>" (output of folded layer i), "pool", "logits".
+    """
     def int8(weight, bias, in_rng):  # float weights keep a float bias: its grid is the int8 weights'
         if not quantize_weights:
             return weight, bias

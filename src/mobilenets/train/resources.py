@@ -28,27 +28,19 @@ from dataclasses import dataclass
 
 from ..cores import cpu_count
 
-# Seconds of one core per forward mult-add of a training step (forward, backward, update), measured with
-# `mobilenets train` on one thread for MobileNet 0.5-48 (7.5M mult-adds, ~1.6 ms an image) and 1.0-224
-# (568M, ~140 ms an image): both within 15% of this figure, so it serves for every width and resolution.
+# Seconds of one core per forward mult-add of a training step; one figure fits every width and resolution
+# within 15% (the measurements behind this and the constants below: benchmarks/results/train_resources.md)
 SECONDS_PER_MULT_ADD = 2.4e-10
-# Each intra-op thread beyond the first pays off only when a step has this many more mult-adds to split: below
-# it the thread hand-offs cost more than the extra core gives.  Measured (batch x per-image mult-adds a step):
-# MobileNet 0.5-48, batch 32 (240M a step) trains faster on 1 thread than on 2; 0.25-128, batch 32 (426M),
-# faster on 2 (benchmarks/results/train_input.md).
+# Each intra-op thread beyond the first pays off only when a step has this many more mult-adds to split
 MIN_MULT_ADDS_PER_THREAD = 3e8
 PROBE_IMAGES = 4
-# Worker processes start again every epoch (about a second each on the 2-core machine, more when it is busy):
-# below this much loading per epoch they cost more than they overlap.  Measured: 510 JPEGs of 500x375 (1.5 s
-# of loading) for MobileNet 0.25-128 trained 1.2-1.6x faster without workers than with one, quiet and loaded.
+# Worker processes start again every epoch: below this much loading per epoch they cost more than they overlap
 MIN_EPOCH_LOADING_SECONDS = 10.0
 # each worker keeps two batches in flight: beyond this many, memory grows with no core left to gain (not
 # measured here: this machine has 2 cores)
 MAX_WORKERS = 16
-# A thread on a core another program keeps busy holds up every parallel region of the step: with one process
-# spinning on one of 2 cores, MobileNet 0.25-128 trained at 245 images/s on 1 thread and 177 on 2
-# (benchmarks/results/train_input.md), so a thread is given only to a core that is mostly free
-# (cores.busy_cores).
+# A thread on a core another program keeps busy holds up every parallel region of the step, so a thread is
+# given only to a core that is mostly free (cores.busy_cores)
 
 
 @dataclass(frozen=True)

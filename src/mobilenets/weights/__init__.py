@@ -11,6 +11,7 @@ against the architecture before memory is allocated for it.
 
 from __future__ import annotations
 
+from pathlib import Path
 
 from ..model import MobileNetV1
 from . import registry
@@ -25,24 +26,51 @@ from .tf_frozen import from_tf_frozen
 from .tf_slim import from_tf_slim, from_tf_slim_variables
 from .timm import from_timm
 
-SOURCES = ("keras", "tf-slim", "tf-frozen", "timm", "tflite")
+def _from_tflite(path, **options) -> Converted:
+    from .tflite import from_tflite  # the LiteRT reader and its flatbuffer schema load only when asked for
+
+    return from_tflite(path, **options)
+
+
+# source -> (converter, whether it reads keep_background): what convert() reads, and the CLI's --from
+CONVERTERS = {
+    "keras": (from_keras, False),
+    "tf-slim": (from_tf_slim, True),
+    "tf-frozen": (from_tf_frozen, True),
+    "timm": (from_timm, False),
+    "tflite": (_from_tflite, True),
+}
+SOURCES = tuple(CONVERTERS)
+# the suffixes that say on their own where a file comes from; any other file needs its source named
+SUFFIX_SOURCES = {".pb": "tf-frozen", ".tflite": "tflite"}
 
 
 def convert(source: str, path, *, keep_background: bool = False, resolution: int | None = None) -> Converted:
-    """Convert released weights (``source`` one of "keras", "tf-slim", "tf-frozen", "timm", "tflite") to our layout."""
-    if source == "keras":
-        return from_keras(path, resolution=resolution)
-    if source == "tf-slim":
-        return from_tf_slim(path, keep_background=keep_background, resolution=resolution)
-    if source == "tf-frozen":
-        return from_tf_frozen(path, keep_background=keep_background, resolution=resolution)
-    if source == "tflite":
-        from .tflite import from_tflite
+    """Convert released weights (``source`` one of :data:`SOURCES`) to our layout."""
+    if source not in CONVERTERS:
+        raise WeightsError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+    converter, reads_background = CONVERTERS[source]
+    options = {"keep_background": keep_background} if reads_background else {}
+    return converter(path, resolution=resolution, **options)
 
-        return from_tflite(path, keep_background=keep_background, resolution=resolution)
-    if source == "timm":
-        return from_timm(path, resolution=resolution)
-    raise WeightsError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+
+def convert_file(path, out, *, source: str | None = None, keep_background: bool = False,
+                 resolution: int | None = None) -> dict:
+    """Convert the weights in ``path`` and write them to ``out`` (.safetensors); returns what was written.
+
+    ``source`` defaults to what the suffix says (:data:`SUFFIX_SOURCES`).  The summary holds ``out``,
+    ``source``, ``alpha``, ``resolution``, ``num_classes``, ``padding``, ``bn_eps`` and ``normalization``.
+    """
+    source = source or SUFFIX_SOURCES.get(Path(str(path).lower()).suffix)
+    if source is None:
+        raise WeightsError(f"say where {path} comes from with --from {'|'.join(SOURCES)} (source= in Python; only "
+                           f"{' and '.join(SUFFIX_SOURCES)} files are recognised on their own)")
+    converted = convert(source, path, keep_background=keep_background, resolution=resolution)
+    written = save(converted, out)
+    c, meta = converted.config, converted.meta.to_dict()
+    return {"out": str(written), "source": meta["source"], "alpha": c.alpha, "resolution": meta["resolution"],
+            "num_classes": c.num_classes, "padding": c.padding, "bn_eps": c.bn_eps,
+            "normalization": meta["normalization"]}
 
 
 def load(source, *, progress: bool = True, **options) -> MobileNetV1:
@@ -63,7 +91,7 @@ def load(source, *, progress: bool = True, **options) -> MobileNetV1:
     return build(converted, options, source)
 
 
-__all__ = ["SOURCES", "WEIGHTS", "Converted", "MissingWeightsError", "Weights", "WeightsError", "build", "convert",
-           "download", "from_keras", "from_tf_frozen", "from_tf_slim", "from_tf_slim_variables", "from_timm", "imagenet_labels", "infer_config", "load",
+__all__ = ["CONVERTERS", "SOURCES", "SUFFIX_SOURCES", "WEIGHTS", "Converted", "MissingWeightsError", "Weights",
+           "WeightsError", "build", "convert", "convert_file", "download", "from_keras", "from_tf_frozen",
+           "from_tf_slim", "from_tf_slim_variables", "from_timm", "imagenet_labels", "infer_config", "load",
            "pretrained", "read", "registry", "resolve", "save", "tensors_sha256", "verify_sha256"]
-

@@ -8,7 +8,8 @@ that points at them and a 48-byte footer.  Key ``""`` holds a
 variable name whose value is a ``BundleEntryProto`` (dtype, shape, shard,
 offset, size, masked CRC-32C) locating the variable's raw little-endian
 bytes in its shard; every tensor read is checked against its CRC.
-Both protos are decoded here from the protobuf wire format, so converting the
+Both protos are decoded here, on :mod:`mobilenets.formats` (the protobuf wire
+format, TensorFlow's shapes and dtypes, the SSTable reader), so converting the
 released TF-slim weights needs neither TensorFlow nor protobuf.
 """
 
@@ -25,15 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MobilenetsError
+from ..formats import FormatError
+from ..formats.protobuf import I32, LEN, VARINT, expect, fields
+from ..formats.sstable import masked_crc32c, table_entries
+from ..formats.tensorflow import DT_BFLOAT16, DTYPES, tensor_shape
 
-TABLE_MAGIC = 0xDB4775248B80FB57
-FOOTER_SIZE = 48  # two block handles padded to 40 bytes, then the 8-byte magic
-BLOCK_TRAILER_SIZE = 5  # compression type byte + crc32c
-
-# tensorflow/core/framework/types.proto
-DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16, 6: np.int8,
-          9: np.int64, 10: np.bool_, 17: np.uint16, 19: np.float16, 22: np.uint32, 23: np.uint64}
-DT_BFLOAT16 = 14
 # The released 1.0-224 archive's largest member (the .data shard) is about 17 MB; members over this bound
 # are refused before extraction, so a small archive cannot expand into all of memory or disk.
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
@@ -60,88 +57,27 @@ class Entry:
     crc32c: int | None  # masked, as TensorFlow stores it
 
 
-# ---------------------------------------------------------------- wire formats
+# ---------------------------------------------------------------- the bundle's messages
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise CheckpointFormatError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise CheckpointFormatError("varint longer than 64 bits")
-
-
-def _proto_fields(buf: bytes):
-    """(field number, value) for each field of a protobuf message: ints for varints/fixed, bytes otherwise."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
-        elif wire == 2:
-            n, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + n], pos + n
-        elif wire == 5:
-            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
-        else:
-            raise CheckpointFormatError(f"unsupported protobuf wire type {wire}")
-        if pos > len(buf):
-            raise CheckpointFormatError("truncated protobuf message")
-        yield field, value
-
-
-def _signed64(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _expect(value, kind: type, what: str):
-    """A field of the wire type the schema says; a damaged message may carry any type under any number."""
-    if not isinstance(value, kind):
-        raise CheckpointFormatError(f"{what} has the wrong protobuf wire type")
-    return value
-
-
-def _parse_shape(buf: bytes) -> tuple[int, ...]:
-    dims = []
-    for field, value in _proto_fields(buf):
-        if field == 2:  # TensorShapeProto.dim
-            _expect(value, bytes, "a shape dimension")
-            size = 0
-            for f, v in _proto_fields(value):
-                if f == 1:
-                    size = _signed64(_expect(v, int, "a dimension size"))
-            dims.append(size)
-        elif field == 3 and value:
-            raise CheckpointFormatError("a tensor of unknown rank")
-    return tuple(dims)
-
-
-# BundleEntryProto: dtype, shape, shard_id, offset, size, crc32c, slices
-_ENTRY_TYPES = {1: int, 2: bytes, 3: int, 4: int, 5: int, 6: int, 7: bytes}
+# BundleEntryProto: dtype, shape, shard_id, offset, size, crc32c (fixed32), slices
+_ENTRY_WIRES = {1: VARINT, 2: LEN, 3: VARINT, 4: VARINT, 5: VARINT, 6: I32, 7: LEN}
 
 
 def _parse_entry(name: str, buf: bytes) -> Entry:
     dtype = shard_id = offset = size = 0
-    shape: tuple[int, ...] = ()
+    shape: tuple[int, ...] | None = ()
     sliced = False
     crc = None
-    for field, value in _proto_fields(buf):
-        if field in _ENTRY_TYPES:
-            _expect(value, _ENTRY_TYPES[field], f"field {field} of {name}'s entry")
+    for field, wire, value in fields(buf):
+        if field in _ENTRY_WIRES:
+            expect(field, wire, _ENTRY_WIRES[field])
         if field == 1:
             dtype = value
         elif field == 2:
-            shape = _parse_shape(value)
+            shape = tensor_shape(value)
+            if shape is None:
+                raise CheckpointFormatError("a tensor of unknown rank")
         elif field == 3:
             shard_id = value
         elif field == 4:
@@ -149,148 +85,10 @@ def _parse_entry(name: str, buf: bytes) -> Entry:
         elif field == 5:
             size = value
         elif field == 6:
-            crc = value
+            crc = int.from_bytes(value, "little")
         elif field == 7:
             sliced = True
     return Entry(name, dtype, shape, shard_id, offset, size, sliced, crc)
-
-
-# ---------------------------------------------------------------- CRC-32C, to check every tensor's bytes
-
-_CRC32C_POLY = 0x82F63B78  # Castagnoli, bit-reflected
-_CRC_TABLE = np.zeros(256, dtype=np.uint32)
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ _CRC32C_POLY if _c & 1 else _c >> 1
-    _CRC_TABLE[_i] = _c
-_CRC_CHUNK = 4096
-_crc_zeros: list[int] = []
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C of ``data``, fast enough in numpy for checkpoint-sized tensors.
-
-    The register update is affine: the register after a chunk is Z(register
-    before) xor the chunk's CRC from a zero register, with Z the linear map of
-    feeding 4096 zero bytes.  So all chunks are CRC'd at once (vectorised over
-    chunks), then chained through Z; the tail is done byte by byte.
-    """
-    buf = np.frombuffer(data, dtype=np.uint8)
-    n = len(buf) // _CRC_CHUNK
-    reg = 0xFFFFFFFF
-    if n:
-        if not _crc_zeros:  # Z's columns: each basis bit pushed through 4096 zero bytes
-            state = np.left_shift(np.uint32(1), np.arange(32, dtype=np.uint32))
-            for _ in range(_CRC_CHUNK):
-                state = _CRC_TABLE[state & 0xFF] ^ (state >> 8)
-            _crc_zeros.extend(int(v) for v in state)
-        chunks = buf[: n * _CRC_CHUNK].reshape(n, _CRC_CHUNK)
-        raw = np.zeros(n, dtype=np.uint32)
-        for j in range(_CRC_CHUNK):
-            raw = _CRC_TABLE[(raw ^ chunks[:, j]) & 0xFF] ^ (raw >> 8)
-        for r in raw.tolist():
-            z, bit = 0, 0
-            while reg:
-                if reg & 1:
-                    z ^= _crc_zeros[bit]
-                reg >>= 1
-                bit += 1
-            reg = z ^ r
-    table = _CRC_TABLE.tolist()
-    for b in data[n * _CRC_CHUNK:]:
-        reg = table[(reg ^ b) & 0xFF] ^ (reg >> 8)
-    return reg ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TensorFlow stores CRCs masked (rotated right 15 bits plus a constant) so CRCs of CRCs stay distinct."""
-    c = crc32c(data)
-    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _snappy_decompress(data: bytes) -> bytes:
-    """Raw snappy, the one compression LevelDB tables may use."""
-    n, pos = _varint(data, 0)
-    out = bytearray()
-    while pos < len(data):
-        tag = data[pos]
-        pos += 1
-        kind = tag & 3
-        if kind == 0:  # literal
-            length = tag >> 2
-            if length >= 60:
-                extra = length - 59
-                length = int.from_bytes(data[pos:pos + extra], "little")
-                pos += extra
-            length += 1
-            out += data[pos:pos + length]
-            pos += length
-            continue
-        if kind == 1:
-            length = ((tag >> 2) & 7) + 4
-            offset = ((tag >> 5) << 8) | data[pos]
-            pos += 1
-        elif kind == 2:
-            length = (tag >> 2) + 1
-            offset = int.from_bytes(data[pos:pos + 2], "little")
-            pos += 2
-        else:
-            length = (tag >> 2) + 1
-            offset = int.from_bytes(data[pos:pos + 4], "little")
-            pos += 4
-        if offset == 0 or offset > len(out):
-            raise CheckpointFormatError("corrupt snappy block")
-        for _ in range(length):  # copies may overlap their own output
-            out.append(out[-offset])
-    if len(out) != n:
-        raise CheckpointFormatError("corrupt snappy block (wrong length)")
-    return bytes(out)
-
-
-def _read_block(table: bytes, offset: int, size: int) -> bytes:
-    end = offset + size
-    if end + BLOCK_TRAILER_SIZE > len(table):
-        raise CheckpointFormatError("a block runs past the end of the file")
-    data, kind = table[offset:end], table[end]
-    if kind == 0:
-        return data
-    if kind == 1:
-        return _snappy_decompress(data)
-    raise CheckpointFormatError(f"unknown block compression type {kind}")
-
-
-def _block_entries(block: bytes):
-    """(key, value) pairs of one block: keys share prefixes with the previous key; restarts at the end."""
-    if len(block) < 4:
-        raise CheckpointFormatError("block too short")
-    num_restarts = int.from_bytes(block[-4:], "little")
-    limit = len(block) - 4 * (num_restarts + 1)
-    if limit < 0:
-        raise CheckpointFormatError("corrupt block restart array")
-    pos, key = 0, b""
-    while pos < limit:
-        shared, pos = _varint(block, pos)
-        unshared, pos = _varint(block, pos)
-        value_len, pos = _varint(block, pos)
-        key = key[:shared] + block[pos:pos + unshared]
-        pos += unshared
-        yield key, block[pos:pos + value_len]
-        pos += value_len
-
-
-def _table_entries(table: bytes):
-    if len(table) < FOOTER_SIZE or int.from_bytes(table[-8:], "little") != TABLE_MAGIC:
-        raise CheckpointFormatError("not an SSTable (bad footer magic)")
-    footer = table[-FOOTER_SIZE:]
-    _, pos = _varint(footer, 0)  # metaindex handle: unused
-    _, pos = _varint(footer, pos)
-    index_offset, pos = _varint(footer, pos)
-    index_size, pos = _varint(footer, pos)
-    for _, handle in _block_entries(_read_block(table, index_offset, index_size)):
-        offset, p = _varint(handle, 0)
-        size, _ = _varint(handle, p)
-        yield from _block_entries(_read_block(table, offset, size))
 
 
 # ---------------------------------------------------------------- the reader
@@ -306,7 +104,7 @@ class CheckpointReader:
             raise CheckpointMissingError(f"no TensorFlow checkpoint index {index}")
         try:
             self.num_shards, self.entries = 1, {}
-            for key, value in _table_entries(index.read_bytes()):
+            for key, value in table_entries(index.read_bytes()):
                 if key == b"":
                     self._header(value)
                 else:
@@ -314,14 +112,16 @@ class CheckpointReader:
                     self.entries[name] = _parse_entry(name, value)
         except (IndexError, TypeError, UnicodeDecodeError) as e:  # a damaged index: offsets past a block, bad names
             raise CheckpointFormatError(f"{index} is not a readable TensorFlow checkpoint index: {e}") from None
-        except CheckpointFormatError as e:
+        except (CheckpointFormatError, FormatError) as e:
             raise CheckpointFormatError(f"{index} is not a readable TensorFlow checkpoint index: {e}") from None
         self._shards: dict[int, bytes] = {}
 
     def _header(self, value: bytes) -> None:
-        for field, v in _proto_fields(value):
+        for field, wire, v in fields(value):
+            if field in (1, 2):
+                expect(field, wire, VARINT)
             if field == 1:
-                self.num_shards = _expect(v, int, "the shard count")
+                self.num_shards = v
             elif field == 2 and v != 0:
                 raise CheckpointFormatError("big-endian checkpoints are not supported")
 

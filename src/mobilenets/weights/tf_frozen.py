@@ -9,14 +9,15 @@ the checkpoint, and TensorFlow's "image retraining" example writes one
 (``retrained_graph.pb``) that keeps the MobileNet body and its 1001-way
 ``MobilenetV1/Logits`` under TF-slim names, with the new head on top.
 
-The wire format is decoded here (a few protobuf message types, fields by
-number, see tensorflow/core/framework/{graph,node_def,attr_value,tensor,
-tensor_shape}.proto).  Every length and every declared tensor size is checked
-against the file before anything is sliced or allocated, so a damaged or
-hostile file gives one :class:`FrozenGraphError` line, not a traceback or an
-out-of-memory.  The constants are then converted exactly as a TF-slim
-checkpoint's variables are (:func:`.tf_slim.from_tf_slim_variables`),
-with BatchNorm's epsilon and the input resolution read from the graph.
+The graph's messages are decoded here, fields by number (see
+tensorflow/core/framework/{graph,node_def,attr_value}.proto), on the wire
+format and tensor messages of :mod:`mobilenets.formats`.  Every length and
+every declared tensor size is checked against the file before anything is
+sliced or allocated, so a damaged or hostile file gives one
+:class:`FrozenGraphError` line, not a traceback or an out-of-memory.  The
+constants are then converted exactly as a TF-slim checkpoint's variables are
+(:func:`.tf_slim.from_tf_slim_variables`), with BatchNorm's epsilon and the
+input resolution read from the graph.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MobilenetsError
-from .tf_checkpoint import DT_BFLOAT16, DTYPES
+from ..formats import FormatError
+from ..formats.protobuf import I32, LEN, expect, fields, text
+from ..formats.tensorflow import tensor, tensor_shape
 
 # protobuf refuses messages over 2 GiB, so no real GraphDef is larger
 MAX_GRAPH_BYTES = (1 << 31) - 1
@@ -39,163 +42,9 @@ DEFAULT_BN_EPS = 1e-3  # slim's batch_norm default, what mobilenet_v1_arg_scope 
 BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 VARIABLE_OPS = ("VariableV2", "Variable", "VarHandleOp")
 
-# wire types (protobuf encoding): varint, 64-bit, length-delimited, 32-bit
-VARINT, I64, LEN, I32 = 0, 1, 2, 5
-# TensorProto's repeated value fields: field number -> numpy dtype of one element on the wire
-_VALUE_FIELDS = {5: "<f4", 6: "<f8", 7: "int32", 10: "int64", 11: "bool", 13: "uint16"}
-
 
 class FrozenGraphError(MobilenetsError):
     """Not a readable frozen TensorFlow graph of MobileNet v1; the message says which file, why, and what works."""
-
-
-class _Malformed(Exception):
-    """A wire-format fault, caught at the file boundary and reported with the file's name."""
-
-
-# ---------------------------------------------------------------- protobuf wire format
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    end = len(buf)
-    while True:
-        if pos >= end:
-            raise _Malformed("a varint runs past the end of its message")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise _Malformed("a varint is longer than 64 bits")
-
-
-def _fields(buf: memoryview):
-    """(field number, wire type, value) per field: an int for varints, a memoryview slice otherwise."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if field == 0:
-            raise _Malformed("a field numbered 0")
-        if wire == VARINT:
-            value, pos = _varint(buf, pos)
-        else:
-            if wire == LEN:
-                size, pos = _varint(buf, pos)
-            elif wire in (I64, I32):
-                size = 8 if wire == I64 else 4
-            else:  # 3 and 4 are proto2 groups, which no TensorFlow message uses
-                raise _Malformed(f"wire type {wire} (field {field})")
-            if size > end - pos:
-                raise _Malformed(f"field {field} declares {size} bytes but only {end - pos} remain")
-            value, pos = buf[pos:pos + size], pos + size
-        yield field, wire, value
-
-
-def _expect(field: int, wire: int, want: int) -> None:
-    if wire != want:
-        raise _Malformed(f"field {field} has wire type {wire}, expected {want}")
-
-
-def _text(value) -> str:
-    try:
-        return bytes(value).decode("utf-8")
-    except UnicodeDecodeError:
-        raise _Malformed("a name that is not UTF-8") from None
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _shape(buf: memoryview) -> tuple[int, ...] | None:
-    """A TensorShapeProto: dims (-1 where unknown), or None for an unknown rank."""
-    dims = []
-    for field, wire, value in _fields(buf):
-        if field == 2:  # dim
-            _expect(field, wire, LEN)
-            size = 0
-            for f, w, v in _fields(value):
-                if f == 1:
-                    _expect(f, w, VARINT)
-                    size = _signed(v)
-            dims.append(size)
-        elif field == 3 and wire == VARINT and value:
-            return None
-    return tuple(dims)
-
-
-def _decode_values(field: int, wire: int, value) -> np.ndarray:
-    """One occurrence of a repeated value field, packed (LEN) or a single element."""
-    kind = np.dtype(_VALUE_FIELDS[field])
-    if kind.kind == "f":
-        if wire == LEN:
-            if len(value) % kind.itemsize:
-                raise _Malformed(f"packed field {field} is not a whole number of {kind.itemsize}-byte values")
-            return np.frombuffer(value, dtype=kind)
-        _expect(field, wire, I32 if kind.itemsize == 4 else I64)
-        return np.frombuffer(value, dtype=kind)
-    if wire == LEN:  # packed varints
-        out, pos = [], 0
-        while pos < len(value):
-            v, pos = _varint(value, pos)
-            out.append(_signed(v))
-        return np.array(out, dtype=np.int64)
-    _expect(field, wire, VARINT)
-    return np.array([_signed(value)], dtype=np.int64)
-
-
-def _tensor(buf: memoryview, limit: int) -> np.ndarray:
-    """A TensorProto as an array; ``limit`` bounds the bytes it may declare (the file's size)."""
-    dtype_code, shape, content = 0, (), None
-    values: dict[int, list[np.ndarray]] = {}
-    for field, wire, value in _fields(buf):
-        if field == 1:
-            _expect(field, wire, VARINT)
-            dtype_code = value
-        elif field == 2:
-            _expect(field, wire, LEN)
-            shape = _shape(value)
-        elif field == 4:
-            _expect(field, wire, LEN)
-            content = value
-        elif field in _VALUE_FIELDS:
-            values.setdefault(field, []).append(_decode_values(field, wire, value))
-    if shape is None or any(d < 0 for d in shape):
-        raise _Malformed(f"a constant of unknown shape {shape}")
-    if dtype_code == DT_BFLOAT16:
-        dtype = np.dtype("<u2")
-    elif dtype_code in DTYPES:
-        dtype = np.dtype(DTYPES[dtype_code]).newbyteorder("<")
-    else:
-        raise _Malformed(f"a constant of TensorFlow dtype {dtype_code}, which this reader does not decode")
-    count = 1
-    for d in shape:
-        count *= d
-    nbytes = count * dtype.itemsize
-    # a weight stored in a file can be no larger than the file; this refuses a shape that would allocate more
-    if nbytes > limit:
-        raise _Malformed(f"a constant of shape {shape} declares {nbytes} bytes, more than the file's {limit}")
-    if content is not None and len(content):
-        if len(content) != nbytes:
-            raise _Malformed(f"a constant of shape {shape} has {len(content)} bytes of content, expected {nbytes}")
-        array = np.frombuffer(content, dtype=dtype).astype(dtype.newbyteorder("="))
-    else:
-        parts = [v for chunks in values.values() for v in chunks]
-        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-        if len(flat) > count:
-            raise _Malformed(f"a constant of shape {shape} lists {len(flat)} values")
-        if 0 < len(flat) < count:  # TensorFlow repeats the last listed value to fill the shape
-            flat = np.concatenate([flat, np.full(count - len(flat), flat[-1])])
-        if 13 in values:  # half_val carries the 16-bit patterns of float16 (or bfloat16) values
-            flat = flat.astype(np.uint16).view(dtype.newbyteorder("="))
-        array = flat.astype(dtype.newbyteorder("=")) if len(flat) else np.zeros(count, dtype=dtype)
-    if dtype_code == DT_BFLOAT16:
-        array = (array.astype(np.uint32) << 16).view(np.float32)
-    return array.reshape(shape)
 
 
 # ---------------------------------------------------------------- the graph
@@ -219,12 +68,12 @@ class FrozenGraph:
         self.size = len(data)
         self.nodes: dict[str, Node] = {}
         try:
-            for field, wire, value in _fields(memoryview(data)):
+            for field, wire, value in fields(memoryview(data)):
                 if field == 1:  # GraphDef.node; versions and the function library are not needed
-                    _expect(field, wire, LEN)
+                    expect(field, wire, LEN)
                     node = _node(value)
                     self.nodes[node.name] = node
-        except _Malformed as e:
+        except FormatError as e:
             raise FrozenGraphError(f"{name} is not a readable TensorFlow GraphDef ({e}); expected a frozen graph "
                                    f"such as mobilenet_v1_1.0_224_frozen.pb, whole and uncorrupted") from None
         if not self.nodes:
@@ -234,7 +83,7 @@ class FrozenGraph:
     def _attr(self, node: Node, key: str) -> dict[int, tuple[int, object]]:
         """An AttrValue's fields by number (s=2, i=3, f=4, b=5, type=6, shape=7, tensor=8)."""
         raw = node.attrs.get(key)
-        return {} if raw is None else {f: (w, v) for f, w, v in _fields(raw)}
+        return {} if raw is None else {f: (w, v) for f, w, v in fields(raw)}
 
     def constant(self, name: str) -> np.ndarray:
         node = self.nodes[name]
@@ -243,24 +92,24 @@ class FrozenGraph:
         try:
             wire, value = self._attr(node, "value").get(8, (None, None))
             if wire != LEN:
-                raise _Malformed("its value attribute holds no tensor")
-            return _tensor(value, self.size)
-        except _Malformed as e:
+                raise FormatError("its value attribute holds no tensor")
+            return tensor(value, self.size)
+        except FormatError as e:
             raise FrozenGraphError(f"{self.name}: constant {name} is unreadable ({e}); the file is damaged, "
                                    f"download or export it again") from None
 
     def float_attr(self, name: str, key: str) -> float | None:
         try:
             wire, value = self._attr(self.nodes[name], key).get(4, (None, None))
-        except _Malformed:
+        except FormatError:
             return None
         return float(np.frombuffer(value, dtype="<f4")[0]) if wire == I32 else None
 
     def shape_attr(self, name: str, key: str = "shape") -> tuple[int, ...] | None:
         try:
             wire, value = self._attr(self.nodes[name], key).get(7, (None, None))
-            return _shape(value) if wire == LEN else None
-        except _Malformed:
+            return tensor_shape(value) if wire == LEN else None
+        except FormatError:
             return None
 
     def source(self, ref: str) -> str:
@@ -277,26 +126,26 @@ def _node(buf: memoryview) -> Node:
     name = op = ""
     inputs: list[str] = []
     attrs: dict[str, memoryview] = {}
-    for field, wire, value in _fields(buf):
+    for field, wire, value in fields(buf):
         if field in (1, 2, 3, 5):
-            _expect(field, wire, LEN)
+            expect(field, wire, LEN)
         if field == 1:
-            name = _text(value)
+            name = text(value)
         elif field == 2:
-            op = _text(value)
+            op = text(value)
         elif field == 3:
-            inputs.append(_text(value))
+            inputs.append(text(value))
         elif field == 5:  # map<string, AttrValue>: entries of key = 1, value = 2
             key, attr = "", memoryview(b"")
-            for f, w, v in _fields(value):
-                _expect(f, w, LEN)
+            for f, w, v in fields(value):
+                expect(f, w, LEN)
                 if f == 1:
-                    key = _text(v)
+                    key = text(v)
                 elif f == 2:
                     attr = v
             attrs[key] = attr
     if not name:
-        raise _Malformed("a node without a name")
+        raise FormatError("a node without a name")
     return Node(name, op, tuple(inputs), attrs)
 
 

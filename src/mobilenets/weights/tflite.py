@@ -1,6 +1,6 @@
 """``convert --from tflite``: a MobileNet v1 ``.tflite`` file (float or quantized) to our state dict.
 
-Reads the flatbuffer without any runtime (:mod:`.tflite_schema`).  The
+Reads the flatbuffer without any runtime (:mod:`mobilenets.formats.tflite_schema`).  The
 converters fold BatchNorm into each convolution, so a layer comes back as its
 convolution with a bias; it loads into our conv + BatchNorm as that
 convolution and a BatchNorm that adds the bias (gamma 1, mean 0, variance
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import tflite_schema as fb
+from ..formats import tflite_schema as fb
 from ..images import INCEPTION
 from ..metadata import Metadata
 from .layout import Converted, WeightsError, imagenet_labels, infer_config

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import MobilenetsError
+from ..errors import MobilenetsError
 
 SCHEMA_VERSION = 3
 FILE_IDENTIFIER = b"TFL3"
