@@ -288,20 +288,20 @@ def test_decoding_workers_start_before_the_model_is_built_and_end_with_a_failed_
     rng = np.random.default_rng(2)
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.jpg")
-    real_runner, alive = predict_module._runner, []
+    real_runner, alive = predict_module.runner, []
 
     def runner(*args, **kwargs):
         alive.append(len(multiprocessing.active_children()))
         return real_runner(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "_runner", runner)
+    monkeypatch.setattr(predict_module, "runner", runner)
     assert len(list(predict(model, tmp_path, batch_size=2, workers=2))) == 12
     assert alive == [2]
 
     def broken(*args, **kwargs):
         raise mobilenets.MobilenetsError("no runtime")
 
-    monkeypatch.setattr(predict_module, "_runner", broken)
+    monkeypatch.setattr(predict_module, "runner", broken)
     with pytest.raises(mobilenets.MobilenetsError, match="no runtime"):
         list(predict(model, tmp_path, batch_size=2, workers=2))
     deadline = time.monotonic() + 10

@@ -599,6 +599,8 @@ def run_predict(args) -> int:
     else:
         model = weights.load(args.weights)
         resolution_override = args.resolution
+    if args.ray is not None:
+        return _predict_on_ray(args, model)
     calibration = args.calib_data if args.precision == "int8" else None
     if args.precision == "int8" and calibration is None and quantize.from_model(model) is None:
         raise UsageError("predict --precision int8 needs --calib-data DIR (a folder of images like the inputs), "
@@ -616,6 +618,22 @@ def run_predict(args) -> int:
     return 0
 
 
+def _predict_on_ray(args, model) -> int:
+    from . import ray_predict
+
+    # --ray takes an optional address, so `--ray SOURCE --out DIR` reads the source as the address: take it back
+    address, inputs = (args.ray or None, args.inputs) if args.inputs else (None, [args.ray])
+    if len(inputs) != 1 or not inputs[0] or args.out is None:
+        raise UsageError("mobilenets predict --ray [ADDRESS] SOURCE --out DIR: one folder or URL, and --out")
+    summary = ray_predict.predict_files(inputs[0], args.out, model, address=address, topk=args.topk,
+                                        batch_size=args.batch_size, precision=args.precision, backend=args.backend,
+                                        embedding=args.embedding, actors=args.actors, threads=args.threads,
+                                        shard_size=args.shard_size or ray_predict.SHARD_SIZE,
+                                        log=_progress(args))
+    print(json.dumps(summary))
+    return 0
+
+
 def add_predict(sub) -> None:
     from .deploy import PRECISIONS
     from .predict import BACKENDS
@@ -623,7 +641,7 @@ def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="classify images or folders of images",
                        description="Classify images with official or converted weights, preprocessed as the "
                                    "weights expect (resize by resolution/0.875, centre crop, their mean/std).")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--weights", required=True, metavar="FILE|imagenet",
                    help="a converted .safetensors or training checkpoint, or 'imagenet' for the released weights")
     p.add_argument("--alpha", type=alpha, default=1.0,
@@ -646,6 +664,16 @@ def add_predict(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help='one JSON object per image: {"image", "top": [{"class_index", "label", "probability"}]}')
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (downloads, int8 preparation)")
+    ray = p.add_argument_group("on a Ray cluster (pip install 'mobilenets[ray]'; docs/distributed.md)")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="classify SOURCE (a folder or fsspec URL: s3://, gs://, ...) on a Ray cluster "
+                          "(ADDRESS: auto, HOST:PORT, ray://...; default RAY_ADDRESS or a local one)")
+    ray.add_argument("--out", metavar="DIR", help="with --ray: Parquet shards go here; a second run skips "
+                                                  "the shards already written")
+    ray.add_argument("--embedding", action="store_true", help="with --ray: add the pooled features of each image")
+    ray.add_argument("--actors", type=_positive_int, default=None, help="with --ray: models (default: the cluster's cores / threads)")
+    ray.add_argument("--threads", type=_positive_int, default=None, help="with --ray: cores per model (default: from the nodes' cores)")
+    ray.add_argument("--shard-size", type=_positive_int, default=None, help="with --ray: images per shard (default 1000)")
     p.set_defaults(func=run_predict)
 
 

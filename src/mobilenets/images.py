@@ -9,6 +9,7 @@ way everywhere.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import warnings
 from dataclasses import dataclass
@@ -80,8 +81,11 @@ def load_rgb(path: str | Path, *, min_side: int | Callable[[int, int], int] | No
         raise ImageError(f"cannot decode image {path}: {e}") from None
 
 
-def load_pixels(path: str | Path, *, min_side: int | Callable[[int, int], int] | None = None) -> torch.Tensor:
+def load_pixels(path: str | Path | bytes, *, min_side: int | Callable[[int, int], int] | None = None) -> torch.Tensor:
     """:func:`load_rgb` as uint8 (3, H, W) pixels (:func:`pixels`' layout), with the same arguments and errors.
+
+    ``path`` may also be the file's bytes (read from object storage, a Ray
+    dataset), decoded exactly as the file would be.
 
     A colour or grayscale JPEG decoded at full scale goes from the file
     straight into an array through simplejpeg: libjpeg-turbo with its SIMD
@@ -91,14 +95,16 @@ def load_pixels(path: str | Path, *, min_side: int | Callable[[int, int], int] |
     so its size limits hold before anything is decoded; PIL decodes the rest
     (CMYK, draft scales, other formats, files simplejpeg refuses).
     """
-    path = Path(path)
+    data = path if isinstance(path, (bytes, bytearray, memoryview)) else None
+    path = f"({len(data)} bytes)" if data is not None else Path(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             draft = _draft_size(im, min_side)
             jpeg = _simplejpeg() if im.format == "JPEG" and im.mode in ("RGB", "L") and not draft else None
             if jpeg is not None:
                 try:
-                    hwc = jpeg.decode_jpeg(path.read_bytes(), colorspace="RGB")  # strict: damage raises
+                    hwc = jpeg.decode_jpeg(bytes(data) if data is not None else path.read_bytes(),
+                                           colorspace="RGB")  # strict: damage raises
                 except ValueError:
                     pass  # truncated, corrupt or unusual: PIL below decodes it or says why
                 else:

@@ -163,7 +163,7 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
         calibration, _ = deploy.image_batches(calibration, resolution, normalization=normalization)
     # decoding starts before the model is built, and overlaps it
     stream = _batches(sources, resolution, normalization, batch_size, workers, draft)
-    run = _runner(model, len(sources), precision, backend, calibration, batch_size, resolution, log)
+    run = runner(model, len(sources), precision, backend, calibration, batch_size, resolution, log)
 
     for batch in stream:
         for i, why in batch.failed:
@@ -179,9 +179,10 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
                                                 "probability": v} for v, c in zip(vs, ixs)])
 
 
-def _runner(model: MobileNetV1, count: int, precision: str, backend: str | None, calibration, batch_size: int,
-            resolution: int, log=None):
-    """The function that turns a batch into logits: eager PyTorch, or a compiled predictor."""
+def runner(model: MobileNetV1, count: int, precision: str, backend: str | None, calibration, batch_size: int,
+           resolution: int, log=None):
+    """The function that turns a batch into logits: eager PyTorch, or a compiled predictor (also each Ray
+    actor's, mobilenets.ray_predict)."""
     if backend is None and precision == "fp32" and count < COMPILE_FROM:
         backend = "eager"
     if backend == "eager":

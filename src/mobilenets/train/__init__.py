@@ -28,7 +28,7 @@ from ..errors import MobilenetsError
 from .config import (MAX_ALPHA, MAX_RESOLUTION, OPTIMIZERS, RECIPES, SCHEDULERS, ConfigError, TrainConfig,
                      check_config, fields, finetune_preset, make_config, preset_applied)
 from .console import Interrupted, Progress, StopRequest
-from .distributed import Dist, init_distributed
+from .distributed import Dist, elastic_job, init_distributed
 from .loop import NonFiniteLoss, TrainState, end_epoch, log, run, setup, train_one_epoch
 from .optim import ModelEMA, RMSpropTF, Schedule, make_optimizer, parameter_groups
 from .plots import plot
@@ -51,19 +51,28 @@ def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> di
 
     ``resume``: True for ``config.out``'s ``last.pt``, or a path.  The run
     folder is locked first, so a second run on it and an unwritable folder
-    fail before any data is read.
+    fail before any data is read.  Workers that torchrun restarts after a
+    failure (``--max-restarts``, same job id) resume from ``last.pt`` when their job wrote it.
     """
     check_config(config)
     threads = torch.get_num_threads()  # setup chooses the run's; the caller gets its own back
     dist, device = init_distributed(config.device)
     try:
+        job = elastic_job()
+        if not resume and job is not None:
+            # torchrun started this job's workers again after one died: continue from the last checkpoint.
+            # Rank 0 decides for all (they must agree), from the job that holds the folder.
+            mine = dist.main and (Path(config.out) / LAST).exists() and RunLock.held_by(config.out) == job
+            resume = dist.any(mine, device) or None
         if config.sync_bn and device.type == "cpu":
             raise ConfigError("sync_bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation; "
                               "train without sync_bn")
         if config.data is not None:
             data.check_layout(config.data)  # a typo in the data path must not leave an empty run folder behind
         # rank 0 writes, so rank 0 holds the folder; under torchrun the other ranks stop with it
-        with RunLock(config.out) if dist.main else contextlib.nullcontext():
+        with RunLock(config.out) if dist.main else contextlib.nullcontext() as lock:
+            if lock is not None and job is not None:
+                lock.claim(job)
             file = None if not resume else Path(config.out) / LAST if resume is True else Path(resume)
             state = setup(config, dist, device, file)
             row = run(state)

@@ -69,6 +69,15 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
+def elastic_job() -> str | None:
+    """The torchrun job this process belongs to (its rendezvous id), or None outside torchrun.
+
+    torchrun restarts every worker of a job with the same id after a failure
+    (``--max-restarts``), which is how a restarted run recognises its own folder.
+    """
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
 def init_distributed(device_name: str | None) -> tuple[Dist, torch.device]:
     """Read torchrun's environment and join the process group; returns (Dist, this process's device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

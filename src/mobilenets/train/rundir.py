@@ -63,6 +63,20 @@ class RunLock:
                                  f"choose a folder you can write to")
         return self
 
+    def claim(self, job: str) -> None:
+        """Name the torchrun job (its rendezvous id) that holds the folder, for :func:`held_by`."""
+        self.file.truncate(0)
+        self.file.write(job)
+        self.file.flush()
+
+    @staticmethod
+    def held_by(out: str | Path) -> str | None:
+        """The torchrun job that last held ``out`` (:meth:`claim`), if any."""
+        try:
+            return (Path(out) / LOCK).read_text() or None
+        except OSError:
+            return None
+
     def __exit__(self, *exc):
         if self.file is not None:
             self.file.close()  # closing releases the flock
