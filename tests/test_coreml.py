@@ -251,7 +251,7 @@ def run_mobilenets(*args, code=None, **env):
 def test_export_command_says_it_checked_and_did_not_run(trained, tmp_path):
     from mobilenets import weights
 
-    saved = weights.save(weights.Converted(trained.state_dict(), trained.config, {"resolution": RES}),
+    saved = weights.save(weights.Converted(trained.state_dict(), trained.config, Metadata(resolution=RES)),
                          tmp_path / "w.safetensors")
     run = run_mobilenets("export", "--weights", str(saved), "--calib-images", "8", "--format", "coreml",
                          "--out", str(tmp_path / "m"))

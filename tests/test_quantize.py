@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mobilenets import deploy, load, mobilenet_v1, quantize
+from mobilenets.metadata import Metadata
 from mobilenets.quantize import calibrate, sim
 
 
@@ -471,8 +472,8 @@ def test_cli_quantize_writes_int8_ready_weights(small, tmp_path, capsys):
 
     model, _, x = small
     source = weights.save(weights.Converted(model.state_dict(), model.config,
-                                            {"resolution": 64, "normalization": INCEPTION.to_dict(), "labels": None,
-                                             "source": "test"}), tmp_path / "w.safetensors")
+                                            Metadata(resolution=64, normalization=INCEPTION, source="test")),
+                          tmp_path / "w.safetensors")
     folder = make_split(tmp_path / "photos", per_class=6, seed=3)
     out = tmp_path / "ready.safetensors"
     code = cli.main(["quantize", "--weights", str(source), "--calib-data", str(folder), "--out", str(out), "-q"])
