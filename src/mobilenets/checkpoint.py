@@ -11,10 +11,10 @@ it loads with ``weights_only=True`` (no code from the file ever runs)::
      ...training state (optimizer, scheduler, ema, epoch, rng) for training checkpoints,
      "sha256": digest of everything above}
 
-Writes are atomic: a temporary file in the same folder, fsync, then rename, so
-a crash leaves either the old file or the new one, never half of one; the
-temporary files a killed writer leaves behind are removed by
-:func:`remove_stale_temporaries`.  The ``sha256`` covers every tensor's bytes,
+Writes are atomic (:mod:`mobilenets.atomic`): a temporary file in the same
+folder, fsync, then rename, so a crash or a full disk leaves either the old
+file or the new one, never half of one; the temporary files a killed writer
+leaves behind are removed by :func:`remove_stale_temporaries`.  The ``sha256`` covers every tensor's bytes,
 dtype and shape and every other value, so a corrupted file is refused on load
 instead of training on from damaged weights.  This module is the only writer
 and reader of the format: training builds its files with
@@ -24,13 +24,12 @@ and reader of the format: training builds its files with
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write, remove_stale_temporaries, temporary_files  # noqa: F401 (run folders use them)
 from .errors import MobilenetsError
 
 FORMAT = "mobilenets"
@@ -39,50 +38,6 @@ VERSION = 1
 
 class CheckpointError(MobilenetsError):
     """A file that is not a usable checkpoint; the message says why and what would work."""
-
-
-def atomic_write(path: str | Path, write, *, check=None) -> Path:
-    """Call ``write(file_object)`` on a temp file beside ``path``, then atomically rename it into place.
-
-    ``check(temp_path)``, if given, inspects the finished file before the rename and raises to discard it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; give it the mode any new file gets here (0666 less the umask)
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def temporary_files(folder: str | Path) -> list[Path]:
-    """The temporary files :func:`atomic_write` leaves in ``folder`` when its process is killed mid-write."""
-    folder = Path(folder)
-    return sorted(p for p in folder.glob(".*.tmp") if p.is_file()) if folder.is_dir() else []
-
-
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete what killed writers left in ``folder``; call only while no other process writes there."""
-    removed = temporary_files(folder)
-    for p in removed:
-        p.unlink(missing_ok=True)
-    return removed
 
 
 def _feed(h, obj) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from .. import cores
 from ..cache import cache_dir
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 from . import backend
 from .backend import Run
 from .calibration import example_input
