@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -90,6 +91,30 @@ def save(obj: dict, path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(stamped, f))
 
 
+# torch.save stores its archive's members uncompressed; a reader that inflates deflated ones gives a 2 MB file
+# 2 GiB of tensors. The members may hold at most this much more than the file itself (zip headers, padding).
+ARCHIVE_SLACK_BYTES = 1 << 20
+
+
+def check_declared_sizes(path: Path) -> None:
+    """Refuse, from its zip directory alone, an archive whose members claim more bytes than the file holds.
+
+    So memory is bounded by the file's size, not by what it claims: a deflated member, or sizes that lie.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip (a legacy pickle, or junk): torch.load reads it, or says what it is
+    declared = sum(m.file_size for m in members)
+    size = path.stat().st_size
+    if declared > size + ARCHIVE_SLACK_BYTES:
+        biggest = max(members, key=lambda m: m.file_size)
+        raise CheckpointError(f"refusing to load {path}: its members unpack to {declared:,} bytes from a "
+                              f"{size:,}-byte file ({biggest.filename} alone {biggest.file_size:,}); torch.save "
+                              f"stores tensors uncompressed, so this file is not one it wrote")
+
+
 def load(path: str | Path, *, training: bool = False) -> dict:
     """Load a checkpoint with ``weights_only=True``; refuse pickles that would run code and damaged files.
 
@@ -100,6 +125,7 @@ def load(path: str | Path, *, training: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_declared_sizes(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
