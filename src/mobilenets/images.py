@@ -39,6 +39,10 @@ class ImageError(MobilenetsError):
     """A file that is not a decodable image."""
 
 
+class ImageSizeError(ImageError):
+    """An image larger than mobilenets decodes; its message names the file."""
+
+
 # The most pixels an image is decoded to: 2^25, about 33.5 megapixels (5792 x 5792), some 100 MB of RGB. The
 # largest input the model takes (2048 pixels, resized from 2340) needs a sixth of it; a JPEG above it is decoded
 # at 1/2, 1/4 or 1/8 scale (in the DCT domain, so the big one never exists), any other file is refused. PIL's
@@ -58,7 +62,7 @@ def _check_size(path: Path, im: Image.Image) -> tuple[int, int] | None:
     w, h = im.size
     size = path.stat().st_size
     if size > w * h * MAX_BYTES_PER_PIXEL + MAX_METADATA_BYTES:
-        raise ImageError(f"{path} is {size:,} bytes, far more than a {w}x{h} image takes (at most "
+        raise ImageSizeError(f"{path} is {size:,} bytes, far more than a {w}x{h} image takes (at most "
                          f"{w * h * MAX_BYTES_PER_PIXEL + MAX_METADATA_BYTES:,}); it hides other data: re-save the "
                          f"image alone")
     if w * h <= MAX_DECODED_PIXELS:
@@ -67,7 +71,7 @@ def _check_size(path: Path, im: Image.Image) -> tuple[int, int] | None:
         for scale in (2, 4, 8):  # what libjpeg's DCT scaling offers
             if math.ceil(w / scale) * math.ceil(h / scale) <= MAX_DECODED_PIXELS:
                 return math.ceil(w / scale), math.ceil(h / scale)
-    raise ImageError(f"{path} is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the {MAX_DECODED_PIXELS / 1e6:.1f} "
+    raise ImageSizeError(f"{path} is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the {MAX_DECODED_PIXELS / 1e6:.1f} "
                      f"megapixels mobilenets decodes (the model needs at most 2340 pixels a side); resize it first "
                      f"(a JPEG is decoded at reduced scale up to 1/8 a side)")
 
@@ -123,7 +127,7 @@ def load_rgb(path: str | Path, *, min_side: int | Callable[[int, int], int] | No
             if draft:
                 im.draft(None, draft)
             return _decode(im)
-    except ImageError:
+    except ImageSizeError:
         raise
     except UNDECODABLE as e:
         raise ImageError(f"cannot decode image {path}: {e}") from None
@@ -156,7 +160,7 @@ def load_pixels(path: str | Path, *, min_side: int | Callable[[int, int], int] |
             elif draft:
                 im.draft(None, draft)
             return pixels(_decode(im))
-    except ImageError:
+    except ImageSizeError:
         raise
     except UNDECODABLE as e:
         raise ImageError(f"cannot decode image {path}: {e}") from None
