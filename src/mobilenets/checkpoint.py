@@ -184,8 +184,24 @@ def model_from(obj: dict, *, path: str | Path = "<checkpoint>"):
     return model, dict(obj.get("meta") or {})
 
 
+def check_values(state_dict: dict, name: str | Path = "<weights>") -> None:
+    """Refuse weights whose every answer would be NaN or nonsense, naming the tensor: a NaN or infinite value
+    anywhere, or a negative BatchNorm running variance (its square root is NaN)."""
+    for key, t in state_dict.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+            continue
+        bad = t.numel() - int(torch.isfinite(t).sum())
+        if bad:
+            raise CheckpointError(f"{name}: tensor {key} holds {bad} non-finite values (NaN or infinity) of "
+                                  f"{t.numel()}; these weights are damaged, or come from a diverged run")
+        if key.endswith("running_var") and bool((t < 0).any()):
+            raise CheckpointError(f"{name}: tensor {key} holds a negative variance ({float(t.min()):.3g}); "
+                                  f"a BatchNorm variance is >= 0, so these weights are damaged")
+
+
 def load_state_dict(model, state_dict: dict, *, path: str | Path = "<checkpoint>") -> None:
-    """Strict load with a message that names every missing, unexpected or mis-shaped tensor."""
+    """Strict load with a message that names every missing, unexpected or mis-shaped tensor, or a tensor whose
+    values no trained model holds (:func:`check_values`)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -200,4 +216,5 @@ def load_state_dict(model, state_dict: dict, *, path: str | Path = "<checkpoint>
         if unexpected:
             parts.append(f"unexpected {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
         raise CheckpointError(f"weights in {path} do not fit the model: " + "; ".join(parts))
+    check_values(state_dict, path)
     model.load_state_dict(state_dict)

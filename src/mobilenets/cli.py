@@ -17,6 +17,7 @@ import sys
 
 from .architecture import ALPHA_RANGE, RESOLUTION_RANGE, alpha_ok, resolution_ok
 from .errors import MobilenetsError
+from .terminal import printable
 
 
 class UsageError(Exception):
@@ -802,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, MobilenetsError, OSError) as e:
         if os.environ.get("MOBILENETS_DEBUG"):
             raise
-        print(f"mobilenets: error: {e}", file=sys.stderr)
+        print(f"mobilenets: error: {printable(str(e))}", file=sys.stderr)  # one line, whatever a file name holds
         return 2
     except KeyboardInterrupt:
         print("mobilenets: interrupted", file=sys.stderr)

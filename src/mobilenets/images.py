@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import MobilenetsError
+from .terminal import printable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -332,4 +333,4 @@ def list_images(directory: str | Path) -> list[Path]:
 
 
 def warn_skipped(path: Path, error: Exception) -> None:
-    warnings.warn(f"skipping {path}: {error}", stacklevel=2)
+    warnings.warn(printable(f"skipping {path}: {error}"), stacklevel=2)
