@@ -76,3 +76,51 @@ def test_an_unwritable_cache_degrades_to_no_cache_with_one_warning(model, built,
     notes = [str(w.message) for w in caught if "cannot keep the backend choice" in str(w.message)]
     assert len(notes) == 1 and str(blocker / "cache" / "auto-backend.json") in notes[0], notes
     assert len(built) == 2 * len(CANDIDATES)  # each run measured every candidate: nothing was kept
+
+
+# ---------------------------------------------------------------- the int8 preparation cache
+
+
+@pytest.fixture
+def calibration():
+    torch.manual_seed(1)
+    return [torch.randn(2, 3, RES, RES)]
+
+
+@pytest.fixture
+def preparations(monkeypatch):
+    from mobilenets import quantize
+
+    real, counted = quantize.prepare_int8, []
+    monkeypatch.setattr(quantize, "prepare_int8", lambda *a, **k: counted.append(1) or real(*a, **k))
+    return counted
+
+
+def test_int8_entries_are_trusted_only_when_signed_by_a_private_cache(model, calibration, preparations,
+                                                                           tmp_path, monkeypatch):
+    from mobilenets.deploy import prepare
+
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
+    first = prepare.prepared_int8(model, calibration)
+    other_images = [calibration[0].flip(-1)]
+    prepare.prepared_int8(model, other_images)
+    assert len(preparations) == 2
+    prepare.prepared_int8(model, calibration)
+    assert len(preparations) == 2  # signed by this cache: read back
+
+    # a valid entry under another key (valid tensors, valid checksums, other ranges): what an edit looks like
+    entry, other = prepare.cache_path(model, calibration), prepare.cache_path(model, other_images)
+    entry.write_bytes(other.read_bytes())
+    with pytest.warns(UserWarning, match="does not carry this cache's signature"):
+        again = prepare.prepared_int8(model, calibration)
+    assert len(preparations) == 3
+    assert again.ranges == first.ranges  # prepared afresh, not the swapped-in ranges
+    prepare.prepared_int8(model, calibration)
+    assert len(preparations) == 3  # and re-signed
+
+
+    # a folder others may write cannot vouch for its entries: not used at all
+    (tmp_path / "int8").chmod(0o777)
+    with pytest.warns(UserWarning, match="others may write to it"):
+        prepare.prepared_int8(model, calibration)
+    assert len(preparations) == 4
