@@ -142,3 +142,28 @@ def test_labels_and_file_names_reach_the_terminal_escaped_and_json_exact(model, 
     exact = _cli("predict", str(folder), "--weights", str(path), "--topk", "3", "--json")
     record = json.loads(exact.stdout)
     assert record["image"] == str(image) and {t["label"] for t in record["top"]} == set(labels)
+
+
+GOOD_INT8 = {"version": 1, "scales": [[1.0]], "ranges": {"features.0": [0.0, 6.0]}, "report": {}}
+
+
+@pytest.mark.parametrize("data,why", [
+    ({**GOOD_INT8, "version": "one"}, "its version must be a whole number"),
+    ({k: v for k, v in GOOD_INT8.items() if k != "scales"}, "its scales must be"),
+    ({**GOOD_INT8, "scales": "1.0"}, "its scales must be"),
+    ({**GOOD_INT8, "scales": [["1.0"]]}, "its scales must be"),
+    ({**GOOD_INT8, "scales": [[]]}, "its scales must be"),
+    ({**GOOD_INT8, "ranges": {"features.0": [math.nan, 6.0]}}, "its ranges must be finite"),
+    ({**GOOD_INT8, "ranges": {"features.0": [6.0, 0.0]}}, "its ranges must be finite"),
+    ({**GOOD_INT8, "ranges": {"features.0": "0..6"}}, "its ranges must be finite"),
+    ({**GOOD_INT8, "report": []}, "its report must be an object"),
+])
+def test_crafted_int8_metadata_is_refused_in_one_line(model, data, why):
+    from dataclasses import replace
+
+    from mobilenets import quantize
+
+    crafted = model.__class__(model.config)
+    crafted.meta = replace(mobilenets.metadata.of(model), int8=data)
+    with pytest.raises(MobilenetsError, match=f"the int8 data of these weights is damaged: {why}"):
+        quantize.from_model(crafted)
