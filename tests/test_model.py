@@ -242,7 +242,10 @@ def test_config_round_trip():
         ({"activation": ["relu"]}, "activation must be one of"),
         ({"padding": "valid"}, "padding must be one of"),
         ({"output_stride": 4}, "output_stride must be one of"),
-        ({"min_depth": 0}, "min_depth must be a positive integer"),
+        ({"min_depth": 0}, r"min_depth must be an integer in \[1, 4096\]"),
+        # 10**9 would be 13 trillion parameters; the widest layer the alpha bound allows is 1024 * 4
+        ({"min_depth": 10**9}, r"min_depth must be an integer in \[1, 4096\]"),
+        ({"min_depth": 4097}, r"min_depth must be an integer in \[1, 4096\]"),
         ({"dropout": 1.0}, "dropout must be in"),
         ({"bn_eps": "1e-3"}, "bn_eps must be in"),
         ({"bn_momentum": math.inf}, "bn_momentum must be in"),

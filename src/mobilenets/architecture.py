@@ -66,6 +66,9 @@ MIN_RESOLUTION = 32  # five stride-2 layers: 32 px is the smallest input that le
 MAX_ALPHA = 4.0
 MAX_RESOLUTION = 2048
 MAX_CLASSES = 100_000
+# min_depth raises every layer to at least this width; no layer is ever wider than 1024 * MAX_ALPHA, so neither
+# may this be (min_depth 10**9 asked for 13 trillion parameters)
+MAX_MIN_DEPTH = int(1024 * MAX_ALPHA)
 OUTPUT_STRIDES = (8, 16, 32)
 MAX_IN_CHANS = 1024  # input channels: RGB is 3; multispectral stacks have tens; a typo of 10**6 is refused
 
@@ -176,8 +179,9 @@ def body(
     alpha = check_alpha(alpha)
     if not is_integer(in_chans) or not 1 <= in_chans <= MAX_IN_CHANS:
         raise ParameterError(f"in_chans must be an integer in [1, {MAX_IN_CHANS}] (3 for RGB), got {in_chans!r}")
-    if not is_integer(min_depth) or min_depth < 1:
-        raise ParameterError(f"min_depth must be a positive integer (TF-slim uses 8), got {min_depth!r}")
+    if not is_integer(min_depth) or not 1 <= min_depth <= MAX_MIN_DEPTH:
+        raise ParameterError(f"min_depth must be an integer in [1, {MAX_MIN_DEPTH}] (TF-slim uses 8), "
+                             f"got {min_depth!r}")
     if output_stride is not None and output_stride not in OUTPUT_STRIDES:
         raise ParameterError(f"output_stride must be one of {OUTPUT_STRIDES} or None, got {output_stride!r}")
 

@@ -35,6 +35,7 @@ import torch
 
 from . import deploy
 from .architecture import check_input_size
+from .atomic import atomic_write
 from .checks import check_integer, is_integer, is_number
 from .cost import cost
 from .errors import ParameterError
@@ -375,9 +376,10 @@ def save_figure(fig, path) -> Path:
 
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png", dpi=120))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -11,10 +11,10 @@ it loads with ``weights_only=True`` (no code from the file ever runs)::
      ...training state (optimizer, scheduler, ema, epoch, rng) for training checkpoints,
      "sha256": digest of everything above}
 
-Writes are atomic: a temporary file in the same folder, fsync, then rename, so
-a crash leaves either the old file or the new one, never half of one; the
-temporary files a killed writer leaves behind are removed by
-:func:`remove_stale_temporaries`.  The ``sha256`` covers every tensor's bytes,
+Writes are atomic (:mod:`mobilenets.atomic`): a temporary file in the same
+folder, fsync, then rename, so a crash or a full disk leaves either the old
+file or the new one, never half of one; the temporary files a killed writer
+leaves behind are removed by :func:`remove_stale_temporaries`.  The ``sha256`` covers every tensor's bytes,
 dtype and shape and every other value, so a corrupted file is refused on load
 instead of training on from damaged weights.  This module is the only writer
 and reader of the format: training builds its files with
@@ -24,13 +24,13 @@ and reader of the format: training builds its files with
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
-import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write, remove_stale_temporaries, temporary_files  # noqa: F401 (run folders use them)
 from .errors import MobilenetsError
 
 FORMAT = "mobilenets"
@@ -39,50 +39,6 @@ VERSION = 1
 
 class CheckpointError(MobilenetsError):
     """A file that is not a usable checkpoint; the message says why and what would work."""
-
-
-def atomic_write(path: str | Path, write, *, check=None) -> Path:
-    """Call ``write(file_object)`` on a temp file beside ``path``, then atomically rename it into place.
-
-    ``check(temp_path)``, if given, inspects the finished file before the rename and raises to discard it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; give it the mode any new file gets here (0666 less the umask)
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def temporary_files(folder: str | Path) -> list[Path]:
-    """The temporary files :func:`atomic_write` leaves in ``folder`` when its process is killed mid-write."""
-    folder = Path(folder)
-    return sorted(p for p in folder.glob(".*.tmp") if p.is_file()) if folder.is_dir() else []
-
-
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete what killed writers left in ``folder``; call only while no other process writes there."""
-    removed = temporary_files(folder)
-    for p in removed:
-        p.unlink(missing_ok=True)
-    return removed
 
 
 def _feed(h, obj) -> None:
@@ -135,6 +91,30 @@ def save(obj: dict, path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(stamped, f))
 
 
+# torch.save stores its archive's members uncompressed; a reader that inflates deflated ones gives a 2 MB file
+# 2 GiB of tensors. The members may hold at most this much more than the file itself (zip headers, padding).
+ARCHIVE_SLACK_BYTES = 1 << 20
+
+
+def check_declared_sizes(path: Path) -> None:
+    """Refuse, from its zip directory alone, an archive whose members claim more bytes than the file holds.
+
+    So memory is bounded by the file's size, not by what it claims: a deflated member, or sizes that lie.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip (a legacy pickle, or junk): torch.load reads it, or says what it is
+    declared = sum(m.file_size for m in members)
+    size = path.stat().st_size
+    if declared > size + ARCHIVE_SLACK_BYTES:
+        biggest = max(members, key=lambda m: m.file_size)
+        raise CheckpointError(f"refusing to load {path}: its members unpack to {declared:,} bytes from a "
+                              f"{size:,}-byte file ({biggest.filename} alone {biggest.file_size:,}); torch.save "
+                              f"stores tensors uncompressed, so this file is not one it wrote")
+
+
 def load(path: str | Path, *, training: bool = False) -> dict:
     """Load a checkpoint with ``weights_only=True``; refuse pickles that would run code and damaged files.
 
@@ -145,6 +125,7 @@ def load(path: str | Path, *, training: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_declared_sizes(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -203,8 +184,24 @@ def model_from(obj: dict, *, path: str | Path = "<checkpoint>"):
     return model, dict(obj.get("meta") or {})
 
 
+def check_values(state_dict: dict, name: str | Path = "<weights>") -> None:
+    """Refuse weights whose every answer would be NaN or nonsense, naming the tensor: a NaN or infinite value
+    anywhere, or a negative BatchNorm running variance (its square root is NaN)."""
+    for key, t in state_dict.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+            continue
+        bad = t.numel() - int(torch.isfinite(t).sum())
+        if bad:
+            raise CheckpointError(f"{name}: tensor {key} holds {bad} non-finite values (NaN or infinity) of "
+                                  f"{t.numel()}; these weights are damaged, or come from a diverged run")
+        if key.endswith("running_var") and bool((t < 0).any()):
+            raise CheckpointError(f"{name}: tensor {key} holds a negative variance ({float(t.min()):.3g}); "
+                                  f"a BatchNorm variance is >= 0, so these weights are damaged")
+
+
 def load_state_dict(model, state_dict: dict, *, path: str | Path = "<checkpoint>") -> None:
-    """Strict load with a message that names every missing, unexpected or mis-shaped tensor."""
+    """Strict load with a message that names every missing, unexpected or mis-shaped tensor, or a tensor whose
+    values no trained model holds (:func:`check_values`)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -219,4 +216,5 @@ def load_state_dict(model, state_dict: dict, *, path: str | Path = "<checkpoint>
         if unexpected:
             parts.append(f"unexpected {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
         raise CheckpointError(f"weights in {path} do not fit the model: " + "; ".join(parts))
+    check_values(state_dict, path)
     model.load_state_dict(state_dict)

@@ -17,6 +17,7 @@ import sys
 
 from .architecture import ALPHA_RANGE, RESOLUTION_RANGE, alpha_ok, resolution_ok
 from .errors import MobilenetsError
+from .terminal import printable
 
 
 class UsageError(Exception):
@@ -47,6 +48,17 @@ alpha = _number(float, alpha_ok, ALPHA_RANGE)
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 resolution = _number(int, resolution_ok, RESOLUTION_RANGE)
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+
+
+def _write_json(target: str, data) -> None:
+    """``--json FILE`` writes the file whole or not at all; ``--json -`` prints it."""
+    if target == "-":
+        print(json.dumps(data))
+        return
+    from .atomic import atomic_write
+
+    text = json.dumps(data, indent=1)
+    atomic_write(target, lambda f: f.write(text.encode()))
 
 
 def _progress(args):
@@ -406,7 +418,7 @@ def run_benchmark(args) -> int:
         if args.plot:
             print(f"wrote {pick.plot_grid(data, Path(args.plot))}", file=sys.stderr)
         if args.json:
-            Path(args.json).write_text(json.dumps(data, indent=1)) if args.json != "-" else print(json.dumps(data))
+            _write_json(args.json, data)
         for r in data["rows"]:
             print(f"{r['model']:9} {r['mult_adds']:>12,} mult-adds  {r['median_ms']:8.2f} ms  p90 {r['p90_ms']:8.2f}"
                   f"  {r['backend']}")
@@ -418,7 +430,7 @@ def run_benchmark(args) -> int:
                                  min_time=args.min_time, normalization=normalization, floor_size=args.floor_size,
                                  log=log)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1)) if args.json != "-" else print(json.dumps(result))
+        _write_json(args.json, result)
     if args.plot:
         print(f"wrote {benchmark.plot(result, Path(args.plot))}", file=sys.stderr)
     if args.json != "-":
@@ -741,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, MobilenetsError, OSError) as e:
         if os.environ.get("MOBILENETS_DEBUG"):
             raise
-        print(f"mobilenets: error: {e}", file=sys.stderr)
+        print(f"mobilenets: error: {printable(str(e))}", file=sys.stderr)  # one line, whatever a file name holds
         return 2
     except KeyboardInterrupt:
         print("mobilenets: interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ way everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import MobilenetsError
+from .terminal import printable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -37,6 +39,54 @@ UNDECODABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.D
 
 class ImageError(MobilenetsError):
     """A file that is not a decodable image."""
+
+
+class ImageSizeError(ImageError):
+    """An image larger than mobilenets decodes; its message names the file."""
+
+
+# The most pixels an image is decoded to: 2^25, about 33.5 megapixels (5792 x 5792), some 100 MB of RGB. The
+# largest input the model takes (2048 pixels, resized from 2340) needs a sixth of it; a JPEG above it is decoded
+# at 1/2, 1/4 or 1/8 scale (in the DCT domain, so the big one never exists), any other file is refused. PIL's
+# own bomb limit only warns below 179 megapixels (2.4 GB for one PNG).
+MAX_DECODED_PIXELS = 1 << 25
+# Slack for what a file holds beyond its pixels (EXIF, ICC profiles, thumbnails, XMP); with 8 bytes a pixel
+# (16-bit RGBA, uncompressed) no real file is larger, and a small image followed by gigabytes is refused unread.
+MAX_METADATA_BYTES = 16 << 20
+MAX_BYTES_PER_PIXEL = 8
+
+
+def _check_size(path, im: Image.Image, size: int | None = None) -> tuple[int, int] | None:
+    """Refuse, from the header, an image larger than decoding may make; a JPEG's reduced decode size, if needed.
+
+    ``size``: the file's bytes when they are in memory (else the file is asked).
+    Returns the size to ``draft`` a JPEG to so that it fits, or None when it fits as it is.
+    """
+    w, h = im.size
+    size = path.stat().st_size if size is None else size
+    if size > w * h * MAX_BYTES_PER_PIXEL + MAX_METADATA_BYTES:
+        raise ImageSizeError(f"{path} is {size:,} bytes, far more than a {w}x{h} image takes (at most "
+                         f"{w * h * MAX_BYTES_PER_PIXEL + MAX_METADATA_BYTES:,}); it hides other data: re-save the "
+                         f"image alone")
+    if w * h <= MAX_DECODED_PIXELS:
+        return None
+    if im.format == "JPEG":
+        for scale in (2, 4, 8):  # what libjpeg's DCT scaling offers
+            if math.ceil(w / scale) * math.ceil(h / scale) <= MAX_DECODED_PIXELS:
+                return math.ceil(w / scale), math.ceil(h / scale)
+    raise ImageSizeError(f"{path} is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the {MAX_DECODED_PIXELS / 1e6:.1f} "
+                     f"megapixels mobilenets decodes (the model needs at most 2340 pixels a side); resize it first "
+                     f"(a JPEG is decoded at reduced scale up to 1/8 a side)")
+
+
+@contextlib.contextmanager
+def _opened(source):
+    """``Image.open`` (of a path or a file object) without PIL's decompression-bomb warning: :func:`_check_size`
+    holds a lower limit, as an error (PIL's error, above 179 megapixels, still comes first)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(source) as im:
+            yield im
 
 
 @dataclass(frozen=True)
@@ -68,15 +118,20 @@ def load_rgb(path: str | Path, *, min_side: int | Callable[[int, int], int] | No
     applied, full scale), read from the header, and returns that side; it is
     called once, for JPEGs only.
     Raises :class:`ImageError` naming the file when it cannot be decoded
-    (empty, truncated, not an image).
+    (empty, truncated, not an image) or is too large: over
+    :data:`MAX_DECODED_PIXELS` (a JPEG is decoded at reduced scale instead),
+    or a file far larger than its pixels need.
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            draft = _draft_size(im, min_side)
+        with _opened(path) as im:
+            bound = _check_size(path, im)
+            draft = _smaller(_draft_size(im, min_side), bound)
             if draft:
                 im.draft(None, draft)
             return _decode(im)
+    except ImageSizeError:
+        raise
     except UNDECODABLE as e:
         raise ImageError(f"cannot decode image {path}: {e}") from None
 
@@ -98,8 +153,9 @@ def load_pixels(path: str | Path | bytes, *, min_side: int | Callable[[int, int]
     data = path if isinstance(path, (bytes, bytearray, memoryview)) else None
     path = f"({len(data)} bytes)" if data is not None else Path(path)
     try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as im:
-            draft = _draft_size(im, min_side)
+        with _opened(io.BytesIO(data) if data is not None else path) as im:
+            bound = _check_size(path, im, len(data) if data is not None else None)
+            draft = _smaller(_draft_size(im, min_side), bound)
             jpeg = _simplejpeg() if im.format == "JPEG" and im.mode in ("RGB", "L") and not draft else None
             if jpeg is not None:
                 try:
@@ -112,6 +168,8 @@ def load_pixels(path: str | Path | bytes, *, min_side: int | Callable[[int, int]
             elif draft:
                 im.draft(None, draft)
             return pixels(_decode(im))
+    except ImageSizeError:
+        raise
     except UNDECODABLE as e:
         raise ImageError(f"cannot decode image {path}: {e}") from None
 
@@ -136,6 +194,13 @@ def _oriented(hwc: torch.Tensor, orientation) -> torch.Tensor:
         if orientation in (5, 6, 7, 8):
             hwc = hwc.transpose(0, 1)
     return hwc.permute(2, 0, 1)
+
+
+def _smaller(draft: tuple[int, int] | None, bound: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The smaller of two draft sizes (None: full size)."""
+    if draft is None or bound is None:
+        return draft or bound
+    return min(draft, bound, key=lambda s: s[0] * s[1])
 
 
 def _draft_size(im: Image.Image, min_side) -> tuple[int, int] | None:
@@ -340,4 +405,4 @@ def list_images(directory: str | Path) -> list[Path]:
 
 
 def warn_skipped(path: Path, error: Exception) -> None:
-    warnings.warn(f"skipping {path}: {error}", stacklevel=2)
+    warnings.warn(printable(f"skipping {path}: {error}"), stacklevel=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .atomic import atomic_write
 from .cost import cost
 from .weights import registry
 
@@ -214,7 +215,9 @@ def plot_figures(directory) -> list:
         ax.legend(title="resolution")
         fig.tight_layout()
         path = directory / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+        finally:
+            plt.close(fig)
         paths.append(path)
     return paths

@@ -24,7 +24,7 @@ from typing import Callable
 from . import deploy, device_latency, paper
 from .benchmark import check_arguments, example_inputs, machine, make_model, model_name, p90, save_figure
 from .cache import cache_dir
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 from .cost import cost
 from .errors import ParameterError
 from .weights import registry

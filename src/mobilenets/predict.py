@@ -23,6 +23,7 @@ from .checks import check_integer
 from .errors import MobilenetsError
 from .images import ImageError, Normalization, list_images, warn_skipped
 from .model import MobileNetV1
+from .terminal import printable
 
 # Below this many images, compiling a runtime (seconds) costs more than it saves; the eager model runs them.
 COMPILE_FROM = 256
@@ -91,6 +92,11 @@ def _tensor_sources(t: torch.Tensor, start: int) -> list[_Source]:
                 for i in range(len(t))]
     if not t.is_floating_point():
         raise MobilenetsError(f"a tensor must be uint8 (an image) or float (preprocessed input), got {t.dtype}")
+    finite = torch.isfinite(t).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0])
+        raise MobilenetsError(f"input tensor {start + first} holds NaN or infinite values; its answer would be "
+                              f"NaN: preprocess finite pixels")
     return [_Source(f"<tensor {start + i}>", t[i].float()) for i in range(len(t))]
 
 
@@ -219,6 +225,8 @@ def decode_predictions(logits: torch.Tensor, k: int = 5, labels: list[str] | Non
         from .labels import imagenet_labels
 
         labels = list(imagenet_labels())
+    if labels is not None and len(labels) != logits.shape[1]:
+        raise MobilenetsError(f"labels must name each of the {logits.shape[1]} classes, got {len(labels)} labels")
     k = min(k, logits.shape[1])
     values, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
     return [[{"class_index": c, "label": labels[c] if labels else str(c), "probability": v}
@@ -228,6 +236,6 @@ def decode_predictions(logits: torch.Tensor, k: int = 5, labels: list[str] | Non
 def format_table(predictions: Iterable[Prediction]) -> Iterator[str]:
     """A readable block per image: rank, class index, probability, label."""
     for p in predictions:
-        yield p.image
+        yield printable(p.image)  # file names and labels are data: no escape sequence or newline reaches the terminal
         for rank, t in enumerate(p.top, start=1):
-            yield f"  {rank:>2}  {t['class_index']:>4}  {100 * t['probability']:6.2f}%  {t['label']}"
+            yield f"  {rank:>2}  {t['class_index']:>4}  {100 * t['probability']:6.2f}%  {printable(t['label'])}"

@@ -22,7 +22,8 @@ import torch
 
 from .. import cores
 from ..cache import cache_dir
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
+from ..errors import MobilenetsError
 from . import backend
 from .backend import Run
 from .calibration import example_input
@@ -81,10 +82,39 @@ def choices_path() -> Path:
 
 
 def _read_choices() -> dict:
+    """The cached choices; a damaged file or entry is left out (measured again and rewritten), never an error."""
     try:
-        return json.loads(choices_path().read_text())
-    except (OSError, ValueError):
+        choices = json.loads(choices_path().read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
+    if not isinstance(choices, dict):
+        return {}
+    return {k: v for k, v in choices.items() if _valid_choice(v)}
+
+
+def _valid_choice(entry) -> bool:
+    """An entry as :func:`choose` writes it: a backend name, finite timings per backend, a busy-core count."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    return (isinstance(entry, dict) and isinstance(entry.get("backend"), str)
+            and isinstance(entry.get("timings"), dict) and entry["backend"] in entry["timings"]
+            and all(isinstance(k, str) and number(v) for k, v in entry["timings"].items())
+            and number(entry.get("busy_cores", BUSY)))
+
+
+def _write_choices(choices: dict) -> None:
+    """Keep the choices for later runs; a cache that cannot be written degrades to no cache, with one warning."""
+    try:
+        atomic_write(choices_path(), lambda f: f.write(json.dumps(choices, indent=1).encode()))
+    except MobilenetsError as e:  # WriteError: no space, no permission, a file in the folder's place
+        if not _warned_unwritable:
+            _warned_unwritable.append(True)
+            warnings.warn(f"auto: cannot keep the backend choice ({e}); every run will measure afresh until "
+                          f"the cache folder is writable (MOBILENETS_CACHE chooses it)", stacklevel=3)
+
+
+_warned_unwritable: list[bool] = []
 
 
 def choose(config: dict, folded, precision: str, batches: list[torch.Tensor], batch_size: int,
@@ -128,5 +158,5 @@ def choose(config: dict, folded, precision: str, batches: list[torch.Tensor], ba
     choices[key] = {"backend": chosen, "timings": timings, "precision": precision, "batch_size": batch_size,
                     "resolution": resolution, "alpha": config.get("alpha"), "busy_cores": round(busy, 2),
                     "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    atomic_write(choices_path(), lambda f: f.write(json.dumps(choices, indent=1).encode()))
+    _write_choices(choices)
     return chosen, built[chosen], timings

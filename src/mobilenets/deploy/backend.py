@@ -65,6 +65,7 @@ class ExportFormat:
     default_precision: str = "fp32"
     runs_here: bool = True
     weights_only_int8: bool = False
+    companions: tuple[str, ...] = ()  # suffixes of the files written beside the named one (OpenVINO's .bin)
 
 
 class Backend:
@@ -113,6 +114,9 @@ class Backend:
     def save(self, folded, path: Path, format: str, precision: str, batches: list[torch.Tensor],
              resolution: int, **options) -> Path:
         """Write ``folded`` at ``precision`` as ``format`` (one of ``formats``), batch dimension dynamic.
+
+        ``path`` is a temporary name beside the target (:func:`mobilenets.atomic.replacing`), renamed into
+        place once this returns; write to it directly.
 
         ``options`` are those the format lists in :attr:`ExportFormat.options`.
         """

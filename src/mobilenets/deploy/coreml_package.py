@@ -35,10 +35,8 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -240,18 +238,11 @@ def discard(model) -> None:
 
 
 def write(folded, path: Path, precision: str, resolution: int, metadata: dict) -> Path:
-    """Write the ``.mlpackage`` folder ``path`` whole or not at all (an existing one is replaced)."""
+    """Write the ``.mlpackage`` folder ``path`` (``export`` hands a temporary one and puts it in place whole)."""
     model = package(folded, precision, resolution, metadata)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         with quiet():
-            model.save(str(staging / path.name))
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(staging / path.name, path)
+            model.save(str(path))
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         discard(model)
-    return path
+    return Path(path)

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 from ..folding import FoldedConv, FoldedMobileNet
 from .backend import Backend, ExportFormat, Run, batch_dim
 from .calibration import as_input, example_input

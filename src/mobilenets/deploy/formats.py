@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import metadata
+from ..atomic import replacing
 from ..model import MobileNetV1
 from .backend import EXPORT_PRECISIONS, PRECISIONS, Run, export_formats
 from .calibration import DEFAULT_RESOLUTION, as_input, calibration_batches
@@ -123,7 +124,6 @@ def export(model: MobileNetV1, path, format: str | None = None, *, precision: st
     if ranges is not None:
         options["ranges"] = ranges
     resolution = DEFAULT_RESOLUTION if resolution is None else int(resolution)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if precision == "int8" and spec.weights_only_int8:
         batches, folded = [], weights_only_int8(model, calibration, resolution, int8)
     else:
@@ -134,7 +134,10 @@ def export(model: MobileNetV1, path, format: str | None = None, *, precision: st
         else:
             folded = folded_for(model, precision, batches, int8=int8)
     backend, _ = export_formats()[format]
-    return backend.save(folded, path, format, precision, batches, resolution, **options)
+    # every runtime writes a temporary path beside the target: a failed write keeps the old file whole
+    with replacing(path, companions=spec.companions) as partial:
+        backend.save(folded, partial, format, precision, batches, resolution, **options)
+    return path
 
 
 def weights_only_int8(model: MobileNetV1, calibration, resolution: int, int8: str = "prepared") -> FoldedMobileNet:

@@ -127,7 +127,7 @@ class Request:
 class OpenVINO(Backend):
     name = "openvino"
     requires = ("openvino",)
-    formats = (ExportFormat("openvino", ".xml", ("fp32", "bf16", "int8")),)
+    formats = (ExportFormat("openvino", ".xml", ("fp32", "bf16", "int8"), companions=(".bin",)),)
 
     def describe(self, precision: str) -> str:
         return "OpenVINO CPU" + (", NNCF int8" if precision == "int8" else "")

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
 import math
+import os
+import secrets
 import warnings
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
+from ..errors import MobilenetsError
 from ..folding import FoldedConv, FoldedMobileNet, fold_batchnorm
 from ..model import MobileNetV1
 from .machine import DeployError
@@ -56,7 +61,13 @@ def prepared_int8(model: MobileNetV1, batches: list[torch.Tensor], *, log=None):
     path = cache_path(model, batches)
     folder = path.parent
     resolution = int(batches[0].shape[-1])
-    if path.is_file():
+    secret = _trusted_secret(folder)
+    if secret is None:
+        return quantize.prepare_int8(model, batches)
+    if path.is_file() and not _signed(secret, path):
+        warnings.warn(f"ignoring the cached int8 preparation {path}: it does not carry this cache's signature "
+                      f"(edited, or written elsewhere); preparing it afresh", stacklevel=3)
+    elif path.is_file():
         try:
             from ..weights import load
 
@@ -75,13 +86,68 @@ def prepared_int8(model: MobileNetV1, batches: list[torch.Tensor], *, log=None):
             f"minute, once: the result is kept in {folder})")
     ready = quantize.prepare_int8(model, batches)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         quantize.save(ready, model, path)
+        signature = _signature(secret, path)
+        atomic_write(path.with_suffix(".sig"), lambda f: f.write(signature.encode()))
         for old in sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)[:-INT8_CACHE_ENTRIES]:
             old.unlink(missing_ok=True)
-    except OSError as e:  # a cache that cannot be written costs the next run time, not this one its result
+            old.with_suffix(".sig").unlink(missing_ok=True)
+    except (OSError, MobilenetsError) as e:  # a cache that cannot be written costs the next run time, not its result
         warnings.warn(f"could not keep the int8 preparation in {folder}: {e}", stacklevel=3)
     return ready
+
+
+# The cache's trust model, as ssh treats its keys: the folder must be the user's and writable by no one else,
+# else it is not used. Each entry carries an HMAC, under a secret kept in the folder (0600), of its key (the
+# file name) and its bytes: an entry edited (ranges changed, checksums recomputed), copied from another key or
+# another machine fails the check and is prepared afresh, with a warning.
+def _trusted_secret(folder: Path) -> bytes | None:
+    """The folder's secret, made on first use; None (after a warning) where the folder cannot be trusted."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        why = _untrusted(folder)
+        key = folder / ".key"
+        if why is None:
+            try:
+                fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(32))
+            st = key.stat()
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:
+                why = f"its key {key} is readable or writable by others, or not yours"
+    except OSError as e:
+        why = f"it cannot be used ({e.strerror or e})"
+    if why is None:
+        secret = key.read_bytes()
+        if len(secret) == 32:
+            return secret
+        why = f"its key {key} is damaged (delete it to start afresh)"
+    warnings.warn(f"not using the int8 cache {folder}: {why}; preparing int8 afresh", stacklevel=4)
+    return None
+
+
+def _untrusted(folder: Path) -> str | None:
+    st = folder.stat()
+    if st.st_uid != os.getuid():
+        return f"it belongs to user id {st.st_uid}, not to you"
+    if st.st_mode & 0o022:
+        return "others may write to it (chmod go-w fixes that)"
+    return None
+
+
+def _signature(secret: bytes, path: Path) -> str:
+    return hmac.new(secret, path.name.encode() + b"\0" + path.read_bytes(), hashlib.sha256).hexdigest()
+
+
+def _signed(secret: bytes, path: Path) -> bool:
+    try:
+        recorded = path.with_suffix(".sig").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(recorded, _signature(secret, path))
 
 
 def cache_path(model: MobileNetV1, batches: list[torch.Tensor]) -> Path:

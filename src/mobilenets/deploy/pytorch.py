@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 from .prepare import single_clip
 from .backend import Backend, ExportFormat, Run, batch_dim
 from .calibration import as_input, example_input

@@ -208,11 +208,38 @@ def save(ready: Int8Ready, like: MobileNetV1, path) -> Path:
     return weights.save(converted, path)
 
 
+def check_int8_data(data) -> None:
+    """Refuse, in one line, int8 data of the wrong shape or with values no preparation writes: a version that is
+    not a whole number, scales that are not lists of finite positive numbers, ranges that are not finite
+    (low, high) pairs with low <= high."""
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    why = None
+    if not isinstance(data, dict):
+        why = f"int8 data must be an object, got {type(data).__name__}"
+    elif not (isinstance(data.get("version", 0), int) and not isinstance(data.get("version", 0), bool)):
+        why = f"its version must be a whole number, got {data.get('version')!r}"
+    elif not isinstance(data.get("scales"), list) or not all(
+            isinstance(s, list) and s and all(finite(v) and v > 0 for v in s) for s in data["scales"]):
+        why = "its scales must be one list of finite positive numbers per layer"
+    elif not isinstance(data.get("ranges"), dict) or not all(
+            isinstance(r, (list, tuple)) and len(r) == 2 and all(map(finite, r)) and r[0] <= r[1]
+            for r in data["ranges"].values()):
+        why = "its ranges must be finite (low, high) pairs with low <= high"
+    elif not isinstance(data.get("report", {}), dict):
+        why = "its report must be an object"
+    if why:
+        raise QuantizeError(f"the int8 data of these weights is damaged: {why}; run prepare_int8 (mobilenets "
+                            f"quantize) again")
+
+
 def from_model(model: MobileNetV1) -> Int8Ready | None:
     """The int8-ready form stored in ``model.meta.int8`` (a file from :func:`save`), or None."""
     data = metadata.of(model).int8
     if not data:
         return None
+    check_int8_data(data)
     if int(data.get("version", 0)) > FORMAT_VERSION:
         raise QuantizeError(f"int8 data has version {data['version']}; this mobilenets reads up to {FORMAT_VERSION}")
     folded = fold_batchnorm(model)

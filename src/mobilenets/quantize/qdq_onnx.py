@@ -102,7 +102,7 @@ def qdq_model(folded: FoldedMobileNet, ranges: dict, *, resolution: int):
 def write_qdq_onnx(folded: FoldedMobileNet, ranges: dict, path, *, resolution: int) -> Path:
     import onnx
 
-    from ..checkpoint import atomic_write
+    from ..atomic import atomic_write
 
     model = qdq_model(folded, ranges, resolution=resolution)
     data = model.SerializeToString()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..atomic import atomic_write
 from ..errors import MobilenetsError
 from .rundir import METRICS, read_metrics
 
@@ -40,6 +41,8 @@ def plot(run_dir: str | Path) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         written.append(run_dir / f"{name}.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        try:
+            atomic_write(written[-1], lambda f: fig.savefig(f, format="png", dpi=100))
+        finally:
+            plt.close(fig)
     return written

@@ -42,6 +42,7 @@ def save(weights, path) -> Path:
 
     converted = weights if isinstance(weights, Converted) else Converted.from_model(weights)
     sd = {k: v.detach().contiguous().cpu() for k, v in converted.state_dict.items()}
+    checkpoint.check_values(sd, path)  # what loading refuses is never written
     meta = converted.meta.check_labels(converted.config.num_classes).to_dict()
     metadata = {
         "format": FORMAT,
