@@ -186,7 +186,8 @@ def run_train(args) -> int:
         config = train.make_config(recipe or "paper", out=out or "runs/mobilenet", **options)
         preset = train.preset_applied(config, options)
         if preset and int(os.environ.get("RANK", "0")) == 0:
-            print("mobilenets: fine-tuning preset: " + ", ".join(f"--{k.replace('_', '-')} {v:g}"
+            what = "fine-tuning preset" if config.finetune else f"the recipe's lr scaled to batch {config.batch_size}"
+            print(f"mobilenets: {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}"
                                                                  for k, v in preset.items())
                   + " (give the flags to choose other values)", file=sys.stderr)
         resume = None
@@ -251,8 +252,9 @@ def run_evaluate(args) -> int:
     if args.json:
         print(json.dumps(r))
     else:
+        top5 = f"top-5 {r['top5']:.2f}%  " if r["classes"] > 5 else ""  # with 5 classes or fewer it is 100%
         print(f"{r['checkpoint']} on {r['data']} at {r['resolution']} px: top-1 {r['top1']:.2f}%  "
-              f"top-5 {r['top5']:.2f}%  ({r['images']} images"
+              f"{top5}({r['images']} images"
               + (f", {r['skipped']} undecodable skipped" if r["skipped"] else "") + ")")
     return 0
 
@@ -294,22 +296,25 @@ def _deploy_model(args):
 
     if args.weights and args.checkpoint:
         raise UsageError(f"mobilenets {args.command}: give --weights or --checkpoint, not both")
+    if (args.weights or args.checkpoint) and args.alpha is not None:
+        raise UsageError(f"mobilenets {args.command}: --alpha comes from the weights' file; drop --alpha "
+                         f"(it sets the width of a seeded model only without --weights or --checkpoint)")
     if args.weights or args.checkpoint:
         from .weights import load
 
         model = load(args.checkpoint or args.weights)
     else:
-        model = make_model(args.alpha)
+        model = make_model(args.alpha or 1.0)
     meta = metadata.of(model)
     labels = list(meta.labels) if meta.labels is not None else None
     return model, int(args.resolution or meta.resolution), meta.normalization, labels
 
 
-def _calibration(args, model, resolution, normalization, labels):
+def _calibration(args, model, resolution, normalization, labels, precision):
     """(batches, labels or None) from --calib-data DIR, else the built-in digits (labelled when the model has 10 classes)."""
     from pathlib import Path
 
-    from . import deploy
+    from . import deploy, quantize
 
     if args.calib_data:
         batches, paths = deploy.image_batches(args.calib_data, resolution, normalization=normalization,
@@ -318,6 +323,12 @@ def _calibration(args, model, resolution, normalization, labels):
         names = [Path(p).parent.name for p in paths]
         y = [labels.index(n) for n in names] if labels and all(n in labels for n in names) else None
         return batches, y
+    made_for_digits = not (args.weights or args.checkpoint) or labels == [str(d) for d in range(10)]
+    if precision == "int8" and not made_for_digits and quantize.from_model(model) is None:
+        # int8 ranges measured on digits would fit digits, not the images these weights were made for
+        raise UsageError(f"mobilenets {args.command}: --precision int8 needs --calib-data DIR, a folder of images "
+                         f"like the model's inputs (int8 measures its ranges on them; these weights were not made "
+                         f"for the built-in digits), or weights made int8-ready by 'mobilenets quantize'")
     batches, y = deploy.builtin_batches(resolution, normalization=normalization, limit=args.calib_images)
     return batches, y if model.config.num_classes == 10 else None
 
@@ -325,7 +336,7 @@ def _calibration(args, model, resolution, normalization, labels):
 def _add_weights_arguments(p) -> None:
     p.add_argument("--weights", metavar="FILE", help="converted weights (.safetensors) or a checkpoint file")
     p.add_argument("--checkpoint", metavar="RUN_DIR|FILE", help="a training run folder (its best.pt) or a .pt")
-    p.add_argument("--alpha", type=alpha, default=1.0,
+    p.add_argument("--alpha", type=alpha, default=None,
                    help="without weights: width of a seeded model briefly fitted to the built-in digits (default 1.0)")
     p.add_argument("--resolution", type=resolution, help="input size (default: the weights', else 224)")
 
@@ -342,7 +353,7 @@ def run_export(args) -> int:
     precision = args.precision or deploy.default_precision(fmt)
     deploy.check_export(fmt, precision)  # before anything is loaded or fitted
     model, res, normalization, labels = _deploy_model(args)
-    batches, y = _calibration(args, model, res, normalization, labels)
+    batches, y = _calibration(args, model, res, normalization, labels, precision)
     x = torch.cat(batches)
     with torch.no_grad():
         reference = model.eval()(x)
@@ -427,7 +438,8 @@ def add_export(sub) -> None:
                    help="tflite int8 only: type of the file's input and output (default int8; float adds "
                         "QUANTIZE/DEQUANTIZE at the ends)")
     p.add_argument("--calib-data", metavar="DIR", help="images for int8 calibration and the parity check "
-                                                       "(DIR/<class>/* gives accuracy too); default: built-in digits")
+                                                       "(DIR/<class>/* gives accuracy too); default: the built-in digits, "
+                                                       "for fp32 or a model made for them")
     p.add_argument("--calib-images", type=_positive_int, default=64, help="images to use (default 64)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="output file (.onnx, .xml, .tflite, .pte, .mlpackage, .pt, .pt2)")
@@ -666,25 +678,37 @@ def run_predict(args) -> int:
     from . import predict, quantize, weights
 
     if args.weights == "imagenet":
-        model = weights.load("imagenet", alpha=args.alpha, resolution=args.resolution, progress=not args.quiet)
+        model = weights.load("imagenet", alpha=args.alpha or 1.0, resolution=args.resolution, progress=not args.quiet)
         resolution_override = None
     else:
+        if args.alpha is not None:
+            raise UsageError("mobilenets predict: --alpha chooses among the released weights (--weights imagenet); "
+                             f"{args.weights} holds its own width: drop --alpha")
         model = weights.load(args.weights)
         resolution_override = args.resolution
     calibration = args.calib_data if args.precision == "int8" else None
     if args.precision == "int8" and calibration is None and quantize.from_model(model) is None:
         raise UsageError("predict --precision int8 needs --calib-data DIR (a folder of images like the inputs), "
                          "or weights made int8-ready by 'mobilenets quantize', which carry their own ranges")
+    skipped = []
+
+    def skip(image, why):  # one line per unreadable file, and the run goes on
+        skipped.append(image)
+        print(f"mobilenets: skipping {image}: {why}", file=sys.stderr, flush=True)
+
     results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
                               resolution=resolution_override, precision=args.precision, backend=args.backend,
                               workers=args.workers, draft=args.draft, calibration=calibration,
-                              log=_progress(args))
+                              log=_progress(args), on_skip=skip)
     if args.json:
         for r in results:
             print(json.dumps(r.to_dict()), flush=True)
     else:
         for line in predict.format_table(results):
             print(line, flush=True)
+    if skipped:
+        print(f"mobilenets: {len(skipped)} of the images could not be read (above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -695,7 +719,7 @@ def add_predict(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--weights", required=True, metavar="FILE|imagenet",
                    help="a converted .safetensors or training checkpoint, or 'imagenet' for the released weights")
-    p.add_argument("--alpha", type=alpha, default=1.0,
+    p.add_argument("--alpha", type=alpha, default=None,
                    help="with --weights imagenet: width multiplier 1.0, 0.75, 0.5 or 0.25 (default 1.0)")
     p.add_argument("--resolution", type=resolution, default=None,
                    help="with imagenet: 224, 192, 160 or 128 (default 224); with a FILE: override its resolution")
@@ -772,6 +796,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_prog(message: str) -> str:
+    """A message that starts with the program's name ("mobilenets: ...", "mobilenets train: ...") after
+    "mobilenets: error: " names it once: "train: ..."."""
+    if message.startswith("mobilenets: "):
+        return message[len("mobilenets: "):]
+    if message.startswith("mobilenets "):
+        return message[len("mobilenets "):]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     # OpenMP threads that spin while waiting take the cores that image decoding, data loaders and other
     # processes need: on a busy machine that cost 10-100x. Passive waiting costs little when the machine is
@@ -791,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, MobilenetsError, OSError) as e:
         if os.environ.get("MOBILENETS_DEBUG"):
             raise
-        print(f"mobilenets: error: {e}", file=sys.stderr)
+        print(f"mobilenets: error: {_without_prog(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mobilenets: interrupted", file=sys.stderr)
