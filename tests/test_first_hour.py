@@ -130,10 +130,12 @@ def test_unreadable_files_are_one_line_each_and_the_run_goes_on(capsys, weights_
     assert code == 1  # some inputs failed: not success, but every readable image was answered
     answered = [line.split('"image": "')[1].split('"')[0] for line in captured.out.splitlines()]
     assert answered == [str(GRACE_HOPPER), str(folder / "a.jpg")]
-    lines = captured.err.strip().splitlines()
-    skipped = [line for line in lines if line.startswith("mobilenets: skipping ")]
-    assert [line.split()[2].rstrip(":") for line in skipped] == [str(named), str(folder / "b.jpg")]
+    lines = captured.err.strip().splitlines()  # one line per unreadable file, in input order, and nothing else
+    assert len(lines) == 2 and all(line.startswith("mobilenets: error: ") for line in lines), lines
+    assert str(named) in lines[0] and str(folder / "b.jpg") in lines[1]
     assert "Warning" not in captured.err and "Traceback" not in captured.err
+    # nothing readable at all: an error like any other (2), still one line
+    assert _one_line_error(capsys, ["predict", str(named), "--weights", str(weights_1000), "-q"]).count(str(named))
 
 
 # ---------------------------------------------------------------- training a small folder
@@ -169,3 +171,26 @@ def test_top5_is_shown_only_with_more_than_five_classes(tmp_path, capsys):
     assert cli.main(["evaluate", "--checkpoint", str(out), "--data", str(data / "val"), "-j", "0"]) == 0
     printed = capsys.readouterr().out
     assert "top-1" in printed and "top-5" not in printed
+
+
+# ---------------------------------------------------------------- pick
+
+
+def test_pick_writes_no_chart_unless_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["pick", "--device", "pixel-3", "--latency-ms", "10"]) == 0
+    assert list(tmp_path.iterdir()) == [] and "wrote" not in capsys.readouterr().out
+
+
+def test_pick_names_the_larger_models_timed_faster_than_smaller_ones():
+    from mobilenets import pick
+
+    def row(alpha, resolution, ms):  # mult-adds grow with the pixels at one width: enough to order them here
+        return {"model": f"{alpha:g}-{resolution}", "alpha": alpha, "resolution": resolution, "median_ms": ms,
+                "mult_adds": int(alpha * 1e6 * resolution ** 2), "top1": resolution / 4, "backend": "onnxruntime"}
+
+    grid = {"precision": "fp32", "rows": [row(1.0, 160, 22.8), row(1.0, 224, 12.9), row(0.5, 128, 1.0),
+                                          row(0.5, 160, 1.5)]}  # the run the issue saw on a loaded machine
+    assert pick.pick(30, grid)["out_of_order"] == [("1-224", "1-160")]
+    grid["rows"][0]["median_ms"] = 9.0  # in order: nothing to say
+    assert pick.pick(30, grid)["out_of_order"] == []

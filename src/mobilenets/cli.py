@@ -546,9 +546,13 @@ def run_pick(args) -> int:
                                            backend=args.backend or "auto", runtime=args.runtime,
                                            remeasure=args.remeasure, log=log)
     result = pick.pick(args.latency_ms, data)
-    plot = pick.plot_pick(result, data, Path(args.plot))
+    plot = pick.plot_pick(result, data, Path(args.plot)) if args.plot else None
+    if result["out_of_order"]:
+        pairs = ", ".join(f"{big} faster than {small}" for big, small in result["out_of_order"][:3])
+        print(f"mobilenets: warning: larger models measured faster than smaller ones ({pairs}): the machine was "
+              f"busy while timing; run again with --remeasure when it is quiet", file=sys.stderr)
     if args.json:
-        print(json.dumps({**result, "grid": str(cache), "cached": cached, "plot": str(plot)}))
+        print(json.dumps({**result, "grid": str(cache), "cached": cached, "plot": plot and str(plot)}))
         return 0
     source = f"cached grid {cache}" if cached else f"measured now, cached in {cache}"
     where = f"runtime {args.runtime} (its exported files)" if args.runtime else f"backend {args.backend or 'auto'}"
@@ -562,7 +566,8 @@ def run_pick(args) -> int:
         f = result["fastest"]
         print(f"no model fits {args.latency_ms:g} ms here; the fastest is {f['model']} at {f['median_ms']:.2f} ms "
               f"(try --precision int8 or a larger --latency-ms)")
-    print(f"wrote {plot}")
+    if plot:
+        print(f"wrote {plot}")
     return 0 if c else 1
 
 
@@ -577,10 +582,10 @@ def _pick_published(args, pick) -> int:
                              f"batch-1 latencies (drop {flag}, or drop --device to measure on this machine)")
     data = pick.published_grid(args.device, args.precision, args.accelerator or "cpu")
     result = pick.pick(args.latency_ms, data)
-    plot = pick.plot_pick(result, data, Path(args.plot))
+    plot = pick.plot_pick(result, data, Path(args.plot)) if args.plot else None
     if args.json:
         print(json.dumps({**result, "measured_here": False, "device": data["device"], "source": data["source"],
-                          "accelerator": data["accelerator"], "plot": str(plot)}))
+                          "accelerator": data["accelerator"], "plot": plot and str(plot)}))
         return 0
     print(f"published, not measured here: {data['description']}, {data['how']}, {args.precision}, batch 1 "
           f"(source: {data['source']}; docs/device-latency.md)")
@@ -595,7 +600,8 @@ def _pick_published(args, pick) -> int:
         print(f"no model fits {args.latency_ms:g} ms on {data['device']} {data['accelerator']}: the fastest "
               f"published is {f['model']} at {f['latency_ms']:.1f} ms (try another --accelerator or "
               f"--precision, or a larger --latency-ms)")
-    print(f"wrote {plot}")
+    if plot:
+        print(f"wrote {plot}")
     return 0 if c else 1
 
 
@@ -627,7 +633,7 @@ def add_pick(sub) -> None:
     p.add_argument("--accelerator", choices=ACCELERATORS,
                    help="with --device: which published column (default cpu; int8 has cpu and nnapi)")
     p.add_argument("--remeasure", action="store_true", help="ignore the cached grid and measure again")
-    p.add_argument("--plot", metavar="PNG", default="pick.png", help="accuracy vs latency chart (default pick.png)")
+    p.add_argument("--plot", metavar="PNG", help="write an accuracy vs latency chart")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run_pick)
@@ -690,11 +696,11 @@ def run_predict(args) -> int:
     if args.precision == "int8" and calibration is None and quantize.from_model(model) is None:
         raise UsageError("predict --precision int8 needs --calib-data DIR (a folder of images like the inputs), "
                          "or weights made int8-ready by 'mobilenets quantize', which carry their own ranges")
-    skipped = []
+    skipped, answered = [], 0
 
     def skip(image, why):  # one line per unreadable file, and the run goes on
         skipped.append(image)
-        print(f"mobilenets: skipping {image}: {why}", file=sys.stderr, flush=True)
+        print(f"mobilenets: error: {why if image in why else f'{image}: {why}'}", file=sys.stderr, flush=True)
 
     results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
                               resolution=resolution_override, precision=args.precision, backend=args.backend,
@@ -702,14 +708,14 @@ def run_predict(args) -> int:
                               log=_progress(args), on_skip=skip)
     if args.json:
         for r in results:
+            answered += 1
             print(json.dumps(r.to_dict()), flush=True)
     else:
         for line in predict.format_table(results):
+            answered += not line.startswith(" ")  # a block per image, its name first
             print(line, flush=True)
-    if skipped:
-        print(f"mobilenets: {len(skipped)} of the images could not be read (above)", file=sys.stderr)
-        return 1
-    return 0
+    # some images unreadable: 1 (the others were answered); all of them: 2, as any error that stops a command
+    return (2 if not answered else 1) if skipped else 0
 
 
 def add_predict(sub) -> None:
