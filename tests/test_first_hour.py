@@ -39,7 +39,8 @@ def _one_line_error(capsys, argv) -> str:
 def weights_1000(tmp_path_factory) -> Path:
     """A small 1000-class model file with no digit labels: weights made for other images than the digits."""
     torch.manual_seed(0)
-    return mobilenets.save(mobilenets.mobilenet_v1(0.25, num_classes=1000), tmp_path_factory.mktemp("w") / "w.safetensors")
+    model = mobilenets.mobilenet_v1(0.25, num_classes=1000)
+    return mobilenets.save(model, tmp_path_factory.mktemp("w") / "w.safetensors")
 
 
 # ---------------------------------------------------------------- what a library carries

@@ -437,9 +437,9 @@ def add_export(sub) -> None:
     p.add_argument("--io", choices=("int8", "uint8", "float"),
                    help="tflite int8 only: type of the file's input and output (default int8; float adds "
                         "QUANTIZE/DEQUANTIZE at the ends)")
-    p.add_argument("--calib-data", metavar="DIR", help="images for int8 calibration and the parity check "
-                                                       "(DIR/<class>/* gives accuracy too); default: the built-in digits, "
-                                                       "for fp32 or a model made for them")
+    p.add_argument("--calib-data", metavar="DIR",
+                   help="images for int8 calibration and the parity check (DIR/<class>/* gives accuracy too); "
+                        "default: the built-in digits, for fp32 or a model made for them")
     p.add_argument("--calib-images", type=_positive_int, default=64, help="images to use (default 64)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="output file (.onnx, .xml, .tflite, .pte, .mlpackage, .pt, .pt2)")
