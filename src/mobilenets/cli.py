@@ -198,7 +198,8 @@ def run_train(args) -> int:
         config = train.make_config(recipe or "paper", out=out or "runs/mobilenet", **options)
         preset = train.preset_applied(config, options)
         if preset and int(os.environ.get("RANK", "0")) == 0:
-            print("mobilenets: fine-tuning preset: " + ", ".join(f"--{k.replace('_', '-')} {v:g}"
+            what = "fine-tuning preset" if config.finetune else f"the recipe's lr scaled to batch {config.batch_size}"
+            print(f"mobilenets: {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}"
                                                                  for k, v in preset.items())
                   + " (give the flags to choose other values)", file=sys.stderr)
         resume = None
@@ -263,8 +264,9 @@ def run_evaluate(args) -> int:
     if args.json:
         print(json.dumps(r))
     else:
+        top5 = f"top-5 {r['top5']:.2f}%  " if r["classes"] > 5 else ""  # with 5 classes or fewer it is 100%
         print(f"{r['checkpoint']} on {r['data']} at {r['resolution']} px: top-1 {r['top1']:.2f}%  "
-              f"top-5 {r['top5']:.2f}%  ({r['images']} images"
+              f"{top5}({r['images']} images"
               + (f", {r['skipped']} undecodable skipped" if r["skipped"] else "") + ")")
     return 0
 
@@ -299,10 +301,18 @@ def add_plot(sub) -> None:
 # ---------------------------------------------------------------- export, benchmark, pick
 
 
+def _alpha_of(args) -> float:
+    """--alpha for a seeded model; refused beside weights, whose file says its width (it was silently ignored)."""
+    if (args.weights or args.checkpoint) and args.alpha is not None:
+        raise UsageError(f"mobilenets {args.command}: --alpha comes from the weights' file; drop --alpha "
+                         f"(it sets the width of a seeded model only without --weights or --checkpoint)")
+    return 1.0 if args.alpha is None else args.alpha
+
+
 def _add_weights_arguments(p) -> None:
     p.add_argument("--weights", metavar="FILE", help="converted weights (.safetensors) or a checkpoint file")
     p.add_argument("--checkpoint", metavar="RUN_DIR|FILE", help="a training run folder (its best.pt) or a .pt")
-    p.add_argument("--alpha", type=alpha, default=1.0,
+    p.add_argument("--alpha", type=alpha, default=None,
                    help="without weights: width of a seeded model briefly fitted to the built-in digits (default 1.0)")
     p.add_argument("--resolution", type=resolution, help="input size (default: the weights', else 224)")
 
@@ -311,7 +321,7 @@ def run_export(args) -> int:
     from .export_check import export_and_check
 
     report = export_and_check(args.out, format=args.format, precision=args.precision, weights=args.weights,
-                              checkpoint=args.checkpoint, alpha=args.alpha, resolution=args.resolution, io=args.io,
+                              checkpoint=args.checkpoint, alpha=_alpha_of(args), resolution=args.resolution, io=args.io,
                               calib_data=args.calib_data, calib_images=args.calib_images,
                               warn=lambda text: print(f"mobilenets: warning: {text}", file=sys.stderr))
     if report.get("executed") is False:  # a format no runtime here runs (Core ML): checked, not run
@@ -373,8 +383,9 @@ def add_export(sub) -> None:
     p.add_argument("--io", choices=IO_TYPES,
                    help="tflite int8 only: type of the file's input and output (default int8; float adds "
                         "QUANTIZE/DEQUANTIZE at the ends)")
-    p.add_argument("--calib-data", metavar="DIR", help="images for int8 calibration and the parity check "
-                                                       "(DIR/<class>/* gives accuracy too); default: built-in digits")
+    p.add_argument("--calib-data", metavar="DIR",
+                   help="images for int8 calibration and the parity check (DIR/<class>/* gives accuracy too); "
+                        "default: the built-in digits, for fp32 or a model made for them")
     p.add_argument("--calib-images", type=_positive_int, default=64, help="images to use (default 64)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="output file (.onnx, .xml, .tflite, .pte, .mlpackage, .pt, .pt2)")
@@ -424,7 +435,7 @@ def run_benchmark(args) -> int:
                   f"  {r['backend']}")
         return 0
     model, res, normalization, _ = benchmark.model_for(weights=args.weights, checkpoint=args.checkpoint,
-                                                       alpha=args.alpha, resolution=args.resolution)
+                                                       alpha=_alpha_of(args), resolution=args.resolution)
     result = benchmark.benchmark(model, resolution=res, batch_sizes=args.batch_size, precisions=args.precision,
                                  backends=args.backend, peers=not args.no_peers, rounds=args.rounds,
                                  min_time=args.min_time, normalization=normalization, floor_size=args.floor_size,
@@ -482,9 +493,13 @@ def run_pick(args) -> int:
                                            backend=args.backend or "auto", runtime=args.runtime,
                                            remeasure=args.remeasure, log=log)
     result = pick.pick(args.latency_ms, data)
-    plot = pick.plot_pick(result, data, Path(args.plot))
+    plot = pick.plot_pick(result, data, Path(args.plot)) if args.plot else None
+    if result["out_of_order"]:
+        pairs = ", ".join(f"{big} faster than {small}" for big, small in result["out_of_order"][:3])
+        print(f"mobilenets: warning: larger models measured faster than smaller ones ({pairs}): the machine was "
+              f"busy while timing; run again with --remeasure when it is quiet", file=sys.stderr)
     if args.json:
-        print(json.dumps({**result, "grid": str(cache), "cached": cached, "plot": str(plot)}))
+        print(json.dumps({**result, "grid": str(cache), "cached": cached, "plot": plot and str(plot)}))
         return 0
     source = f"cached grid {cache}" if cached else f"measured now, cached in {cache}"
     where = f"runtime {args.runtime} (its exported files)" if args.runtime else f"backend {args.backend or 'auto'}"
@@ -498,7 +513,8 @@ def run_pick(args) -> int:
         f = result["fastest"]
         print(f"no model fits {args.latency_ms:g} ms here; the fastest is {f['model']} at {f['median_ms']:.2f} ms "
               f"(try --precision int8 or a larger --latency-ms)")
-    print(f"wrote {plot}")
+    if plot:
+        print(f"wrote {plot}")
     return 0 if c else 1
 
 
@@ -513,10 +529,10 @@ def _pick_published(args, pick) -> int:
                              f"batch-1 latencies (drop {flag}, or drop --device to measure on this machine)")
     data = pick.published_grid(args.device, args.precision, args.accelerator or "cpu")
     result = pick.pick(args.latency_ms, data)
-    plot = pick.plot_pick(result, data, Path(args.plot))
+    plot = pick.plot_pick(result, data, Path(args.plot)) if args.plot else None
     if args.json:
         print(json.dumps({**result, "measured_here": False, "device": data["device"], "source": data["source"],
-                          "accelerator": data["accelerator"], "plot": str(plot)}))
+                          "accelerator": data["accelerator"], "plot": plot and str(plot)}))
         return 0
     print(f"published, not measured here: {data['description']}, {data['how']}, {args.precision}, batch 1 "
           f"(source: {data['source']}; docs/device-latency.md)")
@@ -531,7 +547,8 @@ def _pick_published(args, pick) -> int:
         print(f"no model fits {args.latency_ms:g} ms on {data['device']} {data['accelerator']}: the fastest "
               f"published is {f['model']} at {f['latency_ms']:.1f} ms (try another --accelerator or "
               f"--precision, or a larger --latency-ms)")
-    print(f"wrote {plot}")
+    if plot:
+        print(f"wrote {plot}")
     return 0 if c else 1
 
 
@@ -563,7 +580,7 @@ def add_pick(sub) -> None:
     p.add_argument("--accelerator", choices=ACCELERATORS,
                    help="with --device: which published column (default cpu; int8 has cpu and nnapi)")
     p.add_argument("--remeasure", action="store_true", help="ignore the cached grid and measure again")
-    p.add_argument("--plot", metavar="PNG", default="pick.png", help="accuracy vs latency chart (default pick.png)")
+    p.add_argument("--plot", metavar="PNG", help="write an accuracy vs latency chart")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run_pick)
@@ -606,9 +623,12 @@ def run_predict(args) -> int:
     from . import predict, quantize, weights
 
     if args.weights == "imagenet":
-        model = weights.load("imagenet", alpha=args.alpha, resolution=args.resolution, progress=not args.quiet)
+        model = weights.load("imagenet", alpha=args.alpha or 1.0, resolution=args.resolution, progress=not args.quiet)
         resolution_override = None
     else:
+        if args.alpha is not None:
+            raise UsageError("mobilenets predict: --alpha chooses among the released weights (--weights imagenet); "
+                             f"{args.weights} holds its own width: drop --alpha")
         model = weights.load(args.weights)
         resolution_override = args.resolution
     if args.ray is not None:
@@ -617,17 +637,26 @@ def run_predict(args) -> int:
     if args.precision == "int8" and calibration is None and quantize.from_model(model) is None:
         raise UsageError("predict --precision int8 needs --calib-data DIR (a folder of images like the inputs), "
                          "or weights made int8-ready by 'mobilenets quantize', which carry their own ranges")
+    skipped, answered = [], 0
+
+    def skip(image, why):  # one line per unreadable file, and the run goes on
+        skipped.append(image)
+        print(f"mobilenets: error: {why if image in why else f'{image}: {why}'}", file=sys.stderr, flush=True)
+
     results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
                               resolution=resolution_override, precision=args.precision, backend=args.backend,
                               workers=args.workers, draft=args.draft, calibration=calibration,
-                              log=_progress(args))
+                              log=_progress(args), on_skip=skip)
     if args.json:
         for r in results:
+            answered += 1
             print(json.dumps(r.to_dict()), flush=True)
     else:
         for line in predict.format_table(results):
+            answered += not line.startswith(" ")  # a block per image, its name first
             print(line, flush=True)
-    return 0
+    # some images unreadable: 1 (the others were answered); all of them: 2, as any error that stops a command
+    return (2 if not answered else 1) if skipped else 0
 
 
 def _predict_on_ray(args, model) -> int:
@@ -656,7 +685,7 @@ def add_predict(sub) -> None:
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--weights", required=True, metavar="FILE|imagenet",
                    help="a converted .safetensors or training checkpoint, or 'imagenet' for the released weights")
-    p.add_argument("--alpha", type=alpha, default=1.0,
+    p.add_argument("--alpha", type=alpha, default=None,
                    help="with --weights imagenet: width multiplier 1.0, 0.75, 0.5 or 0.25 (default 1.0)")
     p.add_argument("--resolution", type=resolution, default=None,
                    help="with imagenet: 224, 192, 160 or 128 (default 224); with a FILE: override its resolution")
@@ -734,6 +763,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_prog(message: str) -> str:
+    """A message that starts with the program's name ("mobilenets: ...", "mobilenets train: ...") after
+    "mobilenets: error: " names it once: "train: ..."."""
+    if message.startswith("mobilenets: "):
+        return message[len("mobilenets: "):]
+    if message.startswith("mobilenets "):
+        return message[len("mobilenets "):]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     # OpenMP threads that spin while waiting take the cores that image decoding, data loaders and other
     # processes need: on a busy machine that cost 10-100x. Passive waiting costs little when the machine is
@@ -753,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, MobilenetsError, OSError) as e:
         if os.environ.get("MOBILENETS_DEBUG"):
             raise
-        print(f"mobilenets: error: {printable(str(e))}", file=sys.stderr)  # one line, whatever a file name holds
+        print(f"mobilenets: error: {printable(_without_prog(str(e)))}", file=sys.stderr)  # one line, whatever a file name holds
         return 2
     except KeyboardInterrupt:
         print("mobilenets: interrupted", file=sys.stderr)

@@ -110,7 +110,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path | None
                         device: str | None = None) -> dict:
     """Evaluate a checkpoint on ``data_dir/<class>/*`` (or on the built-in held-out digits when None).
 
-    Returns ``{"top1", "top5", "loss", "images", "checkpoint", "resolution", "data"}``; top-1/top-5 are percentages.
+    Returns ``{"top1", "top5", "loss", "images", "classes", "checkpoint", "resolution", "data"}``; top-1/top-5
+    are percentages (top-5 is 100% with five classes or fewer, so the command prints it only with more).
     """
     # the arguments are checked before the model is read, so a typo costs nothing
     if resolution is not None and not resolution_ok(resolution):
@@ -153,5 +154,6 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str | Path | None
     result = evaluate(model, loader, device=device, on_skip=on_skip)
     if result["images"] == 0:
         raise DataError(f"no decodable images in {data_dir}")
-    return {**result, "skipped": len(skipped), "checkpoint": str(path), "resolution": resolution,
+    return {**result, "classes": model.config.num_classes, "skipped": len(skipped), "checkpoint": str(path),
+            "resolution": resolution,
             "data": str(data_dir) if data_dir is not None else f"{data.BUILTIN} (held-out split)"}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import deploy, quantize
+from .errors import MobilenetsError
 from .benchmark import model_for
 
 # An int8 file that keeps fewer of the float model's top-1 answers than this is still written, with a warning:
@@ -21,17 +22,25 @@ from .benchmark import model_for
 INT8_AGREEMENT_WARNING = 0.95
 
 
-def calibration(model, resolution: int, normalization, labels, *, calib_data=None, calib_images: int = 64):
+def calibration(model, resolution: int, normalization, labels, *, calib_data=None, calib_images: int = 64,
+                precision: str = "fp32", seeded: bool = False):
     """(batches, labels or None): images of ``calib_data`` (a folder), else the built-in digits.
 
     A folder laid out as DIR/<class>/* with the model's class names gives labels, so accuracy can be reported;
-    the digits are labelled when the model has 10 classes.
+    the digits are labelled when the model has 10 classes.  int8 of weights not made for the digits (not
+    ``seeded`` on them, not labelled 0-9) and not int8-ready is refused without ``calib_data``: ranges measured
+    on digits fit digits, not the images the weights were made for.
     """
     if calib_data:
         batches, paths = deploy.image_batches(calib_data, resolution, normalization=normalization, limit=calib_images)
         names = [Path(p).parent.name for p in paths]
         y = [labels.index(n) for n in names] if labels and all(n in labels for n in names) else None
         return batches, y
+    made_for_digits = seeded or labels == [str(d) for d in range(10)]
+    if precision == "int8" and not made_for_digits and quantize.from_model(model) is None:
+        raise MobilenetsError("--precision int8 needs --calib-data DIR, a folder of images like the model's inputs "
+                              "(int8 measures its ranges on them; these weights were not made for the built-in "
+                              "digits), or weights made int8-ready by 'mobilenets quantize'")
     batches, y = deploy.builtin_batches(resolution, normalization=normalization, limit=calib_images)
     return batches, y if model.config.num_classes == 10 else None
 
@@ -51,7 +60,8 @@ def export_and_check(out, *, format: str | None = None, precision: str | None = 
     deploy.check_export(fmt, precision)  # before anything is loaded or fitted
     model, res, normalization, labels = model_for(weights=weights, checkpoint=checkpoint, alpha=alpha,
                                                   resolution=resolution)
-    batches, y = calibration(model, res, normalization, labels, calib_data=calib_data, calib_images=calib_images)
+    batches, y = calibration(model, res, normalization, labels, calib_data=calib_data, calib_images=calib_images,
+                             precision=precision, seeded=not (weights or checkpoint))
     x = torch.cat(batches)
     with torch.no_grad():
         reference = model.eval()(x)

@@ -193,7 +193,19 @@ def pick(latency_ms: float, grid_data: dict) -> dict:
     fits = [r for r in table if r["latency_ms"] <= latency_ms]
     choice = max(fits, key=lambda r: (r["accuracy"], -r["latency_ms"])) if fits else None
     return {"choice": choice, "table": table, "accuracy_column": key, "latency_ms": latency_ms,
-            "fastest": table[0] if table else None, "published": bool(grid_data.get("published"))}
+            "fastest": table[0] if table else None, "published": bool(grid_data.get("published")),
+            "out_of_order": [] if grid_data.get("published") else out_of_order(table)}
+
+
+def out_of_order(table: list[dict]) -> list[tuple[str, str]]:
+    """(larger, smaller) models of one width where the larger one measured faster.
+
+    Each resolution step of the grid adds 36% or more mult-adds at the same width, so a larger model timed
+    faster means the timing was disturbed (other processes, a clock change), not that it is faster.
+    """
+    return [(big["model"], small["model"]) for big in table for small in table
+            if big["alpha"] == small["alpha"] and big["mult_adds"] > small["mult_adds"]
+            and big["latency_ms"] < small["latency_ms"]]
 
 
 def plot_grid(grid_data: dict, path) -> Path:

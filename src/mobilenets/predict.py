@@ -132,7 +132,8 @@ def _mixed_batches(sources: list[_Source], resolution: int, normalization, batch
 
 def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, resolution: int | None = None,
             normalization: Normalization | None = None, precision: str = "fp32", backend: str | None = None,
-            workers: int | None = None, draft: bool = False, calibration=None, log=None) -> Iterator[Prediction]:
+            workers: int | None = None, draft: bool = False, calibration=None, log=None,
+            on_skip=None) -> Iterator[Prediction]:
     """Classify images, ``batch_size`` at a time, yielding one :class:`Prediction` per image in input order.
 
     ``inputs``: an image file, a folder (every image below it, sorted), a PIL
@@ -149,7 +150,10 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     on large photos; off by default: on phone-size photos it changed 1 answer in 100, see
     :func:`images.draft_side`).
     A file named directly that cannot be decoded is an error; one found in a
-    folder is skipped with a warning.  ``log(str)`` hears about slow setup (int8 preparation).
+    folder is skipped with a warning.  With ``on_skip(image, why)``, every
+    file that cannot be decoded, named or found, is skipped and reported to it
+    instead (the CLI reports each in one line and goes on).  ``log(str)`` hears
+    about slow setup (int8 preparation).
     """
     check_integer(topk, "topk", 1, error=MobilenetsError)
     check_integer(batch_size, "batch_size", 1, error=MobilenetsError)
@@ -173,9 +177,12 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
 
     for batch in stream:
         for i, why in batch.failed:
-            if not sources[i].in_folder:
+            if on_skip is not None:
+                on_skip(sources[i].name, why)
+            elif not sources[i].in_folder:
                 raise ImageError(why)
-            warn_skipped(Path(sources[i].name), ImageError(why))
+            else:
+                warn_skipped(Path(sources[i].name), ImageError(why))
         if batch.x is None:
             continue
         probabilities = torch.softmax(run(batch.x).float(), dim=1)

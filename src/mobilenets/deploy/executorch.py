@@ -401,6 +401,7 @@ class ExecuTorch(Backend):
     refusal = "ExecuTorch's XNNPACK programs run fp32 or int8"
     tried_by_auto = False  # lowering takes 10-25 s: built when named, not tried on every auto choice
     requires = ("executorch.runtime", "executorch.exir")
+    extra = "executorch"  # apart from deploy: it pins torchao to its own minor version
     shares_process = False  # pick --runtime times its files alone, in a fresh process (:mod:`.isolated`)
     formats = (ExportFormat("executorch", ".pte", ("fp32", "int8"), refusal="ExecuTorch files hold fp32 or int8",
                             options=("metadata",)),)

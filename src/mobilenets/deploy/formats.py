@@ -50,7 +50,8 @@ def export_target(path, format: str | None = None) -> tuple[Path, str]:
     if format is None:
         if suffix and suffix not in suffixes:
             raise DeployError(f"cannot tell the format of {path.name} from its suffix {path.suffix!r}; "
-                              f"name the file with one of {known}, or pass format=")
+                              f"name the file with one of {known}, or give the format (--format NAME; format= in "
+                              f"Python), one of {tuple(formats)}")
         format = suffixes.get(suffix, DEFAULT_FORMAT)
     if format not in formats:
         raise DeployError(f"format must be one of {tuple(formats)}, got {format!r}")
@@ -61,7 +62,7 @@ def export_target(path, format: str | None = None) -> tuple[Path, str]:
         if suffix in suffixes:  # another format's file name: the user meant one of the two
             raise DeployError(f"format {format!r} writes {expected} files, but {path.name} names a "
                               f"{suffixes[suffix]} file; write to {path.with_suffix(expected).name} "
-                              f"or pass format={suffixes[suffix]!r}")
+                              f"or give --format {suffixes[suffix]} (format={suffixes[suffix]!r} in Python)")
         raise DeployError(f"format {format!r} writes {expected} files; write to {path.name + expected} "
                           f"instead of {path.name}")
     return path, format

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import metadata
+from ..checks import is_number
 from ..folding import FoldedMobileNet, fold_batchnorm
 from ..errors import QuantizeError
 from ..model import ConvBNAct, MobileNetV1
@@ -212,9 +213,7 @@ def check_int8_data(data) -> None:
     """Refuse, in one line, int8 data of the wrong shape or with values no preparation writes: a version that is
     not a whole number, scales that are not lists of finite positive numbers, ranges that are not finite
     (low, high) pairs with low <= high."""
-    def finite(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
+    finite = is_number
     why = None
     if not isinstance(data, dict):
         why = f"int8 data must be an object, got {type(data).__name__}"

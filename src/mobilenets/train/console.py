@@ -43,7 +43,9 @@ class Progress:
         if self.tty:
             self.stream.write("\r\x1b[K")
         parts = [f"epoch {row['epoch']}/{row['epochs']}", f"train loss {row['train_loss']:.4f}",
-                 f"val top-1 {row['val_top1']:.2f}%", f"top-5 {row['val_top5']:.2f}%"]
+                 f"val top-1 {row['val_top1']:.2f}%"]
+        if "val_top5" in row:  # recorded only with more than five classes
+            parts.append(f"top-5 {row['val_top5']:.2f}%")
         if "ema_val_top1" in row:
             parts.append(f"EMA top-1 {row['ema_val_top1']:.2f}%")
         parts += [f"lr {row['lr']:.3g}", f"{row['images_per_s']:.1f} img/s", f"{row['epoch_time_s']:.1f} s"]

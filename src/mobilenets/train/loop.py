@@ -371,7 +371,9 @@ def end_epoch(s: TrainState, sums: dict) -> dict:
     row = {
         "epoch": s.epoch + 1, "epochs": c.epochs,
         "train_loss": loss_total / max(seen_total, 1), "train_top1": 100 * correct_total / max(seen_total, 1),
-        "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "val_images": val["images"],
+        "val_loss": val["loss"], "val_top1": val["top1"], "val_images": val["images"],
+        # with five classes or fewer top-5 is always 100%: not recorded, printed or plotted
+        **({"val_top5": val["top5"]} if s.model.config.num_classes > 5 else {}),
         "lr": s.schedule.lr((s.epoch + 1) * s.steps_per_epoch - 1),
         "images_per_s": images_total / sums["time"] if sums["time"] > 0 else 0.0,
         "epoch_time_s": sums["time"], "skipped_files": len(s.skips.everywhere(dist)),
@@ -381,7 +383,8 @@ def end_epoch(s: TrainState, sums: dict) -> dict:
     if s.ema is not None:
         ema_val = evaluate(s.ema.module, s.val_loader, device=device, amp=c.amp, channels_last=c.channels_last,
                            dist=dist, on_skip=s.skips)
-        row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
+        row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"],
+                   **({"ema_val_top5": ema_val["top5"]} if "val_top5" in row else {}))
         if ema_val["top1"] >= top1:
             weights, top1 = s.ema.module, ema_val["top1"]
     s.history.append(row)

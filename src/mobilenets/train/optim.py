@@ -101,7 +101,9 @@ class Schedule:
         epoch = step / self.steps_per_epoch
         warmup = min(c.lr_warmup_epochs, 0.1 * self.epochs)  # never more than a tenth of a short run
         if epoch < warmup:
-            return 0.01 + 0.99 * epoch / warmup
+            # linear over the warm-up's steps, ending at lr on its last: a warm-up of n steps runs lr/n, 2lr/n, ...
+            # (from lr/100 at most), so on a tiny set, where an epoch is two steps, no step is spent at lr/100
+            return max(0.01, min(1.0, (step + 1) / (warmup * self.steps_per_epoch)))
         if c.lr_scheduler == "exponential":
             return c.lr_gamma ** math.floor((epoch - warmup) / c.lr_step_size)  # TF-slim: staircase=True
         if c.lr_scheduler == "cosine":

@@ -70,9 +70,13 @@ def read(source, *, options: dict | None = None, **resolve_args) -> Converted:
     if path.name.endswith(".index") or ".data-" in path.name:
         raise WeightsError(f"{path} is part of a TensorFlow checkpoint; convert it first: "
                            f"mobilenets convert --from tf-slim {path} --out model.safetensors")
+    if head.startswith((b"\xff\xd8\xff", b"\x89PNG")):  # JPEG, PNG: the likeliest wrong file to name
+        raise WeightsError(f"{path} is an image, not weights: images are the inputs (mobilenets predict "
+                           f"{path.name} --weights imagenet, or a converted .safetensors file)")
     if not is_torch_file(head):
         raise WeightsError(f"cannot read {path}: it is neither a .safetensors file, a mobilenets checkpoint nor a "
-                           f"state dict; convert released weights with mobilenets.weights.convert")
+                           f"state dict; convert released weights first: mobilenets convert SRC --out "
+                           f"FILE.safetensors (mobilenets.weights.convert in Python)")
     obj = checkpoint.load(path)  # weights-only: refuses pickles that would run code
     if checkpoint.is_mobilenets_checkpoint(obj):
         return _from_checkpoint(obj, path)
