@@ -49,11 +49,13 @@ class Cluster:
         if done.returncode != 0:
             raise RuntimeError(f"ray {args[0]} failed: {(done.stdout + done.stderr)[-3000:]}")
 
-    def start(self) -> Cluster:
+    def start(self, nodes: int = 2) -> Cluster:
+        """The head, and with ``nodes=2`` a second node (benchmarks/ray_predict.py times both shapes)."""
         common = [f"--num-cpus={self.cpus}", "--disable-usage-stats"]
         self._ray("start", "--head", f"--node-ip-address={HEAD}", f"--port={self.port}", "--include-dashboard=false",
                   f"--temp-dir={self.temp_dir}", *common)
-        self._ray("start", f"--address={self.address}", f"--node-ip-address={SECOND}", *common)
+        if nodes == 2:
+            self._ray("start", f"--address={self.address}", f"--node-ip-address={SECOND}", *common)
         return self
 
     def processes(self) -> list[int]:

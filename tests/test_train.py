@@ -553,15 +553,16 @@ def test_ema_of_a_training_run_is_the_formula_over_the_weights_it_saw(instrument
 
 def test_the_lr_applied_at_each_step_is_the_recipes_formula(instrumented):
     """The lr the optimizer held at each of the 9 steps of the 1-epoch modern run (lr 0.002, lr_min 0): the
-    warm-up is capped at a tenth of the run (0.1 epoch: step 0 only, from lr/100), then cosine to lr_min over
+    warm-up is capped at a tenth of the run (0.1 epoch: step 0 only, which a warm-up shorter than a step runs at
+    lr), then cosine to lr_min over
     the remaining 0.9 epoch. Written out here, not taken from train.Schedule."""
     _, seen = instrumented
     lrs = [{lr for lr, _, _ in step} for step in seen["groups"]]
     assert len(lrs) == 9 and all(len(lr) == 1 for lr in lrs)  # every group at the same lr
     for t, (lr,) in enumerate(lrs):
         epoch = t / 9
-        if epoch < 0.1:
-            expected = 0.002 * (0.01 + 0.99 * epoch / 0.1)
+        if epoch < 0.1:  # linear over the warm-up's steps (0.9 here), ending at lr: step t runs (t+1)/0.9 of it
+            expected = 0.002 * max(0.01, min(1.0, (t + 1) / (0.1 * 9)))
         else:
             expected = 0.002 * 0.5 * (1 + math.cos(math.pi * (epoch - 0.1) / 0.9))
         assert lr == pytest.approx(expected, rel=1e-9), t

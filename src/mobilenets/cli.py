@@ -186,6 +186,7 @@ def run_train(args) -> int:
     options = {name: getattr(args, name) for name in train.fields() if hasattr(args, name)}
     out = options.pop("out")
     recipe = options.pop("recipe")
+    notes: tuple[str, ...] = ()
     if args.resume:
         where = out if args.resume is True else args.resume
         if where is None:
@@ -197,14 +198,13 @@ def run_train(args) -> int:
             raise UsageError("mobilenets train: --alpha comes from the --finetune checkpoint; drop --alpha")
         config = train.make_config(recipe or "paper", out=out or "runs/mobilenet", **options)
         preset = train.preset_applied(config, options)
-        if preset and int(os.environ.get("RANK", "0")) == 0:
+        if preset:
             what = "fine-tuning preset" if config.finetune else f"the recipe's lr scaled to batch {config.batch_size}"
-            print(f"mobilenets: {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}"
-                                                                 for k, v in preset.items())
-                  + " (give the flags to choose other values)", file=sys.stderr)
+            notes = (f"mobilenets: {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in preset.items())
+                     + " (give the flags to choose other values)",)
         resume = None
     try:
-        row = train.train(config, resume=resume)
+        row = train.train(config, resume=resume, notes=notes)
     except train.Interrupted as e:
         print(f"mobilenets: {e}; continue with: mobilenets train --resume {e.path.parent}", file=sys.stderr)
         return 128 + e.signum

@@ -46,13 +46,15 @@ __all__ = [
 RESUME_MAY_CHANGE = ("epochs", "num_workers", "device", "threads", "progress", "plot", "qat")
 
 
-def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> dict:
+def train(config: TrainConfig, *, resume: str | Path | bool | None = None, notes: tuple[str, ...] = ()) -> dict:
     """Run (or resume) training; returns the last metrics row.  Raises :class:`Interrupted` on Ctrl-C/SIGTERM.
 
     ``resume``: True for ``config.out``'s ``last.pt``, or a path.  The run
     folder is locked first, so a second run on it and an unwritable folder
     fail before any data is read.  Workers that torchrun restarts after a
     failure (``--max-restarts``, same job id) resume from ``last.pt`` when their job wrote it.
+    ``notes`` are printed (by the first process) once the data has been checked, beside the resources chosen:
+    a run refused for its arguments or data says only why.
     """
     check_config(config)
     threads = torch.get_num_threads()  # setup chooses the run's; the caller gets its own back
@@ -74,7 +76,7 @@ def train(config: TrainConfig, *, resume: str | Path | bool | None = None) -> di
             if lock is not None and job is not None:
                 lock.claim(job)
             file = None if not resume else Path(config.out) / LAST if resume is True else Path(resume)
-            state = setup(config, dist, device, file)
+            state = setup(config, dist, device, file, notes)
             row = run(state)
             if config.qat is not None and dist.main and state.history:
                 from . import qat  # the int8 machinery loads only for runs that ask for it

@@ -111,7 +111,7 @@ def build_model(c: TrainConfig, labels: list[str], source, dist: Dist) -> Mobile
     return model
 
 
-def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None) -> TrainState:
+def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None, notes: tuple[str, ...] = ()) -> TrainState:
     """Load or create everything; with ``resume``, continue from that ``last.pt`` exactly."""
     out = Path(c.out)
     state = checkpoint.load(resume, training=True) if resume is not None else None
@@ -141,6 +141,8 @@ def setup(c: TrainConfig, dist: Dist, device: torch.device, resume: Path | None)
     labels = train_set.classes
     chosen = choose_resources(c, train_set, len(labels), device, dist)
     torch.set_num_threads(chosen.threads)
+    for note in notes:
+        log(dist, note)
     log(dist, f"using {chosen.reason}")
     torch.manual_seed(c.seed)  # identical initialisation on every rank
     if state is not None:
