@@ -23,7 +23,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTH
 # the prefix does not start with "mobilenets": test_cli_fuzz counts stray mobilenets* entries in the temp folder
 SESSION_CACHE = Path(tempfile.mkdtemp(prefix="pytest-cache-of-mobilenets-"))
 atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
-os.environ["MOBILENETS_CACHE"] = str(SESSION_CACHE)
+# A pytest run started by a test (tests/test_peer_timm.py runs timm's suite so) keeps the cache that test chose:
+# the marker says the folder already belongs to the suite, not to the user.
+if not os.environ.get("MOBILENETS_TEST_CACHE_SET"):
+    os.environ["MOBILENETS_CACHE"] = str(SESSION_CACHE)
+    os.environ["MOBILENETS_TEST_CACHE_SET"] = "1"
 os.environ["MOBILENETS_TEST_DATA"] = str(REPO / ".test-cache" / "test-data")
 
 

@@ -111,9 +111,18 @@ def test_torch_path_runs_onednn_convolutions_with_relu6_fused(model):
 # 2.5x the worst measured value (0.01 bf16, 0.15 int8); agreement allows one image more than the worst path
 # (14 of 16), since another CPU's int8 kernels (AVX2 vs VNNI) may round differently.  fp32 is held to 1e-3 on
 # the logits below; its KL bar (1e-6) is that closeness restated, not a measured figure.
+# On a CPU without AVX-512 VNNI (AVX2 only: an AMD EPYC without AVX-512 here), the int8 kernels multiply u8 x s8
+# pairs into saturating int16 sums, and the same paths measured mean KL 0.19 torch, 0.16 onnxruntime, 0.20 openvino:
+# the int8 KL bar there is 2.5x the worst, as above (0.5), still far under a broken path's (KL > 1); top-1
+# agreement was 12 of 16 (onnxruntime, openvino), so its bar there is one image fewer (11 of 16), the rule above.
+# That int8 loses answers on such CPUs is a known limitation (README, Deploy), not something these bars hide.
+CPU_FLAGS = set(next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), []))
+VNNI = bool(CPU_FLAGS & {"avx512_vnni", "avx_vnni", "amx_int8"})
+# OpenVINO runs bf16 only on CPUs with bf16 instructions; elsewhere its bf16 hint leaves fp32 (torch emulates bf16)
+CPU_BF16 = bool(CPU_FLAGS & {"avx512_bf16", "amx_bf16"})
 MIN_COSINE = {"fp32": 0.999, "bf16": 0.999, "int8": 0.995}
-MAX_MEAN_KL = {"fp32": 1e-6, "bf16": 0.01, "int8": 0.15}
-MIN_AGREEMENT = 14 / 16
+MAX_MEAN_KL = {"fp32": 1e-6, "bf16": 0.01, "int8": 0.15 if VNNI else 0.5}
+MIN_AGREEMENT = 14 / 16 if VNNI else 11 / 16
 CASES = [
     ("torch", "fp32"), ("torch", "bf16"), ("torch", "int8"),
     ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
@@ -135,6 +144,8 @@ def test_backend_parity_with_fp32_eager(model, calibration, images, reference, b
     assert p["top1_agreement"] >= MIN_AGREEMENT
     if precision == "fp32":
         torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-3)
+    elif backend == "openvino" and precision == "bf16" and not CPU_BF16:
+        torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-3)  # OpenVINO's fp32 fallback
     else:  # really run at lower precision: fp32 paths differ by ~2e-5 here, bf16 by ~0.5 and int8 by 1.0-1.8
         assert float((out - reference).abs().max()) > 0.05
 
