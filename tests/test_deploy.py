@@ -116,10 +116,7 @@ def test_torch_path_runs_onednn_convolutions_with_relu6_fused(model):
 # the int8 KL bar there is 2.5x the worst, as above (0.5), still far under a broken path's (KL > 1); top-1
 # agreement was 12 of 16 (onnxruntime, openvino), so its bar there is one image fewer (11 of 16), the rule above.
 # That int8 loses answers on such CPUs is a known limitation (README, Deploy), not something these bars hide.
-CPU_FLAGS = set(next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), []))
-VNNI = bool(CPU_FLAGS & {"avx512_vnni", "avx_vnni", "amx_int8"})
-# OpenVINO runs bf16 only on CPUs with bf16 instructions; elsewhere its bf16 hint leaves fp32 (torch emulates bf16)
-CPU_BF16 = bool(CPU_FLAGS & {"avx512_bf16", "amx_bf16"})
+from cpu import BF16 as CPU_BF16, VNNI  # noqa: E402 (OpenVINO runs bf16 only with bf16 instructions)
 MIN_COSINE = {"fp32": 0.999, "bf16": 0.999, "int8": 0.995}
 MAX_MEAN_KL = {"fp32": 1e-6, "bf16": 0.01, "int8": 0.15 if VNNI else 0.5}
 MIN_AGREEMENT = 14 / 16 if VNNI else 11 / 16

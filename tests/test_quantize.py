@@ -10,6 +10,8 @@ import torch
 
 from mobilenets import deploy, load, mobilenet_v1, quantize
 from mobilenets.metadata import Metadata
+
+import cpu
 from mobilenets.quantize import calibrate, sim
 
 
@@ -381,6 +383,7 @@ def test_int8_ready_file_round_trips(small, tmp_path):
     assert quantize.from_model(model) is None
 
 
+@pytest.mark.skipif(not cpu.VNNI, reason=cpu.NO_VNNI)
 def test_simulation_computes_what_onnx_runtime_runs(small, tmp_path):
     """ONNX Runtime runs our QDQ file as integer kernels: int8 x int8 summed in int32 with an int32 bias, then
     requantized.  The simulation is that arithmetic, the biases' int32 rounding included."""
@@ -432,6 +435,7 @@ def _ort_ops(path, tmp_path) -> dict:
     return ops
 
 
+@pytest.mark.skipif(not cpu.VNNI, reason=cpu.NO_VNNI)
 def test_real_weights_int8_keeps_the_float_answers(tmp_path):
     """Plain PTQ (ONNX Runtime's own calibration) against ours, same crops, in ONNX Runtime."""
     real_data = pytest.importorskip("real_data")
