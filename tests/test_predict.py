@@ -19,14 +19,12 @@ from mobilenets import checkpoint, cli, weights
 from mobilenets.images import IMAGENET, INCEPTION, Normalization, eval_transform, load_rgb
 from mobilenets.predict import predict
 
-from weights_helpers import Server, write_keras2_h5
+from weights_helpers import Server, small_converted, write_keras2_h5
 
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("w")
-    src = write_keras2_h5(folder / "mobilenet_2_5_128_tf.h5", 0.25, seed=5)
-    return weights.save(weights.convert("keras", src, resolution=64), folder / "m.safetensors")
+    return small_converted(tmp_path_factory.mktemp("w"))
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,12 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("pyarrow")
 
 import mobilenets  # noqa: E402
-from mobilenets import quantize, ray_predict, weights  # noqa: E402
+from mobilenets import quantize, ray_predict  # noqa: E402
 from mobilenets.images import eval_transform, load_rgb  # noqa: E402
 from mobilenets.predict import predict  # noqa: E402
 
 from ray_cluster import Cluster  # noqa: E402
-from weights_helpers import write_keras2_h5  # noqa: E402
+from weights_helpers import small_converted  # noqa: E402
 
 RUN_TIMEOUT_S = 240
 RTOL = 1e-5
@@ -37,9 +37,7 @@ RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("w")
-    src = write_keras2_h5(folder / "mobilenet_2_5_128_tf.h5", 0.25, seed=5)
-    return weights.save(weights.convert("keras", src, resolution=64), folder / "m.safetensors")
+    return small_converted(tmp_path_factory.mktemp("w"))
 
 
 @pytest.fixture(scope="module")

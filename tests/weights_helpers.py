@@ -89,6 +89,15 @@ class Server:
 # ---------------------------------------------------------------- a TF-slim checkpoint, written without TensorFlow
 
 
+def small_converted(folder) -> Path:
+    """A converted 0.25-64 model file (from a Keras-layout .h5 with seeded weights): the small model the predict
+    tests, in-process and through Ray, classify with."""
+    from mobilenets import weights
+
+    src = write_keras2_h5(Path(folder) / "mobilenet_2_5_128_tf.h5", 0.25, seed=5)
+    return weights.save(weights.convert("keras", src, resolution=64), Path(folder) / "m.safetensors")
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
