@@ -254,6 +254,17 @@ def model_for(*, weights=None, checkpoint=None, alpha: float = 1.0, resolution: 
     return model, int(resolution or meta.resolution), meta.normalization, labels
 
 
+def benchmark_weights(*, weights=None, checkpoint=None, alpha: float = 1.0, resolution: int | None = None,
+                      **options) -> dict:
+    """What ``mobilenets benchmark`` times: :func:`benchmark` of ``weights`` or ``checkpoint`` (at their
+    resolution unless given), else of a seeded ``alpha`` model; the timing ``options`` are checked before a
+    model is fitted or loaded."""
+    check_arguments(**{k: options[k] for k in ("batch_sizes", "floor_size", "rounds", "min_time") if k in options})
+    model, resolution, normalization, _ = model_for(weights=weights, checkpoint=checkpoint, alpha=alpha,
+                                                    resolution=resolution)
+    return benchmark(model, resolution=resolution, normalization=normalization, **options)
+
+
 def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_sizes=(1,),
               precisions=("fp32",), backends=("auto",), peers: bool = True, calibration=None,
               rounds: int = 5, min_time: float = 0.4, warmup: int = 3, normalization=None, floor_size: int = 2048,

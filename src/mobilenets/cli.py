@@ -183,28 +183,9 @@ def add_paper(sub) -> None:
 def run_train(args) -> int:
     from . import train
 
-    options = {name: getattr(args, name) for name in train.fields() if hasattr(args, name)}
-    out = options.pop("out")
-    recipe = options.pop("recipe")
-    notes: tuple[str, ...] = ()
-    if args.resume:
-        where = out if args.resume is True else args.resume
-        if where is None:
-            raise UsageError("mobilenets train: --resume needs the run: --resume RUN_DIR (or --out RUN_DIR --resume)")
-        config, file = train.resume_config(where, **options)
-        resume = file
-    else:
-        if args.finetune and args.alpha is not None:
-            raise UsageError("mobilenets train: --alpha comes from the --finetune checkpoint; drop --alpha")
-        config = train.make_config(recipe or "paper", out=out or "runs/mobilenet", **options)
-        preset = train.preset_applied(config, options)
-        if preset:
-            what = "fine-tuning preset" if config.finetune else f"the recipe's lr scaled to batch {config.batch_size}"
-            notes = (f"mobilenets: {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in preset.items())
-                     + " (give the flags to choose other values)",)
-        resume = None
     try:
-        row = train.train(config, resume=resume, notes=notes)
+        config, row = train.start({name: getattr(args, name) for name in train.fields() if hasattr(args, name)},
+                                  resume=args.resume)
     except train.Interrupted as e:
         print(f"mobilenets: {e}; continue with: mobilenets train --resume {e.path.parent}", file=sys.stderr)
         return 128 + e.signum
@@ -434,12 +415,11 @@ def run_benchmark(args) -> int:
             print(f"{r['model']:9} {r['mult_adds']:>12,} mult-adds  {r['median_ms']:8.2f} ms  p90 {r['p90_ms']:8.2f}"
                   f"  {r['backend']}")
         return 0
-    model, res, normalization, _ = benchmark.model_for(weights=args.weights, checkpoint=args.checkpoint,
-                                                       alpha=_alpha_of(args), resolution=args.resolution)
-    result = benchmark.benchmark(model, resolution=res, batch_sizes=args.batch_size, precisions=args.precision,
-                                 backends=args.backend, peers=not args.no_peers, rounds=args.rounds,
-                                 min_time=args.min_time, normalization=normalization, floor_size=args.floor_size,
-                                 log=log)
+    result = benchmark.benchmark_weights(weights=args.weights, checkpoint=args.checkpoint, alpha=_alpha_of(args),
+                                         resolution=args.resolution, batch_sizes=args.batch_size,
+                                         precisions=args.precision, backends=args.backend, peers=not args.no_peers,
+                                         rounds=args.rounds, min_time=args.min_time, floor_size=args.floor_size,
+                                         log=log)
     if args.json:
         _write_json(args.json, result)
     if args.plot:
@@ -620,23 +600,13 @@ def add_convert(sub) -> None:
 
 
 def run_predict(args) -> int:
-    from . import predict, quantize, weights
+    from . import predict
 
-    if args.weights == "imagenet":
-        model = weights.load("imagenet", alpha=args.alpha or 1.0, resolution=args.resolution, progress=not args.quiet)
-        resolution_override = None
-    else:
-        if args.alpha is not None:
-            raise UsageError("mobilenets predict: --alpha chooses among the released weights (--weights imagenet); "
-                             f"{args.weights} holds its own width: drop --alpha")
-        model = weights.load(args.weights)
-        resolution_override = args.resolution
+    model, resolution_override = predict.model_for(args.weights, alpha=args.alpha, resolution=args.resolution,
+                                                   progress=not args.quiet)
     if args.ray is not None:
         return _predict_on_ray(args, model)
     calibration = args.calib_data if args.precision == "int8" else None
-    if args.precision == "int8" and calibration is None and quantize.from_model(model) is None:
-        raise UsageError("predict --precision int8 needs --calib-data DIR (a folder of images like the inputs), "
-                         "or weights made int8-ready by 'mobilenets quantize', which carry their own ranges")
     skipped, answered = [], 0
 
     def skip(image, why):  # one line per unreadable file, and the run goes on

@@ -130,6 +130,24 @@ def _mixed_batches(sources: list[_Source], resolution: int, normalization, batch
         yield pipeline.DecodedBatch(good, x, failed)
 
 
+def model_for(weights: str = "imagenet", *, alpha: float | None = None, resolution: int | None = None,
+              progress: bool = True) -> tuple[MobileNetV1, int | None]:
+    """The model that ``mobilenets predict --weights`` names, and the input size to run it at (None: its own).
+
+    "imagenet": the released weights of width ``alpha`` (default 1.0) trained at ``resolution`` (default
+    224).  A file holds its own width, so ``alpha`` beside it is refused (it was once silently ignored);
+    ``resolution`` then only changes the input size.
+    """
+    from . import weights as released
+
+    if weights == "imagenet":
+        return released.load("imagenet", alpha=alpha or 1.0, resolution=resolution, progress=progress), None
+    if alpha is not None:
+        raise MobilenetsError(f"--alpha chooses among the released weights (--weights imagenet); {weights} holds "
+                              f"its own width: drop --alpha")
+    return released.load(weights), resolution
+
+
 def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, resolution: int | None = None,
             normalization: Normalization | None = None, precision: str = "fp32", backend: str | None = None,
             workers: int | None = None, draft: bool = False, calibration=None, log=None,
@@ -164,6 +182,13 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     resolution = resolution or meta.resolution
     if normalization is None:
         normalization = meta.normalization
+    if precision == "int8" and calibration is None:
+        from . import quantize
+
+        if quantize.from_model(model) is None:  # before any image is decoded
+            raise MobilenetsError("int8 needs calibration images (--calib-data DIR: a folder of images like the "
+                                  "inputs), or weights made int8-ready by 'mobilenets quantize', which carry "
+                                  "their own ranges")
     labels = list(meta.labels) if meta.labels and len(meta.labels) == model.config.num_classes else None
     topk = min(topk, model.config.num_classes)
     sources = _sources(inputs)

@@ -39,7 +39,7 @@ __all__ = [
     "ConfigError", "Dist", "Interrupted", "ModelEMA", "NonFiniteLoss", "Progress", "RMSpropTF", "RunFolderError",
     "RunLock", "Schedule", "StopRequest", "TrainConfig", "TrainState", "check_config", "end_epoch", "fields",
     "finetune_preset", "init_distributed", "json_line", "make_config", "make_optimizer", "parameter_groups",
-    "plot", "preset_applied", "read_metrics", "resume_config", "run", "setup", "train", "train_one_epoch",
+    "plot", "preset_applied", "read_metrics", "resume_config", "run", "setup", "start", "train", "train_one_epoch",
 ]
 
 # the settings a resumed run may change: they do not alter what it computes
@@ -113,3 +113,32 @@ def resume_config(path: str | Path, **overrides) -> tuple[TrainConfig, Path]:
     config.out = str(file.parent)
     check_config(config)
     return config, file
+
+
+def start(options: dict, *, resume: str | Path | bool | None = None) -> tuple[TrainConfig, dict]:
+    """What ``mobilenets train`` runs: (the run's settings, its last metrics row).
+
+    ``options``: the :class:`TrainConfig` fields the user gave (None or absent: not given), with ``recipe``
+    (default "paper") and ``out`` (default runs/mobilenet).  ``resume``: True for ``out``'s run, or a run
+    folder or ``last.pt``; it continues the stored settings, of which only :data:`RESUME_MAY_CHANGE` may be
+    given.  A new run says which of the recipe's values were scaled (its lr to the batch size, or the
+    fine-tuning preset), so that a value the user did not choose is never silent.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    out, recipe = options.pop("out", None), options.pop("recipe", None)
+    if resume:
+        where = out if resume is True else resume
+        if where is None:
+            raise ConfigError("--resume needs the run: --resume RUN_DIR (or --out RUN_DIR --resume)")
+        config, file = resume_config(where, **options)
+        return config, train(config, resume=file)
+    if options.get("finetune") and "alpha" in options:
+        raise ConfigError("--alpha comes from the --finetune checkpoint; drop --alpha")
+    config = make_config(recipe or "paper", out=out or "runs/mobilenet", **options)
+    preset = preset_applied(config, options)
+    notes: tuple[str, ...] = ()
+    if preset:
+        what = "fine-tuning preset" if config.finetune else f"the recipe's lr scaled to batch {config.batch_size}"
+        notes = (f"mobilenets: {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in preset.items())
+                 + " (give the flags to choose other values)",)
+    return config, train(config, notes=notes)
