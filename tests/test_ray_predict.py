@@ -29,7 +29,7 @@ from mobilenets.images import eval_transform, load_rgb  # noqa: E402
 from mobilenets.predict import predict  # noqa: E402
 
 from ray_cluster import Cluster  # noqa: E402
-from weights_helpers import small_converted  # noqa: E402
+from weights_helpers import Server, small_converted  # noqa: E402
 
 RUN_TIMEOUT_S = 240
 RTOL = 1e-5
@@ -213,6 +213,28 @@ def test_parquet_shards_and_a_second_run_by_the_cli_does_only_what_is_missing(cl
     again = run_cli(cluster, weights_file, folder, out)  # nothing left: no cluster work at all
     assert (again["written"], again["skipped"]) == (0, 4)
 
+
+
+def test_an_fsspec_url_source_is_listed_and_read_over_its_protocol_by_the_actors(cluster, weights_file, folder,
+                                                                               tmp_path):
+    # HTTP stands for s3:// and gs:// (the suite reaches no cloud): a protocol fsspec serves, that no node reads
+    # as a local path.  The server sees every image asked for by URL; the answers are predict's on the files.
+    server = Server(folder.parent)
+    try:
+        source = f"{server.url}{folder.name}/"
+        model = mobilenets.load(weights_file)
+        summary = ray_predict.predict_files(source, str(tmp_path / "out"), model, shard_size=5, backend="eager",
+                                            topk=2, actors=2, threads=1, batch_size=2)
+        asked = set(server.requests)
+    finally:
+        server.close()
+    assert (summary["images"], summary["written"], summary["errors"]) == (13, 3, 1)
+    names = [os.path.basename(p) for p in paths(folder)]
+    rows = ray_predict.read_results(str(tmp_path / "out")).to_pylist()
+    assert [r["image"] for r in rows] == [source + name for name in names]  # every URL once, in input order
+    assert {f"/{folder.name}/{name}" for name in names} <= asked  # fetched over HTTP, not found on disk
+    check_rows({str(folder / r["image"].rsplit("/", 1)[1]): r for r in rows},
+               predicted(model, folder, topk=2, backend="eager"), folder)
 
 def test_cli_refuses_an_out_folder_of_other_inputs_in_one_line(weights_file, folder, tmp_path, capsys):
     from mobilenets import cli

@@ -7,6 +7,7 @@ loop; collective calls here keep them in step, and rank 0 alone writes.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,24 @@ def elastic_job() -> str | None:
     return os.environ.get("TORCHELASTIC_RUN_ID") or None
 
 
+# torchrun's c10d rendezvous lends the workers its own store (TORCHELASTIC_USE_AGENT_STORE) and keeps it, with
+# no per-attempt prefix, when it restarts them: restarted workers can read the dead attempt's addresses from it,
+# dial a process that is gone, and fail; an agent then left with a restart waits (join_timeout, 600 s) for a
+# partner that has exited (pytorch/pytorch#135712).  Here 3 of 5 two-node runs with a killed rank failed or hung
+# that way, and 8 of 8 passed (63-105 s at load 15-24) with the store not shared: each round gets a new one.
+STALE_STORE_FIX = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+
+
+def restart_hazard(environ=os.environ) -> str | None:
+    """Why torchrun may fail to bring this job back after a worker dies, or None where it will."""
+    restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts < 1:
+        return None
+    return (f"torchrun shares its rendezvous store with the workers and keeps it across restarts, so restarted "
+            f"workers can connect to the dead attempt's addresses and fail (pytorch/pytorch#135712); "
+            f"for --max-restarts to work, start torchrun with {STALE_STORE_FIX} in its environment")
+
+
 def init_distributed(device_name: str | None) -> tuple[Dist, torch.device]:
     """Read torchrun's environment and join the process group; returns (Dist, this process's device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -94,5 +113,8 @@ def init_distributed(device_name: str | None) -> tuple[Dist, torch.device]:
                               f"{torch.cuda.device_count()} GPU(s); start fewer processes per node")
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
+        hazard = restart_hazard()
+        if hazard and rank == 0 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            warnings.warn(hazard, stacklevel=2)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local), device
