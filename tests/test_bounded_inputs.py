@@ -149,3 +149,27 @@ def test_a_pt_whose_members_unpack_to_far_more_than_the_file_is_refused_before_l
     assert status == 2 and err.startswith(f"mobilenets: error: refusing to load {bomb}: its members unpack to "), err
     assert err.count("\n") == 0
     assert peak < baseline_mb + MARGIN_MB, (peak, baseline_mb)
+
+
+def test_a_tgz_whose_graph_inflates_far_beyond_the_archive_is_refused_from_its_header(tmp_path, baseline_mb):
+    """The issue's 262 KB .tgz of fill operations (1.5 GB, 45 s): a MobileNet graph padded with 200 MB of zeros
+    that deflate to almost nothing.  Read whole, the graph alone costs 200 MB; refused from the tar header."""
+    import gzip
+    import tarfile
+
+    from graphdefs import const, mobilenet_graph, tensor_proto
+
+    padding = const("padding", proto=tensor_proto((50 << 20,), bytes(200 << 20)))
+    graph = tmp_path / "mobilenet_v1_0.25_128_frozen.pb"
+    graph.write_bytes(mobilenet_graph() + padding)
+    bomb = tmp_path / "mobilenet_v1_0.25_128.tgz"
+    with open(bomb, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9) as packed, \
+            tarfile.open(fileobj=packed, mode="w") as tar:
+        tar.add(graph, arcname=graph.name)
+    graph.unlink()
+    assert bomb.stat().st_size < 2 << 20
+    status, out, err, peak = _measured("convert", "--from", "tf-frozen", str(bomb), "--out", str(tmp_path / "w"))
+    assert status == 2 and err.startswith(f"mobilenets: error: {bomb}: mobilenet_v1_0.25_128_frozen.pb would "
+                                          f"inflate to "), err
+    assert err.count("\n") == 0 and not (tmp_path / "w").exists()
+    assert peak < baseline_mb + MARGIN_MB, (peak, baseline_mb)

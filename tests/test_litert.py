@@ -288,6 +288,73 @@ def test_damaged_files_give_one_line(good_bytes, tmp_path, mangle, match):
     assert "\n" not in str(e.value)
 
 
+def _first_conv(graph):
+    return next(op for op in graph.operators if op.code == tflite_schema.CONV_2D)
+
+
+def _negative_dim(graph):
+    graph.tensors[_first_conv(graph).outputs[0]].shape[1] = -4
+
+
+def _input_out_of_range(index):
+    def craft(graph):
+        _first_conv(graph).inputs[0] = index if index < 0 else len(graph.tensors) + index
+    return craft
+
+
+def _no_inputs(graph):
+    _first_conv(graph).inputs = []
+
+
+def _weights_of_rank_2(graph):
+    t = graph.tensors[_first_conv(graph).inputs[1]]
+    t.data = t.data.reshape(t.data.shape[0], -1)
+    t.shape = list(t.data.shape)
+
+
+def _quant(scale, zero, axis=0):
+    def craft(graph):
+        graph.tensors[_first_conv(graph).inputs[1]].quant = tflite_schema.Quant(scale, zero, axis)
+    return craft
+
+
+def _rank_9(graph):
+    graph.tensors[_first_conv(graph).outputs[0]].shape = [1] * 9
+
+
+def _metadata(payload):
+    def craft(graph):
+        graph.metadata["mobilenets"] = payload
+    return craft
+
+
+@pytest.mark.parametrize("craft,match", [
+    (_negative_dim, r"has a negative dimension in its shape \[1, -4,"),
+    (_input_out_of_range(3), r"operator 0 \(CONV_2D\) names a tensor that does not exist"),
+    (_input_out_of_range(-7), r"operator 0 \(CONV_2D\) names a tensor that does not exist \(inputs \[-7,"),
+    (_no_inputs, r"layer 0 \(CONV_2D\) has inputs \[\], without input 1"),
+    (_weights_of_rank_2, r"layer 0's weights '.*' have shape \[\d+, 27\]; a convolution's are 4-d"),
+    (_quant([0.1] * 3, [0] * 3, axis=7), r"has 3 scales along axis 7"),
+    (_quant([0.1] * 5, [0] * 5), r"of shape \[\d+, 3, 3, 3\] has 5 scales along axis 0"),
+    (_quant([0.1], []), r"has 1 quantization scales and 0 zero points"),
+    (_quant([float("nan")], [0]), r"has a quantization scale that is not a positive number"),
+    (_rank_9, r"the shape of tensor '.*' lists 9 entries, at most 8 make sense"),
+    (_metadata(b"[1, 2]"), r"its mobilenets metadata is a JSON list, not an object"),
+    (_metadata(b'{"labels": "cat dog"}'), r"labels"),
+])
+def test_crafted_files_are_refused_in_one_line(good_bytes, tmp_path, craft, match):
+    """Each file is a valid flatbuffer that LiteRT's schema allows but no converter writes (issue 20)."""
+    graph = tflite_schema.read(good_bytes)
+    for t in graph.tensors:  # the reader's views are read-only; the crafts edit copies
+        t.data = None if t.data is None else t.data.copy()
+    craft(graph)
+    path = tmp_path / "crafted.tflite"
+    path.write_bytes(tflite_schema.write(graph))
+    with pytest.raises(weights.WeightsError, match=match) as e:
+        from_tflite(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
 def test_a_graph_that_is_not_mobilenet_is_refused(good_bytes, tmp_path):
     graph = tflite_schema.read(good_bytes)
     graph.operators = graph.operators[:5] + graph.operators[7:]  # a layer pair missing

@@ -167,3 +167,37 @@ def test_crafted_int8_metadata_is_refused_in_one_line(model, data, why):
     crafted.meta = replace(mobilenets.metadata.of(model), int8=data)
     with pytest.raises(MobilenetsError, match=f"the int8 data of these weights is damaged: {why}"):
         quantize.from_model(crafted)
+
+
+def test_a_killed_decoding_worker_loses_no_image_and_says_so_in_one_line(tmp_path):
+    """A worker killed mid-run (SIGKILL, as the system's out-of-memory killer sends) used to end predict in
+    PyTorch's traceback, raised wherever the main thread was.  Now every image still arrives, in order, with
+    the pixels an undisturbed in-process run gives, after one warning line."""
+    import multiprocessing
+    import os
+    import signal
+
+    from PIL import Image
+
+    from mobilenets import pipeline
+
+    files = []
+    for k in range(24):
+        path = tmp_path / f"{k:02d}.png"
+        Image.new("RGB", (40, 30), (10 * k, 255 - 10 * k, 7 * k)).save(path)
+        files.append(path)
+    expected = torch.cat([b.x for b in pipeline.batches(files, resolution=32, batch_size=2, workers=0)])
+    heard = []
+    stream = pipeline.batches(files, resolution=32, batch_size=2, workers=2, warn=heard.append)
+    got = [next(stream)]
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGKILL)
+    got += list(stream)
+    assert [i for b in got for i in b.indices] == list(range(24))
+    assert torch.equal(torch.cat([b.x for b in got]), expected)
+    assert len(heard) == 1 and "\n" not in heard[0], heard
+    assert heard[0].startswith(f"a decoding worker died (DataLoader worker (pid {workers[0].pid}) is killed by "
+                               f"signal: Killed") or heard[0].startswith("a decoding worker died (DataLoader "
+                                                                         "worker (pid(s) "), heard
+    assert "images not yet decoded are decoded in this process instead" in heard[0]

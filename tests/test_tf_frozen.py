@@ -312,3 +312,105 @@ def test_calibration_and_heldout_crops_are_disjoint_real_photos():
     names = {name for name, _ in real_data.photos()}
     assert len(names) == 15 and {"astronaut.png", "chelsea.png", "grace_hopper.jpg"} <= names
     assert min(float(c.std()) for c in heldout) > 5  # crops of photos, not flat fills
+
+
+# ---------------------------------------------------------------- hostile graphs, crafted on the wire (round two)
+
+
+def test_a_graph_of_identity_ladders_converts_through_them(tmp_path):
+    """Every rung of two ladders of 2,000 Identity nodes is read (by a Conv2D, by an unfused BatchNorm's AddV2):
+    the input placeholder and the epsilon are still found through them.  The time this took (quadratic, 40 s
+    for 8,000 nodes) is measured by benchmarks/frozen_graph_walk.py, not asserted here."""
+    from graphdefs import float_attr, identity_ladders, mobilenet_graph
+
+    path = tmp_path / "ladders.pb"
+    path.write_bytes(mobilenet_graph(eps_attr=float_attr("epsilon", 1e-3), extra=identity_ladders(8000)))
+    converted = from_tf_frozen(path)
+    assert (converted.config.alpha, converted.config.bn_eps, converted.meta.resolution) == (0.25, 1e-3, 128)
+
+
+@pytest.mark.parametrize("eps_attr,match", [
+    (b"\x2a\x0b\x0a\x07epsilon\x12\x00", r"FusedBatchNorm has an attribute epsilon that holds no float"),
+    (None, None),  # no attribute: TensorFlow's FusedBatchNorm applies its default, 1e-4
+    ("nan", r"FusedBatchNorm gives BatchNorm an epsilon of nan; it must be a positive number"),
+    ("-0.001", r"FusedBatchNorm gives BatchNorm an epsilon of -0.001"),
+])
+def test_a_fused_batchnorm_epsilon_that_is_empty_or_no_number_is_refused(tmp_path, eps_attr, match):
+    from graphdefs import float_attr, mobilenet_graph
+
+    if isinstance(eps_attr, str):
+        eps_attr = float_attr("epsilon", float(eps_attr))
+    path = tmp_path / "eps.pb"
+    path.write_bytes(mobilenet_graph(eps_attr=eps_attr))
+    if match is None:
+        assert from_tf_frozen(path).config.bn_eps == 1e-4
+    else:
+        one_line_error(path, match)
+
+
+@pytest.mark.parametrize("proto,match", [
+    (dict(shape=(0,)), r"BatchNorm/batchnorm/add adds an epsilon of shape \(0,\) to the variance"),
+    (dict(shape=(2,), float_val=[1e-3, 1e-3]), r"adds an epsilon of shape \(2,\)"),
+    (dict(shape=()), r"batchnorm/add/y gives BatchNorm an epsilon of 0.0; it must be a positive number"),
+    (dict(shape=(), float_val=[float("inf")]), r"an epsilon of inf"),
+])
+def test_an_unfused_batchnorm_epsilon_that_is_empty_or_not_one_number_is_refused(tmp_path, proto, match):
+    from graphdefs import const, mobilenet_graph, node, tensor_proto
+
+    scope = "MobilenetV1/MobilenetV1/Conv2d_1_pointwise/BatchNorm/batchnorm"
+    extra = const(f"{scope}/add/y", proto=tensor_proto(**proto))
+    extra += node(f"{scope}/add", "AddV2", ["MobilenetV1/Conv2d_1_pointwise/BatchNorm/moving_variance",
+                                             f"{scope}/add/y"])
+    path = tmp_path / "eps.pb"
+    path.write_bytes(mobilenet_graph(eps_attr=None, extra=extra).replace(b"FusedBatchNorm", b"Relu6BatchNorm"))
+    one_line_error(path, match)
+
+
+def test_filled_constants_are_bounded_by_the_graph_they_come_from(tmp_path):
+    """Every variable of an alpha-2 MobileNet filled from one listed value: each fits the 24 MB graph (padded
+    with zeros) and the architecture, but together they claim 51 MB that the file never held."""
+    from graphdefs import const, tensor_proto
+    from weights_helpers import tf_slim_variables
+
+    def alpha_2(name, shape):  # alpha 1's shapes with every channel count doubled
+        if name.endswith("Conv2d_0/weights"):
+            return shape[:3] + (2 * shape[3],)
+        if name.endswith("depthwise_weights"):
+            return shape[:2] + (2 * shape[2], 1)
+        if name.endswith("Logits/Conv2d_1c_1x1/weights"):
+            return shape[:2] + (2 * shape[2], shape[3])
+        if name.endswith("/weights"):
+            return shape[:2] + (2 * shape[2], 2 * shape[3])
+        return shape if "Logits" in name else (2 * shape[0],)
+
+    graph = b"".join(const(name, proto=tensor_proto(alpha_2(name, np.shape(v)), float_val=[0.5]))
+                     for name, v in tf_slim_variables(1.0).items())
+    graph += const("padding", proto=tensor_proto((6 << 20,), bytes(24 << 20)))
+    path = tmp_path / "filled.pb"
+    path.write_bytes(graph)
+    message = one_line_error(path, r"its constants up to MobilenetV1/\S+ declare more bytes than the graph's "
+                                   r"[\d,]+ \(filled from a few listed values\): not a trained model's weights")
+    assert "Conv2d_13_pointwise" in message or "Conv2d_12_pointwise" in message or "Conv2d_13_depthwise" in message
+
+
+def test_a_filled_constant_costs_its_declared_size_once():
+    """TensorFlow's fill (the last listed value repeated) and packed varints decode straight into the array:
+    an int8 constant of 2^24 elements from one int_val, a packed int32 list, as TensorFlow reads them."""
+    import tracemalloc
+
+    from graphdefs import field, varint
+    from mobilenets.formats.tensorflow import tensor
+
+    dims = field(2, varint(1 << 3) + varint(1 << 24))
+    proto = varint(1 << 3) + varint(6) + field(2, dims) + varint(7 << 3) + varint(5)  # DT_INT8, int_val: 5
+    tracemalloc.start()
+    array = tensor(memoryview(proto), 1 << 30)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert array.dtype == np.int8 and array.shape == (1 << 24,) and (array == 5).all()
+    assert peak < (1 << 24) * 1.1  # the int8 array itself (16 MiB); int64 intermediates were 8 times that
+    packed = [-3, 0, 1 << 20, 127, -(1 << 31)]
+    payload = b"".join(varint(v & ((1 << 64) - 1)) for v in packed)
+    proto = (varint(1 << 3) + varint(3) + field(2, field(2, varint(1 << 3) + varint(6)))
+             + field(7, payload))  # DT_INT32, shape (6,), int_val packed: the last value repeats
+    assert tensor(memoryview(proto), 1 << 20).tolist() == packed + [packed[-1]]

@@ -313,6 +313,13 @@ def _fuzz_cases(data: bytes, seed: int):
 
 
 def _formats(tmp_path):
+    """(how to read it, a valid file) for every binary format mobilenets reads: weights of each kind, a frozen
+    graph and a .tflite (their readers of our own), and the JPEG and PNG images predict decodes."""
+    from PIL import Image
+
+    from graphdefs import float_attr, mobilenet_graph
+    from mobilenets import deploy
+
     model = mobilenets.mobilenet_v1(0.25, num_classes=10)
     yield "load", mobilenets.save(model, tmp_path / "m.safetensors")
     yield "load", checkpoint.save({"format": "mobilenets", "version": 1, "config": model.config.to_dict(),
@@ -327,13 +334,46 @@ def _formats(tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
     yield "tf-slim", archive
+    graph = tmp_path / "mobilenet_v1_0.25_128_frozen.pb"
+    graph.write_bytes(mobilenet_graph(eps_attr=float_attr("epsilon", 1e-3)))
+    yield "tf-frozen", graph
+    yield "tflite", deploy.export(mobilenets.mobilenet_v1(0.25, num_classes=10, padding="tf_same").eval(),
+                                  tmp_path / "m.tflite", resolution=32)
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.jpg", quality=90)
+    yield "image", tmp_path / "photo.jpg"
+    photo.save(tmp_path / "photo.png")
+    yield "image", tmp_path / "photo.png"
+
+
+# a damaged file may cost what reading a valid one costs, plus this: far below any bomb of issue 20 (the
+# smallest, a 169-megapixel PNG, took 2.4 GB); a case slower than this many seconds is reported too
+FUZZ_MARGIN_MB = 256
+FUZZ_CASE_SECONDS = 10
 
 
 def test_damaged_files_of_every_format_give_only_mobilenets_errors(tmp_path):
+    """Seeded: 60 truncations and bit flips of each of 9 valid files (540 cases).  Each must load or be
+    refused with one of our errors in one line, within FUZZ_CASE_SECONDS, and the process's peak memory
+    may grow by no more than FUZZ_MARGIN_MB over reading every valid file once."""
+    import resource
+
+    from mobilenets import images
+
+    def read(how, path):
+        if how == "image":
+            return images.load_pixels(path)
+        return weights.convert(how, path) if how != "load" else mobilenets.load(path)
+
     damaged = tmp_path / "damaged"
     damaged.mkdir()
+    formats = list(_formats(tmp_path))
+    for how, path in formats:
+        read(how, path)
+    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     escaped = []
-    for seed, (how, path) in enumerate(_formats(tmp_path)):
+    for seed, (how, path) in enumerate(formats):
         data = path.read_bytes()
         for case, blob in _fuzz_cases(data, seed):
             if path.suffix == ".index":  # the data shard stays, the index is damaged in place
@@ -342,8 +382,9 @@ def test_damaged_files_of_every_format_give_only_mobilenets_errors(tmp_path):
                 target = damaged / path.name
             original = target.read_bytes() if target.exists() else None
             target.write_bytes(blob)
+            start = time.perf_counter()
             try:
-                weights.convert(how, target) if how != "load" else mobilenets.load(target)
+                read(how, target)
             except MobilenetsError as e:
                 if "\n" in str(e):
                     escaped.append(f"{path.name} {case}: multi-line message {str(e)[:200]!r}")
@@ -352,4 +393,8 @@ def test_damaged_files_of_every_format_give_only_mobilenets_errors(tmp_path):
             finally:
                 if original is not None and target == path:
                     target.write_bytes(original)
+            if time.perf_counter() - start > FUZZ_CASE_SECONDS:
+                escaped.append(f"{path.name} {case}: {time.perf_counter() - start:.1f} s")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     assert not escaped, "\n".join(escaped[:20])
+    assert peak_mb < baseline_mb + FUZZ_MARGIN_MB, (peak_mb, baseline_mb)

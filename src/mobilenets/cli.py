@@ -616,7 +616,8 @@ def run_predict(args) -> int:
     results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
                               resolution=resolution_override, precision=args.precision, backend=args.backend,
                               workers=args.workers, draft=args.draft, calibration=calibration,
-                              log=_progress(args), on_skip=skip)
+                              log=_progress(args), on_skip=skip,
+                              warn=lambda text: print(f"mobilenets: warning: {text}", file=sys.stderr, flush=True))
     if args.json:
         for r in results:
             answered += 1

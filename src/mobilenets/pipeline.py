@@ -77,8 +77,11 @@ def _collate(items) -> DecodedBatch:
 
 def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
             normalization: Normalization = INCEPTION, batch_size: int = 32, workers: int | None = None,
-            draft: bool = False) -> Iterator[DecodedBatch]:
+            draft: bool = False, warn=None) -> Iterator[DecodedBatch]:
     """Preprocessed batches of ``sources`` (image files or PIL images), in order; the workers start at once.
+
+    A worker that dies (killed for memory, say) loses nothing: the images not yet delivered are decoded in
+    this process, in order, after one line to ``warn(str)`` (default: a :class:`WorkerLost` warning).
 
     ``workers``: decoding processes (default :func:`default_workers`; 0
     decodes here).  ``draft``: let JPEGs decode at a reduced scale that still
@@ -95,7 +98,63 @@ def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
     bound_heap()
     # the workers start here, not at the first next(): they import their decoder and decode the first
     # batches while the caller builds its model (forked before any runtime starts its thread pool)
-    return _normalised(iter(loader), normalization)
+    decoded = iter(loader)
+    if workers:
+        _no_asynchronous_worker_errors()
+    return _normalised(_resumed(decoded, sources, resolution, draft, batch_size, warn), normalization)
+
+
+class WorkerLost(UserWarning):
+    """A decoding worker died (killed by the system, say, for memory); the images it had are decoded here."""
+
+
+def _no_asynchronous_worker_errors() -> None:
+    """Leave a worker's death to be found where the next batch is asked for.
+
+    PyTorch's DataLoader installs a SIGCHLD handler that raises its RuntimeError wherever the main thread
+    happens to be (in the model, in printing a result), which no caller can catch and resume from.
+    Without it the iterator finds the dead worker itself, within its 5 s status check, and raises from
+    ``next()``: :func:`_resumed` catches it there.
+    """
+    import signal
+
+    handler = signal.getsignal(signal.SIGCHLD)
+    if getattr(handler, "__module__", "").startswith("torch.utils.data"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def _resumed(decoded: Iterator[DecodedBatch], sources, resolution: int, draft: bool, batch_size: int,
+             warn) -> Iterator[DecodedBatch]:
+    """The loader's batches in order; if a worker dies, one warning and the rest decoded in this process.
+
+    Batches arrive in input order, so the images delivered so far are a prefix: nothing is decoded twice,
+    none is lost, and the order is kept.
+    """
+    done = 0
+    try:
+        for batch in decoded:
+            done += len(batch.indices) + len(batch.failed)
+            yield batch
+        return
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker (pid"):
+            raise
+        shutdown = getattr(decoded, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        reason = str(e).splitlines()[0].rstrip(". ")
+        text = (f"a decoding worker died ({reason}); the {len(sources) - done} images not yet decoded are "
+                f"decoded in this process instead")
+        if warn is None:
+            import warnings
+
+            warnings.warn(WorkerLost(text), stacklevel=2)
+        else:
+            warn(text)
+    rest = torch.utils.data.DataLoader(_Decode(sources[done:], resolution, draft), batch_size=batch_size,
+                                       shuffle=False, num_workers=0, collate_fn=_collate)
+    for batch in rest:
+        yield DecodedBatch([i + done for i in batch.indices], batch.x, [(i + done, why) for i, why in batch.failed])
 
 
 def _normalised(decoded: Iterator[DecodedBatch], normalization: Normalization) -> Iterator[DecodedBatch]:

@@ -100,12 +100,12 @@ def _tensor_sources(t: torch.Tensor, start: int) -> list[_Source]:
     return [_Source(f"<tensor {start + i}>", t[i].float()) for i in range(len(t))]
 
 
-def _batches(sources: list[_Source], resolution: int, normalization, batch_size: int, workers, draft):
+def _batches(sources: list[_Source], resolution: int, normalization, batch_size: int, workers, draft, warn=None):
     """pipeline.batches over the images to decode (its workers start now), with preprocessed tensors passed
     through in place."""
     if not any(isinstance(s.item, torch.Tensor) for s in sources):
         return pipeline.batches([s.item for s in sources], resolution=resolution, normalization=normalization,
-                                batch_size=batch_size, workers=workers, draft=draft)
+                                batch_size=batch_size, workers=workers, draft=draft, warn=warn)
     return _mixed_batches(sources, resolution, normalization, batch_size, draft)
 
 
@@ -151,7 +151,7 @@ def model_for(weights: str = "imagenet", *, alpha: float | None = None, resoluti
 def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, resolution: int | None = None,
             normalization: Normalization | None = None, precision: str = "fp32", backend: str | None = None,
             workers: int | None = None, draft: bool = False, calibration=None, log=None,
-            on_skip=None) -> Iterator[Prediction]:
+            on_skip=None, warn=None) -> Iterator[Prediction]:
     """Classify images, ``batch_size`` at a time, yielding one :class:`Prediction` per image in input order.
 
     ``inputs``: an image file, a folder (every image below it, sorted), a PIL
@@ -171,7 +171,8 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     folder is skipped with a warning.  With ``on_skip(image, why)``, every
     file that cannot be decoded, named or found, is skipped and reported to it
     instead (the CLI reports each in one line and goes on).  ``log(str)`` hears
-    about slow setup (int8 preparation).
+    about slow setup (int8 preparation); ``warn(str)`` about a decoding worker that died (the images it had
+    are decoded in this process, none lost; default: a warning).
     """
     check_integer(topk, "topk", 1, error=MobilenetsError)
     check_integer(batch_size, "batch_size", 1, error=MobilenetsError)
@@ -197,7 +198,7 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
 
         calibration, _ = deploy.image_batches(calibration, resolution, normalization=normalization)
     # decoding starts before the model is built, and overlaps it
-    stream = _batches(sources, resolution, normalization, batch_size, workers, draft)
+    stream = _batches(sources, resolution, normalization, batch_size, workers, draft, warn)
     run = runner(model, len(sources), precision, backend, calibration, batch_size, resolution, log)
 
     for batch in stream:

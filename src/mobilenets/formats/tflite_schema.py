@@ -9,6 +9,7 @@ needs no runtime and a damaged file gives one line, not a crash.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -216,10 +217,21 @@ def option_defaults(code: int, options: dict) -> dict:
 # ---------------------------------------------------------------- reading
 
 _OPTION_KINDS = {"b": ("<b", 1), "i": ("<i", 4), "f": ("<f", 4)}
+# no table of the schema that is read here has a field beyond slot 7 (Tensor.shape_signature)
+_MAX_SLOT = 8
+# the most entries a small vector may hold: a tensor's dims (LiteRT kernels take rank 6 at most, 8 is
+# generous), an operator's or a graph's inputs and outputs; each is read per table that points at it, and
+# many tables may point at one vector, so only a bound keeps reading linear in the file
+MAX_RANK = 8
+MAX_OPERANDS = 64
 
 
 class _Reader:
-    """Bounds-checked access to flatbuffer tables, vectors and strings in ``data``."""
+    """Bounds-checked access to flatbuffer tables, vectors and strings in ``data``.
+
+    Every offset and length is checked against the file before it is followed, and no table costs more than
+    its first :data:`_MAX_SLOT` fields, so reading is linear in the file whatever it points at.
+    """
 
     def __init__(self, data: bytes, source: str):
         self.data, self.source = data, source
@@ -241,7 +253,7 @@ class _Reader:
         if size < 4 or size % 2:
             self.fail(f"bad vtable at {vtable}")
         fields = {}
-        for slot in range((size - 4) // 2):
+        for slot in range(min((size - 4) // 2, _MAX_SLOT)):
             off = self.scalar("<H", vtable + 4 + 2 * slot)
             if off:
                 fields[slot] = pos + off
@@ -263,12 +275,18 @@ class _Reader:
         start, n = self.vector(fields[slot], 4)
         return [self.table(self.ref(start + 4 * i)) for i in range(n)]
 
-    def array(self, fields, slot, dtype) -> np.ndarray:
+    def array(self, fields, slot, dtype, most: int | None = None, what: str = "") -> np.ndarray:
+        """A vector of scalars, a read-only view of the file (no copy); ``most`` bounds its length."""
         if slot not in fields:
             return np.zeros(0, dtype)
         dtype = np.dtype(dtype)
         start, n = self.vector(fields[slot], dtype.itemsize)
-        return np.frombuffer(self.data, dtype, n, start).copy()
+        if most is not None and n > most:
+            self.fail(f"{what} lists {n} entries, at most {most} make sense")
+        return np.frombuffer(self.data, dtype, n, start)
+
+    def ints(self, fields, slot, most: int, what: str) -> list[int]:
+        return [int(v) for v in self.array(fields, slot, "<i4", most, what)]
 
     def string(self, fields, slot) -> str:
         if slot not in fields:
@@ -280,8 +298,29 @@ class _Reader:
         return self.scalar(fmt, fields[slot]) if slot in fields else default
 
 
+def _quant(r: _Reader, t, name: str, shape: list[int]) -> Quant | None:
+    """A tensor's affine quantization, checked as LiteRT checks it: one scale per tensor or one per channel
+    along an axis the tensor has, as many zero points as scales, scales positive and finite."""
+    q = r.table(r.ref(t[4]))
+    most = max([1, *shape])
+    scale = r.array(q, 2, "<f4", most, f"the quantization of tensor {name!r}")
+    if not len(scale):
+        return None
+    zero = r.array(q, 3, "<i8", most, f"the quantization of tensor {name!r}")
+    axis = r.get(q, 6, "<i")
+    if len(zero) != len(scale):
+        r.fail(f"tensor {name!r} has {len(scale)} quantization scales and {len(zero)} zero points")
+    if len(scale) > 1 and not (0 <= axis < len(shape) and shape[axis] == len(scale)):
+        r.fail(f"tensor {name!r} of shape {shape} has {len(scale)} scales along axis {axis}")
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        r.fail(f"tensor {name!r} has a quantization scale that is not a positive number")
+    minmax = [[float(v) for v in r.array(q, slot, "<f4", most, f"the quantization of tensor {name!r}")]
+              for slot in (0, 1)]
+    return Quant([float(v) for v in scale], [int(v) for v in zero], axis, *minmax)
+
+
 def read(data: bytes, source: str = "the file") -> Graph:
-    """Parse a .tflite flatbuffer's first subgraph into a :class:`Graph` (constants as numpy arrays)."""
+    """Parse a .tflite flatbuffer's first subgraph into a :class:`Graph` (constants as read-only numpy views)."""
     r = _Reader(bytes(data), source)
     if len(r.data) < 8:
         r.fail(f"{len(r.data)} bytes")
@@ -297,8 +336,11 @@ def read(data: bytes, source: str = "the file") -> Graph:
     sg = subgraphs[0]
     tensors = []
     for t in r.tables(sg, 0):
+        name = r.string(t, 3)
         ttype = r.get(t, 1, "<b")
-        shape = [int(v) for v in r.array(t, 0, np.int32)]
+        shape = r.ints(t, 0, MAX_RANK, f"the shape of tensor {name!r}")
+        if any(d < 0 for d in shape):
+            r.fail(f"tensor {name!r} has a negative dimension in its shape {shape}")
         buf = r.get(t, 2, "<I")
         if buf >= len(buffers):
             r.fail(f"tensor buffer {buf} of {len(buffers)}")
@@ -308,19 +350,12 @@ def read(data: bytes, source: str = "the file") -> Graph:
                 r.fail(f"constant of tensor type {ttype}")
             raw = buffers[buf]
             dtype = np.dtype(NUMPY_TYPES[ttype])
-            if raw.size != dtype.itemsize * int(np.prod(shape)):
-                r.fail(f"constant of {raw.size} bytes for shape {shape}")
+            if raw.size != dtype.itemsize * math.prod(shape):
+                r.fail(f"constant {name!r} of {raw.size} bytes for shape {shape}")
             data = raw.view(dtype).reshape(shape)
-        quant = None
-        if 4 in t:
-            q = r.table(r.ref(t[4]))
-            scale = [float(v) for v in r.array(q, 2, np.float32)]
-            if scale:
-                quant = Quant(scale, [int(v) for v in r.array(q, 3, np.int64)], r.get(q, 6, "<i"),
-                              [float(v) for v in r.array(q, 0, np.float32)],
-                              [float(v) for v in r.array(q, 1, np.float32)])
-        signature = [int(v) for v in r.array(t, 7, np.int32)] if 7 in t else None
-        tensors.append(Tensor(r.string(t, 3), shape, ttype, data, quant, signature))
+        quant = _quant(r, t, name, shape) if 4 in t else None
+        signature = r.ints(t, 7, MAX_RANK, f"the shape signature of tensor {name!r}") if 7 in t else None
+        tensors.append(Tensor(name, shape, ttype, data, quant, signature))
     operators = []
     for op in r.tables(sg, 3):
         index = r.get(op, 0, "<I")
@@ -333,18 +368,26 @@ def read(data: bytes, source: str = "the file") -> Graph:
             for name, (slot, kind) in _OPTION_SLOTS[code].items():
                 if kind == "v":
                     if slot in o:
-                        options[name] = [int(v) for v in r.array(o, slot, np.int32)]
+                        options[name] = r.ints(o, slot, MAX_RANK, f"option {name}")
                 elif slot in o:
                     options[name] = r.scalar(_OPTION_KINDS[kind][0], o[slot])
-        ins = [int(v) for v in r.array(op, 1, np.int32)]
-        outs = [int(v) for v in r.array(op, 2, np.int32)]
-        if any(i >= len(tensors) for i in ins + outs):
-            r.fail("operator names a tensor that does not exist")
+        what = f"operator {len(operators)} ({OPERATOR_NAMES.get(code, code)})"
+        ins = r.ints(op, 1, MAX_OPERANDS, f"the inputs of {what}")
+        outs = r.ints(op, 2, MAX_OPERANDS, f"the outputs of {what}")
+        # -1 marks an optional input left out (a convolution without bias); no output is optional
+        if any(not -1 <= i < len(tensors) for i in ins) or any(not 0 <= i < len(tensors) for i in outs):
+            r.fail(f"{what} names a tensor that does not exist (inputs {ins}, outputs {outs}, "
+                   f"{len(tensors)} tensors)")
         operators.append(Operator(code, ins, outs, option_defaults(code, options)))
-    metadata = {}
+    metadata, total = {}, 0
     for m in r.tables(model, 6):
         buf = r.get(m, 1, "<I")
         if buf < len(buffers):
+            total += buffers[buf].size
+            if total > len(r.data):  # entries may share one buffer: copies are bounded by the file
+                r.fail("its metadata entries hold more bytes than the file")
             metadata[r.string(m, 0)] = buffers[buf].tobytes()
-    return Graph(tensors, operators, [int(v) for v in r.array(sg, 1, np.int32)],
-                 [int(v) for v in r.array(sg, 2, np.int32)], r.string(model, 3), metadata, version)
+    graph_io = [r.ints(sg, slot, MAX_OPERANDS, "the graph's inputs and outputs") for slot in (1, 2)]
+    if any(not 0 <= i < len(tensors) for i in graph_io[0] + graph_io[1]):
+        r.fail("the graph's inputs or outputs name a tensor that does not exist")
+    return Graph(tensors, operators, *graph_io, r.string(model, 3), metadata, version)

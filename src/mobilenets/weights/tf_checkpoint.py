@@ -30,6 +30,7 @@ from ..formats import FormatError
 from ..formats.protobuf import I32, LEN, VARINT, expect, fields
 from ..formats.sstable import masked_crc32c, table_entries
 from ..formats.tensorflow import DT_BFLOAT16, DTYPES, tensor_shape
+from .archive import check_inflation
 
 # The released 1.0-224 archive's largest member (the .data shard) is about 17 MB; members over this bound
 # are refused before extraction, so a small archive cannot expand into all of memory or disk.
@@ -211,6 +212,7 @@ def extract_checkpoint(archive: Path, folder: str | Path) -> None:
                     raise CheckpointFormatError(
                         f"{archive}: member {m.name} declares {m.size:,} bytes ({total:,} so far); a MobileNet "
                         f"checkpoint member is at most {MAX_MEMBER_BYTES:,} bytes, so it is not extracted")
+                check_inflation(archive, f"its checkpoint members up to {m.name}", total, CheckpointFormatError)
                 src = tar.extractfile(m)
                 with open(Path(folder, Path(m.name).name), "wb") as dst:  # base name: nothing lands outside
                     shutil.copyfileobj(src, dst, 1 << 20)

@@ -22,6 +22,7 @@ input resolution read from the graph.
 
 from __future__ import annotations
 
+import math
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,13 +33,17 @@ import numpy as np
 from ..errors import MobilenetsError
 from ..formats import FormatError
 from ..formats.protobuf import I32, LEN, expect, fields, text
-from ..formats.tensorflow import tensor, tensor_shape
+from ..formats.tensorflow import declared, tensor, tensor_shape
+from .archive import check_inflation
 
 # protobuf refuses messages over 2 GiB, so no real GraphDef is larger
 MAX_GRAPH_BYTES = (1 << 31) - 1
 SCOPE = "MobilenetV1/"
 ANCHOR = SCOPE + "Conv2d_0/weights"  # the first layer's kernel: present in every MobileNet v1 graph
 DEFAULT_BN_EPS = 1e-3  # slim's batch_norm default, what mobilenet_v1_arg_scope uses
+FUSED_BN_EPS = 1e-4  # the epsilon TensorFlow's FusedBatchNorm ops apply when the node has no attribute
+# BatchNorm vectors TensorFlow may store as one repeated value (alpha 4: 27 layers x 4 x 4096 floats)
+FILLED_SLACK = 4 << 20
 BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 VARIABLE_OPS = ("VariableV2", "Variable", "VarHandleOp")
 
@@ -67,6 +72,7 @@ class FrozenGraph:
         self.name = name
         self.size = len(data)
         self.nodes: dict[str, Node] = {}
+        self._sources: dict[str, str] = {}
         try:
             for field, wire, value in fields(memoryview(data)):
                 if field == 1:  # GraphDef.node; versions and the function library are not needed
@@ -85,25 +91,46 @@ class FrozenGraph:
         raw = node.attrs.get(key)
         return {} if raw is None else {f: (w, v) for f, w, v in fields(raw)}
 
-    def constant(self, name: str) -> np.ndarray:
+    def _tensor_attr(self, name: str):
         node = self.nodes[name]
         if node.op != "Const":
             raise FrozenGraphError(f"{self.name}: node {name} is a {node.op}, not a constant")
+        wire, value = self._attr(node, "value").get(8, (None, None))
+        if wire != LEN:
+            raise FormatError("its value attribute holds no tensor")
+        return value
+
+    def _unreadable(self, name: str, e: FormatError) -> FrozenGraphError:
+        return FrozenGraphError(f"{self.name}: constant {name} is unreadable ({e}); the file is damaged, "
+                                f"download or export it again")
+
+    def declared(self, name: str) -> tuple[tuple[int, ...], int]:
+        """(shape, bytes once decoded) constant ``name`` declares, read without decoding its values."""
         try:
-            wire, value = self._attr(node, "value").get(8, (None, None))
-            if wire != LEN:
-                raise FormatError("its value attribute holds no tensor")
-            return tensor(value, self.size)
+            _, shape, nbytes = declared(self._tensor_attr(name))
+            return shape, nbytes
         except FormatError as e:
-            raise FrozenGraphError(f"{self.name}: constant {name} is unreadable ({e}); the file is damaged, "
-                                   f"download or export it again") from None
+            raise self._unreadable(name, e) from None
+
+    def constant(self, name: str) -> np.ndarray:
+        try:
+            return tensor(self._tensor_attr(name), self.size)
+        except FormatError as e:
+            raise self._unreadable(name, e) from None
 
     def float_attr(self, name: str, key: str) -> float | None:
+        """A float attribute; None where the node has none, and a refusal where it has one that is no float."""
+        raw = self.nodes[name].attrs.get(key)
+        if raw is None:
+            return None
         try:
             wire, value = self._attr(self.nodes[name], key).get(4, (None, None))
         except FormatError:
-            return None
-        return float(np.frombuffer(value, dtype="<f4")[0]) if wire == I32 else None
+            wire = None
+        if wire != I32:
+            raise FrozenGraphError(f"{self.name}: node {name} has an attribute {key} that holds no float (empty "
+                                   f"or of another type); TensorFlow would refuse to run it, export the graph again")
+        return float(np.frombuffer(value, dtype="<f4")[0])
 
     def shape_attr(self, name: str, key: str = "shape") -> tuple[int, ...] | None:
         try:
@@ -113,13 +140,27 @@ class FrozenGraph:
             return None
 
     def source(self, ref: str) -> str:
-        """The node an input reference reads, looking through ``^control``, ``:output`` and Identity nodes."""
+        """The node an input reference reads, looking through ``^control``, ``:output`` and Identity nodes.
+
+        Each chain of Identity nodes is walked once and remembered for every node on it, so resolving
+        every input of the graph is linear in its size (a ladder of 8,000 Identity nodes read from each
+        rung took 40 s walked afresh each time).
+        """
         name = ref.lstrip("^").split(":")[0]
-        seen = set()
-        while name in self.nodes and self.nodes[name].op == "Identity" and name not in seen:
-            seen.add(name)
-            name = self.nodes[name].inputs[0].lstrip("^").split(":")[0] if self.nodes[name].inputs else name
-        return name
+        path: list[str] = []
+        on_path: set[str] = set()
+        while name not in self._sources:
+            node = self.nodes.get(name)
+            if node is None or node.op != "Identity" or not node.inputs or name in on_path:
+                self._sources[name] = name  # a cycle of Identity nodes ends where it closes
+                break
+            path.append(name)
+            on_path.add(name)
+            name = node.inputs[0].lstrip("^").split(":")[0]
+        found = self._sources[name]
+        for step in path:
+            self._sources[step] = found
+        return found
 
 
 def _node(buf: memoryview) -> Node:
@@ -183,6 +224,7 @@ def _pb_from_archive(path: Path) -> bytes:
             if member.size > MAX_GRAPH_BYTES:
                 raise FrozenGraphError(f"{path}: {member.name} declares {member.size} bytes, more than any "
                                        f"GraphDef can have ({MAX_GRAPH_BYTES})")
+            check_inflation(path, member.name, member.size, FrozenGraphError)
             data = tar.extractfile(member).read(member.size + 1)
     except (tarfile.TarError, EOFError, OSError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")  # tarfile lists each method it tried
@@ -194,18 +236,33 @@ def _pb_from_archive(path: Path) -> bytes:
 
 
 class _Constants:
-    """The graph's MobilenetV1 constants under their TF-slim names, decoded when read (no sizes to check
-    first: read_graph bounds every constant by the file)."""
+    """The graph's MobilenetV1 constants under their TF-slim names: their shapes told without decoding them
+    (the converter checks every shape against the architecture first), their values decoded when read.
+
+    Together the constants read may declare no more bytes than the graph holds (plus
+    :data:`FILLED_SLACK` for BatchNorm vectors stored as one repeated value): a trained model's weights
+    are in its file, so a graph whose constants ask for more fills them from a few listed values.
+    """
 
     def __init__(self, graph: FrozenGraph, prefix: str):
         self.graph, self.prefix = graph, prefix
         self.names_ = [n[len(prefix):] for n, node in graph.nodes.items()
-                      if node.op == "Const" and n.startswith(prefix + SCOPE)]
+                       if node.op == "Const" and n.startswith(prefix + SCOPE)]
+        self.budget = graph.size + FILLED_SLACK
 
     def names(self) -> list[str]:
         return self.names_
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.graph.declared(self.prefix + name)[0]
+
     def read(self, name: str):
+        _, nbytes = self.graph.declared(self.prefix + name)
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise FrozenGraphError(f"{self.graph.name}: its constants up to {self.prefix + name} declare more bytes "
+                                   f"than the graph's {self.graph.size:,} (filled from a few listed values): "
+                                   f"not a trained model's weights")
         return self.graph.constant(self.prefix + name)
 
 
@@ -228,27 +285,42 @@ def _scope_prefix(graph: FrozenGraph) -> str:
 
 
 def bn_epsilon(graph: FrozenGraph, prefix: str = "") -> float:
-    """BatchNorm's epsilon as the graph applies it: a FusedBatchNorm attribute, or the constant that unfused
-    batch_norm adds to moving_variance; slim's default when the graph shows neither."""
+    """BatchNorm's epsilon as the graph applies it: a FusedBatchNorm attribute (TensorFlow's 1e-4 where the
+    node has none), or the constant that unfused batch_norm adds to moving_variance; slim's default when the
+    graph shows neither.  An epsilon that is empty, not one number, not finite or not positive is refused."""
     found = set()
+    read: dict[str, float] = {}  # each constant decoded once, however many nodes add it
     for node in graph.nodes.values():
         if not node.name.startswith(prefix):
             continue
         if node.op in BATCH_NORM_OPS:
             eps = graph.float_attr(node.name, "epsilon")
-            if eps is not None:
-                found.add(eps)
+            found.add(FUSED_BN_EPS if eps is None else _check_epsilon(graph, node.name, eps))
         elif node.op in ("Add", "AddV2") and len(node.inputs) == 2:
             sources = [graph.source(i) for i in node.inputs]
             if sources[0].endswith("/BatchNorm/moving_variance"):
                 other = graph.nodes.get(sources[1])
                 if other is not None and other.op == "Const":
-                    found.add(float(graph.constant(other.name).reshape(-1)[0]))
+                    if other.name not in read:
+                        shape, _ = graph.declared(other.name)
+                        if math.prod(shape) != 1:
+                            raise FrozenGraphError(f"{graph.name}: {node.name} adds an epsilon of shape {shape} to "
+                                                   f"the variance; BatchNorm's epsilon is one number")
+                        eps = float(graph.constant(other.name).reshape(-1)[0])
+                        read[other.name] = _check_epsilon(graph, other.name, eps)
+                    found.add(read[other.name])
     if len(found) > 1:
         raise FrozenGraphError(f"{graph.name}: its BatchNorm layers use different epsilons {sorted(found)}; "
                                f"a MobileNet v1 uses one")
     # stored as float32: 0.001 reads back as 0.0010000000475, so keep the 7 digits float32 carries
     return float(f"{found.pop():.7g}") if found else DEFAULT_BN_EPS
+
+
+def _check_epsilon(graph: FrozenGraph, name: str, eps: float) -> float:
+    if not np.isfinite(eps) or eps <= 0:
+        raise FrozenGraphError(f"{graph.name}: {name} gives BatchNorm an epsilon of {eps}; it must be a positive "
+                               f"number (slim uses 0.001)")
+    return eps
 
 
 def input_resolution(graph: FrozenGraph, prefix: str = "") -> int | None:

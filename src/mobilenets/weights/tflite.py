@@ -19,6 +19,7 @@ DEQUANTIZE at the ends and the shape arithmetic converters emit are skipped.
 from __future__ import annotations
 
 import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 from ..formats import tflite_schema as fb
 from ..images import INCEPTION
 from ..metadata import Metadata
+from .archive import check_inflation
 from .layout import Converted, WeightsError, imagenet_labels, infer_config
 
 MAX_FILE_BYTES = 1 << 30
@@ -52,6 +54,7 @@ def read_tflite_bytes(path) -> tuple[bytes, str]:
                                    f"({[m.name for m in members][:4]}); extract the one to convert and give it")
             if members[0].size > MAX_FILE_BYTES:
                 raise WeightsError(f"{path}: {members[0].name} is too large for a MobileNet v1 .tflite")
+            check_inflation(path, members[0].name, members[0].size)
             return archive.extractfile(members[0]).read(), f"{path.name}:{members[0].name}"
     return path.read_bytes(), path.name
 
@@ -93,18 +96,34 @@ class _Graph:
         raise WeightsError(f"{self.name}: {what}; convert --from tflite reads MobileNet v1 graphs as "
                            f"TFLiteConverter and mobilenets export write them")
 
-    def constant(self, index: int) -> np.ndarray:
+    def operand(self, op: fb.Operator, k: int, what: str) -> int:
+        """Input ``k`` of ``op``, which must be there (the reader has checked that it names a tensor)."""
+        if len(op.inputs) <= k or op.inputs[k] < 0:
+            self.fail(f"{what} ({fb.OPERATOR_NAMES.get(op.code, op.code)}) has inputs {op.inputs}, without "
+                      f"input {k}")
+        return op.inputs[k]
+
+    def output(self, op: fb.Operator, what: str) -> int:
+        if not op.outputs:
+            self.fail(f"{what} ({fb.OPERATOR_NAMES.get(op.code, op.code)}) has no output")
+        return op.outputs[0]
+
+    def stored(self, index: int) -> fb.Tensor:
+        """The tensor holding constant ``index``'s values: itself, or what a DEQUANTIZE reads (fp16 weights)."""
         t = self.g.tensors[index]
         if t.data is None and index in self.producer and self.producer[index].code == fb.DEQUANTIZE:
-            return dequantized(self.g.tensors[self.producer[index].inputs[0]])  # fp16 weights
-        return dequantized(t)
+            return self.g.tensors[self.operand(self.producer[index], 0, f"the DEQUANTIZE of {t.name!r}")]
+        return t
+
+    def constant(self, index: int) -> np.ndarray:
+        return dequantized(self.stored(index))
 
     def pads(self, index: int) -> tuple[int, int] | None:
         """(before, after) spatial padding if tensor ``index`` comes out of a PAD, else None."""
         op = self.producer.get(index)
         if op is None or op.code != fb.PAD:
             return None
-        p = self.g.tensors[op.inputs[1]].data  # int32 amounts, not a quantized value
+        p = self.g.tensors[self.operand(op, 1, "a PAD")].data  # int32 amounts, not a quantized value
         if p is None:
             self.fail("a PAD whose amounts are not constant")
         p = p.astype(int)
@@ -144,9 +163,10 @@ def from_tflite(path, *, keep_background: bool = False, resolution: int | None =
         g.fail(f"found {len(convs)} convolutions{'' if pool else ' and no global pooling'}, MobileNet v1 has "
                f"{len(names)} then a global average pool")
 
+    _check_shapes(g, convs, names, head, keep_background)
     eps = 1e-3
     for i, (op, name) in enumerate(zip(convs, names)):
-        x, w_index = op.inputs[0], op.inputs[1]
+        x, w_index = g.operand(op, 0, f"layer {i}"), g.operand(op, 1, f"layer {i}")
         w = g.constant(w_index)
         depthwise = op.code == fb.DEPTHWISE_CONV_2D
         if depthwise != name.endswith("depthwise"):
@@ -179,21 +199,21 @@ def from_tflite(path, *, keep_background: bool = False, resolution: int | None =
         sd[f"{name}.bn.num_batches_tracked"] = torch.tensor(0, dtype=torch.int64)
         if i == 0:
             ranges["input"] = tensor_range(graph.tensors[x])
-        ranges[f"features.{i}"] = tensor_range(graph.tensors[op.outputs[0]])
+        ranges[f"features.{i}"] = tensor_range(graph.tensors[g.output(op, f"layer {i}")])
     if len(paddings) > 1:
         g.fail("its stride-2 layers mix SAME and symmetric padding")
     if activations - {fb.RELU6} and activations - {fb.RELU}:
         g.fail(f"fused activations {sorted(activations)}: every layer must fuse ReLU6 (or every one ReLU)")
-    ranges["pool"] = tensor_range(graph.tensors[pool.outputs[0]])
+    ranges["pool"] = tensor_range(graph.tensors[g.output(pool, "the pool")])
 
     labels = None
     if head is not None:
-        w = g.constant(head.inputs[1])
+        w = g.constant(g.operand(head, 1, "the classifier"))
         w = w.reshape(w.shape[0], -1)  # (classes, C): a 1x1 conv's OHWI and FULLY_CONNECTED's (out, in) alike
         b = g.constant(head.inputs[2]) if len(head.inputs) > 2 and head.inputs[2] >= 0 else np.zeros(len(w))
         if head.options.get("activation", 0) != fb.NONE:
             g.fail("the classifier has a fused activation; logits must be linear")
-        ranges["logits"] = tensor_range(graph.tensors[head.outputs[0]])
+        ranges["logits"] = tensor_range(graph.tensors[g.output(head, "the classifier")])
         if len(w) == 1001:
             if keep_background:
                 labels = ["background"] + imagenet_labels()
@@ -202,7 +222,7 @@ def from_tflite(path, *, keep_background: bool = False, resolution: int | None =
         sd["classifier.weight"] = torch.from_numpy(np.ascontiguousarray(w, np.float32))
         sd["classifier.bias"] = torch.from_numpy(np.asarray(b, np.float32).reshape(-1).copy())
 
-    ours = _own_metadata(graph)
+    ours = _own_metadata(graph, str(path))
     input_shape = graph.tensors[convs[0].inputs[0]].shape
     if g.pads(convs[0].inputs[0]) is not None:
         input_shape = graph.tensors[g.producer[convs[0].inputs[0]].inputs[0]].shape
@@ -232,9 +252,39 @@ def _weight_layout(graph: fb.Graph, convs) -> str:
     return f"{kind} {per} (from the .tflite file)"
 
 
-def _own_metadata(graph: fb.Graph) -> dict:
-    """What mobilenets export stored in the file (normalization, labels), if it wrote it."""
+def _own_metadata(graph: fb.Graph, name: str) -> dict:
+    """What mobilenets export stored in the file (normalization, labels), if it wrote it; its fields are
+    then checked as any stored record is (Metadata.from_dict)."""
     try:
-        return json.loads(graph.metadata.get("mobilenets", b"{}").decode())
+        ours = json.loads(graph.metadata.get("mobilenets", b"{}").decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    if not isinstance(ours, dict):
+        raise WeightsError(f"{name}: its mobilenets metadata is a JSON {type(ours).__name__}, not an object with "
+                           f"normalization and labels; export the model again")
+    return ours
+
+
+def _check_shapes(g: _Graph, convs, names, head, keep_background: bool) -> None:
+    """Every weight's declared shape against the architecture, before any is dequantized (as every reader)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, (op, name) in enumerate(zip(convs, names)):
+        w = g.stored(g.operand(op, 1, f"layer {i}"))
+        if len(w.shape) != 4:
+            g.fail(f"layer {i}'s weights {w.name!r} have shape {w.shape}; a convolution's are 4-d")
+        kh, kw = w.shape[1:3]
+        ours = (w.shape[3], 1, kh, kw) if name.endswith("depthwise") else (w.shape[0], w.shape[3], kh, kw)
+        shapes[f"{name}.conv.weight"] = ours
+        shapes.update({f"{name}.bn.{k}": (ours[0],) for k in ("weight", "bias", "running_mean", "running_var")})
+        shapes[f"{name}.bn.num_batches_tracked"] = ()
+        if len(op.inputs) > 2 and op.inputs[2] >= 0 and math.prod(g.stored(op.inputs[2]).shape) != ours[0]:
+            g.fail(f"layer {i}'s bias has shape {g.stored(op.inputs[2]).shape} for {ours[0]} channels")
+    if head is not None:
+        w = g.stored(g.operand(head, 1, "the classifier")).shape
+        if len(w) not in (2, 4) or not w[0]:
+            g.fail(f"the classifier's weights have shape {w}; expected (classes, channels) or a 1x1 kernel")
+        classes = w[0] - 1 if w[0] == 1001 and not keep_background else w[0]
+        shapes["classifier.weight"], shapes["classifier.bias"] = (classes, math.prod(w[1:])), (classes,)
+        if len(head.inputs) > 2 and head.inputs[2] >= 0 and math.prod(g.stored(head.inputs[2]).shape) != w[0]:
+            g.fail(f"the classifier's bias has shape {g.stored(head.inputs[2]).shape} for {w[0]} classes")
+    infer_config(shapes, name=g.name)
