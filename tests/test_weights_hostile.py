@@ -302,16 +302,6 @@ def test_downloads_over_the_size_cap_are_refused(slow_server, tmp_path, path):
 # ---------------------------------------------------------------- byte-level fuzz over each format
 
 
-def _fuzz_cases(data: bytes, seed: int):
-    rng = np.random.default_rng(seed)
-    for pos in sorted(rng.integers(0, len(data), 30)):
-        yield f"truncated at {pos}", data[:pos]
-    for pos in sorted(rng.integers(0, len(data), 30)):
-        flipped = bytearray(data)
-        flipped[pos] ^= 1 << int(rng.integers(0, 8))
-        yield f"bit flipped at {pos}", bytes(flipped)
-
-
 def _formats(tmp_path):
     """(how to read it, a valid file) for every binary format mobilenets reads: weights of each kind, a frozen
     graph and a .tflite (their readers of our own), and the JPEG and PNG images predict decodes."""
@@ -352,49 +342,73 @@ def _formats(tmp_path):
 FUZZ_MARGIN_MB = 256
 FUZZ_CASE_SECONDS = 10
 
+# Run in a fresh process, so that its peak memory is the fuzz's own, not an earlier test's in this file.
+_FUZZ = r"""
+import json, resource, sys, time
+from pathlib import Path
+import numpy as np
+import mobilenets
+from mobilenets import images, weights
+from mobilenets.errors import MobilenetsError
+
+formats, damaged, case_seconds = json.loads(sys.argv[1])
+damaged = Path(damaged)
+
+def read(how, path):
+    if how == "image":
+        return images.load_pixels(path)
+    return weights.convert(how, path) if how != "load" else mobilenets.load(path)
+
+def cases(data, seed):  # seeded: 30 truncations and 30 single-bit flips
+    rng = np.random.default_rng(seed)
+    for pos in sorted(rng.integers(0, len(data), 30)):
+        yield f"truncated at {pos}", data[:pos]
+    for pos in sorted(rng.integers(0, len(data), 30)):
+        flipped = bytearray(data)
+        flipped[pos] ^= 1 << int(rng.integers(0, 8))
+        yield f"bit flipped at {pos}", bytes(flipped)
+
+for how, path in formats:
+    read(how, Path(path))
+baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+escaped, count = [], 0
+for seed, (how, path) in enumerate(formats):
+    path = Path(path)
+    data = path.read_bytes()
+    for case, blob in cases(data, seed):
+        count += 1
+        target = path if path.suffix == ".index" else damaged / path.name  # a damaged index beside its shard
+        original = target.read_bytes() if target.exists() else None
+        target.write_bytes(blob)
+        start = time.perf_counter()
+        try:
+            read(how, target)
+        except MobilenetsError as e:
+            if "\n" in str(e):
+                escaped.append(f"{path.name} {case}: multi-line message {str(e)[:200]!r}")
+        except Exception as e:  # anything else is a traceback for the user
+            escaped.append(f"{path.name} {case}: {type(e).__name__}: {str(e)[:200]}")
+        finally:
+            if original is not None and target == path:
+                target.write_bytes(original)
+        if time.perf_counter() - start > case_seconds:
+            escaped.append(f"{path.name} {case}: {time.perf_counter() - start:.1f} s")
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"escaped": escaped, "cases": count, "baseline_mb": baseline_mb, "peak_mb": peak_mb}))
+"""
+
 
 def test_damaged_files_of_every_format_give_only_mobilenets_errors(tmp_path):
-    """Seeded: 60 truncations and bit flips of each of 9 valid files (540 cases).  Each must load or be
-    refused with one of our errors in one line, within FUZZ_CASE_SECONDS, and the process's peak memory
-    may grow by no more than FUZZ_MARGIN_MB over reading every valid file once."""
-    import resource
-
-    from mobilenets import images
-
-    def read(how, path):
-        if how == "image":
-            return images.load_pixels(path)
-        return weights.convert(how, path) if how != "load" else mobilenets.load(path)
-
+    """Seeded: 60 truncations and bit flips of each of 9 valid files (540 cases), in a fresh process.  Each
+    must load or be refused with one of our errors in one line, within FUZZ_CASE_SECONDS, and the process's
+    peak memory may grow by no more than FUZZ_MARGIN_MB over reading every valid file once."""
     damaged = tmp_path / "damaged"
     damaged.mkdir()
-    formats = list(_formats(tmp_path))
-    for how, path in formats:
-        read(how, path)
-    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    escaped = []
-    for seed, (how, path) in enumerate(formats):
-        data = path.read_bytes()
-        for case, blob in _fuzz_cases(data, seed):
-            if path.suffix == ".index":  # the data shard stays, the index is damaged in place
-                target = path
-            else:
-                target = damaged / path.name
-            original = target.read_bytes() if target.exists() else None
-            target.write_bytes(blob)
-            start = time.perf_counter()
-            try:
-                read(how, target)
-            except MobilenetsError as e:
-                if "\n" in str(e):
-                    escaped.append(f"{path.name} {case}: multi-line message {str(e)[:200]!r}")
-            except Exception as e:  # anything else is a traceback for the user
-                escaped.append(f"{path.name} {case}: {type(e).__name__}: {str(e)[:200]}")
-            finally:
-                if original is not None and target == path:
-                    target.write_bytes(original)
-            if time.perf_counter() - start > FUZZ_CASE_SECONDS:
-                escaped.append(f"{path.name} {case}: {time.perf_counter() - start:.1f} s")
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    assert not escaped, "\n".join(escaped[:20])
-    assert peak_mb < baseline_mb + FUZZ_MARGIN_MB, (peak_mb, baseline_mb)
+    formats = [(how, str(path)) for how, path in _formats(tmp_path)]
+    proc = subprocess.run([sys.executable, "-c", _FUZZ, json.dumps([formats, str(damaged), FUZZ_CASE_SECONDS])],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.splitlines()[-1])
+    assert r["cases"] == 60 * len(formats) == 540
+    assert not r["escaped"], "\n".join(r["escaped"][:20])
+    assert r["peak_mb"] < r["baseline_mb"] + FUZZ_MARGIN_MB, r
