@@ -984,3 +984,38 @@ def test_finetune_preset_lowers_lr_and_warms_up_unless_given(tmp_path, dataset, 
     c = train.make_config("modern", finetune=str(path), lr=0.01)
     assert (c.lr, c.lr_warmup_epochs) == (0.01, 1.0)
     assert train.make_config("modern", finetune=str(path)).lr == pytest.approx(2e-3 / 10)
+
+
+@pytest.mark.parametrize("world_size,images", [(1, 50), (2, 25), (3, 16), (4, 12)])
+def test_the_loader_choice_is_made_for_each_process_share_of_the_images(monkeypatch, world_size, images):
+    """choose_resources asks resources.choose about the images one process loads per epoch: 50 // world_size
+    (the sampler's shard, less any remainder), not the data set's 50 and not none."""
+    from mobilenets.train import loop, resources
+
+    asked = {}
+    monkeypatch.setattr(resources, "choose", lambda **kwargs: asked.update(kwargs))
+    monkeypatch.setattr(resources, "probe_loader", lambda dataset: 1e-3)
+
+    class Folder:
+        in_memory = False
+
+        def __len__(self):
+            return 50
+
+    config = train.make_config("paper", alpha=0.25, resolution=32, batch_size=8, threads=1)
+    loop.choose_resources(config, Folder(), 3, torch.device("cpu"), train.Dist(rank=0, world_size=world_size))
+    assert asked["images"] == images and asked["batch_size"] == 8 and asked["threads"] == 1
+
+
+def test_the_progress_line_reports_the_loaders_images_per_cpu_second_and_the_wait():
+    """Three batches of 8 images that took 0.2 CPU seconds each to load: 24 / 0.6 = 40 images per core; 1.5 s
+    of a 6 s epoch spent waiting: 25%, and the model ran 24 / (6 - 1.5) = 5.33 images/s."""
+    from mobilenets.train.loop import InputMeter
+
+    meter = InputMeter(workers=2)
+    for _ in range(3):
+        meter.loaded(data.Batch(torch.zeros(8, 3, 4, 4), torch.zeros(8, dtype=torch.long), [], seconds=0.2))
+    meter.wait = 1.5
+    assert meter.per_core() == pytest.approx(40.0)
+    assert meter.describe(6.0) == "(model 5 img/s; loader 40 img/s per core x 2, waited 25%)"
+    assert meter.sums() == {"wait": 1.5, "loader_cpu": pytest.approx(0.6), "loaded": 24}

@@ -45,7 +45,9 @@ _TRAIN_TESTS = ["test_rmsprop_tf_matches_timm_rmsproptf", "test_rmsprop_tf_is_tf
                 "test_the_optimizer_decays_exactly_the_full_and_pointwise_conv_and_classifier_weights",
                 "test_the_file_labelled_ema_holds_the_ema_weights", "test_options_set_to_zero_mean_zero",
                 "test_label_smoothing_changes_the_loss_by_its_formula",
-                "test_a_resumed_run_continues_adamw_the_lr_and_the_ema_by_their_formulas"]
+                "test_a_resumed_run_continues_adamw_the_lr_and_the_ema_by_their_formulas",
+                "test_the_loader_choice_is_made_for_each_process_share_of_the_images",
+                "test_the_progress_line_reports_the_loaders_images_per_cpu_second_and_the_wait"]
 _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", "test_batching_does_not_change_results",
                   "test_checkpoint_metadata_drives_resolution_normalization_and_labels",
                   "test_a_model_without_metadata_uses_224_px_and_x_over_127_5_minus_1",
