@@ -220,3 +220,17 @@ def test_a_cuda_device_is_checked_against_the_gpus_this_machine_has(monkeypatch,
         with pytest.raises(ParameterError, match="use device 'cpu'"):
             evaluate._device("cuda")
     assert evaluate._device(None) == torch.device("cuda" if gpus else "cpu")
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("num_workers", -1, "num_workers must be an integer in [0, "),
+    ("batch_size", 0, "batch_size must be an integer >= 1"),
+    ("resolution", 8, "resolution must be ")])
+def test_bad_arguments_are_refused_before_the_weights_are_read(tmp_path, option, value, message):
+    """The arguments are checked first: with a checkpoint that does not exist, a bad value is what is reported
+    (the lowest allowed worker count is 0, the lowest batch 1), in one ParameterError line."""
+    from mobilenets.errors import ParameterError
+
+    with pytest.raises(ParameterError) as raised:
+        evaluate_checkpoint(tmp_path / "missing.pt", **{option: value})
+    assert str(raised.value).startswith(message) and str(raised.value).endswith(f"got {value!r}")
