@@ -156,10 +156,13 @@ def run(modules: list[str], per_module: int, seed: int, timeout: float, only=Non
                 command = f"nice {sys.executable} -m pytest -x -q -p no:cacheprovider {' '.join(tests)}"
                 # the unmutated code must pass first: a failing (or missing) test would count every mutant killed
                 start = time.time()
-                baseline = subprocess.run(command.split(), capture_output=True, text=True, timeout=timeout)
-                if baseline.returncode != 0:
-                    print(f"  the tests fail without a mutant; {module} not sampled:\n{baseline.stdout[-2000:]}",
-                          flush=True)
+                try:
+                    baseline = subprocess.run(command.split(), capture_output=True, text=True, timeout=timeout)
+                    failed, output = baseline.returncode != 0, baseline.stdout[-2000:]
+                except subprocess.TimeoutExpired:  # every mutant would time out too, and count as killed
+                    failed, output = True, f"over the {timeout:.0f} s timeout"
+                if failed:
+                    print(f"  the tests fail without a mutant; {module} not sampled:\n{output}", flush=True)
                     rows.append({"module": module, "id": "baseline", "line": 0, "operator": "", "seconds":
                                  round(time.time() - start, 1), "outcome": "baseline failed", "diff": ""})
                     continue
