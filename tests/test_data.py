@@ -256,3 +256,14 @@ def test_training_crop_is_pils_crop_and_bilinear_resize_to_within_one_grey_level
         assert grey_levels.max() <= 1.0 + 1e-3 and grey_levels.mean() < 0.25, seed  # rounding differs on some pixels by one level
         sizes.add(min(w, h) > 224)
     assert sizes == {True, False}  # both downscaled (antialiased) and upscaled crops were compared
+
+
+@pytest.mark.parametrize("size,box", [((1000, 100), (433, 0, 133, 100)), ((100, 1000), (0, 433, 100, 133)),
+                                      ((999, 150), (399, 0, 200, 150))])
+def test_a_crop_no_draw_fits_is_the_centre_crop_of_the_nearest_allowed_aspect(size, box):
+    """A panorama or a tall strip: no crop of aspect 3/4..4/3 holding min_scale of the area fits, so after its 10
+    draws the crop is the centred one of aspect 4/3 (wide) or 3/4 (tall) on the full short side, written out:
+    1000x100 -> 133x100 at (433, 0); 100x1000 -> 100x133 at (0, 433); 999x150 -> 200x150 at (399, 0), the odd margin's extra pixel on the right."""
+    transform = data.TrainTransform(32, min_scale=0.35)
+    for seed in range(5):
+        assert transform.crop_box(*size, random.Random(seed)) == box

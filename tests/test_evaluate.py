@@ -201,3 +201,36 @@ def test_imagenet_wordnet_id_folders(tmp_path):
             top5 += target in ranked[:5]
     assert result["images"] == 6
     assert result["top1"] == pytest.approx(100 * top1 / 6) and result["top5"] == pytest.approx(100 * top5 / 6)
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 2])
+def test_a_cuda_device_is_checked_against_the_gpus_this_machine_has(monkeypatch, tmp_path, gpus):
+    """With n GPUs (torch.cuda's answers replaced, so any machine runs this), cuda:0 .. cuda:n-1 are accepted and
+    cuda:n is refused in one line naming the count; with none, cuda itself is refused."""
+    from mobilenets import evaluate
+    from mobilenets.errors import ParameterError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for index in range(gpus):
+        assert evaluate._device(f"cuda:{index}") == torch.device("cuda", index)
+    with pytest.raises(ParameterError, match=f"this machine has {gpus} CUDA GPU"):
+        evaluate._device(f"cuda:{gpus}")
+    if gpus == 0:
+        with pytest.raises(ParameterError, match="use device 'cpu'"):
+            evaluate._device("cuda")
+    assert evaluate._device(None) == torch.device("cuda" if gpus else "cpu")
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("num_workers", -1, "num_workers must be an integer in [0, "),
+    ("batch_size", 0, "batch_size must be an integer >= 1"),
+    ("resolution", 8, "resolution must be ")])
+def test_bad_arguments_are_refused_before_the_weights_are_read(tmp_path, option, value, message):
+    """The arguments are checked first: with a checkpoint that does not exist, a bad value is what is reported
+    (the lowest allowed worker count is 0, the lowest batch 1), in one ParameterError line."""
+    from mobilenets.errors import ParameterError
+
+    with pytest.raises(ParameterError) as raised:
+        evaluate_checkpoint(tmp_path / "missing.pt", **{option: value})
+    assert str(raised.value).startswith(message) and str(raised.value).endswith(f"got {value!r}")

@@ -417,3 +417,35 @@ def test_cache_dir_default_and_override(monkeypatch, tmp_path):
 def test_imagenet_labels_ship_with_the_package():
     labels = weights.imagenet_labels()
     assert len(labels) == 1000 and labels[0] == "tench, Tinca tinca" and labels[999].startswith("toilet tissue")
+
+
+
+def test_a_truncated_keras_file_is_one_line_naming_what_h5py_found(tmp_path, keras_file):
+    """A Keras file cut in half: the converter's error is one line ending in h5py's own first line for that file
+    (read here with h5py), not a traceback."""
+    import h5py
+
+    bad = tmp_path / "mobilenet_0_25_128_tf.h5"
+    content = keras_file.read_bytes()
+    bad.write_bytes(content[:len(content) // 2])
+    with pytest.raises(OSError) as found:
+        h5py.File(bad, "r")
+    first = str(found.value).splitlines()[0]
+    with pytest.raises(WeightsError) as raised:
+        weights.convert("keras", bad)
+    assert str(raised.value).endswith(f"cannot read {bad} as a Keras HDF5 file: {first}")
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("option,message", [("bn_eps", "bn_eps must be in (0, 1)"),
+                                            ("padding", "padding must be one of")])
+def test_a_files_out_of_range_setting_is_a_weights_error_naming_the_file(option, message):
+    """A converter passes the settings it read from the file (a frozen graph's BatchNorm epsilon, its padding) to
+    infer_config; a value the model refuses is a WeightsError naming the file and the setting, not a
+    traceback from the model's constructor."""
+    from mobilenets.weights.layout import infer_config, meta_shapes
+
+    shapes = meta_shapes(mobilenets.mobilenet_v1(0.25, num_classes=10).config)
+    with pytest.raises(WeightsError) as raised:
+        infer_config(shapes, name="graph.pb", **{option: {"bn_eps": 2.0, "padding": "valid"}[option]})
+    assert str(raised.value).startswith(f"graph.pb: {message}")

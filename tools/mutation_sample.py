@@ -36,22 +36,50 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = ROOT / "benchmarks" / "results" / "mutation_triage.json"
 
-# module -> (source files mutated, the test files that cover them); test files chosen to be the ones a bug in
-# those sources should fail, and short enough to run once per mutant
+_TRAIN_TESTS = ["test_rmsprop_tf_matches_timm_rmsproptf", "test_rmsprop_tf_is_tf_update_formula",
+                "test_no_weight_decay_on_depthwise_bn_or_bias", "test_paper_schedule_is_staircase_0_94_every_2_5_epochs",
+                "test_modern_schedule_warms_up_then_cosine_to_lr_min",
+                "test_ema_follows_tf_formula_with_its_warm_up_on_a_toy_module",
+                "test_ema_of_a_training_run_is_the_formula_over_the_weights_it_saw",
+                "test_the_lr_applied_at_each_step_is_the_recipes_formula",
+                "test_the_optimizer_decays_exactly_the_full_and_pointwise_conv_and_classifier_weights",
+                "test_the_file_labelled_ema_holds_the_ema_weights", "test_options_set_to_zero_mean_zero",
+                "test_label_smoothing_changes_the_loss_by_its_formula",
+                "test_a_resumed_run_continues_adamw_the_lr_and_the_ema_by_their_formulas",
+                "test_the_loader_choice_is_made_for_each_process_share_of_the_images",
+                "test_the_progress_line_reports_the_loaders_images_per_cpu_second_and_the_wait"]
+_PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", "test_batching_does_not_change_results",
+                  "test_checkpoint_metadata_drives_resolution_normalization_and_labels",
+                  "test_a_model_without_metadata_uses_224_px_and_x_over_127_5_minus_1",
+                  "test_a_single_path_a_pil_image_and_tensors_are_one_image_each",
+                  "test_decode_predictions_matches_softmax_topk", "test_eval_transform_equals_resize_then_crop_by_torchvision"]
+_QUANTIZE_TESTS = ["test_equalization_keeps_the_float_model",
+                   "test_bias_correction_zeroes_every_layers_mean_error_on_the_calibration_images",
+                   "test_calibration_clips_no_logit", "test_weights_rounded_by_output_error_stay_on_the_int8_grid",
+                   "test_input_hessian_is_the_mean_outer_product_of_every_window_whatever_the_chunking",
+                   "test_preparation_is_the_two_calibrations_and_the_less_divergent_one",
+                   "test_fake_quant_values_are_torchs_fake_quantize_bit_for_bit",
+                   "test_rounding_by_error_is_the_column_by_column_algorithm",
+                   "test_input_windows_are_unfolds_windows_bit_for_bit", "test_int8_ready_file_round_trips",
+                   "test_simulation_computes_what_onnx_runtime_runs", "test_bad_input_is_refused_with_what_works"]
+
+# module -> (source files mutated, the tests that cover them); tests chosen to be the ones a bug in those sources
+# should fail, and short enough to run once per mutant on a busy 2-core machine (a test file, or node ids where
+# the whole file takes minutes: the in-process tests of test_train, test_predict and test_quantize)
 MODULES = {
     "images": (["src/mobilenets/images.py", "src/mobilenets/pipeline.py"], ["tests/test_images.py"]),
     "data": (["src/mobilenets/data.py"], ["tests/test_data.py"]),
     "train": (["src/mobilenets/train/optim.py", "src/mobilenets/train/loop.py"],
-              ["tests/test_train.py", "tests/test_train_defaults.py"]),
-    "evaluate": (["src/mobilenets/evaluate.py", "src/mobilenets/predict.py", "src/mobilenets/deploy/fidelity.py"],
-                 ["tests/test_evaluate.py", "tests/test_predict.py"]),
+              [f"tests/test_train.py::{t}" for t in _TRAIN_TESTS]),
+    "evaluate": (["src/mobilenets/evaluate.py", "src/mobilenets/predict.py"],
+                 ["tests/test_evaluate.py"] + [f"tests/test_predict.py::{t}" for t in _PREDICT_TESTS]),
     "converters": (["src/mobilenets/weights/keras.py", "src/mobilenets/weights/tf_slim.py",
                     "src/mobilenets/weights/tf_frozen.py", "src/mobilenets/weights/tflite.py",
                     "src/mobilenets/weights/timm.py", "src/mobilenets/weights/layout.py"],
                    ["tests/test_weights.py", "tests/test_tf_frozen.py"]),
     "quantize": (["src/mobilenets/quantize/calibrate.py", "src/mobilenets/quantize/sim.py",
                   "src/mobilenets/quantize/rounding.py", "src/mobilenets/deploy/prepare.py"],
-                 ["tests/test_quantize.py"]),
+                 [f"tests/test_quantize.py::{t}" for t in _QUANTIZE_TESTS]),
     "checkpoint": (["src/mobilenets/checkpoint.py"], ["tests/test_checkpoint.py"]),
     "cost": (["src/mobilenets/cost.py"], ["tests/test_cost.py", "tests/test_paper.py"]),
 }
@@ -126,6 +154,19 @@ def run(modules: list[str], per_module: int, seed: int, timeout: float, only=Non
                     sample = [w for w in items if mutant_id(copy, w.mutations[0]) in only]
                 print(f"{module}: {len(items)} mutants, {len(sample)} sampled", flush=True)
                 command = f"nice {sys.executable} -m pytest -x -q -p no:cacheprovider {' '.join(tests)}"
+                # the unmutated code must pass first: a failing (or missing) test would count every mutant killed
+                start = time.time()
+                try:
+                    baseline = subprocess.run(command.split(), capture_output=True, text=True, timeout=timeout)
+                    failed, output = baseline.returncode != 0, baseline.stdout[-2000:]
+                except subprocess.TimeoutExpired:  # every mutant would time out too, and count as killed
+                    failed, output = True, f"over the {timeout:.0f} s timeout"
+                if failed:
+                    print(f"  the tests fail without a mutant; {module} not sampled:\n{output}", flush=True)
+                    rows.append({"module": module, "id": "baseline", "line": 0, "operator": "", "seconds":
+                                 round(time.time() - start, 1), "outcome": "baseline failed", "diff": ""})
+                    continue
+                print(f"  baseline passes in {time.time() - start:.0f} s", flush=True)
                 spans = {src: annotation_spans(copy / src) for src in sources}
                 for item in sample:
                     spec = item.mutations[0]

@@ -283,7 +283,7 @@ def eval_pixels(image: Image.Image | torch.Tensor, resolution: int) -> torch.Ten
     about three times faster (0.34 against 1.0 ms for a 500x375 photo).  When
     the resized image would be huge (a 1 x 100000 strip would ask for
     gigabytes), only the crop's source box is resized, by PIL: the same scale
-    and offsets, so the same pixels to within one grey level.
+    and offsets, so the same pixels to within two grey levels (one on most sizes).
     """
     w, h = (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
     new_w, new_h, left, top = _resized_box(w, h, resolution, resize_size(resolution))
