@@ -62,8 +62,10 @@ def _write_json(target: str, data) -> None:
 
 
 def _progress(args):
-    """Where a command's progress lines go: stderr, or nowhere with --quiet."""
-    return None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    """Where a command's notes and progress go (mobilenets.progress): stderr, or nowhere with --quiet."""
+    from .progress import to_stderr
+
+    return to_stderr(args.quiet)
 
 
 
