@@ -128,9 +128,9 @@ def test_a_small_job_runs_eager_a_middling_one_builds_the_one_that_pays_a_large_
         fresh_cache, monkeypatch):
     monkeypatch.setattr(auto, "EXPECTED", {"fast": (6.0, 0.25), "slow": (30.0, 0.5)})
     both = ["fast", "slow"]
-    # 10 batches, eager 1 s each: "fast" would cost 6 s + 2 x (1 + 0.25) s timing + 2.5 s job = 11 s > 10 s
-    assert auto.plan(both, "fp32", job_s=10.0, batches=10) == ("eager", [])
-    # 100 batches of 1 s: fast 6 + 2.5 + 25 = 33.5 s, slow 30 + 3 + 50 = 83 s, eager 100 s: build fast only
+    # 8 batches, eager 1 s each: "fast" would cost 6 s build + (1 + 2 x 0.25) s timing + 2 s job = 9.5 s > 8 s
+    assert auto.plan(both, "fp32", job_s=8.0, batches=8) == ("eager", [])
+    # 100 batches of 1 s: fast 6 + 1.5 + 25 = 32.5 s, slow 30 + 2 + 50 = 82 s, eager 100 s: build fast only
     assert auto.plan(both, "fp32", job_s=100.0, batches=100) == ("one", ["fast"])
     # measuring both costs 6 + 30 + 18 x (0.25 + 0.5) = 49.5 s: all, once the job's eager time is 20 x that
     assert auto.plan(both, "fp32", job_s=989.0, batches=989) == ("one", ["fast"])

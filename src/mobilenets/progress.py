@@ -95,6 +95,8 @@ class Progress:
     """``done`` of ``total`` units of work (images, steps, or seconds a step is expected to take), with an ETA.
 
     ``with Progress("predict", 300, log, unit="images") as p: ... p.advance(32)``.
+    ``expected=True``: one step whose typical length in seconds is ``total`` (a build, an export, as
+    seen here before); its line shows the time spent against that.
     The first line is drawn at once (a user sees within a moment that work
     has started); then at most every :data:`REDRAW_EVERY` s on a terminal and
     every :data:`LINE_EVERY` s elsewhere, also while one step runs long; the last line
@@ -103,8 +105,10 @@ class Progress:
     """
 
     def __init__(self, what: str, total: float, log: Callable[[str], None] | None, *, unit: str = "",
-                 clock: Callable[[], float] = time.monotonic, every: float | None = None, ticker: bool = True):
+                 clock: Callable[[], float] = time.monotonic, every: float | None = None, ticker: bool = True,
+                 expected: bool = False):
         self.what, self.total, self.unit = what, float(total), unit
+        self.expected = expected  # total is the seconds one step is expected to take (as last seen here)
         self.done = 0.0
         self.clock = clock
         self.start = clock()
@@ -126,6 +130,10 @@ class Progress:
 
     def line(self) -> str:
         elapsed = self.clock() - self.start
+        if self.expected:  # one step of known typical length: the time spent is the progress
+            left = self.total - elapsed if elapsed < self.total else None
+            return (f"{self.what}: {bar(elapsed, self.total)} {duration(elapsed)} spent, "
+                    f"ETA {duration(left) if left is not None else '? (longer than the ' + duration(self.total) + ' it took before)'}")
         left = eta(self.done, self.total, elapsed)
         unit = f" {self.unit}" if self.unit else ""
         count = f"{self.done:g}/{self.total:g}{unit}" if self.unit else f"{100 * self.done / self.total:.0f}%" \

@@ -19,7 +19,7 @@ since eager PyTorch runs the folded model at once, with nothing to build:
 - when measuring every runtime would cost at most :data:`FULL_SHARE` of ``J``,
   all are measured and the choice cached, as without ``work``;
 - otherwise only the runtime with the least expected total is built, and only
-  if that total is below ``J``: timed against eager on two calls each, the
+  if that total is below ``J``: timed against eager on a call each, the
   faster runs the job (this choice is not cached: what is cached stands for
   the careful measurement of every runtime).
 
@@ -205,7 +205,7 @@ def plan(candidates: list[str], precision: str, job_s: float, batches: int) -> t
     ``job_s``; else ("one", [the runtime with the least expected total]) when that total beats eager; else
     ("eager", []).  ``batches``: how many batches the job runs (the short timing runs a few of them)."""
     per_batch = job_s / max(batches, 1)
-    timing_s = {name: TIMING_CALLS * per_batch * (1 + expected(name, precision)[1]) for name in candidates}
+    timing_s = {name: per_batch * (1 + TIMING_CALLS * expected(name, precision)[1]) for name in candidates}
     total_cost = sum(expected(name, precision)[0] + FULL_TIMING_CALLS * per_batch * expected(name, precision)[1]
                      for name in candidates)
     if candidates and total_cost <= FULL_SHARE * job_s:
@@ -218,8 +218,8 @@ def plan(candidates: list[str], precision: str, job_s: float, batches: int) -> t
     return "eager", []
 
 
-# calls of each runner the short timing against eager makes (warm-up included), and those of the full
-# measurement (3 warm-up, then 5 rounds of at least 3)
+# calls of the runtime the short timing against eager makes (one warm-up, one timed; eager, with nothing to
+# warm, is timed on one call), and those of the full measurement (3 warm-up, then 5 rounds of at least 3)
 TIMING_CALLS = 2
 FULL_TIMING_CALLS = 18
 
@@ -231,11 +231,7 @@ def choose(config: dict, folded, precision: str, batches: list[torch.Tensor], ba
     ``work``: how many inputs the caller will run, if it knows; at fp32 the measurement is then sized to
     pay for itself (the module's rule), and the choice may be "eager".  ``log`` hears the progress.
     """
-    # availability last: it imports the runtime, and ExecuTorch's import alone takes 5 s
-    candidates = [b for b in backend.BACKENDS
-                  if backend.backend_supports(b, precision) and backend.get(b).tried_by_auto
-                  and (batches or not backend.get(b).needs_calibration(folded, precision))
-                  and backend.get(b).available()]
+    candidates = tried(folded, precision, batches)
     if not candidates and not (work is not None and precision == "fp32"):
         raise DeployError(f"no installed backend builds {precision} without calibration images: pass calibration= "
                           f"batches of preprocessed images, or pip install 'mobilenets[deploy]'")
@@ -285,13 +281,32 @@ def choose(config: dict, folded, precision: str, batches: list[torch.Tensor], ba
     # the lower quartile, not the median: a neighbour's burst of load slows whichever candidate it
     # happens to hit, and a cached wrong choice lasts; the quartile is what each does when it gets the CPU
     timings = {name: float(np.percentile(t, 25)) for name, t in times.items()}
+    chosen = record(config, precision, batch_size, resolution, candidates, timings, busy)
+    return chosen, built[chosen], timings
+
+
+def tried(folded, precision: str, batches) -> list[str]:
+    """The runtimes auto measures for this request: installed, able to build ``precision`` from what is given."""
+    # availability last: it imports the runtime, and ExecuTorch's import alone takes 5 s
+    return [b for b in backend.BACKENDS
+            if backend.backend_supports(b, precision) and backend.get(b).tried_by_auto
+            and (batches or not backend.get(b).needs_calibration(folded, precision))
+            and backend.get(b).available()]
+
+
+def record(config: dict, precision: str, batch_size: int, resolution: int, candidates: list[str],
+           timings: dict[str, float], busy: float | None = None) -> str:
+    """Cache the fastest of ``timings`` (ms per batch of every one of ``candidates``) as the choice for this
+    request, as measured by :func:`choose` or a benchmark that timed them all in one run; returns it."""
     chosen = min(timings, key=timings.get)
+    busy = cores.busy_cores() if busy is None else busy
+    key = choice_key(config, precision, batch_size, resolution, candidates)
     choices = _read_choices()  # again: another process may have added its own choice meanwhile
     choices[key] = {"backend": chosen, "timings": timings, "precision": precision, "batch_size": batch_size,
                     "resolution": resolution, "alpha": config.get("alpha"), "busy_cores": round(busy, 2),
                     "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_choices(choices)
-    return chosen, built[chosen], timings
+    return chosen
 
 
 def _one(name: str, eager: Run, folded, precision: str, batch_size: int, resolution: int, job_s: float,
@@ -301,16 +316,15 @@ def _one(name: str, eager: Run, folded, precision: str, batch_size: int, resolut
     build_expected, _ = expected(name, precision)
     t0 = time.perf_counter()
     with Progress(f"auto: building {name} (eager PyTorch would take about {job_s:.0f} s)", build_expected,
-                  log) as p:
+                  log, expected=True):
         try:
             run = backend.build(name, folded, precision, [], batch_size, resolution)
         except Exception as e:
             warnings.warn(f"auto: skipping {name}: {type(e).__name__}: {e}", stacklevel=4)
             return "eager", eager, {}
-        p.advance(build_expected)
     build_s = time.perf_counter() - t0
     x = example_input(batch_size, resolution)
-    eager_ms = float(np.min(time_run(eager, x, warmup=1, min_time=0.0, min_iters=1, max_iters=1)))
+    eager_ms = float(np.min(time_run(eager, x, warmup=0, min_time=0.0, min_iters=1, max_iters=1)))
     times = time_run(run, x, warmup=1, min_time=0.0, min_iters=1, max_iters=1)
     ms = float(np.min(times))
     _remember_build(name, precision, build_s, ms / eager_ms)
