@@ -54,7 +54,8 @@ def run(folder: Path, weights: Path, extra: list[str]) -> dict:
         wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"predict {extra} failed ({p.returncode}): {err[-3:]}")
-    chosen = next((line for line in err if line.startswith("auto:")), "")
+    # auto's decision line (its progress lines carry a bar)
+    chosen = next((line for line in reversed(err) if line.startswith("auto:") and "[" not in line), "")
     return {"args": extra, "wall_s": round(wall, 2), "first_progress_s": first_line and round(first_line, 2),
             "answers": out.count("\n"), "auto": chosen}
 
