@@ -88,6 +88,19 @@ def test_stderr_draws_bars_on_a_terminal_and_elsewhere_only_when_asked():
     assert progress.to_stderr(quiet=True) is None
 
 
+def test_long_library_calls_show_progress_on_a_terminal_by_default_and_never_when_told_not_to(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv(progress.ASK, "0")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a file: deploy.compile stays silent
+    assert progress.resolve(progress.ON_A_TERMINAL) is None
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert isinstance(progress.resolve(progress.ON_A_TERMINAL), progress.Stderr)
+    assert progress.resolve(None) is None and progress.resolve(print) is print
+
+
 @pytest.fixture(scope="module")
 def small_weights(tmp_path_factory) -> Path:
     torch.manual_seed(0)

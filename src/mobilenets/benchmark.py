@@ -321,7 +321,7 @@ def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_si
 
                 def build_ours(backend=backend):
                     p = deploy.compile(model, precision, calibration=calibration, batch_size=batch_size,
-                                       resolution=resolution, backend=backend)
+                                       resolution=resolution, backend=backend, log=None)
                     chosen = f" -> {p.backend}" if backend == "auto" else ""
                     return p, f"{p.detail}{chosen}"
                 add(f"mobilenets {backend}", "ours", backend, build_ours)

@@ -80,11 +80,12 @@ def grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto",
                 t0 = time.perf_counter()
                 if spec is None:
                     target = deploy.compile(model, precision, calibration=calibration, batch_size=batch_size,
-                                            resolution=resolution, backend=backend)
+                                            resolution=resolution, backend=backend, log=None)
                     used = target.backend
                 else:
                     target = deploy.export(model, Path(folder) / f"{name}{spec.suffix}", spec.name,
-                                           precision=precision, calibration=calibration, resolution=resolution)
+                                           precision=precision, calibration=calibration, resolution=resolution,
+                                           log=None)
                     used = runtime
                 built[name] = (alpha, resolution, target, used, time.perf_counter() - t0)
                 log(f"  built {name} in {built[name][4]:.1f}s ({used})")

@@ -91,6 +91,26 @@ def to_stderr(quiet: bool = False) -> Stderr | None:
     return None if quiet else Stderr()
 
 
+class _OnATerminal:
+    """The default ``log`` of library calls that can run for minutes (``deploy.compile``, ``deploy.export``):
+    stderr where it is a terminal (or ``MOBILENETS_PROGRESS=1`` asks), else nothing; pass ``log=None`` for
+    silence anywhere."""
+
+    def __repr__(self) -> str:
+        return "ON_A_TERMINAL"
+
+
+ON_A_TERMINAL = _OnATerminal()
+
+
+def resolve(log):
+    """``log`` as given, or for :data:`ON_A_TERMINAL` a :class:`Stderr` where bars would show, else None."""
+    if log is not ON_A_TERMINAL:
+        return log
+    stderr = Stderr()
+    return stderr if stderr.shows_bars else None
+
+
 class Progress:
     """``done`` of ``total`` units of work (images, steps, or seconds a step is expected to take), with an ETA.
 
