@@ -6,6 +6,7 @@ ignored or misapplied without a word, a message that named the wrong fix.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -193,5 +194,53 @@ def test_pick_names_the_larger_models_timed_faster_than_smaller_ones():
     grid = {"precision": "fp32", "rows": [row(1.0, 160, 22.8), row(1.0, 224, 12.9), row(0.5, 128, 1.0),
                                           row(0.5, 160, 1.5)]}  # the run the issue saw on a loaded machine
     assert pick.pick(30, grid)["out_of_order"] == [("1-224", "1-160")]
+    listed = [line.split()[0] for line in pick.format_pick(pick.pick(30, grid)).splitlines()[1:]]
+    assert listed == ["0.5-128", "0.5-160", "1-160", "1-224"]  # size order, whatever the timings said
     grid["rows"][0]["median_ms"] = 9.0  # in order: nothing to say
     assert pick.pick(30, grid)["out_of_order"] == []
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def test_benchmark_auto_is_the_fastest_of_its_runtimes_in_the_same_run_and_a_missing_timm_leaves_a_note(
+        tmp_path, monkeypatch):
+    from mobilenets import benchmark, deploy
+
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError, as where it is missing
+    torch.manual_seed(0)
+    model = mobilenets.mobilenet_v1(1.0, num_classes=10)
+    result = benchmark.benchmark(model, resolution=32, batch_sizes=(2,), backends=("auto",), rounds=1,
+                                 min_time=0.01, floor_size=64)
+    (row,) = [r for r in result["rows"] if r["name"] == "mobilenets auto"]
+    (entry,) = json.loads((tmp_path / "auto-backend.json").read_text()).values()
+    # the row is the fastest runtime of this run's own rounds, and auto's cache now holds that choice
+    assert row["median_ms"] == min(entry["timings"].values())
+    assert row["detail"].endswith(f"-> {entry['backend']}") and entry["timings"][entry["backend"]] == row["median_ms"]
+    assert set(entry["timings"]) == set(deploy.auto.tried(deploy.fold_batchnorm(model), "fp32", []))
+    assert result["notes"] == [benchmark.timm_note(model)] and "pip install timm" in result["notes"][0]
+    assert benchmark.format_table(result).splitlines()[-1] == "note: " + result["notes"][0]
+
+
+def test_many_models_compiled_in_one_process_each_get_compiled(monkeypatch, caplog):
+    """pick's grid compiles 16 models in one process; at torch's default recompile_limit of 8 the later ones
+    printed warnings and ran uncompiled. A counting backend stands in for Inductor (minutes here)."""
+    from mobilenets.deploy import backend
+    from mobilenets.folding import fold_batchnorm
+
+    compiled = []
+
+    def counting(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, **{**kw, "backend": counting}))
+    torch._dynamo.reset()
+    runs = []
+    for resolution in range(64, 64 + 8 * 9, 8):  # nine models, each its own shape: one over the default
+        folded = fold_batchnorm(mobilenets.mobilenet_v1(0.25, num_classes=10).eval())
+        runs.append(backend.build("torch", folded, "fp32", [], 1, resolution))
+    assert len(compiled) == 9
+    assert "recompile_limit" not in caplog.text

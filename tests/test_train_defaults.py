@@ -193,3 +193,24 @@ def test_progress_line_shows_the_model_and_the_loader():
     line = stream.getvalue()
     assert "40.0 img/s" in line and "loader 200 img/s per core x 2" in line, line  # 8 images in 0.04 CPU s
     assert "waited 50%" in line, line
+
+
+def test_a_long_step_keeps_the_progress_line_moving_where_asked(monkeypatch):
+    """Epochs of few long steps (issue 22 saw 34 s between lines): a step running past LONG_STEP is shown
+    running; a log that did not ask for progress gets no such line."""
+    from mobilenets.train import console
+
+    monkeypatch.setattr(console, "LONG_STEP", 0.2)
+    monkeypatch.setattr(console.progress, "LINE_EVERY", 0.05)
+    for asked in ("1", "0"):
+        monkeypatch.setenv("MOBILENETS_PROGRESS", asked)
+        stream = io.StringIO()
+        shown = Progress(True, 8, stream=stream)
+        shown.start()
+        shown.update(1, 3, 1, 2, 0.5, 40.0)
+        time.sleep(0.6)  # the second step runs long
+        shown.close()
+        lines = stream.getvalue().splitlines()
+        running = [line for line in lines if "next step running" in line]
+        assert bool(running) == (asked == "1"), lines
+        assert all(line.startswith("epoch 1/3 [") for line in running)

@@ -159,6 +159,17 @@ def timm_peer(model) -> torch.nn.Module | None:
     return peer.eval()
 
 
+def timm_note(model) -> str:
+    """Why the timm row is missing, in one line, where :func:`timm_peer` gives None."""
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return ("timm is not installed, so its mobilenetv1_100 is not timed; the eager rows are this model in "
+                "plain PyTorch (pip install timm to add it)")
+    return (f"timm has no model with this one's layers (alpha {model.config.alpha:g}, padding "
+            f"{model.config.padding}, {model.config.activation}); the eager rows are this model in plain PyTorch")
+
+
 def _eager(module: torch.nn.Module, channels_last: bool) -> Callable:
     module = module.eval()
     if channels_last:
@@ -289,6 +300,9 @@ def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_si
     log("matmul floors (G mult-adds/s): " + ", ".join(f"{p} {v / 1e9:.0f}" for p, v in floors.items()))
     available = deploy.available_backends()
     timm_model = timm_peer(model) if peers else None
+    notes = [timm_note(model)] if peers and timm_model is None else []
+    for note in notes:
+        log(note)
     rows: list[Row] = []
     for batch_size in batch_sizes:
         x = example_inputs(resolution, batch_size, normalization)
@@ -310,10 +324,15 @@ def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_si
                 log(f"  built {name} in {time.perf_counter() - t0:.1f}s")
 
             log(f"batch {batch_size}, {precision}: building")
+            tried_by_auto = []
             for backend in backends:
+                if backend == "auto":  # its candidates timed in this run's rounds: the row is their fastest
+                    tried_by_auto = _add_auto_candidates(model, precision, calibration, batch_size, resolution, add)
+                    continue
+
                 def build_ours(backend=backend):
                     p = deploy.compile(model, precision, calibration=calibration, batch_size=batch_size,
-                                       resolution=resolution, backend=backend)
+                                       resolution=resolution, backend=backend, log=None)
                     chosen = f" -> {p.backend}" if backend == "auto" else ""
                     return p, f"{p.detail}{chosen}"
                 add(f"mobilenets {backend}", "ours", backend, build_ours)
@@ -336,6 +355,9 @@ def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_si
             log(f"batch {batch_size}, {precision}: timing {len(candidates)} candidates in {rounds} rounds")
             times = deploy.interleaved({n: c[2] for n, c in candidates.items()}, x, warmup=warmup, rounds=rounds,
                                 min_time=min_time)
+            if tried_by_auto:
+                candidates, times = _auto_row(model, precision, batch_size, resolution, tried_by_auto, candidates,
+                                              times, log)
             group = []
             for name, (kind, backend, run, build_s, detail) in candidates.items():
                 med = statistics.median(times[name])
@@ -356,7 +378,44 @@ def benchmark(model=None, *, alpha: float = 1.0, resolution: int = 224, batch_si
             rows += group
     return {"machine": machine(), "model": {"alpha": alpha, "resolution": resolution, "mult_adds": mult_adds,
                                             "config": model.config.to_dict()},
-            "floors": floors, "rows": [r.to_dict() for r in rows]}
+            "floors": floors, "rows": [r.to_dict() for r in rows], "notes": notes}
+
+
+def _add_auto_candidates(model, precision, calibration, batch_size, resolution, add) -> list[str]:
+    """Build every runtime ``backend="auto"`` would measure, as candidates "auto: NAME" of this run."""
+    from .deploy.prepare import folded_for
+
+    batches = deploy.rebatch(deploy.calibration_batches(calibration, resolution), batch_size) \
+        if precision == "int8" else []
+    folded = folded_for(model, precision, batches)
+    names = deploy.auto.tried(folded, precision, batches)
+    for name in names:
+        add(f"auto: {name}", "auto", "auto", lambda name=name: (
+            deploy.backend.build(name, folded, precision, batches, batch_size, resolution),
+            deploy.backend.get(name).describe(precision)))
+    return names
+
+
+def _auto_row(model, precision, batch_size, resolution, names, candidates, times, log):
+    """The "mobilenets auto" row: the fastest of auto's runtimes in this run's own rounds, kept as auto's
+    cached choice, so auto never stands slower than another runtime timed beside it (issue 22 saw LiteRT
+    chosen at 0.43x ONNX Runtime's speed from a choice cached under other load)."""
+    timed = {n: statistics.median(times[f"auto: {n}"]) for n in names if f"auto: {n}" in candidates}
+    if not timed:
+        raise deploy.DeployError(f"auto: no runtime built {precision} here")
+    if len(timed) == len(names):  # every candidate measured: as good as auto's own measurement, and the same run's
+        deploy.auto.record(model.config.to_dict(), precision, batch_size, resolution, names, timed)
+    chosen = min(timed, key=timed.get)
+    log("  auto: " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in sorted(timed.items(), key=lambda t: t[1]))
+        + f" -> {chosen}")
+    auto_names = [f"auto: {n}" for n in names if f"auto: {n}" in candidates]
+    run = candidates[f"auto: {chosen}"][2]
+    build_s = sum(candidates[n][3] for n in auto_names)  # what auto's measurement costs: every build
+    detail = f"{deploy.backend.get(chosen).describe(precision)} -> {chosen}"
+    kept = {"mobilenets auto": ("ours", "auto", run, build_s, detail)}
+    kept.update({n: c for n, c in candidates.items() if n not in auto_names})
+    times = {"mobilenets auto": times[f"auto: {chosen}"], **{n: t for n, t in times.items() if n not in auto_names}}
+    return kept, times
 
 
 def format_table(result: dict) -> str:
@@ -379,6 +438,7 @@ def format_table(result: dict) -> str:
                      f"{r['top1_agreement']:5.2f} {r.get('mean_kl') or 0.0:8.2g} {ratio:>14}")
     floors = ", ".join(f"{p} {v / 1e9:.0f}" for p, v in result["floors"].items())
     lines.append(f"matmul floor (2048^3), G mult-adds/s: {floors}; model {result['model']['mult_adds']:,} mult-adds")
+    lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)
 
 

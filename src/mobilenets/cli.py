@@ -62,8 +62,10 @@ def _write_json(target: str, data) -> None:
 
 
 def _progress(args):
-    """Where a command's progress lines go: stderr, or nowhere with --quiet."""
-    return None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    """Where a command's notes and progress go (mobilenets.progress): stderr, or nowhere with --quiet."""
+    from .progress import to_stderr
+
+    return to_stderr(args.quiet)
 
 
 
@@ -304,7 +306,8 @@ def run_export(args) -> int:
     report = export_and_check(args.out, format=args.format, precision=args.precision, weights=args.weights,
                               checkpoint=args.checkpoint, alpha=_alpha_of(args), resolution=args.resolution, io=args.io,
                               calib_data=args.calib_data, calib_images=args.calib_images,
-                              warn=lambda text: print(f"mobilenets: warning: {text}", file=sys.stderr))
+                              warn=lambda text: print(f"mobilenets: warning: {text}", file=sys.stderr),
+                              log=_progress(args))
     if report.get("executed") is False:  # a format no runtime here runs (Core ML): checked, not run
         return _report_checked(report, args.json)
     if args.json:
@@ -371,6 +374,7 @@ def add_export(sub) -> None:
     p.add_argument("--out", required=True, metavar="FILE",
                    help="output file (.onnx, .xml, .tflite, .pte, .mlpackage, .pt, .pt2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (int8 preparation, the write)")
     p.set_defaults(func=run_export)
 
 

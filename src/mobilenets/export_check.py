@@ -47,7 +47,7 @@ def calibration(model, resolution: int, normalization, labels, *, calib_data=Non
 
 def export_and_check(out, *, format: str | None = None, precision: str | None = None, weights=None,
                      checkpoint=None, alpha: float = 1.0, resolution: int | None = None, io: str | None = None,
-                     calib_data=None, calib_images: int = 64, warn=None) -> dict:
+                     calib_data=None, calib_images: int = 64, warn=None, log=None) -> dict:
     """Write the model of ``weights`` / ``checkpoint`` (else a seeded ``alpha`` model) to ``out`` and check it.
 
     Returns the report: ``path``, ``format``, ``precision``, ``resolution`` and the parity with PyTorch fp32 on
@@ -70,9 +70,10 @@ def export_and_check(out, *, format: str | None = None, precision: str | None = 
         if precision == "int8" and spec.weights_only_int8 and quantize.from_model(model) is None:
             # prepared once, for the file and for its check, which compares it with these int8-ready weights
             model = quantize.to_model(quantize.prepare_int8(model, batches), model)
-        path = deploy.export(model, out, fmt, precision=precision, resolution=res, io=io)
+        path = deploy.export(model, out, fmt, precision=precision, resolution=res, io=io, log=log)
         return deploy.check_exported(model, path, fmt, precision=precision, images=x, logits=reference, labels=y)
-    path = deploy.export(model, out, fmt, precision=precision, calibration=batches, resolution=res, io=io)
+    path = deploy.export(model, out, fmt, precision=precision, calibration=batches, resolution=res, io=io,
+                         log=log)
     run = deploy.load_exported(path, fmt)
     report = {"path": str(path), "format": fmt, "precision": precision, "resolution": res,
               **deploy.parity(reference, run(x), y)}

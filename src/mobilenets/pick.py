@@ -27,6 +27,7 @@ from .cache import cache_dir
 from .atomic import atomic_write
 from .cost import cost
 from .errors import ParameterError
+from .progress import Progress
 from .weights import registry
 
 # the runtimes whose files go onto phones: grid(runtime=) exports their files and times them here
@@ -60,7 +61,7 @@ def grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto",
     Every model is built first, then all are timed in the same interleaved
     rounds, so the curve compares models under the same load.
     """
-    log = log or (lambda s: None)
+    shown_to, log = log, log or (lambda s: None)
     check_arguments(batch_sizes=(batch_size,), rounds=rounds, min_time=min_time)
     deploy.backend.check_precision(precision)
     if runtime is not None and backend != "auto":
@@ -68,7 +69,9 @@ def grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto",
                              f"backend={backend!r}, runtime={runtime!r}")
     spec = runtime_format(runtime, precision) if runtime is not None else None
     built = {}
-    with tempfile.TemporaryDirectory(prefix="mobilenets-pick-") as folder:
+    count = len(alphas) * len(resolutions)
+    with tempfile.TemporaryDirectory(prefix="mobilenets-pick-") as folder, \
+            Progress(f"pick: building {count} models", count, shown_to, unit="models") as shown:
         for alpha in alphas:
             model = make_model(alpha, steps=0)  # latency only: no need to fit
             for resolution in resolutions:
@@ -77,15 +80,21 @@ def grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = "auto",
                 t0 = time.perf_counter()
                 if spec is None:
                     target = deploy.compile(model, precision, calibration=calibration, batch_size=batch_size,
-                                            resolution=resolution, backend=backend)
+                                            resolution=resolution, backend=backend, log=None)
                     used = target.backend
                 else:
                     target = deploy.export(model, Path(folder) / f"{name}{spec.suffix}", spec.name,
-                                           precision=precision, calibration=calibration, resolution=resolution)
+                                           precision=precision, calibration=calibration, resolution=resolution,
+                                           log=None)
                     used = runtime
                 built[name] = (alpha, resolution, target, used, time.perf_counter() - t0)
                 log(f"  built {name} in {built[name][4]:.1f}s ({used})")
-        times = _time(built, spec, runtime, batch_size, rounds, min_time)
+                shown.advance()
+        shown.close()
+        # the timing's length is known: rounds x models x at least min_time
+        with Progress(f"pick: timing {count} models in {rounds} rounds", rounds * count * min_time * 1.2,
+                      shown_to, expected=True):
+            times = _time(built, spec, runtime, batch_size, rounds, min_time)
     rows = []
     for name, (alpha, resolution, _, used, build_s) in built.items():
         published = registry.published_top1().get((float(alpha), int(resolution)))
@@ -275,9 +284,11 @@ def plot_pick(result: dict, grid_data: dict, path) -> Path:
 
 
 def format_pick(result: dict) -> str:
+    """The models in size order (mult-adds), so a latency out of step with its size stands out; the CLI warns
+    about such pairs (``result["out_of_order"]``)."""
     column = "published ms" if result["published"] else "median ms"
     lines = [f"{'model':9} {'mult-adds':>12} {column:>12} {'top-1 %':>8} {'backend':14} pareto  fits"]
-    for r in result["table"]:
+    for r in sorted(result["table"], key=lambda r: (r["mult_adds"], r["alpha"])):
         mark = "<- pick" if result["choice"] and r["model"] == result["choice"]["model"] else ""
         lines.append(f"{r['model']:9} {r['mult_adds']:>12,} {r['latency_ms']:12.2f} {r['accuracy']:8.1f} "
                      f"{r['backend']:14} {'yes' if r['pareto'] else '':6}  "

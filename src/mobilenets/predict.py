@@ -23,6 +23,7 @@ from .checks import check_integer
 from .errors import MobilenetsError
 from .images import ImageError, Normalization, list_images, warn_skipped
 from .model import MobileNetV1
+from .progress import Progress
 from .terminal import printable
 
 # Below this many images, compiling a runtime (seconds) costs more than it saves; the eager model runs them.
@@ -171,7 +172,8 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     folder is skipped with a warning.  With ``on_skip(image, why)``, every
     file that cannot be decoded, named or found, is skipped and reported to it
     instead (the CLI reports each in one line and goes on).  ``log(str)`` hears
-    about slow setup (int8 preparation); ``warn(str)`` about a decoding worker that died (the images it had
+    about slow setup (int8 preparation, the runtime's measurement) and the progress of the whole
+    (:mod:`mobilenets.progress`); ``warn(str)`` about a decoding worker that died (the images it had
     are decoded in this process, none lost; default: a warning).
     """
     check_integer(topk, "topk", 1, error=MobilenetsError)
@@ -199,8 +201,12 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
         calibration, _ = deploy.image_batches(calibration, resolution, normalization=normalization)
     # decoding starts before the model is built, and overlaps it
     stream = _batches(sources, resolution, normalization, batch_size, workers, draft, warn)
-    run = runner(model, len(sources), precision, backend, calibration, batch_size, resolution, log)
+    with Progress("predict", len(sources), log, unit="images") as shown:
+        yield from _classify(stream, runner(model, len(sources), precision, backend, calibration, batch_size,
+                                            resolution, log), sources, topk, labels, on_skip, shown)
 
+
+def _classify(stream, run, sources, topk, labels, on_skip, shown) -> Iterator[Prediction]:
     for batch in stream:
         for i, why in batch.failed:
             if on_skip is not None:
@@ -210,12 +216,14 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
             else:
                 warn_skipped(Path(sources[i].name), ImageError(why))
         if batch.x is None:
+            shown.advance(len(batch.failed))
             continue
         probabilities = torch.softmax(run(batch.x).float(), dim=1)
         values, indices = probabilities.topk(topk, dim=1)
         for i, vs, ixs in zip(batch.indices, values.tolist(), indices.tolist()):
             yield Prediction(sources[i].name, [{"class_index": c, "label": labels[c] if labels else str(c),
                                                 "probability": v} for v, c in zip(vs, ixs)])
+        shown.advance(len(batch.indices) + len(batch.failed))
 
 
 def runner(model: MobileNetV1, count: int, precision: str, backend: str | None, calibration, batch_size: int,
@@ -241,7 +249,7 @@ def runner(model: MobileNetV1, count: int, precision: str, backend: str | None, 
         warnings.simplefilter("ignore")  # exporters' chatter; deploy's own warnings concern benchmarks
         return deploy.compile(model.cpu(), precision=precision, calibration=calibration,
                               batch_size=min(batch_size, count), resolution=resolution, backend=backend or "auto",
-                              log=log)
+                              log=log, work=count if backend in (None, "auto") else None)
 
 
 def decode_predictions(logits: torch.Tensor, k: int = 5, labels: list[str] | None = None) -> list[list[dict]]:

@@ -30,6 +30,8 @@ from .backend import EXPORT_PRECISIONS, PRECISIONS, Run, export_formats
 from .calibration import DEFAULT_RESOLUTION, as_input, calibration_batches
 from ..folding import FoldedMobileNet, fold_batchnorm
 from .prepare import folded_for
+from .auto import expected
+from ..progress import ON_A_TERMINAL, Progress, resolve
 from .machine import DeployError
 
 DEFAULT_FORMAT = "onnx"
@@ -97,7 +99,8 @@ def check_export(format: str, precision: str) -> None:
 
 
 def export(model: MobileNetV1, path, format: str | None = None, *, precision: str | None = None, calibration=None,
-           resolution: int | None = None, io: str | None = None, int8: str = "prepared") -> Path:
+           resolution: int | None = None, io: str | None = None, int8: str = "prepared",
+           log=ON_A_TERMINAL) -> Path:
     """Write ``model`` (BatchNorm folded) for another runtime; returns the written path.
 
     ``format``: "onnx", "openvino", "torchscript", "exported-program",
@@ -108,8 +111,10 @@ def export(model: MobileNetV1, path, format: str | None = None, *, precision: st
     ``calibration`` batches, as for :func:`compile` (and ``int8`` chooses as
     there), except coreml's int8, which is weights only.  ``io`` ("int8",
     "uint8" or "float"; tflite int8 only) is the type of the file's input and
-    output.
+    output.  ``log(str)`` hears the progress (int8 preparation, the write; :mod:`mobilenets.progress`;
+    by default stderr where it is a terminal; None: silent).
     """
+    log = resolve(log)
     path, format = export_target(path, format)
     precision = default_precision(format) if precision is None else precision
     check_export(format, precision)
@@ -133,10 +138,12 @@ def export(model: MobileNetV1, path, format: str | None = None, *, precision: st
         if ranges is not None and not batches:  # an imported quantized file: its own ranges, as they are
             folded = fold_batchnorm(model)
         else:
-            folded = folded_for(model, precision, batches, int8=int8)
+            folded = folded_for(model, precision, batches, int8=int8, log=log)
     backend, _ = export_formats()[format]
     # every runtime writes a temporary path beside the target: a failed write keeps the old file whole
-    with replacing(path, companions=spec.companions) as partial:
+    with replacing(path, companions=spec.companions) as partial, \
+            Progress(f"export: writing {format} {precision}", expected(backend.name, precision)[0], log,
+                     expected=True):
         backend.save(folded, partial, format, precision, batches, resolution, **options)
     return path
 

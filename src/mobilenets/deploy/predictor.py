@@ -9,6 +9,7 @@ import torch
 
 from ..architecture import MIN_RESOLUTION
 from ..checks import check_integer, is_integer
+from .. import progress
 from ..model import MobileNetV1
 from . import auto
 from . import backend as registry  # the parameter of compile is called backend
@@ -59,7 +60,7 @@ class Predictor:
 
 def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable | None = None,
             batch_size: int = 1, resolution: int | None = None, backend: str = "auto",
-            int8: str = "prepared", log=None) -> Predictor:
+            int8: str = "prepared", log=progress.ON_A_TERMINAL, work: int | None = None) -> Predictor:
     """An optimised predictor for ``model``: ``predictor(x)`` takes (N, 3, H, W) preprocessed input, returns logits.
 
     ``precision``: "fp32", "bf16" (fast on CPUs with AMX or AVX-512 BF16) or
@@ -75,11 +76,18 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
     (:mod:`mobilenets.quantize`; weights from ``mobilenets quantize`` are used as
     they are), "plain" leaves each runtime's own post-training quantization;
     the preparation is cached (:func:`.prepare.prepared_int8`), and ``log(str)``
-    hears whether it ran or was read.
+    hears whether it ran or was read, and the progress of slow steps (:mod:`mobilenets.progress`; by
+    default stderr where it is a terminal: the first int8 preparation can take minutes; None: silent).
+    ``work``: how many inputs the predictor will run, when known; "auto" then
+    measures only what pays for itself in that job, and at fp32 may keep eager
+    PyTorch (backend "eager"); see :mod:`.auto`.
     """
+    log = progress.resolve(log)
     registry.check_precision(precision)
     registry.check_backend(backend, precision)
     check_integer(batch_size, "batch_size", 1, error=DeployError)
+    if work is not None:
+        check_integer(work, "work", 1, error=DeployError)
     resolution = DEFAULT_RESOLUTION if resolution is None else resolution
     if not is_integer(resolution) or resolution < MIN_RESOLUTION:
         raise DeployError(f"resolution must be an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128, "
@@ -97,8 +105,9 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
     timings = {}
     if backend == "auto":
         backend, run, timings = auto.choose(model.config.to_dict(), folded, precision, batches, batch_size,
-                                            resolution)
+                                            resolution, work=work, log=log)
     else:
         run = registry.build(backend, folded, precision, batches, batch_size, resolution)
+    detail = "eager PyTorch, BatchNorm folded" if backend == "eager" else registry.get(backend).describe(precision)
     return Predictor(run, backend=backend, precision=precision, batch_size=batch_size, resolution=resolution,
-                     detail=registry.get(backend).describe(precision), timings=timings)
+                     detail=detail, timings=timings)

@@ -84,7 +84,7 @@ def prepared_int8(model: MobileNetV1, batches: list[torch.Tensor], *, log=None):
     if log:
         log(f"int8: preparing the weights on {sum(len(b) for b in batches)} calibration images (seconds to a "
             f"minute, once: the result is kept in {folder})")
-    ready = quantize.prepare_int8(model, batches)
+    ready = quantize.prepare_int8(model, batches, log=log)
     try:
         quantize.save(ready, model, path)
         signature = _signature(secret, path)

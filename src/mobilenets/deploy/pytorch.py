@@ -75,12 +75,23 @@ def quantize_pt2e(folded: FoldedMobileNet, batches: list[torch.Tensor], *, dynam
     return convert_pt2e(prepared)
 
 
+# Every model compiled in one process shares the forward code of FoldedMobileNet and its layers, so their
+# compiled entries add up under one code object: pick's grid compiles 16 models (and auto more), and at
+# torch's default of 8 each later one printed recompile_limit warnings (issue 22 counted ~70) and ran eager.
+RECOMPILE_LIMIT = 256
+
+
 def inductor_compile(module: nn.Module, example: torch.Tensor, dtype: torch.dtype):
     """torch.compile with Inductor and freezing (weights become constants: prepacked oneDNN convs)."""
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     compiled = torch.compile(module, backend="inductor", dynamic=False, fullgraph=True)
-    with inductor_config.patch(freezing=True), torch.no_grad():
+    limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    with inductor_config.patch(freezing=True), dynamo_config.patch(recompile_limit=limit,
+                                                                    accumulated_recompile_limit=max(
+                                                                        dynamo_config.accumulated_recompile_limit,
+                                                                        limit)), torch.no_grad():
         compiled(example.to(dtype).contiguous(memory_format=torch.channels_last))  # compile now, not on first use
     return compiled
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import metadata
+from ..progress import Progress
 from ..checks import is_number
 from ..folding import FoldedMobileNet, fold_batchnorm
 from ..errors import QuantizeError
@@ -103,22 +104,28 @@ def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: b
         raise QuantizeError(f"steps must be an integer >= 0, got {steps!r}")
     batches = _batches(calibration)
     folded = fold_batchnorm(model)
-    scales = [torch.ones(layer.conv.out_channels) for layer in folded.features]
-    if equalize:
-        folded, scales = calibrate.equalize(folded, batches, beta=beta)
-    teacher = folded
-    modes = ("error", "nearest") if rounding == "error" else (rounding,)
-    float_logits, results = calibrate.calibrate_roundings(folded, batches, modes, method=method,
-                                                          bias_correction=bias_correction, seed=seed)
-    candidates = dict(zip(modes, results))
-    # rounding by error minimises each layer's own output error, which on a small model fitted for a few
-    # steps can leave the end result a little worse (one of 24 digits): keep what diverges less here.
-    # Judged on the simulation, whose biases are on the runtimes' int32 grid; calibration's int8 path keeps
-    # float biases, and on a small model those tie flips alone moved this KL by a tenth (tests/test_quantize.py)
-    with torch.no_grad():
-        divergences = {mode: _kl(float_logits, [sim.simulate(c.folded, c.ranges, x) for x in batches])
-                       for mode, c in candidates.items()}
-    kept = min(divergences, key=divergences.get)
+    # the steps: equalization, each layer's calibration, the comparison of the roundings
+    with Progress(f"int8: preparing on {sum(len(b) for b in batches)} calibration images",
+                  len(folded.features) + 2, log, unit="steps") as shown:
+        scales = [torch.ones(layer.conv.out_channels) for layer in folded.features]
+        if equalize:
+            folded, scales = calibrate.equalize(folded, batches, beta=beta)
+        shown.advance()
+        teacher = folded
+        modes = ("error", "nearest") if rounding == "error" else (rounding,)
+        float_logits, results = calibrate.calibrate_roundings(folded, batches, modes, method=method,
+                                                              bias_correction=bias_correction, seed=seed,
+                                                              step=shown.advance)
+        candidates = dict(zip(modes, results))
+        # rounding by error minimises each layer's own output error, which on a small model fitted for a few
+        # steps can leave the end result a little worse (one of 24 digits): keep what diverges less here.
+        # Judged on the simulation, whose biases are on the runtimes' int32 grid; calibration's int8 path keeps
+        # float biases, and on a small model those tie flips alone moved this KL by a tenth (tests/test_quantize.py)
+        with torch.no_grad():
+            divergences = {mode: _kl(float_logits, [sim.simulate(c.folded, c.ranges, x) for x in batches])
+                           for mode, c in candidates.items()}
+        kept = min(divergences, key=divergences.get)
+        shown.advance()
     folded, ranges = candidates[kept].folded, candidates[kept].ranges
     report = {"equalize": equalize, "bias_correction": bias_correction, "method": method, "rounding": rounding,
               "rounding_kept": kept, "rounding_kl": divergences, "beta": beta,

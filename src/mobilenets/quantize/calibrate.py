@@ -162,8 +162,10 @@ def calibrate(folded: FoldedMobileNet, batches, *, method: str = "mse", bias_cor
 @torch.no_grad()
 def calibrate_roundings(folded: FoldedMobileNet, batches, roundings, *, method: str = "mse",
                         bias_correction: bool = True, samples_per_batch: int = 200_000,
-                        seed: int = 0) -> tuple[list, list[Calibrated]]:
+                        seed: int = 0, step=None) -> tuple[list, list[Calibrated]]:
     """:func:`calibrate` once for each of ``roundings``, with one float path for all of them.
+
+    ``step()``, if given, is called after each layer (progress: this loop is most of int8's preparation).
 
     Returns the float model's logits on each batch and a :class:`Calibrated` per rounding, each what
     :func:`calibrate` gives for that rounding alone, bit for bit (the float path never depends on the
@@ -185,6 +187,8 @@ def calibrate_roundings(folded: FoldedMobileNet, batches, roundings, *, method: 
             path.layer(i, layer.conv.weight, pre_f if bias_correction else None, method, samples_per_batch)
         xs_f = [sim.activate(layer, z) for z in pre_f]
         del pre_f
+        if step is not None:
+            step()
     pooled = [x.mean((2, 3)) for x in xs_f]
     float_logits = [folded.classifier(p) for p in pooled]
     pooled_f = torch.cat(pooled) if bias_correction else None

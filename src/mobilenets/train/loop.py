@@ -408,9 +408,13 @@ def end_epoch(s: TrainState, sums: dict) -> dict:
 def run(s: TrainState) -> dict:
     """Train every remaining epoch; returns the last metrics row (the stored one if none remain)."""
     row = s.history[-1] if s.history else {}
-    with StopRequest() as stop:
-        while s.epoch < s.config.epochs:
-            row = end_epoch(s, train_one_epoch(s, stop))
-            if stop_now(stop, s):
-                raise Interrupted(stop.signal or signal.SIGTERM, s.out / LAST)
+    s.progress.start()
+    try:
+        with StopRequest() as stop:
+            while s.epoch < s.config.epochs:
+                row = end_epoch(s, train_one_epoch(s, stop))
+                if stop_now(stop, s):
+                    raise Interrupted(stop.signal or signal.SIGTERM, s.out / LAST)
+    finally:
+        s.progress.close()
     return row
