@@ -462,77 +462,46 @@ def add_benchmark(sub) -> None:
 
 
 def run_pick(args) -> int:
-    from pathlib import Path
-
     from . import benchmark, pick
 
-    if args.device is None and args.accelerator is not None:
-        raise UsageError("mobilenets pick: --accelerator chooses a column of a device's published latencies; "
-                         "give it with --device pixel-3")
-    if args.device is not None:
-        return _pick_published(args, pick)
     benchmark.quiet()
-    log = _progress(args)
-    data, cache, cached = pick.cached_grid(precision=args.precision, batch_size=args.batch,
-                                           backend=args.backend or "auto", runtime=args.runtime,
-                                           remeasure=args.remeasure, log=log)
-    result = pick.pick(args.latency_ms, data)
-    plot = pick.plot_pick(result, data, Path(args.plot)) if args.plot else None
-    if result["out_of_order"]:
-        pairs = ", ".join(f"{big} faster than {small}" for big, small in result["out_of_order"][:3])
+    answer, data = pick.pick_model(args.latency_ms, precision=args.precision, batch_size=args.batch,
+                                   backend=args.backend, runtime=args.runtime, remeasure=args.remeasure,
+                                   device=args.device, accelerator=args.accelerator, plot=args.plot,
+                                   log=_progress(args))
+    if answer["measured_here"] and answer["out_of_order"]:
+        pairs = ", ".join(f"{big} faster than {small}" for big, small in answer["out_of_order"][:3])
         print(f"mobilenets: warning: larger models measured faster than smaller ones ({pairs}): the machine was "
               f"busy while timing; run again with --remeasure when it is quiet", file=sys.stderr)
     if args.json:
-        print(json.dumps({**result, "grid": str(cache), "cached": cached, "plot": plot and str(plot)}))
+        print(json.dumps(answer))
         return 0
-    source = f"cached grid {cache}" if cached else f"measured now, cached in {cache}"
-    where = f"runtime {args.runtime} (its exported files)" if args.runtime else f"backend {args.backend or 'auto'}"
-    print(f"{args.precision}, batch {args.batch}, {where}, measured on this machine ({source})")
-    print(pick.format_pick(result))
-    c = result["choice"]
-    if c:
-        print(f"pick: {c['model']} (alpha {c['alpha']:g}, resolution {c['resolution']}): {c['median_ms']:.2f} ms "
-              f"<= {args.latency_ms:g} ms, published top-1 {c['accuracy']:.1f}%")
+    c, f = answer["choice"], answer["fastest"]
+    if answer["measured_here"]:
+        source = f"cached grid {answer['grid']}" if answer["cached"] else f"measured now, cached in {answer['grid']}"
+        where = f"runtime {args.runtime} (its exported files)" if args.runtime else f"backend {args.backend or 'auto'}"
+        print(f"{args.precision}, batch {args.batch}, {where}, measured on this machine ({source})")
+        print(pick.format_pick(answer))
+        if c:
+            print(f"pick: {c['model']} (alpha {c['alpha']:g}, resolution {c['resolution']}): {c['median_ms']:.2f} ms "
+                  f"<= {args.latency_ms:g} ms, published top-1 {c['accuracy']:.1f}%")
+        else:
+            print(f"no model fits {args.latency_ms:g} ms here; the fastest is {f['model']} at "
+                  f"{f['median_ms']:.2f} ms (try --precision int8 or a larger --latency-ms)")
     else:
-        f = result["fastest"]
-        print(f"no model fits {args.latency_ms:g} ms here; the fastest is {f['model']} at {f['median_ms']:.2f} ms "
-              f"(try --precision int8 or a larger --latency-ms)")
-    if plot:
-        print(f"wrote {plot}")
-    return 0 if c else 1
-
-
-def _pick_published(args, pick) -> int:
-    """pick --device: from the device's published latencies, never measured here, and saying so."""
-    from pathlib import Path
-
-    for flag, given in (("--backend", args.backend), ("--runtime", args.runtime), ("--remeasure", args.remeasure),
-                        ("--batch", args.batch != 1)):
-        if given:
-            raise UsageError(f"mobilenets pick: {flag} applies to measuring here; --device picks from published "
-                             f"batch-1 latencies (drop {flag}, or drop --device to measure on this machine)")
-    data = pick.published_grid(args.device, args.precision, args.accelerator or "cpu")
-    result = pick.pick(args.latency_ms, data)
-    plot = pick.plot_pick(result, data, Path(args.plot)) if args.plot else None
-    if args.json:
-        print(json.dumps({**result, "measured_here": False, "device": data["device"], "source": data["source"],
-                          "accelerator": data["accelerator"], "plot": plot and str(plot)}))
-        return 0
-    print(f"published, not measured here: {data['description']}, {data['how']}, {args.precision}, batch 1 "
-          f"(source: {data['source']}; docs/device-latency.md)")
-    print(pick.format_pick(result))
-    c = result["choice"]
-    if c:
-        print(f"pick: {c['model']} (alpha {c['alpha']:g}, resolution {c['resolution']}): {c['latency_ms']:.1f} ms "
-              f"published for {data['device']} {data['accelerator']} <= {args.latency_ms:g} ms, published top-1 "
-              f"{c['accuracy']:.1f}% (published, not measured here)")
-    else:
-        f = result["fastest"]
-        print(f"no model fits {args.latency_ms:g} ms on {data['device']} {data['accelerator']}: the fastest "
-              f"published is {f['model']} at {f['latency_ms']:.1f} ms (try another --accelerator or "
-              f"--precision, or a larger --latency-ms)")
-    if plot:
-        print(f"wrote {plot}")
+        device = f"{data['device']} {data['accelerator']}"
+        print(f"published, not measured here: {data['description']}, {data['how']}, {args.precision}, batch 1 "
+              f"(source: {data['source']}; docs/device-latency.md)")
+        print(pick.format_pick(answer))
+        if c:
+            print(f"pick: {c['model']} (alpha {c['alpha']:g}, resolution {c['resolution']}): {c['latency_ms']:.1f} "
+                  f"ms published for {device} <= {args.latency_ms:g} ms, published top-1 {c['accuracy']:.1f}% "
+                  f"(published, not measured here)")
+        else:
+            print(f"no model fits {args.latency_ms:g} ms on {device}: the fastest published is {f['model']} at "
+                  f"{f['latency_ms']:.1f} ms (try another --accelerator or --precision, or a larger --latency-ms)")
+    if answer["plot"]:
+        print(f"wrote {answer['plot']}")
     return 0 if c else 1
 
 

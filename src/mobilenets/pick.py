@@ -154,6 +154,37 @@ def cached_grid(*, precision: str = "fp32", batch_size: int = 1, backend: str = 
     return data, path, False
 
 
+def pick_model(latency_ms: float, *, precision: str = "fp32", batch_size: int = 1, backend: str | None = None,
+               runtime: str | None = None, remeasure: bool = False, device: str | None = None,
+               accelerator: str | None = None, plot=None, log=None) -> tuple[dict, dict]:
+    """What ``mobilenets pick`` answers: (:func:`pick`'s result with where its grid came from, the grid).
+
+    Without ``device``, the grid is measured on this machine (cached; ``remeasure`` times it again); with
+    it, the grid is the device's published batch-1 latencies, never measured here, and the options of
+    measuring are refused.  The answer says which (``measured_here``) and names the cache or the source;
+    ``plot`` is a PNG path to draw the pick on (nothing is drawn unasked).
+    """
+    if device is None:
+        if accelerator is not None:
+            raise ParameterError("--accelerator chooses a column of a device's published latencies; give it with "
+                                 "--device pixel-3")
+        data, cache, cached = cached_grid(precision=precision, batch_size=batch_size, backend=backend or "auto",
+                                          runtime=runtime, remeasure=remeasure, log=log)
+        where = {"measured_here": True, "grid": str(cache), "cached": cached}
+    else:
+        for flag, given in (("--backend", backend), ("--runtime", runtime), ("--remeasure", remeasure),
+                            ("--batch", batch_size != 1)):
+            if given:
+                raise ParameterError(f"{flag} applies to measuring here; --device picks from published batch-1 "
+                                     f"latencies (drop {flag}, or drop --device to measure on this machine)")
+        data = published_grid(device, precision, accelerator or "cpu")
+        where = {"measured_here": False, "device": data["device"], "source": data["source"],
+                 "accelerator": data["accelerator"]}
+    result = pick(latency_ms, data)
+    drawn = plot_pick(result, data, Path(plot)) if plot else None
+    return {**result, **where, "plot": drawn and str(drawn)}, data
+
+
 def published_grid(device: str, precision: str = "fp32", accelerator: str = "cpu") -> dict:
     """The 16 released models with their published latency on ``device``: a grid :func:`pick` takes.
 
