@@ -50,7 +50,8 @@ def runtime_logits(name: str, ready, x: torch.Tensor, calib, batch: int, workdir
     else:
         folded = ready.folded
         folded.int8_ready = ready
-        run = registry.build(name, folded, "int8", calib, batch, ready.resolution)
+        # a static-batch build (PT2E) calibrates its observers in its own batch size
+        run = registry.build(name, folded, "int8", deploy.rebatch(calib, batch), batch, ready.resolution)
     return run_batches(run, x, batch)
 
 

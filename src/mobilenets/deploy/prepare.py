@@ -45,7 +45,8 @@ def folded_for(model: MobileNetV1, precision: str, batches, *, int8: str = "prep
 
     ``here``: the graph runs on this CPU, so its int8 weights take the grid this CPU sums without saturating
     (:func:`.machine.int8_weight_qmax`): prepared on it, or, for weights that bring full-range int8 data,
-    rounded to it (:func:`quantize.on_weight_grid`).  Else (an export) the full grid, or the model's own.
+    rounded to it (:func:`quantize.on_weight_grid`, with a warning: that loses answers).  Else (an export)
+    the full grid, or the model's own.
     """
     if int8 not in INT8_MODES:
         raise DeployError(f"int8 must be one of {INT8_MODES}, got {int8!r}")
@@ -59,9 +60,12 @@ def folded_for(model: MobileNetV1, precision: str, batches, *, int8: str = "prep
     if ready is None:
         ready = prepared_int8(model, batches, log=log, weight_qmax=qmax)
     elif ready.weight_qmax > qmax:
-        if log:
-            log(f"int8: this CPU has no VNNI, and int8 weights on [-{ready.weight_qmax}, {ready.weight_qmax}] would "
-                f"saturate its int16 sums: rounding them to [-{qmax}, {qmax}]")
+        # rounding to nearest kept 58% of the float answers on the real 1.0-224 weights, where preparing on the
+        # 7-bit grid kept 90% and saturating full-range weights 42% (benchmarks/results/int8_saturation.md)
+        warnings.warn(f"this CPU has no VNNI, and these int8 weights on [-{ready.weight_qmax}, {ready.weight_qmax}] "
+                      f"would saturate its int16 sums: rounding them to [-{qmax}, {qmax}], which loses answers; "
+                      f"compile the float weights with calibration images instead, or prepare 7-bit weights with "
+                      f"quantize.prepare_int8(weight_qmax={qmax})", stacklevel=3)
         ready = quantize.on_weight_grid(ready, qmax)
     folded = ready.folded
     folded.int8_ready = ready
@@ -69,8 +73,8 @@ def folded_for(model: MobileNetV1, precision: str, batches, *, int8: str = "prep
 
 
 def prepared_int8(model: MobileNetV1, batches: list[torch.Tensor], *, log=None, weight_qmax: int | None = None):
-    """``quantize.prepare_int8(model, batches, weight_qmax=...)`` (by default this CPU's grid), kept in the cache folder: the same weights and calibration
-    images give the same int8-ready model, and preparing it took 21 of predict --precision int8's 26 s of setup.
+    """``quantize.prepare_int8(model, batches, weight_qmax=...)`` (by default this CPU's grid), kept in the cache
+    folder: the same weights and calibration images give the same int8-ready model, and preparing it took 21 of predict --precision int8's 26 s of setup.
 
     The key covers everything the result depends on: the weights, the calibration rows (batched as given),
     the weights' int8 grid, this package's code and torch's version.  A cached file is an int8-ready weights file (what
