@@ -138,7 +138,7 @@ def export(model: MobileNetV1, path, format: str | None = None, *, precision: st
         if ranges is not None and not batches:  # an imported quantized file: its own ranges, as they are
             folded = fold_batchnorm(model)
         else:
-            folded = folded_for(model, precision, batches, int8=int8, log=log)
+            folded = folded_for(model, precision, batches, int8=int8, log=log, here=False)
     backend, _ = export_formats()[format]
     # every runtime writes a temporary path beside the target: a failed write keeps the old file whole
     with replacing(path, companions=spec.companions) as partial, \
@@ -158,7 +158,7 @@ def weights_only_int8(model: MobileNetV1, calibration, resolution: int, int8: st
 
     needs_batches = int8 == "prepared" and quantize.from_model(model) is None
     batches = calibration_batches(calibration, resolution) if needs_batches else []
-    return folded_for(model, "int8", batches, int8=int8)
+    return folded_for(model, "int8", batches, int8=int8, here=False)
 
 
 def _stored_ranges(model: MobileNetV1) -> dict | None:

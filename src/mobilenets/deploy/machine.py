@@ -33,6 +33,25 @@ def cpu_name() -> str:
     return name.strip() if name else (platform.processor() or platform.machine())
 
 
+# instructions that add u8 x s8 products straight into int32 (no saturating int16 pair sums on the way)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+X86 = ("x86_64", "amd64", "i386", "i686")
+
+
+def int8_saturates() -> bool:
+    """True on an x86 CPU without VNNI (AVX2 only): there ONNX Runtime's and OpenVINO's int8 kernels multiply uint8
+    activations by int8 weights with vpmaddubsw, which adds each pair of products into a saturating int16, so
+    full-range int8 weights lose answers (the real 1.0-224 weights kept 34-43% of the float top-1 answers)."""
+    return platform.machine().lower() in X86 and not cpu_flags() & set(VNNI_FLAGS)
+
+
+def int8_weight_qmax() -> int:
+    """The widest int8 weight grid, [-qmax, qmax], that this CPU's int8 kernels sum without saturating."""
+    from ..quantize.sim import REDUCED_WEIGHT_QMAX, WEIGHT_QMAX
+
+    return REDUCED_WEIGHT_QMAX if int8_saturates() else WEIGHT_QMAX
+
+
 def bf16_supported() -> bool:
     """True when the CPU computes bfloat16 natively (AMX tiles or AVX-512 BF16); elsewhere bf16 is emulated and slow."""
     flags = cpu_flags()

@@ -6,6 +6,12 @@ weights from ``mobilenets quantize`` (``model.meta.int8``) are used as they are;
 chosen by error). ``int8="plain"`` keeps each runtime's own post-training quantization of the
 unadjusted model, for comparison: on the real ImageNet weights it keeps only about 72-75% of the float
 model's top-1 answers (benchmarks/int8_fidelity.py).
+
+The int8 weights' grid follows where the graph will run.  Built for this CPU (compile, predict), an x86 CPU
+without VNNI gets 7-bit weights ([-64, 64], :func:`.machine.int8_weight_qmax`): its runtimes' u8 x s8 kernels
+add pairs of products into saturating int16, and full-range weights kept 34-43% of the float answers there.
+Exports are for other machines (phones, servers with VNNI) and keep the full [-127, 127] grid, unless the
+model's own int8 data is 7-bit (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -26,44 +32,64 @@ from ..atomic import atomic_write
 from ..errors import MobilenetsError
 from ..folding import FoldedConv, FoldedMobileNet, fold_batchnorm
 from ..model import MobileNetV1
-from .machine import DeployError
+from .machine import DeployError, int8_weight_qmax
 
 INT8_MODES = ("prepared", "plain")
 # int8-ready models kept in the cache; an ImageNet-size one is 17 MB, and a user switches among few
 INT8_CACHE_ENTRIES = 8
 
 
-def folded_for(model: MobileNetV1, precision: str, batches, *, int8: str = "prepared", log=None) -> FoldedMobileNet:
-    """``model`` folded for ``precision``; for prepared int8 the result carries ``int8_ready`` (an Int8Ready)."""
+def folded_for(model: MobileNetV1, precision: str, batches, *, int8: str = "prepared", log=None,
+               here: bool = True) -> FoldedMobileNet:
+    """``model`` folded for ``precision``; for prepared int8 the result carries ``int8_ready`` (an Int8Ready).
+
+    ``here``: the graph runs on this CPU, so its int8 weights take the grid this CPU sums without saturating
+    (:func:`.machine.int8_weight_qmax`): prepared on it, or, for weights that bring full-range int8 data,
+    rounded to it (:func:`quantize.on_weight_grid`, with a warning: that loses answers).  Else (an export)
+    the full grid, or the model's own.
+    """
     if int8 not in INT8_MODES:
         raise DeployError(f"int8 must be one of {INT8_MODES}, got {int8!r}")
     if precision != "int8" or int8 == "plain":
         return fold_batchnorm(model)
     from .. import quantize
+    from ..quantize.sim import WEIGHT_QMAX
 
-    ready = quantize.from_model(model) or prepared_int8(model, batches, log=log)
+    qmax = int8_weight_qmax() if here else WEIGHT_QMAX
+    ready = quantize.from_model(model)
+    if ready is None:
+        ready = prepared_int8(model, batches, log=log, weight_qmax=qmax)
+    elif ready.weight_qmax > qmax:
+        # rounding to nearest kept 58% of the float answers on the real 1.0-224 weights, where preparing on the
+        # 7-bit grid kept 90% and saturating full-range weights 42% (benchmarks/results/int8_saturation.md)
+        warnings.warn(f"this CPU has no VNNI, and these int8 weights on [-{ready.weight_qmax}, {ready.weight_qmax}] "
+                      f"would saturate its int16 sums: rounding them to [-{qmax}, {qmax}], which loses answers; "
+                      f"compile the float weights with calibration images instead, or prepare 7-bit weights with "
+                      f"quantize.prepare_int8(weight_qmax={qmax})", stacklevel=3)
+        ready = quantize.on_weight_grid(ready, qmax)
     folded = ready.folded
     folded.int8_ready = ready
     return folded
 
 
-def prepared_int8(model: MobileNetV1, batches: list[torch.Tensor], *, log=None):
-    """``quantize.prepare_int8(model, batches)``, kept in the cache folder: the same weights and calibration
-    images give the same int8-ready model, and preparing it took 21 of predict --precision int8's 26 s of setup.
+def prepared_int8(model: MobileNetV1, batches: list[torch.Tensor], *, log=None, weight_qmax: int | None = None):
+    """``quantize.prepare_int8(model, batches, weight_qmax=...)`` (by default this CPU's grid), kept in the cache
+    folder: the same weights and calibration images give the same int8-ready model, and preparing it took 21 of predict --precision int8's 26 s of setup.
 
     The key covers everything the result depends on: the weights, the calibration rows (batched as given),
-    this package's code and torch's version.  A cached file is an int8-ready weights file (what
+    the weights' int8 grid, this package's code and torch's version.  A cached file is an int8-ready weights file (what
     ``mobilenets quantize`` writes: atomic, checksummed), read back exactly as prepared; one that does not
     read is prepared again.  ``log(str)`` hears which of the two happens.
     """
     from .. import quantize
 
-    path = cache_path(model, batches)
+    weight_qmax = int8_weight_qmax() if weight_qmax is None else weight_qmax
+    path = cache_path(model, batches, weight_qmax)
     folder = path.parent
     resolution = int(batches[0].shape[-1])
     secret = _trusted_secret(folder)
     if secret is None:
-        return quantize.prepare_int8(model, batches)
+        return quantize.prepare_int8(model, batches, weight_qmax=weight_qmax)
     if path.is_file() and not _signed(secret, path):
         warnings.warn(f"ignoring the cached int8 preparation {path}: it does not carry this cache's signature "
                       f"(edited, or written elsewhere); preparing it afresh", stacklevel=3)
@@ -84,7 +110,7 @@ def prepared_int8(model: MobileNetV1, batches: list[torch.Tensor], *, log=None):
     if log:
         log(f"int8: preparing the weights on {sum(len(b) for b in batches)} calibration images (seconds to a "
             f"minute, once: the result is kept in {folder})")
-    ready = quantize.prepare_int8(model, batches, log=log)
+    ready = quantize.prepare_int8(model, batches, log=log, weight_qmax=weight_qmax)
     try:
         quantize.save(ready, model, path)
         signature = _signature(secret, path)
@@ -150,14 +176,20 @@ def _signed(secret: bytes, path: Path) -> bool:
     return hmac.compare_digest(recorded, _signature(secret, path))
 
 
-def cache_path(model: MobileNetV1, batches: list[torch.Tensor]) -> Path:
-    """Where :func:`prepared_int8` keeps the preparation of ``model`` on ``batches``."""
+def cache_path(model: MobileNetV1, batches: list[torch.Tensor], weight_qmax: int | None = None) -> Path:
+    """Where :func:`prepared_int8` keeps the preparation of ``model`` on ``batches`` (int8 weights on
+    [-weight_qmax, weight_qmax], by default the grid of this CPU: :func:`.machine.int8_weight_qmax`)."""
     from ..cache import cache_dir
+    from ..quantize.sim import WEIGHT_QMAX
     from ..weights import tensors_sha256
 
+    key = {"config": model.config.to_dict(), "torch": torch.__version__, "code": _code_sha256(),
+           "batches": [list(b.shape) for b in batches]}
+    weight_qmax = int8_weight_qmax() if weight_qmax is None else weight_qmax
+    if weight_qmax != WEIGHT_QMAX:  # full-range entries keep the keys they had
+        key["weight_qmax"] = weight_qmax
     h = hashlib.sha256()
-    h.update(json.dumps({"config": model.config.to_dict(), "torch": torch.__version__, "code": _code_sha256(),
-                         "batches": [list(b.shape) for b in batches]}, sort_keys=True).encode())
+    h.update(json.dumps(key, sort_keys=True).encode())
     h.update(tensors_sha256(model.state_dict()).encode())
     for b in batches:
         h.update(b.detach().float().contiguous().cpu().numpy().tobytes())

@@ -26,7 +26,6 @@ from .prepare import single_clip
 from .backend import Backend, ExportFormat, Run, batch_dim
 from .calibration import as_input, example_input
 from ..folding import FoldedMobileNet
-from ..quantize import sim
 from .machine import DeployError
 
 
@@ -51,9 +50,9 @@ def quantize_pt2e(folded: FoldedMobileNet, batches: list[torch.Tensor], *, dynam
     """PT2E int8 with X86InductorQuantizer: per-channel int8 weights, per-tensor uint8 activations observed on
     ``batches`` by its histogram observers.
 
-    An int8-ready graph (:func:`prepare.single_clip`: equalized, bias-corrected) gets weights on the
-    [-127, 127] grid its bias correction was measured on, without the quantizer's default floor of 2**-12
-    on a weight scale, under which equalization puts many channels (on the real weights, 32 calibration
+    An int8-ready graph (:func:`prepare.single_clip`: equalized, bias-corrected) gets weights on the grid its
+    bias correction was measured on ([-127, 127]; [-64, 64] for an x86 CPU without VNNI), without the
+    quantizer's default floor of 2**-12 on a weight scale, under which equalization puts many channels (on the real weights, 32 calibration
     crops, 256 held out: 81% top-1 agreement with that floor, 97% without).  The int8-ready ranges are not
     imposed: the observers' ranges of this graph match them within 1% (each ends at its ReLU6 clip), and
     the classifier's output stays float here, so there is nothing to gain.
@@ -61,7 +60,8 @@ def quantize_pt2e(folded: FoldedMobileNet, batches: list[torch.Tensor], *, dynam
     PerChannelMinMaxObserver, convert_pt2e, prepare_pt2e, x86 = _pt2e()
     config = x86.get_default_x86_inductor_quantization_config()
     if folded.int8_ready is not None:
-        weight = dataclasses.replace(config.weight, quant_min=-sim.WEIGHT_QMAX, quant_max=sim.WEIGHT_QMAX,
+        qmax = folded.int8_ready.weight_qmax
+        weight = dataclasses.replace(config.weight, quant_min=-qmax, quant_max=qmax,
                                      observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(
                                          eps=torch.finfo(torch.float32).tiny))
         config = dataclasses.replace(config, weight=weight)

@@ -65,24 +65,24 @@ def activation_quant(lo: float, hi: float) -> fb.Quant:
     return fb.Quant([scale], [zero_point], 0, [lo], [hi])
 
 
-def weight_quant(w: np.ndarray, axis: int, floor=None) -> tuple[np.ndarray, list[float]]:
-    """Symmetric int8 per channel along ``axis`` ([-127, 127], zero point 0), scales at least ``floor``."""
+def weight_quant(w: np.ndarray, axis: int, floor=None, qmax: int = 127) -> tuple[np.ndarray, list[float]]:
+    """Symmetric int8 per channel along ``axis`` ([-qmax, qmax], zero point 0), scales at least ``floor``."""
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    scales = np.abs(moved).max(1).astype(np.float64) / 127.0
+    scales = np.abs(moved).max(1).astype(np.float64) / qmax
     if floor is not None:
         scales = np.maximum(scales, floor)
     scales = np.where(scales > 0, scales, 1.0)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scales.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / scales.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, [float(s) for s in scales]
 
 
 class _Builder:
     """Accumulates tensors and operators; ``int8`` switches constants and activations to integers."""
 
-    def __init__(self, int8: bool):
-        self.int8 = int8
+    def __init__(self, int8: bool, weight_qmax: int = 127):
+        self.int8, self.weight_qmax = int8, weight_qmax
         self.tensors: list[fb.Tensor] = []
         self.operators: list[fb.Operator] = []
 
@@ -107,7 +107,7 @@ class _Builder:
             # a channel whose weights are ~0 but whose bias is not would need a bias beyond int32 at the
             # weights' own scale: widen that channel's weight scale until the bias fits, as LiteRT's converter does
             floor = np.abs(b.astype(np.float64)) / (in_quant.scale[0] * (2**31 - 1))
-            q, scales = weight_quant(filt, axis, floor)
+            q, scales = weight_quant(filt, axis, floor, self.weight_qmax)
             wt = self.tensor(f"{name}/weights", filt.shape, fb.INT8, q, fb.Quant(scales, [0] * len(scales), axis))
             bias_scales = [in_quant.scale[0] * s for s in scales]
             bq = np.clip(np.round(b / np.asarray(bias_scales)), -(2**31 - 1), 2**31 - 1).astype(np.int32)
@@ -149,7 +149,8 @@ def build_graph(folded: FoldedMobileNet, resolution: int, precision: str, batche
             raise DeployError("int8 needs calibration batches")
         ranges = activation_ranges(folded, batches)
     quants = [activation_quant(*r) for r in ranges] if int8 else [None] * (len(folded.features) + 2)
-    g = _Builder(int8)
+    ready = getattr(folded, "int8_ready", None)  # int8-ready weights lie on their own grid (7-bit for AVX2-only CPUs)
+    g = _Builder(int8, ready.weight_qmax if ready is not None else 127)
 
     size, channels = int(resolution), 3
     x = g.activation("input", [1, size, size, channels], quants[0])

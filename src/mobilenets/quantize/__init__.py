@@ -33,8 +33,12 @@ from . import calibrate, sim
 from .sim import scalar_clips
 
 FORMAT_VERSION = 1
+# int8 data whose weights are on a grid narrower than [-127, 127] (:data:`sim.REDUCED_WEIGHT_QMAX`) is written as
+# version 2: a mobilenets that reads only version 1 would quantize those weights on the full grid, so it refuses
+REDUCED_RANGE_VERSION = 2
 METHODS = ("mse", "minmax", "p99.99", "p99.999")
 ROUNDINGS = ("error", "nearest")
+WEIGHT_QMAXES = (sim.WEIGHT_QMAX, sim.REDUCED_WEIGHT_QMAX)
 
 
 @dataclass
@@ -46,15 +50,20 @@ class Int8Ready:
     scales: list                     # per folded layer, the equalization scale of each output channel
     resolution: int
     report: dict = field(default_factory=dict)
+    # the int8 weights lie on [-weight_qmax, weight_qmax] steps per output channel: 127, or 64 where the x86
+    # kernels that run them would saturate with more (no VNNI: sim.REDUCED_WEIGHT_QMAX)
+    weight_qmax: int = sim.WEIGHT_QMAX
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the int8 graph computed in float (fake quantization): what the backends run."""
         with torch.no_grad():
-            return sim.simulate(self.folded, self.ranges, x)
+            return sim.simulate(self.folded, self.ranges, x, weight_qmax=self.weight_qmax)
 
     def metadata(self) -> dict:
-        return {"version": FORMAT_VERSION,
+        full = self.weight_qmax == sim.WEIGHT_QMAX
+        return {"version": FORMAT_VERSION if full else REDUCED_RANGE_VERSION,
                 "weights": "int8 symmetric per output channel",
+                "weight_qmax": self.weight_qmax,
                 "activations": "uint8 affine per tensor",
                 "ranges": {k: [float(a), float(b)] for k, (a, b) in self.ranges.items()},
                 "scales": [[float(v) for v in s] for s in self.scales],
@@ -85,7 +94,8 @@ def _batches(calibration) -> list[torch.Tensor]:
 
 def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: bool = True,
                  bias_correction: bool = True, method: str = "mse", rounding: str = "error", beta: float = 0.5,
-                 lr: float = 0.002, batch_size: int = 16, seed: int = 0, log=None) -> Int8Ready:
+                 lr: float = 0.002, batch_size: int = 16, seed: int = 0, log=None,
+                 weight_qmax: int = sim.WEIGHT_QMAX) -> Int8Ready:
     """The int8-ready form of ``model`` from unlabeled ``calibration`` batches ((N, 3, H, W), preprocessed).
 
     ``steps`` > 0 fine-tunes the quantized model for that many steps against the float model's
@@ -93,7 +103,9 @@ def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: b
     "mse" (least squared error), "minmax", or a percentile such as "p99.99".  ``rounding`` chooses
     the int8 weights: "error" (least error of each convolution's outputs on the calibration images,
     kept unless rounding to nearest gives the int8 model less divergence from the float one there)
-    or "nearest".
+    or "nearest".  ``weight_qmax``: the int8 weights' grid, [-weight_qmax, weight_qmax] steps per output
+    channel: 127, or :data:`sim.REDUCED_WEIGHT_QMAX` (64) for x86 CPUs without VNNI, whose int8 kernels
+    saturate on larger weights (every step, rounding and bias correction included, is then done on that grid).
     """
     _check(model)
     if method not in METHODS:
@@ -102,6 +114,9 @@ def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: b
         raise QuantizeError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     if not isinstance(steps, int) or steps < 0:
         raise QuantizeError(f"steps must be an integer >= 0, got {steps!r}")
+    if weight_qmax not in WEIGHT_QMAXES:
+        raise QuantizeError(f"weight_qmax must be one of {WEIGHT_QMAXES} (full int8, or 7-bit weights for x86 CPUs "
+                            f"without VNNI), got {weight_qmax!r}")
     batches = _batches(calibration)
     folded = fold_batchnorm(model)
     # the steps: equalization, each layer's calibration, the comparison of the roundings
@@ -115,34 +130,35 @@ def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: b
         modes = ("error", "nearest") if rounding == "error" else (rounding,)
         float_logits, results = calibrate.calibrate_roundings(folded, batches, modes, method=method,
                                                               bias_correction=bias_correction, seed=seed,
-                                                              step=shown.advance)
+                                                              weight_qmax=weight_qmax, step=shown.advance)
         candidates = dict(zip(modes, results))
         # rounding by error minimises each layer's own output error, which on a small model fitted for a few
         # steps can leave the end result a little worse (one of 24 digits): keep what diverges less here.
         # Judged on the simulation, whose biases are on the runtimes' int32 grid; calibration's int8 path keeps
         # float biases, and on a small model those tie flips alone moved this KL by a tenth (tests/test_quantize.py)
         with torch.no_grad():
-            divergences = {mode: _kl(float_logits, [sim.simulate(c.folded, c.ranges, x) for x in batches])
+            divergences = {mode: _kl(float_logits, [sim.simulate(c.folded, c.ranges, x, weight_qmax=weight_qmax)
+                                                    for x in batches])
                            for mode, c in candidates.items()}
         kept = min(divergences, key=divergences.get)
         shown.advance()
     folded, ranges = candidates[kept].folded, candidates[kept].ranges
     report = {"equalize": equalize, "bias_correction": bias_correction, "method": method, "rounding": rounding,
               "rounding_kept": kept, "rounding_kl": divergences, "beta": beta,
-              "calibration_images": sum(len(b) for b in batches), "steps": steps}
+              "calibration_images": sum(len(b) for b in batches), "steps": steps, "weight_qmax": weight_qmax}
     if steps:
         import copy
 
         from . import qat
 
         tuned = qat.distill(copy.deepcopy(folded), teacher, ranges, batches, steps=steps, lr=lr,
-                            batch_size=batch_size, seed=seed, log=log)
+                            batch_size=batch_size, seed=seed, log=log, weight_qmax=weight_qmax)
         report["lr"] = lr
         # fine-tuning has made int8 worse on the real weights in our measurements (benchmarks/int8_fidelity.py):
         # keep it only if the int8 graph's divergence from the float model on the calibration images falls
         before = divergences[kept]
         with torch.no_grad():
-            after = _kl(float_logits, [sim.simulate(tuned, ranges, x) for x in batches])
+            after = _kl(float_logits, [sim.simulate(tuned, ranges, x, weight_qmax=weight_qmax) for x in batches])
         report["kl_before_steps"], report["kl_after_steps"] = before, after
         report["steps_kept"] = after < before
         if after < before:
@@ -151,7 +167,7 @@ def prepare_int8(model: MobileNetV1, calibration, *, steps: int = 0, equalize: b
             log(f"fine-tuning raised the int8 model's mean KL on the calibration images from {before:.4f} to "
                 f"{after:.4f}; keeping the post-training weights")
     resolution = int(batches[0].shape[-1])
-    ready = Int8Ready(folded, ranges, scales, resolution, report)
+    ready = Int8Ready(folded, ranges, scales, resolution, report, weight_qmax)
     # the weights as a file stores and reloads them (equalization undone, then redone): the same float
     # rounding in memory as after save/load, so a saved int8-ready model runs bit for bit like this one
     canonical = from_model(to_model(ready, model))
@@ -235,6 +251,8 @@ def check_int8_data(data) -> None:
         why = "its ranges must be finite (low, high) pairs with low <= high"
     elif not isinstance(data.get("report", {}), dict):
         why = "its report must be an object"
+    elif data.get("weight_qmax", sim.WEIGHT_QMAX) not in WEIGHT_QMAXES:
+        why = f"its weight_qmax must be one of {WEIGHT_QMAXES}, got {data.get('weight_qmax')!r}"
     if why:
         raise QuantizeError(f"the int8 data of these weights is damaged: {why}; run prepare_int8 (mobilenets "
                             f"quantize) again")
@@ -246,8 +264,9 @@ def from_model(model: MobileNetV1) -> Int8Ready | None:
     if not data:
         return None
     check_int8_data(data)
-    if int(data.get("version", 0)) > FORMAT_VERSION:
-        raise QuantizeError(f"int8 data has version {data['version']}; this mobilenets reads up to {FORMAT_VERSION}")
+    if int(data.get("version", 0)) > REDUCED_RANGE_VERSION:
+        raise QuantizeError(f"int8 data has version {data['version']}; this mobilenets reads up to "
+                            f"{REDUCED_RANGE_VERSION}")
     folded = fold_batchnorm(model)
     scales = [torch.tensor(s, dtype=torch.float32) for s in data["scales"]]
     if len(scales) != len(folded.features) or any(len(s) != l.conv.out_channels
@@ -257,14 +276,31 @@ def from_model(model: MobileNetV1) -> Int8Ready | None:
         calibrate.apply_scales(folded, i, s)
     ranges = {k: (float(a), float(b)) for k, (a, b) in data["ranges"].items()}
     resolution = metadata.of(model).resolution
-    return Int8Ready(folded, ranges, scales, resolution, dict(data.get("report", {})))
+    return Int8Ready(folded, ranges, scales, resolution, dict(data.get("report", {})),
+                     int(data.get("weight_qmax", sim.WEIGHT_QMAX)))
+
+
+def on_weight_grid(ready: Int8Ready, weight_qmax: int) -> Int8Ready:
+    """``ready`` with its weights rounded to nearest on the grid of [-weight_qmax, weight_qmax] steps, ranges kept.
+
+    For int8-ready weights prepared on the full grid (a ``mobilenets quantize`` file) that must run where the
+    full grid saturates: no calibration images are needed, but the weights are not rounded by output error
+    nor their biases corrected on the new grid, as :func:`prepare_int8` with ``weight_qmax`` does.
+    A grid at least as wide as ``ready``'s leaves it as it is.
+    """
+    if weight_qmax >= ready.weight_qmax:
+        return ready
+    return replace(ready, weight_qmax=weight_qmax, report={**ready.report, "weight_qmax": weight_qmax,
+                                                           "weight_grid": "rounded to nearest from "
+                                                                          f"[-{ready.weight_qmax}, {ready.weight_qmax}]"})
 
 
 def to_qdq_onnx(ready: Int8Ready, path, *, resolution: int | None = None) -> Path:
     """Write ``ready`` as a QDQ int8 ONNX file (ONNX Runtime runs it as int8; OpenVINO reads it as int8)."""
     from .qdq_onnx import write_qdq_onnx
 
-    return write_qdq_onnx(ready.folded, ready.ranges, path, resolution=resolution or ready.resolution)
+    return write_qdq_onnx(ready.folded, ready.ranges, path, resolution=resolution or ready.resolution,
+                          weight_qmax=ready.weight_qmax)
 
 
-__all__ = ["Int8Ready", "QuantizeError", "prepare_int8", "scalar_clips", "save", "from_model", "to_model", "to_qdq_onnx"]
+__all__ = ["Int8Ready", "QuantizeError", "on_weight_grid", "prepare_int8", "scalar_clips", "save", "from_model", "to_model", "to_qdq_onnx"]

@@ -142,8 +142,8 @@ class Calibrated:
 
 @torch.no_grad()
 def calibrate(folded: FoldedMobileNet, batches, *, method: str = "mse", bias_correction: bool = True,
-              rounding: str = "error", samples_per_batch: int = 200_000,
-              seed: int = 0) -> tuple[FoldedMobileNet, dict]:
+              rounding: str = "error", samples_per_batch: int = 200_000, seed: int = 0,
+              weight_qmax: int = sim.WEIGHT_QMAX) -> tuple[FoldedMobileNet, dict]:
     """Ranges for every quantization point, and (optionally) each layer's bias corrected in turn.
 
     Layer by layer, the int8 path (quantized inputs, int8 weights) and the float path run side by
@@ -152,17 +152,17 @@ def calibrate(folded: FoldedMobileNet, batches, *, method: str = "mse", bias_cor
     per-channel difference of the int8 path's pre-activations is subtracted from the layer's bias, so
     the expected output of every layer matches the float model's.  Each range is then chosen on the
     int8 path's own activations, by ``method``; with "mse" the logits' range is their min/max, so no
-    logit is clipped.
+    logit is clipped.  ``weight_qmax``: the int8 weights' grid, [-weight_qmax, weight_qmax] steps.
     """
     _, (result,) = calibrate_roundings(folded, batches, (rounding,), method=method, bias_correction=bias_correction,
-                                       samples_per_batch=samples_per_batch, seed=seed)
+                                       samples_per_batch=samples_per_batch, seed=seed, weight_qmax=weight_qmax)
     return result.folded, result.ranges
 
 
 @torch.no_grad()
 def calibrate_roundings(folded: FoldedMobileNet, batches, roundings, *, method: str = "mse",
-                        bias_correction: bool = True, samples_per_batch: int = 200_000,
-                        seed: int = 0, step=None) -> tuple[list, list[Calibrated]]:
+                        bias_correction: bool = True, samples_per_batch: int = 200_000, seed: int = 0,
+                        weight_qmax: int = sim.WEIGHT_QMAX, step=None) -> tuple[list, list[Calibrated]]:
     """:func:`calibrate` once for each of ``roundings``, with one float path for all of them.
 
     ``step()``, if given, is called after each layer (progress: this loop is most of int8's preparation).
@@ -179,7 +179,7 @@ def calibrate_roundings(folded: FoldedMobileNet, batches, roundings, *, method: 
     for mode in roundings:
         generator = torch.Generator()
         generator.set_state(g.get_state())
-        paths.append(_Int8Path(mode, copy.deepcopy(folded), {"input": input_range}, xs_q, generator))
+        paths.append(_Int8Path(mode, copy.deepcopy(folded), {"input": input_range}, xs_q, generator, weight_qmax))
     for i, layer in enumerate(folded.features):
         # the float path: ``folded`` itself is never changed; its pre-activations serve every bias correction
         pre_f = [sim.conv_pre(layer, x) for x in xs_f]
@@ -198,15 +198,16 @@ def calibrate_roundings(folded: FoldedMobileNet, batches, roundings, *, method: 
 class _Int8Path:
     """The int8 side of :func:`calibrate` for one rounding: its own copy of the model, ranges and activations."""
 
-    def __init__(self, rounding: str, folded: FoldedMobileNet, ranges: dict, xs_q: list, generator):
+    def __init__(self, rounding: str, folded: FoldedMobileNet, ranges: dict, xs_q: list, generator, weight_qmax: int):
         self.rounding, self.folded, self.ranges, self.xs_q, self.g = rounding, folded, ranges, xs_q, generator
+        self.qmax = weight_qmax
 
     def layer(self, i: int, w_float: torch.Tensor, pre_f, method: str, samples_per_batch: int) -> None:
         layer = self.folded.features[i]
         hessian = input_hessian(layer, self.xs_q) if self.rounding == "error" else None
         if hessian is not None:  # else too few calibration windows for this layer: rounded to nearest
-            layer.conv.weight.copy_(round_weights(w_float, hessian))
-        wq = sim.fake_quant_weight(layer.conv.weight)
+            layer.conv.weight.copy_(round_weights(w_float, hessian, self.qmax))
+        wq = sim.fake_quant_weight(layer.conv.weight, self.qmax)
         if pre_f is not None:
             shift = torch.zeros_like(layer.conv.bias)
             count = 0
@@ -227,7 +228,7 @@ class _Int8Path:
         self.xs_q = None
         ranges["pool"] = search_range(torch.cat(pooled_q), method)
         head = self.folded.classifier
-        wq = sim.fake_quant_weight(head.weight)
+        wq = sim.fake_quant_weight(head.weight, self.qmax)
         if pooled_f is not None:
             pq = torch.cat([sim.fake_quant_act(p, ranges["pool"]) for p in pooled_q])
             head.bias.sub_((torch.nn.functional.linear(pq, wq) - torch.nn.functional.linear(pooled_f, head.weight))

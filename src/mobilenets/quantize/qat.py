@@ -40,14 +40,14 @@ class _InUnits(torch.nn.Module):
         return value / self.step
 
 
-def _learnable(student: FoldedMobileNet, ranges: dict) -> list:
+def _learnable(student: FoldedMobileNet, ranges: dict, weight_qmax: int) -> list:
     """Each conv / classifier of ``student`` with its weight in its output channel's int8 weight step and its
     bias in its output's activation step (parametrized in place); returns those modules."""
     modules = [(layer.conv, ranges[f"features.{i}"]) for i, layer in enumerate(student.features)]
     modules.append((student.classifier, ranges["logits"]))
     for module, rng in modules:
         w = module.weight
-        step = sim.weight_scales(w).reshape(-1, *([1] * (w.dim() - 1)))
+        step = sim.weight_scales(w, weight_qmax).reshape(-1, *([1] * (w.dim() - 1)))
         parametrize.register_parametrization(module, "weight", _InUnits(step.clone()))
         parametrize.register_parametrization(module, "bias",
                                              _InUnits(torch.full_like(module.bias, sim.act_qparams(*rng)[0])))
@@ -68,7 +68,7 @@ def schedule(step: int, steps: int) -> float:
 
 def distill(folded: FoldedMobileNet, teacher: FoldedMobileNet, ranges: dict, batches, *, steps: int,
             lr: float = 0.002, batch_size: int = 16, seed: int = 0, log=None, labels: torch.Tensor | None = None,
-            augment: bool = True) -> FoldedMobileNet:
+            augment: bool = True, weight_qmax: int = sim.WEIGHT_QMAX) -> FoldedMobileNet:
     """Fine-tune ``folded``'s weights and biases for ``steps`` Adam steps on KL(teacher || int8 student).
 
     Ranges stay fixed (those chosen after calibration).  Step sizes are relative: ``lr`` is the
@@ -80,7 +80,8 @@ def distill(folded: FoldedMobileNet, teacher: FoldedMobileNet, ranges: dict, bat
     student from drifting away from the float model.  ``augment``: train on random flips and
     crops of the images (new views where the images are few and unlabeled), else on the images
     as given; labels call for the latter, since half a digit or a mirrored one is not its class
-    (on the digits, crops with labels cost 1-3 of 359 answers; the plain images none).
+    (on the digits, crops with labels cost 1-3 of 359 answers; the plain images none).  ``weight_qmax``: the
+    int8 weights' grid (:func:`sim.simulate`).
     """
     student = copy.deepcopy(folded).train()
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +90,7 @@ def distill(folded: FoldedMobileNet, teacher: FoldedMobileNet, ranges: dict, bat
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if len(labels) != len(pool):
             raise QuantizeError(f"labels must give one class per image: {len(labels)} labels for {len(pool)} images")
-    modules = _learnable(student, ranges)
+    modules = _learnable(student, ranges, weight_qmax)
     params = [p for m in modules for p in (m.parametrizations.weight.original, m.parametrizations.bias.original)]
     for p in params:
         p.requires_grad_(True)
@@ -101,7 +102,7 @@ def distill(folded: FoldedMobileNet, teacher: FoldedMobileNet, ranges: dict, bat
         x = _augment(pool[idx], g) if augment else pool[idx]
         with torch.no_grad():
             target = teacher(x).log_softmax(1)
-        out = sim.simulate(student, ranges, x).log_softmax(1)
+        out = sim.simulate(student, ranges, x, weight_qmax=weight_qmax).log_softmax(1)
         loss = F.kl_div(out, target, log_target=True, reduction="batchmean")
         if labels is not None:
             loss = loss + F.nll_loss(out, labels[idx])

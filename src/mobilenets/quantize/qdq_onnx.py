@@ -21,8 +21,22 @@ def _same_pads(size: int, k: int, s: int, d: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def qdq_model(folded: FoldedMobileNet, ranges: dict, *, resolution: int):
-    """The onnx.ModelProto of the int8 graph (dynamic batch, NCHW float input ``x``, output ``logits``)."""
+# what a QDQ file says of its weights (metadata_props), so a file moved to another machine tells what it needs
+FULL_RANGE_NOTE = ("int8 weights on [-127, 127]: on x86 CPUs, run it where the CPU has AVX-512 VNNI, AVX-VNNI or "
+                   "AMX; with AVX2 only, ONNX Runtime's and OpenVINO's u8 x s8 kernels add pairs of products into "
+                   "saturating int16 and lose answers (prepare 7-bit weights for such CPUs: "
+                   "quantize.prepare_int8(weight_qmax=64))")
+REDUCED_RANGE_NOTE = ("int8 weights on [-64, 64] (7 bits): no int16 saturation in x86 u8 x s8 kernels without VNNI; "
+                      "runs on any CPU, a little less precisely than full-range int8")
+
+
+def weight_note(weight_qmax: int) -> str:
+    return FULL_RANGE_NOTE if weight_qmax > sim.REDUCED_WEIGHT_QMAX else REDUCED_RANGE_NOTE
+
+
+def qdq_model(folded: FoldedMobileNet, ranges: dict, *, resolution: int, weight_qmax: int = sim.WEIGHT_QMAX):
+    """The onnx.ModelProto of the int8 graph (dynamic batch, NCHW float input ``x``, output ``logits``), its int8
+    weights on [-weight_qmax, weight_qmax]; its metadata_props say which CPUs run it without saturating."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -45,8 +59,8 @@ def qdq_model(folded: FoldedMobileNet, ranges: dict, *, resolution: int):
         w = weight.detach().double()
         # a dead channel's weight scale is tiny: keep its int32 bias (bias / (in_scale * w_scale)) in range
         floor = bias.detach().double().abs() / (in_scale * (2 ** 31 - 1)) * 1.01
-        w_scale = torch.maximum(sim.weight_scales(weight).double(), floor)
-        wq = torch.clamp(torch.round(w / w_scale.view(-1, 1, 1, 1)), -sim.WEIGHT_QMAX, sim.WEIGHT_QMAX)
+        w_scale = torch.maximum(sim.weight_scales(weight, weight_qmax).double(), floor)
+        wq = torch.clamp(torch.round(w / w_scale.view(-1, 1, 1, 1)), -weight_qmax, weight_qmax)
         b_scale = w_scale * in_scale
         bq = torch.round(bias.detach().double() / b_scale)
         wn = const(f"{name}.weight.q", wq.numpy().astype(np.int8))
@@ -95,15 +109,16 @@ def qdq_model(folded: FoldedMobileNet, ranges: dict, *, resolution: int):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", head.out_features])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="mobilenets.quantize")
+    onnx.helper.set_model_props(model, {"mobilenets.int8_weight_qmax": str(weight_qmax),
+                                        "mobilenets.int8_weights": weight_note(weight_qmax)})
     onnx.checker.check_model(model)
     return model
 
 
-def write_qdq_onnx(folded: FoldedMobileNet, ranges: dict, path, *, resolution: int) -> Path:
-    import onnx
-
+def write_qdq_onnx(folded: FoldedMobileNet, ranges: dict, path, *, resolution: int,
+                   weight_qmax: int = sim.WEIGHT_QMAX) -> Path:
     from ..atomic import atomic_write
 
-    model = qdq_model(folded, ranges, resolution=resolution)
+    model = qdq_model(folded, ranges, resolution=resolution, weight_qmax=weight_qmax)
     data = model.SerializeToString()
     return atomic_write(Path(path), lambda f: f.write(data))

@@ -4,8 +4,8 @@ inputs correlate (the second-order rounding of Frantar et al., "GPTQ", 2022, aft
 Compression", 2022), so the layer's outputs on the calibration images move as little as the int8 grid
 allows instead of each weight moving as little as it allows.
 
-The grid is the one every int8 backend uses (symmetric, per output channel, step max|w| / 127): the
-largest weight of each channel stays where rounding to nearest puts it (on +-127 steps), so the
+The grid is the one every int8 backend uses (symmetric, per output channel, step max|w| / qmax): the
+largest weight of each channel stays where rounding to nearest puts it (on +-qmax steps), so the
 result lies on the same grid and round-to-nearest of it, in any runtime, gives back these integers.
 """
 from __future__ import annotations
@@ -66,8 +66,9 @@ def input_hessian(layer: FoldedConv, xs) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def round_weights(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """``weight`` (out, in/groups, kh, kw) on its int8 grid, rounded to least output error under ``hessian``.
+def round_weights(weight: torch.Tensor, hessian: torch.Tensor, qmax: int = sim.WEIGHT_QMAX) -> torch.Tensor:
+    """``weight`` (out, in/groups, kh, kw) on its int8 grid of [-qmax, qmax] steps, rounded to least output error
+    under ``hessian``.
 
     ``hessian`` is (groups, K, K) from :func:`input_hessian`; the output channels of group g see
     ``hessian[g]``.  Returns float weights that are exact multiples of each channel's step.
@@ -78,7 +79,7 @@ def round_weights(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     # block, written through a buffer allocated once (a fresh product each column cost a page-faulted
     # allocation of up to 8 MB, 1024 times for a 1024-input layer)
     w = weight.detach().double().reshape(groups, out_channels // groups, k).transpose(1, 2).contiguous()
-    step = sim.weight_scales(weight).double().reshape(groups, -1)
+    step = sim.weight_scales(weight, qmax).double().reshape(groups, -1)
     h = hessian.clone()
     diag = torch.diagonal(h, dim1=1, dim2=2)
     dead = diag <= 0  # inputs that never fire: their weights cannot matter here; round them plainly
@@ -92,7 +93,7 @@ def round_weights(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     update = torch.empty_like(w)
     for j in range(k):
         column = torch.where(peak[:, j], pinned[:, j], w[:, j])
-        q[:, j] = torch.clamp(torch.round(column / step), -sim.WEIGHT_QMAX, sim.WEIGHT_QMAX) * step
+        q[:, j] = torch.clamp(torch.round(column / step), -qmax, qmax) * step
         err = (w[:, j] - q[:, j]) / u[:, j, j].unsqueeze(1)
         carried = update[:, : k - j - 1]
         torch.mul(err.unsqueeze(1), u[:, j, j + 1:].unsqueeze(-1), out=carried)

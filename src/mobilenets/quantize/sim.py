@@ -1,6 +1,7 @@
 """Fake-quantized forward of a folded MobileNet: the arithmetic of the QDQ int8 graph, in float.
 
-Weights: per-output-channel symmetric int8 (scale = max|w| / 127, zero point 0).  Biases: int32 on
+Weights: per-output-channel symmetric int8 (scale = max|w| / qmax, zero point 0; qmax 127, or 64 for x86
+CPUs without VNNI: :data:`REDUCED_WEIGHT_QMAX`).  Biases: int32 on
 the accumulator's grid (input scale x weight scale), as every int8 runtime we write adds them.
 Activations: per-tensor affine uint8 over a range (lo, hi) that always contains 0, so TF-SAME zero
 padding stays exact.  Rounding is round-half-to-even, as QuantizeLinear does.
@@ -15,6 +16,11 @@ from ..errors import QuantizeError
 from ..folding import FoldedConv, FoldedMobileNet
 
 WEIGHT_QMAX = 127
+# x86 CPUs without VNNI (AVX2 only) multiply uint8 activations by int8 weights with vpmaddubsw, which adds
+# each pair of products into a saturating int16: 2 x 255 x 127 = 64770 overflows 32767 and the sum is cut.
+# Weights on [-64, 64] keep every pair within int16 (2 x 255 x 64 = 32640), as ONNX Runtime's own
+# quantizer does with reduce_range (onnxruntime.quantization.quant_utils, INT8: (-64, 64))
+REDUCED_WEIGHT_QMAX = 64
 ACT_QMAX = 255
 
 
@@ -69,24 +75,25 @@ def fake_quant_values(x: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor
     return q.mul_(scale)
 
 
-def weight_scales(w: torch.Tensor) -> torch.Tensor:
-    return (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / WEIGHT_QMAX).clamp_min(1e-12)
+def weight_scales(w: torch.Tensor, qmax: int = WEIGHT_QMAX) -> torch.Tensor:
+    return (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / qmax).clamp_min(1e-12)
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    scale = weight_scales(w)
+def fake_quant_weight(w: torch.Tensor, qmax: int = WEIGHT_QMAX) -> torch.Tensor:
+    scale = weight_scales(w, qmax)
     return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
-                                                  -WEIGHT_QMAX, WEIGHT_QMAX)
+                                                  -qmax, qmax)
 
 
-def fake_quant_bias(bias: torch.Tensor, weight: torch.Tensor, in_rng: tuple[float, float]) -> torch.Tensor:
+def fake_quant_bias(bias: torch.Tensor, weight: torch.Tensor, in_rng: tuple[float, float],
+                    qmax: int = WEIGHT_QMAX) -> torch.Tensor:
     """The bias on its int32 grid, straight-through: what XNNPACK, ONNX Runtime's QLinearConv and LiteRT add.
 
     The shift is at most half an accumulator step (input scale x weight scale), a few thousandths of an
     output step, yet a float bias moved a value across a rounding tie in 0.03-0.2% of each layer's outputs,
     and on a small model those flips grew over 27 layers to 10 logit steps (tests/test_executorch.py).
     """
-    scale = weight_scales(weight) * act_qparams(*in_rng)[0]
+    scale = weight_scales(weight, qmax) * act_qparams(*in_rng)[0]
     return bias + (torch.round(bias / scale) * scale - bias).detach()
 
 
@@ -134,15 +141,17 @@ def scalar_clips(folded: FoldedMobileNet, ranges: dict) -> list[float]:
     return clips
 
 
-def simulate(folded: FoldedMobileNet, ranges: dict, x: torch.Tensor, *, quantize_weights: bool = True) -> torch.Tensor:
+def simulate(folded: FoldedMobileNet, ranges: dict, x: torch.Tensor, *, quantize_weights: bool = True,
+             weight_qmax: int = WEIGHT_QMAX) -> torch.Tensor:
     """Logits of the int8 graph as float arithmetic (differentiable: straight-through estimators).
 
     ``ranges``: activation ranges by point: "input", "features.<i>" (output of folded layer i), "pool", "logits".
+    ``weight_qmax``: the weights' grid, [-weight_qmax, weight_qmax] steps per output channel.
     """
     def int8(weight, bias, in_rng):  # float weights keep a float bias: its grid is the int8 weights'
         if not quantize_weights:
             return weight, bias
-        return fake_quant_weight(weight), fake_quant_bias(bias, weight, in_rng)
+        return fake_quant_weight(weight, weight_qmax), fake_quant_bias(bias, weight, in_rng, weight_qmax)
 
     x = fake_quant_act(x, ranges["input"])
     before = "input"

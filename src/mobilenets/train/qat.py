@@ -81,10 +81,11 @@ def finish(s, log) -> dict:
     if c.qat:
         teacher = fold_batchnorm(model).eval()
         tuned = distillation.distill(ready.folded, teacher, ready.ranges, [images], steps=c.qat, lr=LR,
-                                     batch_size=c.batch_size, seed=c.seed, labels=labels, augment=False)
+                                     batch_size=c.batch_size, seed=c.seed, labels=labels, augment=False,
+                                     weight_qmax=ready.weight_qmax)
         candidate = quantize.Int8Ready(tuned, ready.ranges, ready.scales, ready.resolution,
                                        {**ready.report, "qat_steps": c.qat, "qat_lr": LR,
-                                        "qat_images": len(images)})
+                                        "qat_images": len(images)}, ready.weight_qmax)
         # the form a saved file reloads as, so the accuracy measured is the file's
         candidate = quantize.from_model(quantize.to_model(candidate, model))
         qat_top1 = int8_top1(_Simulated(candidate), val_loader)
