@@ -213,12 +213,17 @@ def _draft_size(im: Image.Image, min_side) -> tuple[int, int] | None:
         needed = min_side(h, w) if swapped else min_side(w, h)
     else:
         needed = min_side
-    scale = needed / min(w, h) if needed else 1.0
-    if scale > 0.5:
-        return None
-    # draft never goes below the size asked for; it divides by 2, 4 or 8 only where both sides allow it
-    size = math.ceil(w * scale), math.ceil(h * scale)
-    return size if min(w // size[0], h // size[1]) >= 2 else None
+    scale = dct_scale(w, h, needed) if needed else 1
+    # draft divides by the largest of 8, 4, 2 that both w // asked_w and h // asked_h reach: asking for the
+    # sizes rounded down gets exactly ``scale`` (rounded up, a side not divisible by it would get half)
+    return (w // scale, h // scale) if scale > 1 else None
+
+
+def dct_scale(width: int, height: int, side: int) -> int:
+    """The coarsest DCT scale (1, 2, 4 or 8; libjpeg decodes at 1/scale, each side rounded up) whose
+    decoded shorter side is still at least ``side`` pixels."""
+    shorter = min(width, height)
+    return next((s for s in (8, 4, 2) if -(-shorter // s) >= side), 1)
 
 
 def _decode(im: Image.Image) -> Image.Image:
