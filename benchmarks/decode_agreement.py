@@ -5,8 +5,13 @@ for these weights move them: the reference that decides whether it may be predic
 
 PHOTOS: a folder of camera JPEGs; each subfolder holding images is one photo set (else the folder is one).
 The photos stay outside the repository; ``--sources`` (default ``PHOTOS/sources.json`` when present) is a
-JSON list of {"file", "repo", "commit", "path", "licence", ...}, copied into the results so that anyone can
-fetch the same files.
+JSON list of {"set", "file", "repo", "commit", "path", "licence", "sha256", ...}, copied into the results.
+The 195 photos measured are listed in benchmarks/decode_agreement_sources.json; to rebuild the folder,
+``git clone`` each repository named there into one folder CLONES (github.com/OWNER/NAME as CLONES/NAME), then
+
+    .venv/bin/python benchmarks/decode_agreement.py PHOTOS --gather CLONES
+
+copies each file out of its commit (``git show``), checks its sha256, and writes PHOTOS/sources.json.
 
 Every photo is preprocessed for Google's MobileNet v1 1.0-224 (the real ImageNet weights, tests/real_data.py)
 seven ways, and each is run through the same model (eager fp32):
@@ -54,6 +59,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 RESULTS = ROOT / "benchmarks" / "results"
+SOURCES = ROOT / "benchmarks" / "decode_agreement_sources.json"  # the photos measured, where each came from
 RESOLUTION = 224
 
 WAYS = ("exact", "twice the resize size", "the resize size", "TF-slim", "Keras", "timm", "torchvision")
@@ -135,6 +141,25 @@ class Ways:
         return x
 
 
+def gather(sources: list[dict], clones: Path, photos: Path) -> None:
+    """The listed photos, out of git clones of their repositories (CLONES/NAME, bare or not), into
+    PHOTOS/SET/FILE, each checked against its sha256."""
+    import hashlib
+    import subprocess
+
+    from mobilenets.atomic import atomic_write
+
+    for s in sources:
+        clone = clones / s["repo"].split("/")[1]
+        git_dir = clone / ".git" if (clone / ".git").exists() else clone
+        data = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{s['commit']}:{s['path']}"],
+                              capture_output=True, check=True).stdout
+        if hashlib.sha256(data).hexdigest() != s["sha256"]:
+            raise SystemExit(f"{s['repo']} {s['commit']}:{s['path']} is not the file measured (sha256 differs)")
+        atomic_write(photos / s["set"] / s["file"], lambda f: f.write(data))
+    atomic_write(photos / "sources.json", lambda f: f.write(json.dumps(sources, indent=1).encode()))
+
+
 def photo_sets(folder: Path) -> dict[str, list[Path]]:
     from mobilenets import images
 
@@ -205,12 +230,17 @@ def main() -> int:
     ap.add_argument("photos", help="folder of camera JPEGs (each subfolder of images is one set)")
     ap.add_argument("--sources", default=None, help="JSON list of where each photo came from "
                                                     "(default PHOTOS/sources.json when present)")
+    ap.add_argument("--gather", metavar="CLONES", default=None,
+                    help="first copy the photos of benchmarks/decode_agreement_sources.json out of git clones "
+                         "of their repositories in CLONES (CLONES/NAME) into PHOTOS")
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "mobilenets-predict-bench"))
     args = ap.parse_args()
     import mobilenets
     from predict_throughput import cpu_name, real_weights_and_calibration
 
     folder = Path(args.photos)
+    if args.gather:
+        gather(json.loads(SOURCES.read_text()), Path(args.gather), folder)
     sources_file = Path(args.sources) if args.sources else folder / "sources.json"
     sources = json.loads(sources_file.read_text()) if sources_file.is_file() else []
     weights, _ = real_weights_and_calibration(Path(args.work))
@@ -290,7 +320,18 @@ def report(result: dict) -> list[str]:
     for a in result["ways"]:
         lines.append(f"| {a} | " + " | ".join(f"{m[a][b]['top1_agreement']:.2%}<br>{m[a][b]['mean_kl']:.4f}"
                                              for b in result["ways"]) + " |")
-    lines += ["", "![agreement matrix](decode_agreement.png)", "", "## The rule", ""]
+    v = result["all"]["verdict"]
+    lines += ["", "![agreement matrix](decode_agreement.png)", "", "## The rule", "",
+              "Reduced-scale decoding may be predict's default if it agrees with exact at least as well as the "
+              "pipelines accepted for these weights do (issue 24). timm's and torchvision's transforms compute "
+              "exact's preprocessing (PIL's full decode and bilinear filter, which ours equals within a grey "
+              "level), so their agreement is exact's with itself; TF-slim (what the weights were evaluated with) "
+              "and Keras preprocess differently, and are the spread users accept. Over all photos "
+              f"`twice the resize size` agrees {v['twice the resize size']['top1_agreement']:.2%} "
+              f"(KL {v['twice the resize size']['mean_kl']:.4f}) and `the resize size` "
+              f"{v['the resize size']['top1_agreement']:.2%} (KL {v['the resize size']['mean_kl']:.4f}), against "
+              f"TF-slim's {v['accepted_vs_exact']['TF-slim']:.2%} and Keras's {v['accepted_vs_exact']['Keras']:.2%}; "
+              "predict decodes at the first (the closer of the two) unless `--exact`.", ""]
     for name, r in [*result["sets"].items(), ("all", result["all"])]:
         v = r["verdict"]
         accepted = ", ".join(f"{p} {a:.2%}" for p, a in v["accepted_vs_exact"].items())
