@@ -9,8 +9,9 @@ three ways: exact (full decoding), draft down to the resize size (256), and draf
 twice it (images.draft_side, what ``predict --draft`` does).  Reported per way: milliseconds
 per image for decoding and preprocessing (one thread), the mean difference from exact in grey
 levels, and, through Google's MobileNet v1 1.0-224 weights (eager fp32), top-1 agreement with
-exact and mean KL(exact || draft).  A default may decode at reduced scale only if it keeps
->= 99.5% of the exact answers.  Writes benchmarks/results/jpeg_draft.{json,md}.
+exact and mean KL(exact || draft).  Whether predict may decode at reduced scale by default is
+decided on real camera photos against the pipelines accepted for these weights
+(benchmarks/decode_agreement.py).  Writes benchmarks/results/jpeg_draft.{json,md}.
 """
 
 from __future__ import annotations

@@ -19,12 +19,13 @@ Reported per candidate: setup (import, model build, compile), the steady images/
 - keras: keras.utils.image_dataset_from_directory + keras.applications.MobileNet
   .predict (TensorFlow backend).
 - mobilenets fp32 / int8: mobilenets.predict.predict on the folder (its
-  defaults: decoding workers, exact JPEG decoding, deploy.compile's fastest
+  defaults: decoding workers, reduced-scale JPEG decoding (results/predict_throughput.md
+  predates it: exact decoding), deploy.compile's fastest
   runtime; int8 calibrated on 64 crops of the same photos, never the
   benchmark files).
 
-What JPEG draft decoding (predict --draft, off by default) does to the answers is
-measured by benchmarks/jpeg_draft.py.
+What reduced-scale JPEG decoding (predict's default; --exact decodes every pixel) does to the
+answers is measured by benchmarks/decode_agreement.py and benchmarks/jpeg_draft.py.
 """
 
 from __future__ import annotations

@@ -239,3 +239,65 @@ def test_a_jpeg_over_the_pixel_budget_decodes_at_the_first_dct_scale_that_fits(t
     monkeypatch.setattr(images, "MAX_DECODED_PIXELS", budget)
     assert images.load_rgb(path).size == decoded
     assert tuple(images.load_pixels(path).shape) == (3, decoded[1], decoded[0])
+
+
+def _textured_jpeg(tmp_path, width, height, name="photo.jpg", **options):
+    """A JPEG of a real photo resized to width x height (fine detail everywhere, so the scale shows)."""
+    from real_data import photos
+
+    photo = Image.fromarray(photos()[0][1]).resize((width, height), Image.BICUBIC)
+    return save(tmp_path, name, photo, quality=90, **options)
+
+
+# (shorter side, side needed) around each threshold: libjpeg's 1/s decode has ceil(shorter / s) pixels, so
+# 1/s covers ``side`` from shorter = s * (side - 1) + 1 on; one pixel less keeps the next finer scale.
+SIDE = 20
+THRESHOLDS = [(s * (SIDE - 1) + d, s if d else s // 2) for s in (2, 4, 8) for d in (0, 1)]
+
+
+@pytest.mark.parametrize("shorter,scale", THRESHOLDS)
+@pytest.mark.parametrize("aspect", [4 / 3, 1.0, 16 / 9 + 0.013])
+def test_reduced_scale_decodes_at_the_coarsest_dct_scale_covering_the_side(tmp_path, shorter, scale, aspect):
+    """The decoded shorter side is the smallest of libjpeg's 1/1, 1/2, 1/4, 1/8 sizes that is still >= the side
+    asked for, whatever the longer side (a longer side not divisible by the scale once cost a whole scale)."""
+    width = round(shorter * aspect)
+    assert images.dct_scale(width, shorter, SIDE) == scale
+    for w, h in ((width, shorter), (shorter, width)):
+        got = images.load_pixels(_textured_jpeg(tmp_path, w, h), min_side=SIDE)
+        assert got.shape[-2:] == (-(-h // scale), -(-w // scale))
+        assert min(got.shape[-2:]) >= SIDE
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_reduced_scale_is_libjpeg_turbos_scaled_decode_then_pils_resize(tmp_path, orientation):
+    """Against a reference computed elsewhere: libjpeg-turbo's own scaled decode (simplejpeg, asked for the
+    size), turned upright by PIL, resized by PIL's bilinear filter (torchvision's Resize) and centre-cropped:
+    the same decoded pixels bit for bit, and the crop within one grey level."""
+    import simplejpeg
+
+    exif = Image.Exif()
+    exif[images.EXIF_ORIENTATION] = orientation
+    path = _textured_jpeg(tmp_path, 1640, 1230, exif=exif)
+    side = images.draft_side(224)  # 512: 1/2 (820 x 615) covers it, 1/4 (410 x 308) does not
+    reference = simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB", min_width=820, min_height=615)
+    assert reference.shape == (615, 820, 3)
+    reference = Image.fromarray(reference)
+    if orientation == 6:  # stored turned a quarter anticlockwise: PIL turns it back (ImageOps.exif_transpose)
+        reference = reference.transpose(Image.Transpose.ROTATE_270)
+    got = images.load_pixels(path, min_side=side)
+    assert torch.equal(got, torch.from_numpy(np.array(reference)).permute(2, 0, 1))
+    w, h = reference.size
+    resized = reference.resize((256, 256 * h // w) if w < h else (256 * w // h, 256), Image.BILINEAR)
+    left, top = round((resized.width - 224) / 2), round((resized.height - 224) / 2)
+    expected = np.array(resized.crop((left, top, left + 224, top + 224))).astype(int)
+    crop = images.eval_pixels(got, 224).permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(crop - expected).max() <= 1
+
+
+def test_without_a_side_a_jpeg_is_pils_full_decode_bit_for_bit(tmp_path):
+    """Exact decoding (predict's ``exact=True``): every pixel PIL decodes, at full size."""
+    path = _textured_jpeg(tmp_path, 1640, 1230)
+    with Image.open(path) as im:
+        expected = np.array(im.convert("RGB"))
+    got = images.load_pixels(path)
+    assert got.shape == (3, 1230, 1640) and np.array_equal(got.permute(1, 2, 0).numpy(), expected)

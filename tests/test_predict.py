@@ -266,7 +266,7 @@ def test_workers_and_batching_equal_the_per_image_path(weights_file, tmp_path):
         Image.fromarray(rng.integers(0, 256, (50 + i, 80, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.jpg")
     (tmp_path / "10b.jpg").write_bytes(b"not a jpeg")
     with pytest.warns(UserWarning, match="10b.jpg"):
-        results = list(predict(model, tmp_path, topk=2, batch_size=4, workers=3, draft=False))
+        results = list(predict(model, tmp_path, topk=2, batch_size=4, workers=3, exact=True))
     assert [r.image for r in results] == [str(tmp_path / f"{i:02d}.jpg") for i in range(23)]
     for r in results:
         p = expected_probabilities(model, r.image, 64, INCEPTION)
@@ -412,18 +412,27 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_draft_decodes_large_jpegs_at_the_coarsest_dct_scale_keeping_twice_the_resize_size(weights_file, tmp_path,
-                                                                                        decoded_sizes):
-    """At resolution 64 the resize size is 73 (64 / 0.875): a 1200 x 900 photo may decode at 1/4 (300 x 225,
-    225 >= 2 x 73) but not 1/8 (150 x 113); without draft it decodes whole."""
+def test_large_jpegs_decode_at_the_coarsest_dct_scale_keeping_twice_the_resize_size_unless_exact(
+        weights_file, tmp_path, decoded_sizes):
+    """At resolution 64 the resize size is 73 (64 / 0.875): by default a 1200 x 900 photo decodes at 1/4
+    (300 x 225, 225 >= 2 x 73), not 1/8 (150 x 113); with ``exact=True`` it decodes whole.  The answer stays."""
     from real_data import photos
 
     model = mobilenets.load(weights_file)
     Image.fromarray(photos()[0][1]).resize((1200, 900), Image.BICUBIC).save(tmp_path / "photo.jpg", quality=95)
-    drafted = list(predict(model, tmp_path / "photo.jpg", topk=5, workers=0, draft=True))
-    exact = list(predict(model, tmp_path / "photo.jpg", topk=5, workers=0))
+    reduced = list(predict(model, tmp_path / "photo.jpg", topk=5, workers=0))
+    exact = list(predict(model, tmp_path / "photo.jpg", topk=5, workers=0, exact=True))
     assert decoded_sizes == [(300, 225), (1200, 900)]
-    p_draft = [t["probability"] for t in drafted[0].top]
+    p_reduced = [t["probability"] for t in reduced[0].top]
     p_exact = [t["probability"] for t in exact[0].top]
-    assert drafted[0].top[0]["class_index"] == exact[0].top[0]["class_index"]
-    assert np.allclose(p_draft, p_exact, atol=0.02)
+    assert reduced[0].top[0]["class_index"] == exact[0].top[0]["class_index"]
+    assert np.allclose(p_reduced, p_exact, atol=0.02)
+
+
+def test_cli_exact_decodes_every_pixel(weights_file, tmp_path, decoded_sizes, capsys):
+    """``predict --exact`` decodes the whole JPEG; without it the reduced scale (here 1/4 of 1200 x 900)."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (900, 1200, 3), dtype=np.uint8)).save(
+        tmp_path / "photo.jpg")
+    for flags in ([], ["--exact"]):
+        assert cli.main(["predict", str(tmp_path / "photo.jpg"), "--weights", str(weights_file), *flags]) == 0
+    assert decoded_sizes == [(300, 225), (1200, 900)]

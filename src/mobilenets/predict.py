@@ -151,7 +151,7 @@ def model_for(weights: str = "imagenet", *, alpha: float | None = None, resoluti
 
 def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, resolution: int | None = None,
             normalization: Normalization | None = None, precision: str = "fp32", backend: str | None = None,
-            workers: int | None = None, draft: bool = False, calibration=None, log=None,
+            workers: int | None = None, exact: bool = False, calibration=None, log=None,
             on_skip=None, warn=None) -> Iterator[Prediction]:
     """Classify images, ``batch_size`` at a time, yielding one :class:`Prediction` per image in input order.
 
@@ -165,9 +165,13 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     :func:`deploy.compile`'s "auto") choose how the model runs; int8 needs
     ``calibration`` (see :func:`deploy.compile`) unless the weights are from
     ``mobilenets quantize`` (they carry their ranges).  ``workers`` decoding
-    processes (default from the cores); ``draft=True`` decodes JPEGs at a reduced DCT scale (faster
-    on large photos; off by default: on phone-size photos it changed 1 answer in 100, see
-    :func:`images.draft_side`).
+    processes (default from the cores).  A JPEG is decoded at the coarsest DCT
+    scale (1/2, 1/4, 1/8) that leaves its shorter side at least twice the
+    resize size (:func:`images.draft_side`: 512 pixels for 224), about 2x
+    faster on phone photos; on 195 camera photos this moved answers less than
+    the preprocessing these weights were evaluated with (TF-slim) or Keras's
+    does (benchmarks/results/decode_agreement.md).  ``exact=True`` decodes
+    every pixel: torchvision's and timm's preprocessing to within a grey level.
     A file named directly that cannot be decoded is an error; one found in a
     folder is skipped with a warning.  With ``on_skip(image, why)``, every
     file that cannot be decoded, named or found, is skipped and reported to it
@@ -200,7 +204,7 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
 
         calibration, _ = deploy.image_batches(calibration, resolution, normalization=normalization)
     # decoding starts before the model is built, and overlaps it
-    stream = _batches(sources, resolution, normalization, batch_size, workers, draft, warn)
+    stream = _batches(sources, resolution, normalization, batch_size, workers, not exact, warn)
     with Progress("predict", len(sources), log, unit="images") as shown:
         yield from _classify(stream, runner(model, len(sources), precision, backend, calibration, batch_size,
                                             resolution, log), sources, topk, labels, on_skip, shown)
