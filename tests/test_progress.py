@@ -123,8 +123,9 @@ def test_predict_shows_progress_with_an_eta_when_asked_and_nothing_with_quiet(tm
     if quiet or not asked:
         assert done.stderr == ""
     else:
-        first, *_, last = done.stderr.splitlines()
-        assert first == "predict: [....................] 0/6 images, 0 s spent, ETA ?"
+        first, second, *_, last = done.stderr.splitlines()
+        assert first == f"predict: loading the model ({small_weights})"
+        assert second == "predict: [....................] 0/6 images, 0 s spent, ETA ?"
         assert last.startswith("predict: done in ")
 
 

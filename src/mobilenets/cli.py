@@ -573,6 +573,11 @@ def add_convert(sub) -> None:
 
 
 def run_predict(args) -> int:
+    log = _progress(args)
+    if log is not None and log.shows_bars:
+        # before the weights load: on a busy machine the first line came 28-71 s after start, on a quiet one 4-6 s
+        # (benchmarks/results/first_predict-*.md); what is left before it is Python, torch and the parser (~2.5 s)
+        log.bar(f"predict: loading the model ({args.weights})")
     from . import predict
 
     model, resolution_override = predict.model_for(args.weights, alpha=args.alpha, resolution=args.resolution,
@@ -589,7 +594,7 @@ def run_predict(args) -> int:
     results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
                               resolution=resolution_override, precision=args.precision, backend=args.backend,
                               workers=args.workers, exact=args.exact, calibration=calibration,
-                              log=_progress(args), on_skip=skip,
+                              log=log, on_skip=skip,
                               warn=lambda text: print(f"mobilenets: warning: {text}", file=sys.stderr, flush=True))
     if args.json:
         for r in results:
