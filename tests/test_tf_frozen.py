@@ -25,6 +25,7 @@ import torch
 
 import mobilenets
 import real_data
+from graphdefs import field, varint
 from mobilenets import weights
 from mobilenets.errors import MobilenetsError
 from mobilenets.weights.tf_frozen import FrozenGraphError, from_tf_frozen, read_graph
@@ -178,19 +179,6 @@ def test_resolution_argument_wins_over_the_placeholder(crafted):
 
 
 # ---------------------------------------------------------------- bad files: one line that says what would work
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def field(number: int, payload: bytes) -> bytes:
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def const_node(name: str, tensor: bytes) -> bytes:
