@@ -69,10 +69,34 @@ def _progress(args):
 
 
 
-def _workers():
-    from .data import MAX_WORKERS
+def _workers(text: str) -> int:
+    from .cores import MAX_WORKERS
 
-    return _number(int, lambda v: 0 <= v <= MAX_WORKERS, f"an integer in [0, {MAX_WORKERS}]")
+    return _number(int, lambda v: 0 <= v <= MAX_WORKERS, f"an integer in [0, {MAX_WORKERS}]")(text)
+
+
+class _Registry:
+    """A library registry's names (``module:NAME``) as argparse choices, read on first use: the registries live
+    in modules that import PyTorch, and parsing a command line that does not name them should not wait for it
+    (the first progress line of ``predict`` comes after parsing). Give the option a metavar (argparse reads the
+    choices to make one when the option is added) and list them in its help with ``%(choices)s``."""
+
+    def __init__(self, where: str):
+        self.module, self.name = where.split(":")
+
+    def _names(self):
+        import importlib
+
+        return getattr(importlib.import_module(f"mobilenets.{self.module}"), self.name)
+
+    def __contains__(self, value) -> bool:
+        return value in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,8 +158,7 @@ def run_summary(args) -> int:
     return 0
 
 
-def add_summary(sub) -> None:
-    p = sub.add_parser("summary", help="per-layer cost table (Table 1 with mult-adds and params)")
+def add_summary(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--grid", action="store_true",
@@ -172,8 +195,7 @@ def run_paper(args) -> int:
     return 0
 
 
-def add_paper(sub) -> None:
-    p = sub.add_parser("paper", help="recompute the paper's Tables 2-7 beside the printed values")
+def add_paper(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="DIR", help="write Figures 4 and 5 as PNG files into DIR")
     p.set_defaults(func=run_paper)
@@ -227,12 +249,11 @@ def add_config_arguments(p: argparse.ArgumentParser, config_fields: dict, recipe
             p.add_argument(*flags, dest=name, type=parse, metavar=m["metavar"], help=text)
 
 
-def add_train(sub) -> None:
+def add_train(p: argparse.ArgumentParser) -> None:
     from .train import RECIPES, fields
 
-    p = sub.add_parser("train", help="train or fine-tune on an image folder (or the built-in digits)",
-                       description="Train MobileNet v1. A --recipe sets every default; flags override it. "
-                                   "Run under torchrun --nproc_per_node=N for data-parallel training.")
+    p.description = ("Train MobileNet v1. A --recipe sets every default; flags override it. "
+                     "Run under torchrun --nproc_per_node=N for data-parallel training.")
     add_config_arguments(p, fields(), RECIPES)
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR|FILE",
                    help="continue a stopped run (default: --out) from its last.pt")
@@ -254,14 +275,13 @@ def run_evaluate(args) -> int:
     return 0
 
 
-def add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="top-1/top-5 of a checkpoint on an image folder")
+def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE",
                    help="a run folder (its best.pt), a .pt or a converted .safetensors")
     p.add_argument("--data", metavar="DIR", help="DIR/<class>/*; default: the built-in held-out digits")
     p.add_argument("--resolution", type=resolution, help="input size (default: the checkpoint's)")
     p.add_argument("-b", "--batch-size", type=_positive_int, default=64)
-    p.add_argument("-j", "--num-workers", dest="num_workers", type=_workers(), default=2)
+    p.add_argument("-j", "--num-workers", dest="num_workers", type=_workers, default=2)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_evaluate)
@@ -275,8 +295,7 @@ def run_plot(args) -> int:
     return 0
 
 
-def add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="loss and accuracy curves of a training run as PNG")
+def add_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=run_plot)
 
@@ -350,14 +369,12 @@ def _report_checked(report: dict, as_json: bool) -> int:
     return 0
 
 
-def add_export(sub) -> None:
+def add_export(p: argparse.ArgumentParser) -> None:
     from .deploy import EXPORT_FORMATS, EXPORT_PRECISIONS
     from .deploy.tflite_graph import IO_TYPES
 
-    p = sub.add_parser("export", help="write the model for ONNX Runtime, OpenVINO, LiteRT, ExecuTorch, Core ML, "
-                                      "TorchScript or torch.export",
-                       description="Fold BatchNorm, write the model in --format at --precision (int8 calibrated on "
-                                   "--calib-data), reload it in its runtime and print its parity with PyTorch.")
+    p.description = ("Fold BatchNorm, write the model in --format at --precision (int8 calibrated on "
+                     "--calib-data), reload it in its runtime and print its parity with PyTorch.")
     _add_weights_arguments(p)
     p.add_argument("--format", choices=EXPORT_FORMATS,
                    help="default: the one --out's suffix names (.onnx, .xml, .tflite, .pte, .mlpackage, .pt, .pt2); "
@@ -433,13 +450,12 @@ def run_benchmark(args) -> int:
     return 0
 
 
-def add_benchmark(sub) -> None:
+def add_benchmark(p: argparse.ArgumentParser) -> None:
     from .benchmark import MAX_BATCH, MAX_FLOOR_SIZE
     from .deploy import COMPILE_BACKENDS, PRECISIONS
 
-    p = sub.add_parser("benchmark", help="latency and throughput beside timm, ONNX Runtime and OpenVINO",
-                       description="Median and p90 latency after warm-up, throughput, achieved mult-adds/s against "
-                                   "a 2048^3 matmul floor, parity with fp32 eager; peers timed in the same run.")
+    p.description = ("Median and p90 latency after warm-up, throughput, achieved mult-adds/s against "
+                     "a 2048^3 matmul floor, parity with fp32 eager; peers timed in the same run.")
     _add_weights_arguments(p)
     p.add_argument("-b", "--batch-size", type=_csv(int, ok=lambda v: 1 <= v <= MAX_BATCH,
                                                    allowed=f"integers in [1, {MAX_BATCH}] such as 1,8,32"),
@@ -505,18 +521,17 @@ def run_pick(args) -> int:
     return 0 if c else 1
 
 
-def add_pick(sub) -> None:
+def add_pick(p: argparse.ArgumentParser) -> None:
     from .benchmark import MAX_BATCH
     from .deploy import COMPILE_BACKENDS, PRECISIONS
     from .device_latency import ACCELERATORS, DEVICES
     from .pick import DEVICE_RUNTIMES
 
-    p = sub.add_parser("pick", help="the most accurate alpha x resolution model that fits a latency budget",
-                       description="Measures (or reuses a cached measurement of) the 16 published models on this "
-                                   "machine and recommends the most accurate within --latency-ms, by the published "
-                                   "ImageNet top-1 (int8 column for --precision int8). --runtime times the files "
-                                   "an on-device runtime runs (LiteRT .tflite, ExecuTorch .pte) here; --device "
-                                   "picks from a phone's published latencies instead (not measured here).")
+    p.description = ("Measures (or reuses a cached measurement of) the 16 published models on this "
+                     "machine and recommends the most accurate within --latency-ms, by the published "
+                     "ImageNet top-1 (int8 column for --precision int8). --runtime times the files "
+                     "an on-device runtime runs (LiteRT .tflite, ExecuTorch .pte) here; --device "
+                     "picks from a phone's published latencies instead (not measured here).")
     p.add_argument("--latency-ms", type=positive_float, required=True, help="budget per batch, milliseconds")
     p.add_argument("--batch", type=_number(int, lambda v: 1 <= v <= MAX_BATCH, f"an integer in [1, {MAX_BATCH}]"),
                    default=1, help="batch size (default 1)")
@@ -550,13 +565,11 @@ def run_convert(args) -> int:
     return 0
 
 
-def add_convert(sub) -> None:
+def add_convert(p: argparse.ArgumentParser) -> None:
     from .weights import SOURCES, SUFFIX_SOURCES
 
-    p = sub.add_parser("convert", help="convert released weights (Keras .h5, TF-slim checkpoint, frozen .pb, timm, "
-                                       ".tflite) to .safetensors",
-                       description="Convert official weights to a .safetensors file that 'mobilenets.load' and "
-                                   "'--weights FILE' read; alpha, classes and the preprocessing go with it.")
+    p.description = ("Convert official weights to a .safetensors file that 'mobilenets.load' and "
+                     "'--weights FILE' read; alpha, classes and the preprocessing go with it.")
     p.add_argument("src", help="Keras .h5 file; TF-slim checkpoint prefix, .index file, folder or .tgz; "
                               "frozen TensorFlow graph .pb (or the release .tgz with one); timm .pth/.bin/.safetensors; "
                               ".tflite (float or quantized)")
@@ -624,13 +637,9 @@ def _predict_on_ray(args, model) -> int:
     return 0
 
 
-def add_predict(sub) -> None:
-    from .deploy import PRECISIONS
-    from .predict import BACKENDS
-
-    p = sub.add_parser("predict", help="classify images or folders of images",
-                       description="Classify images with official or converted weights, preprocessed as the "
-                                   "weights expect (resize by resolution/0.875, centre crop, their mean/std).")
+def add_predict(p: argparse.ArgumentParser) -> None:
+    p.description = ("Classify images with official or converted weights, preprocessed as the "
+                     "weights expect (resize by resolution/0.875, centre crop, their mean/std).")
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--weights", required=True, metavar="FILE|imagenet",
                    help="a converted .safetensors or training checkpoint, or 'imagenet' for the released weights")
@@ -640,13 +649,14 @@ def add_predict(sub) -> None:
                    help="with imagenet: 224, 192, 160 or 128 (default 224); with a FILE: override its resolution")
     p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="how the model computes (default fp32; int8 needs --calib-data unless the "
+    p.add_argument("--precision", choices=_Registry("deploy:PRECISIONS"), metavar="PRECISION", default="fp32",
+                   help="how the model computes: %(choices)s (default fp32; int8 needs --calib-data unless the "
                         "weights are from 'mobilenets quantize')")
-    p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="runtime (default: eager PyTorch for a few images, else the fastest measured, 'auto')")
+    p.add_argument("--backend", choices=_Registry("predict:BACKENDS"), metavar="BACKEND", default=None,
+                   help="runtime: %(choices)s (default: eager PyTorch for a few images, else the fastest "
+                        "measured, 'auto')")
     p.add_argument("--calib-data", metavar="DIR", default=None, help="images for int8 calibration")
-    p.add_argument("--workers", type=_workers(), default=None,
+    p.add_argument("--workers", type=_workers, default=None,
                    help="image decoding processes (default: one per core; 0 decodes in this process)")
     p.add_argument("--exact", action="store_true",
                    help="decode every pixel of large JPEGs (default: the coarsest DCT scale still >= twice the "
@@ -675,13 +685,12 @@ def run_quantize(args) -> int:
     return 0
 
 
-def add_quantize(sub) -> None:
+def add_quantize(p: argparse.ArgumentParser) -> None:
     from .quantize import METHODS
 
-    p = sub.add_parser("quantize", help="make weights int8-ready (equalization, bias correction, ranges, QAT)",
-                       description="Adjust the weights so their int8 version keeps the float answers, from "
-                                   "unlabeled images: equalization, bias correction, activation ranges by error, "
-                                   "and with --steps N fine-tuning against the float model's own outputs.")
+    p.description = ("Adjust the weights so their int8 version keeps the float answers, from "
+                     "unlabeled images: equalization, bias correction, activation ranges by error, "
+                     "and with --steps N fine-tuning against the float model's own outputs.")
     p.add_argument("--weights", required=True, metavar="FILE", help="converted weights (.safetensors) or a checkpoint")
     p.add_argument("--calib-data", required=True, metavar="DIR", help="a folder of unlabeled images (subfolders too)")
     p.add_argument("--calib-images", type=_positive_int, default=128, help="images to use (default 128)")
@@ -697,18 +706,37 @@ def add_quantize(sub) -> None:
 
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_summary, add_paper, add_train, add_evaluate, add_plot, add_export, add_benchmark, add_pick, add_convert, add_predict,
-            add_quantize]
+# command -> (its one line in `mobilenets --help`, the function that adds its arguments)
+COMMANDS = {
+    "summary": ("per-layer cost table (Table 1 with mult-adds and params)", add_summary),
+    "paper": ("recompute the paper's Tables 2-7 beside the printed values", add_paper),
+    "train": ("train or fine-tune on an image folder (or the built-in digits)", add_train),
+    "evaluate": ("top-1/top-5 of a checkpoint on an image folder", add_evaluate),
+    "plot": ("loss and accuracy curves of a training run as PNG", add_plot),
+    "export": ("write the model for ONNX Runtime, OpenVINO, LiteRT, ExecuTorch, Core ML, TorchScript or torch.export", add_export),
+    "benchmark": ("latency and throughput beside timm, ONNX Runtime and OpenVINO", add_benchmark),
+    "pick": ("the most accurate alpha x resolution model that fits a latency budget", add_pick),
+    "convert": ("convert released weights (Keras .h5, TF-slim checkpoint, frozen .pb, timm, .tflite) to .safetensors", add_convert),
+    "predict": ("classify images or folders of images", add_predict),
+    "quantize": ("make weights int8-ready (equalization, bias correction, ranges, QAT)", add_quantize),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv``, only the command it names gets its arguments (the others only their line in
+    the help): a command's options read registries from modules that import PyTorch (~2.5 s here, far more on a
+    busy machine), and the command's first progress line should not wait for those of every other command."""
     from . import __version__
 
     parser = _Parser(prog="mobilenets", description="MobileNet v1: build, cost, train, load, deploy.")
     parser.add_argument("--version", action="version", version=f"mobilenets {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in COMMANDS:
-        add(sub)
+    # the command is the first word that is not an option: the top-level parser has no option taking a value
+    named = next((word for word in (argv or []) if not word.startswith("-")), None) if argv is not None else None
+    for name, (line, add) in COMMANDS.items():
+        p = sub.add_parser(name, help=line)
+        if argv is None or name == named:
+            add(p)
     return parser
 
 
@@ -728,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     # quiet. It must be set before PyTorch's OpenMP runtime starts, hence here, before any import of torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else argv
+        args = build_parser(argv).parse_args(argv)
         status = args.func(args)
         sys.stdout.flush()  # a closed pipe must fail here, inside the handler, not at interpreter exit
         return status

@@ -10,6 +10,10 @@ import os
 import time
 from pathlib import Path
 
+# Data loading and decoding processes: far more than any machine's cores, far fewer than the process limit
+# that 10^8 workers would run into (a typo that otherwise forks until the machine stops).
+MAX_WORKERS = 256
+
 # long enough for /proc/stat's 100 Hz ticks to say how busy a core is, short beside any setup it informs
 BUSY_SAMPLE_SECONDS = 0.25
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import images
+from .cores import MAX_WORKERS  # noqa: F401  (data.MAX_WORKERS: the bound, named where loaders use it)
 from .errors import MobilenetsError, ParameterError
 from .images import INCEPTION, ImageError, Normalization
 
@@ -32,9 +33,6 @@ class DataError(MobilenetsError):
     """An image folder that cannot be used as a data set; the message says which folder and what would work."""
 
 
-# Data loading processes: far more than any machine's cores, far fewer than the process limit that
-# 10^8 workers would run into (a typo that otherwise forks until the machine stops).
-MAX_WORKERS = 256
 
 BUILTIN = "digits"  # the name the built-in set goes by in checkpoints and metrics
 BUILTIN_VAL_FRACTION = 0.2

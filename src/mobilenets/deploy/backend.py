@@ -14,9 +14,7 @@ import importlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .machine import DeployError
 
@@ -37,13 +35,18 @@ BACKENDS = tuple(RUNTIMES)
 # what compile(backend=) takes: a runtime, or "auto" for the fastest measured here
 COMPILE_BACKENDS = ("auto", *BACKENDS)
 
-Run = Callable[[torch.Tensor], torch.Tensor]
+if TYPE_CHECKING:  # imported where used: the registries above are read without PyTorch (the CLI's choices)
+    import torch
+
+Run = Callable[["torch.Tensor"], "torch.Tensor"]
 
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension of saved files
 
 
 def batch_dim():
     """The dynamic batch dimension of every saved graph (torch.export / ONNX)."""
+    import torch
+
     return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
 
