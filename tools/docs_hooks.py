@@ -14,6 +14,9 @@ to a file that does not exist, which is what the strict build is for.  So instea
 
 A link to a file that does not exist is left as written, so mkdocs' own check reports it ("... is not found
 among documentation files"), and ``mkdocs build --strict`` fails.
+
+:class:`SphinxRoles` is a griffe extension (mkdocs.yml names it for mkdocstrings): the docstrings are prose
+with reStructuredText's roles (``:func:`save```), which markdown would print as written.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import griffe
 import markdown
 from mkdocs.structure.files import File, Files, InclusionLevel
 
@@ -34,6 +38,8 @@ LINK = re.compile(r"\]\(\s*<?([^)\s>]+)|^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 # names in a folder that are not the project's (caches, editor and VCS files)
 SKIP = re.compile(r"^(\.|__pycache__$)")
+# a Sphinx role in a docstring: :func:`save`, :class:`~mobilenets.model.MobileNetV1Features`
+ROLE = re.compile(r":(?:py:)?(?:attr|class|const|data|exc|func|meth|mod|obj):`(~?)([^`]+)`")
 
 
 class _Site:
@@ -154,3 +160,12 @@ class _RepositoryLinks(markdown.Extension):
     def extendMarkdown(self, md):
         # mkdocs' link check ("relpath") has priority 0; higher runs first
         md.treeprocessors.register(_Rewrite(md), "mobilenets_repository_links", 1)
+
+
+class SphinxRoles(griffe.Extension):
+    """Sphinx roles in docstrings as code: :func:`save` as ``save``, :class:`~a.b.C` as ``C`` (as Sphinx shows it)."""
+
+    def on_object(self, *, obj, **kwargs) -> None:
+        if obj.docstring is not None:
+            obj.docstring.value = ROLE.sub(
+                lambda m: f"`{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}`", obj.docstring.value)
