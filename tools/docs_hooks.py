@@ -131,8 +131,7 @@ def _nav_files(nav):
 
 
 def on_page_markdown(text, page, config, files):
-    _site.page = page.file
-    _site.files = files
+    _site.page = page.file  # the treeprocessor resolves links relative to it
     return text
 
 
