@@ -2,8 +2,8 @@
 builds with warnings as errors, and that build fails on a broken link, a missing result file or a stale API name.
 
 Each test builds the site as ``make docs`` does (``python -m mkdocs build --strict``); the failing builds are
-planted in a copy of docs/ beside the real mkdocs.yml and hook.  Three builds: 15 s in pytest, 18 s wall, on
-the busy 2-core EPYC (the API pages are most of each build).
+planted in a copy of docs/ beside the real mkdocs.yml and hook.  Three builds: 15-19 s in pytest, 18-24 s wall, on
+the 2-core EPYC at load average 4-5 (the API pages are most of each build).
 """
 
 from __future__ import annotations
