@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: demo test venv clean
+.PHONY: demo test docs venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,5 +42,9 @@ JOBS ?= 1
 test: $(VENV)/.installed-test
 	$(PY) tests/run_files.py --jobs $(JOBS)
 
+# The documentation site (mkdocs.yml) in site/, with warnings as errors, as tests/test_docs_site.py builds it.
+docs: $(VENV)/.installed-test
+	$(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf $(OUT) .pytest_cache site
