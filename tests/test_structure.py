@@ -187,3 +187,19 @@ def test_converters_are_one_table():
 
     assert weights.SOURCES == tuple(weights.CONVERTERS) == ("keras", "tf-slim", "tf-frozen", "timm", "tflite")
     assert set(weights.SUFFIX_SOURCES.values()) <= set(weights.SOURCES)
+
+
+def test_a_lazy_packages_type_checking_imports_are_its_table():
+    # mobilenets.deploy imports its names on first use (_EXPORTS, PEP 562) so that its registries load without
+    # PyTorch; type checkers and the API reference see them through the TYPE_CHECKING imports: the two must agree
+    import importlib
+
+    tree = ast.parse((PACKAGE / "deploy" / "__init__.py").read_text())
+    table = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                 and getattr(node.targets[0], "id", None) == "_EXPORTS")
+    block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    imported = {alias.name: ("." * node.level if node.level > 1 else "") + node.module for node in block.body
+                if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert imported == table
+    deploy = importlib.import_module("mobilenets.deploy")
+    assert all(getattr(deploy, name) is not None for name in deploy.__all__)

@@ -24,6 +24,21 @@ Backends, one module each behind :class:`~.backend.Backend`:
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names _EXPORTS gives, for type checkers and the API reference (tests/test_structure.py: the same)
+    from ..folding import FoldedConv, FoldedMobileNet, FoldingError, fold_batchnorm
+    from .auto import interleaved, time_run
+    from .backend import Backend, available_backends, backend_supports, export_formats
+    from .calibration import builtin_batches, calibration_batches, image_batches, rebatch
+    from .fidelity import parity
+    from .formats import (check_export, check_exported, default_precision, export, export_target, load_exported,
+                          runs_here)
+    from .machine import DeployError, bf16_supported, cpu_flags, cpu_name
+    from .predictor import Predictor, compile
+    from .prepare import quantize_file
+
+    EXPORT_FORMATS: tuple[str, ...]
 
 # public name -> module of this package that defines it; imported on first use (PEP 562), so that reading
 # the registries below (the CLI's choices) does not import PyTorch and the runtimes
