@@ -130,7 +130,7 @@ def test_predict_shows_progress_with_an_eta_when_asked_and_nothing_with_quiet(tm
         assert last.startswith("predict: done in ")
 
 
-@pytest.mark.parametrize("flags", [[], ["--precision", "int8", "--workers", "2"]])
+@pytest.mark.parametrize("flags", [[], ["--precision", "int8", "--workers", "2"], ["--backend", "eager", "--topk", "3"]])
 def test_predicts_first_progress_line_comes_before_pytorch_is_imported(tmp_path, small_weights, flags):
     # Issue 22: progress within two seconds of starting. Importing PyTorch alone takes ~2.5 s on a quiet 2-core
     # machine (far more on a busy one), so the first line must not wait for it: with -X importtime Python writes

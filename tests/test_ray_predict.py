@@ -248,3 +248,24 @@ def test_cli_refuses_an_out_folder_of_other_inputs_in_one_line(weights_file, fol
     assert "another run" in err and "Traceback" not in err
     assert cli.main(["predict", "--ray", str(folder), "--weights", str(weights_file)]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_an_actor_decodes_large_jpegs_as_predict_does_with_the_same_flags(weights_file, tmp_path, exact):
+    # Real camera photos large enough for predict's reduced-scale decoding at this model's resolution (64: a
+    # shorter side of 146 suffices, these are 300-512), so the rows would differ from predict's if the actors
+    # decoded otherwise. Run in this process: the decoding is the actor's own code, no cluster needed.
+    from skimage import data
+
+    for name in ("coffee", "astronaut", "chelsea"):
+        Image.fromarray(getattr(data, name)()).save(tmp_path / f"{name}.jpg", quality=92)
+    model = mobilenets.load(weights_file)
+    classify = ray_predict.Classifier(model, topk=3, precision="fp32", backend="eager", batch_size=4,
+                                      threads=torch.get_num_threads(), embedding=False, exact=exact)
+    table = classify({"path": np.array(paths(tmp_path))})
+    rows = {row["image"]: row["top"] for row in table.to_pylist()}
+    assert_same_answers(rows, predicted(model, tmp_path, topk=3, backend="eager", exact=exact))
+    # the fixture can show the difference: the other decoding moves the probabilities by more than RTOL
+    other = predicted(model, tmp_path, topk=3, backend="eager", exact=not exact)
+    with pytest.raises(AssertionError):
+        assert_same_answers(rows, other)

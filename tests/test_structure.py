@@ -153,7 +153,7 @@ def _option(parser, command: str, flag: str):
     ("pick", "--accelerator", "mobilenets.device_latency:ACCELERATORS"),
     ("convert", "--from", "mobilenets.weights:SOURCES"),
     ("predict", "--precision", "mobilenets.deploy:PRECISIONS"),
-    ("predict", "--backend", "mobilenets.predict:BACKENDS"),
+    ("predict", "--backend", "mobilenets.predict:BACKENDS"),  # deploy.SERVE_BACKENDS, read without PyTorch
     ("quantize", "--method", "mobilenets.quantize:METHODS"),
 ])
 def test_the_help_lists_exactly_the_registry(command, flag, registry):

@@ -630,7 +630,8 @@ def _predict_on_ray(args, model) -> int:
         raise UsageError("mobilenets predict --ray [ADDRESS] SOURCE --out DIR: one folder or URL, and --out")
     summary = ray_predict.predict_files(inputs[0], args.out, model, address=address, topk=args.topk,
                                         batch_size=args.batch_size, precision=args.precision, backend=args.backend,
-                                        embedding=args.embedding, actors=args.actors, threads=args.threads,
+                                        embedding=args.embedding, exact=args.exact, actors=args.actors,
+                                        threads=args.threads,
                                         shard_size=args.shard_size or ray_predict.SHARD_SIZE,
                                         log=_progress(args))
     print(json.dumps(summary))
@@ -652,7 +653,7 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=_Registry("deploy:PRECISIONS"), metavar="PRECISION", default="fp32",
                    help="how the model computes: %(choices)s (default fp32; int8 needs --calib-data unless the "
                         "weights are from 'mobilenets quantize')")
-    p.add_argument("--backend", choices=_Registry("predict:BACKENDS"), metavar="BACKEND", default=None,
+    p.add_argument("--backend", choices=_Registry("deploy:SERVE_BACKENDS"), metavar="BACKEND", default=None,
                    help="runtime: %(choices)s (default: eager PyTorch for a few images, else the fastest "
                         "measured, 'auto')")
     p.add_argument("--calib-data", metavar="DIR", default=None, help="images for int8 calibration")

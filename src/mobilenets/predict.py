@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import metadata, pipeline
 from .checks import check_integer
+from .deploy.backend import SERVE_BACKENDS
 from .errors import MobilenetsError
 from .images import ImageError, Normalization, list_images, warn_skipped
 from .model import MobileNetV1
@@ -28,9 +29,8 @@ from .terminal import printable
 
 # Below this many images, compiling a runtime (seconds) costs more than it saves; the eager model runs them.
 COMPILE_FROM = 256
-# what predict runs by name: the eager model, the fastest measured here ("auto"), and the runtimes that serve
-# from this process (LiteRT's and ExecuTorch's files are for devices; Core ML does not run here)
-BACKENDS = ("eager", "auto", "torch", "onnxruntime", "openvino")
+# what predict runs by name (deploy.SERVE_BACKENDS: the eager model, "auto", the runtimes serving from here)
+BACKENDS = SERVE_BACKENDS
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 
 from . import metadata
 from .errors import MobilenetsError, ParameterError
-from .images import IMAGE_EXTENSIONS, ImageError, eval_pixels, load_pixels, to_tensor
+from .images import IMAGE_EXTENSIONS, ImageError, draft_side, eval_pixels, load_pixels, to_tensor
 from .model import MobileNetV1
 
 # Images per Parquet shard written by predict_files: a shard is the unit a resumed run skips or redoes.
@@ -91,21 +91,21 @@ def result_schema(topk: int, embedding_size: int | None):
     return pa.schema(fields)
 
 
-def _read(path: str):
+def _read(path: str, min_side):
     """A local path is decoded from the file; any other URL (s3://, gs://, ...) is read through fsspec first."""
     if "://" not in path or path.startswith("file://"):
-        return load_pixels(path.removeprefix("file://"))
+        return load_pixels(path.removeprefix("file://"), min_side=min_side)
     import fsspec
 
     with fsspec.open(path, "rb") as f:
-        return load_pixels(f.read())
+        return load_pixels(f.read(), min_side=min_side)
 
 
 class Classifier:
     """One Ray actor's model: built once, then called on batches of rows ``{"path"[, "bytes"]}``."""
 
     def __init__(self, model: MobileNetV1, topk: int, precision: str, backend: str | None, batch_size: int,
-                 threads: int, embedding: bool):
+                 threads: int, embedding: bool, exact: bool = False):
         from .predict import runner
 
         torch.set_num_threads(threads)
@@ -116,6 +116,8 @@ class Classifier:
         self.topk = min(topk, model.config.num_classes)
         self.model = model.eval()
         self.embedding = embedding
+        # large JPEGs decode at a reduced DCT scale unless exact, as predict does (images.draft_side)
+        self.min_side = None if exact else draft_side(self.resolution)
         # count: as many images as a compiled runtime is worth building for (predict compiles from COMPILE_FROM)
         self.run = runner(model, math.inf, precision, backend, None, batch_size, self.resolution)
         self.schema = result_schema(self.topk, model.num_features if embedding else None)
@@ -128,7 +130,8 @@ class Classifier:
         crops, good, errors = [], [], [None] * len(paths)
         for i, path in enumerate(paths):
             try:
-                pixels = load_pixels(bytes(data[i])) if data is not None else _read(path)
+                pixels = (load_pixels(bytes(data[i]), min_side=self.min_side) if data is not None
+                          else _read(path, self.min_side))
                 crops.append(eval_pixels(pixels, self.resolution))
                 good.append(i)
             except (ImageError, OSError) as e:  # a bad or unreadable file is its row's answer, not the job's end
@@ -155,7 +158,7 @@ class Classifier:
 
 def predict_dataset(dataset, model: MobileNetV1, *, topk: int = 5, precision: str = "fp32", backend: str | None = None,
                     embedding: bool = False, actors: int | None = None, threads: int | None = None,
-                    batch_size: int | None = None):
+                    batch_size: int | None = None, exact: bool = False):
     """Classify every row of a Ray ``dataset`` and return the Dataset of results (lazy, as Ray Data is).
 
     ``dataset`` rows: ``path`` (a local path or fsspec URL every node can
@@ -168,7 +171,9 @@ def predict_dataset(dataset, model: MobileNetV1, *, topk: int = 5, precision: st
     whatever ``precision`` the classifier runs at).  ``precision`` and
     ``backend`` are ``predict``'s (default backend: the fastest measured,
     "auto"; "eager" for fp32 PyTorch); int8 needs weights made int8-ready
-    by ``mobilenets quantize``.  ``actors``, ``threads`` (per actor) and
+    by ``mobilenets quantize``.  ``exact``: decode every pixel of large
+    JPEGs (default: a reduced DCT scale, as ``predict`` does, so a row's
+    answer is ``predict``'s for the same flags).  ``actors``, ``threads`` (per actor) and
     ``batch_size`` default to :func:`plan`'s choice for the connected cluster.
     """
     ray = _ray()
@@ -196,7 +201,8 @@ def predict_dataset(dataset, model: MobileNetV1, *, topk: int = 5, precision: st
         Classifier, batch_size=p.batch_size, batch_format="numpy", num_cpus=p.threads,
         compute=ray.data.ActorPoolStrategy(size=p.actors),
         fn_constructor_kwargs={"model": model.cpu(), "topk": topk, "precision": precision, "backend": backend,
-                               "batch_size": p.batch_size, "threads": p.threads, "embedding": embedding})
+                               "batch_size": p.batch_size, "threads": p.threads, "embedding": embedding,
+                               "exact": exact})
 
 
 # ---------------------------------------------------------------- files in, Parquet shards out

@@ -57,10 +57,10 @@ _EXPORTS = {
     "Predictor": "predictor", "compile": "predictor",
     "quantize_file": "prepare",
 }
-from .backend import BACKENDS, COMPILE_BACKENDS, EXPORT_PRECISIONS, PRECISIONS  # noqa: E402  (no PyTorch)
+from .backend import BACKENDS, COMPILE_BACKENDS, EXPORT_PRECISIONS, PRECISIONS, SERVE_BACKENDS  # noqa: E402  (no PyTorch)
 
 __all__ = [
-    "BACKENDS", "COMPILE_BACKENDS", "EXPORT_FORMATS", "EXPORT_PRECISIONS", "PRECISIONS", "Backend", "DeployError",
+    "BACKENDS", "COMPILE_BACKENDS", "EXPORT_FORMATS", "EXPORT_PRECISIONS", "PRECISIONS", "SERVE_BACKENDS", "Backend", "DeployError",
     "Predictor",
     "available_backends", "backend_supports", "bf16_supported", "builtin_batches", "calibration_batches",
     "check_export", "check_exported", "compile", "cpu_flags", "cpu_name", "default_precision", "export",

@@ -34,6 +34,10 @@ RUNTIMES = {
 BACKENDS = tuple(RUNTIMES)
 # what compile(backend=) takes: a runtime, or "auto" for the fastest measured here
 COMPILE_BACKENDS = ("auto", *BACKENDS)
+# what a caller serving from this process (predict, ray_predict) may run by name: the eager model, the fastest
+# measured here ("auto"), and the runtimes that serve from a Python process (LiteRT's and ExecuTorch's files
+# are for devices; Core ML does not run here). Here, not in predict, so that the CLI reads it without PyTorch.
+SERVE_BACKENDS = ("eager", "auto", "torch", "onnxruntime", "openvino")
 
 if TYPE_CHECKING:  # imported where used: the registries above are read without PyTorch (the CLI's choices)
     import torch
