@@ -20,7 +20,6 @@ step; compiling takes minutes too), DDP over gloo, so the code cannot rot; its f
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
