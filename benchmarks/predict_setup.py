@@ -12,6 +12,7 @@ batches).  mobilenets runs as a user types it (defaults), and with `--backend on
 choice was in the issue: its build is the ONNX export the cache now keeps), each first with an empty cache
 folder, then again on that folder.  Keras: keras.utils.image_dataset_from_directory + keras.applications.MobileNet
 .predict_on_batch (benchmarks/predict_throughput.py's runner), its steady rate from its own answers.
+Last, `deploy.compile` alone for each runtime that keeps its build, first and second, in fresh processes.
 The folders are 500x375 JPEGs cut from the real photos packages ship (predict_throughput.make_folder);
 the weights Google's MobileNet v1 1.0-224.
 
@@ -86,6 +87,30 @@ def run_keras(folder: Path) -> dict:
             "end_to_end_images_per_s": round(r["images"] / wall, 1)}
 
 
+COMPILE = """
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+import torch, mobilenets
+from mobilenets import deploy
+from mobilenets.deploy import backend as registry
+model = mobilenets.load(WEIGHTS)
+registry.get(BACKEND).available()  # its import is not the build
+t0 = time.perf_counter()
+predictor = deploy.compile(model, "fp32", batch_size=32, backend=BACKEND)
+print("RESULT " + json.dumps({"compile_s": time.perf_counter() - t0}))
+"""
+
+
+def time_compile(backend: str, weights: Path, cache: Path) -> float | None:
+    """Seconds of ``deploy.compile(model, "fp32", batch_size=32, backend=backend)`` in a fresh process, imports
+    and weights excluded."""
+    script = f"WEIGHTS = {str(weights)!r}\nBACKEND = {backend!r}\n" + COMPILE
+    env = {**os.environ, "MOBILENETS_CACHE": str(cache), "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=3600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    return round(json.loads(lines[-1][7:])["compile_s"], 2) if lines else None
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -95,13 +120,15 @@ def main() -> int:
     ap.add_argument("--counts", default="100,1000,10000")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-keras", action="store_true")
+    ap.add_argument("--compile-backends", default="onnxruntime,openvino,litert",
+                    help="also time deploy.compile alone, first and second, for these backends ('' for none)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mobilenets-predict-setup"))
     ap.add_argument("--name", default="predict_setup")
     args = ap.parse_args()
     from predict_throughput import cpu_name, make_folder, real_weights_and_calibration
 
     work = Path(args.work)
-    counts = [int(c) for c in args.counts.split(",")]
+    counts = [int(c) for c in args.counts.split(",") if c]
     weights, _ = real_weights_and_calibration(work)
     folders = {n: make_folder(work / f"imagenet-like-{n}", n, (500, 375), seed=1) for n in counts}
     command = "PYTHONPATH=src .venv/bin/python " + " ".join(["benchmarks/predict_setup.py", *sys.argv[1:]])
@@ -122,8 +149,15 @@ def main() -> int:
                      **run_keras(folders[n])}
                 runs.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
+    compiles = []
+    for backend in [b for b in args.compile_backends.split(",") if b]:
+        with tempfile.TemporaryDirectory(prefix="predict-setup-compile-") as cache:
+            first, load = time_compile(backend, weights, Path(cache)), uptime()
+            second = time_compile(backend, weights, Path(cache))
+        compiles.append({"backend": backend, "first_s": first, "second_s": second, "load": load})
+        print(json.dumps(compiles[-1]), file=sys.stderr, flush=True)
     load_after = uptime()
-    result = {"command": command, "cpu": cpu_name(), "cores": os.cpu_count(), "load_before": load_before,
+    result = {"compiles": compiles, "command": command, "cpu": cpu_name(), "cores": os.cpu_count(), "load_before": load_before,
               "load_after": load_after, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": runs}
     from mobilenets.atomic import atomic_write
 
@@ -144,6 +178,13 @@ def main() -> int:
         lines.append(f"| {r['images']} | {r['candidate']} | {r['run']} | {r['wall_s']} | {r['setup_s']} | "
                      f"{r['first_answer_s'] if r['first_answer_s'] is not None else '-'} | "
                      f"{r['steady_images_per_s']} | {r['end_to_end_images_per_s']} | {r.get('auto') or '-'} | {load1} |")
+    if compiles:
+        lines += ["", "`deploy.compile(model, \"fp32\", batch_size=32, backend=B)` alone (imports and weights excluded), "
+                  "each in a fresh process: with an empty cache folder, then again on it.", "",
+                  "| backend | first compile s | second compile s | load (1 min) |", "|---|---:|---:|---:|"]
+        for c in compiles:
+            load1 = c["load"].split("load average:")[-1].split(",")[0].strip()
+            lines.append(f"| {c['backend']} | {c['first_s']} | {c['second_s']} | {load1} |")
     atomic_write(RESULTS / f"{args.name}.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
     print("\n".join(lines))
     return 0

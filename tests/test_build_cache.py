@@ -2,7 +2,8 @@
 what the first exported, with the same logits; what changes the graph changes the entry; a damaged or foreign
 entry is built afresh, never run.
 
-Each test has its own cache folder.  The exporter of each runtime is counted (wrapped, still run), so "exported
+Each test has its own cache folder.  What an entry's key and trust cover is the same for every runtime; LiteRT,
+whose export is the quickest, stands for them where one is enough.  The exporter of each runtime is counted (wrapped, still run), so "exported
 again" is observed directly; the logits are compared with the eager model (the oracle) and with the first build.
 """
 
@@ -81,9 +82,9 @@ def test_a_second_compile_loads_the_first_ones_build_with_the_same_logits(backen
 
 def test_what_changes_the_graph_changes_the_entry(model, calibration, images, cache, monkeypatch):
     """Other weights, precision, batch size, resolution or calibration images never share an entry."""
-    if not available("onnxruntime"):
-        pytest.skip("onnxruntime is not installed")
-    exports = counted(monkeypatch, "onnxruntime")
+    if not available("litert"):
+        pytest.skip("litert is not installed")
+    exports = counted(monkeypatch, "litert")
     other = mobilenet_v1(0.25, num_classes=10).eval()
     requests = [
         (model, "fp32", {"batch_size": 2}),
@@ -96,11 +97,11 @@ def test_what_changes_the_graph_changes_the_entry(model, calibration, images, ca
     predictors = []
     for m, precision, options in requests:
         options = {"resolution": RES, **options}
-        predictors.append(deploy.compile(m, precision, backend="onnxruntime", **options))
-    assert len(exports) == len(requests) and len(list(cache.glob("onnxruntime-*"))) == len(requests)
+        predictors.append(deploy.compile(m, precision, backend="litert", **options))
+    assert len(exports) == len(requests) and len(list(cache.glob("litert-*"))) == len(requests)
     for (m, precision, options), first in zip(requests, predictors):  # each request reads its own entry back
         options = {"resolution": RES, **options}
-        again = deploy.compile(m, precision, backend="onnxruntime", **options)
+        again = deploy.compile(m, precision, backend="litert", **options)
         x = torch.nn.functional.interpolate(images, size=options["resolution"])
         assert torch.equal(first(x), again(x))
     assert len(exports) == len(requests)
@@ -109,11 +110,11 @@ def test_what_changes_the_graph_changes_the_entry(model, calibration, images, ca
 @pytest.mark.parametrize("damage", ["a flipped byte", "truncated", "another key's entry"])
 def test_a_damaged_or_foreign_entry_is_built_afresh_with_the_same_answers(damage, model, images, cache,
                                                                           monkeypatch):
-    if not available("onnxruntime"):
-        pytest.skip("onnxruntime is not installed")
-    exports = counted(monkeypatch, "onnxruntime")
-    first = deploy.compile(model, "fp32", batch_size=2, resolution=RES, backend="onnxruntime")
-    entry, = cache.glob("onnxruntime-*")
+    if not available("litert"):
+        pytest.skip("litert is not installed")
+    exports = counted(monkeypatch, "litert")
+    first = deploy.compile(model, "fp32", batch_size=2, resolution=RES, backend="litert")
+    entry, = cache.glob("litert-*")
     data = entry.read_bytes()
     if damage == "a flipped byte":  # in the graph's weights, past the signature
         i = len(data) - 200
@@ -121,17 +122,17 @@ def test_a_damaged_or_foreign_entry_is_built_afresh_with_the_same_answers(damage
     elif damage == "truncated":
         entry.write_bytes(data[:-100])
     else:  # a valid, signed entry of another request (batch size 3) in this one's place
-        deploy.compile(model, "fp32", batch_size=3, resolution=RES, backend="onnxruntime")
-        foreign, = set(cache.glob("onnxruntime-*")) - {entry}
+        deploy.compile(model, "fp32", batch_size=3, resolution=RES, backend="litert")
+        foreign, = set(cache.glob("litert-*")) - {entry}
         entry.write_bytes(foreign.read_bytes())
     built = len(exports)
     with pytest.warns(UserWarning, match="does not carry this cache's signature"):
-        mended = deploy.compile(model, "fp32", batch_size=2, resolution=RES, backend="onnxruntime")
+        mended = deploy.compile(model, "fp32", batch_size=2, resolution=RES, backend="litert")
     assert len(exports) == built + 1
     assert torch.equal(first(images), mended(images))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the entry was replaced by a signed one: read back quietly
-        deploy.compile(model, "fp32", batch_size=2, resolution=RES, backend="onnxruntime")
+        deploy.compile(model, "fp32", batch_size=2, resolution=RES, backend="litert")
     assert len(exports) == built + 1
 
 

@@ -14,6 +14,7 @@ is bounded (:data:`MAX_BYTES`): the least recently used entries go first.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import importlib.metadata as md
@@ -94,7 +95,7 @@ def cached_build(backend: str, folded, precision: str, batches: list[torch.Tenso
     is not signed by this cache, or that ``load`` refuses, is made afresh (with a warning) and replaced.
     """
     path = entry_path(backend, folded, precision, batches, batch_size, resolution, libraries, suffix)
-    secret = trusted_secret(path.parent, "build", "building afresh", stacklevel=5)
+    secret = _secret(path.parent)
     data = _read(secret, path) if secret is not None else None
     if data is not None:
         try:
@@ -102,12 +103,27 @@ def cached_build(backend: str, folded, precision: str, batches: list[torch.Tenso
         except Exception as e:  # signed but unreadable (a runtime that changed without its version): rebuild
             warnings.warn(f"ignoring the cached build {path}: {type(e).__name__}: {e}", stacklevel=4)
         else:
-            path.touch()  # recently used: evicted last
+            with contextlib.suppress(OSError):  # a read-only folder still serves
+                path.touch()  # recently used: evicted last
             return run
     data = make()
     if secret is not None:
         _keep(secret, path, data)
     return load(data)
+
+
+_untrusted_folders: set[Path] = set()
+
+
+def _secret(folder: Path) -> bytes | None:
+    """The folder's secret; None where it cannot be trusted, said once per folder and process (auto builds
+    several runtimes in one compile)."""
+    if folder in _untrusted_folders:
+        return None
+    secret = trusted_secret(folder, "build", "building afresh", stacklevel=6)
+    if secret is None:
+        _untrusted_folders.add(folder)
+    return secret
 
 
 def _read(secret: bytes, path: Path) -> bytes | None:
@@ -133,11 +149,15 @@ def _keep(secret: bytes, path: Path, data: bytes) -> None:
     mark = signature(secret, path.name, data).encode()
     try:
         atomic_write(path, lambda f: (f.write(mark), f.write(data)))
-        entries = sorted((p for p in path.parent.iterdir() if p.is_file() and not p.name.startswith(".")),
-                         key=lambda p: p.stat().st_mtime, reverse=True)
+        entries = []
+        for p in path.parent.iterdir():
+            if not p.name.startswith("."):  # not the key, nor another writer's temporary file
+                with contextlib.suppress(OSError):  # gone meanwhile: another process evicted it
+                    st = p.stat()
+                    entries.append((st.st_mtime, st.st_size, p))
         total = 0
-        for p in entries:
-            total += p.stat().st_size
+        for _, size, p in sorted(entries, key=lambda e: e[0], reverse=True):  # newest first
+            total += size
             if total > MAX_BYTES and p != path:
                 p.unlink(missing_ok=True)
     except (OSError, MobilenetsError) as e:
