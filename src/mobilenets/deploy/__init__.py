@@ -19,6 +19,8 @@ Backends, one module each behind :class:`~.backend.Backend`:
   weights); Core ML runs only on Apple platforms, so :func:`check_exported` checks the package here.
 - ``"auto"`` (:mod:`.auto`): times each available backend once and caches
   the fastest in ``mobilenets.cache.cache_dir()``.
+
+What a build exports is kept there too (:mod:`.artifacts`), so the same model is exported once.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..formats import tflite_schema as fb
+from .artifacts import cached_build
 from .backend import Backend, ExportFormat, Run
 from .calibration import as_input
 from .machine import DeployError
@@ -81,8 +82,11 @@ class LiteRT(Backend):
         return "LiteRT (XNNPACK)" + (", full-integer int8 per-channel" if precision == "int8" else "")
 
     def build(self, folded, precision, batches, batch_size, resolution, workdir) -> Run:
-        return runner(interpreter(tflite_bytes(folded, precision, batches, resolution, io="float"
-                                               if precision == "int8" else None)))
+        return cached_build(self.name, folded, precision, batches, batch_size, resolution,
+                            libraries=("ai-edge-litert", "flatbuffers"), suffix=".tflite",
+                            make=lambda: tflite_bytes(folded, precision, batches, resolution,
+                                                      io="float" if precision == "int8" else None),
+                            load=lambda data: runner(interpreter(data)))
 
     def save(self, folded, path, format, precision, batches, resolution, *, io=None, metadata=None,
              ranges=None) -> Path:

@@ -71,7 +71,9 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
     ``resolution`` (default 224) fix the compiled shape: other batch sizes run
     in chunks (the last one padded), other resolutions are refused.
     ``backend``: "auto" (measure the available backends once, cache the
-    fastest), "torch", "onnxruntime" or "openvino".  Nothing is left on disk.
+    fastest), "torch", "onnxruntime" or "openvino".  What a runtime exports (ONNX graph, .tflite,
+    OpenVINO IR) is kept in the cache folder and loaded by the next compile of the same request
+    (:mod:`.artifacts`); nothing else is left on disk.
     ``int8``: "prepared" (default) makes the model int8-ready first
     (:mod:`mobilenets.quantize`; weights from ``mobilenets quantize`` are used as
     they are), "plain" leaves each runtime's own post-training quantization;

@@ -16,19 +16,16 @@ model's own int8 data is 7-bit (docs/deploy.md).
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import hmac
 import json
 import math
-import os
-import secrets
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_write
+from ..cache import code_sha256, signature, signed, trusted_secret
 from ..errors import MobilenetsError
 from ..folding import FoldedConv, FoldedMobileNet, fold_batchnorm
 from ..model import MobileNetV1
@@ -87,10 +84,10 @@ def prepared_int8(model: MobileNetV1, batches: list[torch.Tensor], *, log=None, 
     path = cache_path(model, batches, weight_qmax)
     folder = path.parent
     resolution = int(batches[0].shape[-1])
-    secret = _trusted_secret(folder)
+    secret = trusted_secret(folder, "int8", "preparing int8 afresh")
     if secret is None:
         return quantize.prepare_int8(model, batches, weight_qmax=weight_qmax)
-    if path.is_file() and not _signed(secret, path):
+    if path.is_file() and not signed(secret, path):
         warnings.warn(f"ignoring the cached int8 preparation {path}: it does not carry this cache's signature "
                       f"(edited, or written elsewhere); preparing it afresh", stacklevel=3)
     elif path.is_file():
@@ -113,67 +110,14 @@ def prepared_int8(model: MobileNetV1, batches: list[torch.Tensor], *, log=None, 
     ready = quantize.prepare_int8(model, batches, log=log, weight_qmax=weight_qmax)
     try:
         quantize.save(ready, model, path)
-        signature = _signature(secret, path)
-        atomic_write(path.with_suffix(".sig"), lambda f: f.write(signature.encode()))
+        mark = signature(secret, path.name, path.read_bytes())
+        atomic_write(path.with_suffix(".sig"), lambda f: f.write(mark.encode()))
         for old in sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)[:-INT8_CACHE_ENTRIES]:
             old.unlink(missing_ok=True)
             old.with_suffix(".sig").unlink(missing_ok=True)
     except (OSError, MobilenetsError) as e:  # a cache that cannot be written costs the next run time, not its result
         warnings.warn(f"could not keep the int8 preparation in {folder}: {e}", stacklevel=3)
     return ready
-
-
-# The cache's trust model, as ssh treats its keys: the folder must be the user's and writable by no one else,
-# else it is not used. Each entry carries an HMAC, under a secret kept in the folder (0600), of its key (the
-# file name) and its bytes: an entry edited (ranges changed, checksums recomputed), copied from another key or
-# another machine fails the check and is prepared afresh, with a warning.
-def _trusted_secret(folder: Path) -> bytes | None:
-    """The folder's secret, made on first use; None (after a warning) where the folder cannot be trusted."""
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        why = _untrusted(folder)
-        key = folder / ".key"
-        if why is None:
-            try:
-                fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secrets.token_bytes(32))
-            st = key.stat()
-            if st.st_uid != os.getuid() or st.st_mode & 0o077:
-                why = f"its key {key} is readable or writable by others, or not yours"
-    except OSError as e:
-        why = f"it cannot be used ({e.strerror or e})"
-    if why is None:
-        secret = key.read_bytes()
-        if len(secret) == 32:
-            return secret
-        why = f"its key {key} is damaged (delete it to start afresh)"
-    warnings.warn(f"not using the int8 cache {folder}: {why}; preparing int8 afresh", stacklevel=4)
-    return None
-
-
-def _untrusted(folder: Path) -> str | None:
-    st = folder.stat()
-    if st.st_uid != os.getuid():
-        return f"it belongs to user id {st.st_uid}, not to you"
-    if st.st_mode & 0o022:
-        return "others may write to it (chmod go-w fixes that)"
-    return None
-
-
-def _signature(secret: bytes, path: Path) -> str:
-    return hmac.new(secret, path.name.encode() + b"\0" + path.read_bytes(), hashlib.sha256).hexdigest()
-
-
-def _signed(secret: bytes, path: Path) -> bool:
-    try:
-        recorded = path.with_suffix(".sig").read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return False
-    return hmac.compare_digest(recorded, _signature(secret, path))
 
 
 def cache_path(model: MobileNetV1, batches: list[torch.Tensor], weight_qmax: int | None = None) -> Path:
@@ -183,7 +127,7 @@ def cache_path(model: MobileNetV1, batches: list[torch.Tensor], weight_qmax: int
     from ..quantize.sim import WEIGHT_QMAX
     from ..weights import tensors_sha256
 
-    key = {"config": model.config.to_dict(), "torch": torch.__version__, "code": _code_sha256(),
+    key = {"config": model.config.to_dict(), "torch": torch.__version__, "code": code_sha256(),
            "batches": [list(b.shape) for b in batches]}
     weight_qmax = int8_weight_qmax() if weight_qmax is None else weight_qmax
     if weight_qmax != WEIGHT_QMAX:  # full-range entries keep the keys they had
@@ -194,16 +138,6 @@ def cache_path(model: MobileNetV1, batches: list[torch.Tensor], weight_qmax: int
     for b in batches:
         h.update(b.detach().float().contiguous().cpu().numpy().tobytes())
     return cache_dir() / "int8" / f"{h.hexdigest()[:32]}.safetensors"
-
-
-@functools.cache
-def _code_sha256() -> str:
-    """Of every source file of this package: a changed mobilenets prepares anew rather than trust old results."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
 
 
 def carries_int8(model: MobileNetV1, precision: str, int8: str = "prepared") -> bool:
