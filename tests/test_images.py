@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import mobilenets.errors
 from mobilenets import images
@@ -301,3 +301,35 @@ def test_without_a_side_a_jpeg_is_pils_full_decode_bit_for_bit(tmp_path):
         expected = np.array(im.convert("RGB"))
     got = images.load_pixels(path)
     assert got.shape == (3, 1230, 1640) and np.array_equal(got.permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_multi_picture_jpeg_decodes_as_a_jpeg_does(tmp_path, jpeg_decodes, orientation):
+    """An MPO file (a JPEG followed by more pictures: what iPhones and many cameras write) is decoded as the JPEG
+    it starts with: at the reduced DCT scale (libjpeg-turbo's own scaled decode, simplejpeg asked for the size,
+    is the reference) and, exactly, by the fast path with PIL's pixels bit for bit.  It was once decoded whole
+    by PIL whatever was asked, three times the CPU of the reduced scale."""
+    import simplejpeg
+
+    from real_data import photos
+
+    exif = Image.Exif()
+    exif[images.EXIF_ORIENTATION] = orientation
+    first = Image.open(_textured_jpeg(tmp_path, 1640, 1230)).convert("RGB")
+    preview = Image.fromarray(photos()[1][1]).resize((160, 120))
+    path = save(tmp_path, "phone.jpg", first, format="MPO", save_all=True, append_images=[preview], quality=90,
+                exif=exif)
+    with Image.open(path) as im:
+        assert im.format == "MPO" and im.n_frames == 2  # the fixture is what a phone writes
+        expected = np.array(ImageOps.exif_transpose(im.convert("RGB")))
+    reference = Image.fromarray(simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB", min_width=820,
+                                                       min_height=615))
+    assert reference.size == (820, 615)
+    if orientation == 6:
+        reference = reference.transpose(Image.Transpose.ROTATE_270)
+    jpeg_decodes.clear()
+    reduced = images.load_pixels(path, min_side=images.draft_side(224))  # 512: 1/2 covers it, 1/4 does not
+    assert torch.equal(reduced, torch.from_numpy(np.array(reference)).permute(2, 0, 1))
+    assert images.load_rgb(path, min_side=images.draft_side(224)).size == reference.size
+    whole = images.load_pixels(path)
+    assert len(jpeg_decodes) == 1 and np.array_equal(whole.permute(1, 2, 0).numpy(), expected)

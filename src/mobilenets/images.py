@@ -29,6 +29,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 EXIF_ORIENTATION = 0x0112  # the tag ImageOps.exif_transpose follows
 
+# What PIL names a JPEG: "MPO" is a multi-picture JPEG (CIPA DC-007), what iPhones, GoPros and many cameras
+# write (a photo plus a preview or depth map), whose first image is an ordinary JPEG that libjpeg decodes,
+# at any DCT scale, stopping at its end.  Read as anything else, 24 of 60 12-megapixel camera photos
+# decoded every pixel by PIL, at three times the CPU (benchmarks/results/decode_floor.md).
+JPEG_FORMATS = ("JPEG", "MPO")
+
 # The crop fraction of the Inception/TF-slim evaluation: resize to resolution / 0.875, centre-crop.
 CROP_FRACTION = 0.875
 
@@ -70,7 +76,7 @@ def _check_size(path, im: Image.Image, size: int | None = None) -> tuple[int, in
                          f"image alone")
     if w * h <= MAX_DECODED_PIXELS:
         return None
-    if im.format == "JPEG":
+    if im.format in JPEG_FORMATS:
         for scale in (2, 4, 8):  # what libjpeg's DCT scaling offers
             if math.ceil(w / scale) * math.ceil(h / scale) <= MAX_DECODED_PIXELS:
                 return math.ceil(w / scale), math.ceil(h / scale)
@@ -156,7 +162,7 @@ def load_pixels(path: str | Path | bytes, *, min_side: int | Callable[[int, int]
         with _opened(io.BytesIO(data) if data is not None else path) as im:
             bound = _check_size(path, im, len(data) if data is not None else None)
             draft = _smaller(_draft_size(im, min_side), bound)
-            jpeg = _simplejpeg() if im.format == "JPEG" and im.mode in ("RGB", "L") and not draft else None
+            jpeg = _simplejpeg() if im.format in JPEG_FORMATS and im.mode in ("RGB", "L") and not draft else None
             if jpeg is not None:
                 try:
                     hwc = jpeg.decode_jpeg(bytes(data) if data is not None else path.read_bytes(),
@@ -205,7 +211,7 @@ def _smaller(draft: tuple[int, int] | None, bound: tuple[int, int] | None) -> tu
 
 def _draft_size(im: Image.Image, min_side) -> tuple[int, int] | None:
     """The size to ask PIL's ``draft`` for (a JPEG whose needed shorter side is below its own), else None."""
-    if not min_side or im.format != "JPEG":
+    if not min_side or im.format not in JPEG_FORMATS:
         return None
     w, h = im.size
     if callable(min_side):

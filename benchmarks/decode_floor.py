@@ -1,0 +1,246 @@
+"""How close `predict` comes, in CPU per image, to the floor of decoding a 12-megapixel photo plus the model.
+
+    nice -n 5 .venv/bin/python benchmarks/decode_floor.py PHOTOS [--megapixels 10.5 14.5] [--rounds 3]
+        [--images 320 640]
+
+PHOTOS: a folder of camera JPEGs (subfolders too), e.g. the 195 photos of benchmarks/decode_agreement_sources.json
+(not in the repository: their licences ask it); the ones of 10.5 to 14.5 megapixels are measured.  Every figure is
+CPU time (time.process_time, one thread; resource.getrusage for the child processes): what the work costs, which
+a busy machine inflates less than it does wall time.
+
+- floor: PIL opens the file and decodes it at 1/8 scale (``draft``) and nothing else: the entropy decoding every
+  pixel needs plus libjpeg's 1x1 IDCT, the least any decoder of the file does;
+- predict's decode: images.load_pixels(min_side=images.draft_side(224)) (predict's default scale, 1/4 for
+  12 megapixels), then images.eval_pixels (resize and centre crop to 224); also its decode alone;
+- exact: images.load_pixels (every pixel) then images.eval_pixels;
+- model: deploy.compile(real MobileNet v1 1.0-224 weights, precision, batch_size=32) for each backend installed,
+  per image of a batch of 32 (fp32 and int8; this CPU is AVX2-only, so int8 weights are 7-bit);
+- actual: ``python -m mobilenets predict --weights W FOLDER --json`` (default flags; int8: ``--precision int8
+  --calib-data``) as a child process, on folders of N1 and N2 images (the photos repeated, as links), after one
+  warm-up run that fills the caches; CPU of the process and its workers, per image = (CPU(N2) - CPU(N1)) /
+  (N2 - N1), so set-up (imports, compiling, the first workers) cancels; set-up = CPU(N1) - N1 x per image.
+
+Per file and variant, the median over ``--rounds`` interleaved rounds; then the mean over files.  Reports
+floor + model, predict's decode + model, actual, and actual / (floor + model) (issue 24's target: <= 1.15).
+Writes benchmarks/results/decode_floor.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks"), str(ROOT / "tests")]
+RESULTS = ROOT / "benchmarks" / "results"
+RESOLUTION = 224
+
+
+def photos(folder: Path, low: float, high: float) -> list[Path]:
+    from PIL import Image
+
+    from mobilenets import images
+
+    found = []
+    for f in images.list_images(folder):
+        with Image.open(f) as im:
+            if im.format in images.JPEG_FORMATS and low * 1e6 <= im.size[0] * im.size[1] <= high * 1e6:
+                found.append(f)
+    return found
+
+
+def decode_costs(files: list[Path], rounds: int) -> dict[str, float]:
+    """Mean over files of the median CPU seconds of each way of decoding."""
+    from PIL import Image
+
+    from mobilenets import images
+
+    def floor(f):
+        with Image.open(f) as im:
+            im.draft(None, (im.size[0] // 8, im.size[1] // 8))
+            im.load()
+
+    side = images.draft_side(RESOLUTION)
+    ways = {"floor (1/8, decode only)": floor,
+            "predict's decode alone": lambda f: images.load_pixels(f, min_side=side),
+            "predict's decode + resize + crop": lambda f: images.eval_pixels(images.load_pixels(f, min_side=side),
+                                                                              RESOLUTION),
+            "exact decode + resize + crop": lambda f: images.eval_pixels(images.load_pixels(f), RESOLUTION)}
+    for way in ways.values():  # imports and first-call set-up
+        way(files[0])
+    seconds: dict[str, dict[Path, list[float]]] = {name: {f: [] for f in files} for name in ways}
+    for _ in range(rounds):
+        for f in files:
+            for name, way in ways.items():
+                start = time.process_time()
+                way(f)
+                seconds[name][f].append(time.process_time() - start)
+    return {name: statistics.mean(statistics.median(v) for v in by_file.values()) for name, by_file in seconds.items()}
+
+
+def model_costs(weights: Path, calib: Path, batches: int) -> dict[str, dict[str, float]]:
+    """CPU seconds per image of a batch of 32, per precision and backend (one thread)."""
+    import torch
+
+    import mobilenets
+    from mobilenets import deploy
+
+    model = mobilenets.load(weights).eval()
+    calibration, _ = deploy.image_batches(calib, RESOLUTION)
+    x = torch.cat(calibration)[:32]
+    x = torch.cat([x] * (32 // len(x) + 1))[:32]
+    costs: dict[str, dict[str, float]] = {}
+    for precision in ("fp32", "int8"):
+        costs[precision] = {}
+        for backend in deploy.available_backends():
+            if not deploy.backend_supports(backend, precision) or backend in ("litert", "executorch"):
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                predictor = deploy.compile(model, precision, calibration=calibration if precision == "int8" else None,
+                                           batch_size=32, resolution=RESOLUTION, backend=backend)
+            predictor(x)
+            start = time.process_time()
+            for _ in range(batches):
+                predictor(x)
+            costs[precision][backend] = (time.process_time() - start) / batches / 32
+            print(f"model {precision} {backend}: {costs[precision][backend] * 1000:.2f} ms", file=sys.stderr,
+                  flush=True)
+    return costs
+
+
+def folder_of(files: list[Path], count: int, work: Path) -> Path:
+    """A folder of ``count`` links to ``files``, repeated in order."""
+    folder = work / f"photos-{count}"
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        for k in range(count):
+            f = files[k % len(files)]
+            (folder / f"{k:05d}{f.suffix.lower()}").symlink_to(f.resolve())
+    return folder
+
+
+def child_cpu(command: list[str]) -> tuple[float, float]:
+    """(CPU seconds of ``command`` and the processes it started, wall seconds)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+
+
+def actual_costs(weights: Path, calib: Path, files: list[Path], counts: tuple[int, int], work: Path) -> dict:
+    flags = {"fp32": [], "int8": ["--precision", "int8", "--calib-data", str(calib)]}
+    out = {}
+    for precision, extra in flags.items():
+        runs = {}
+        for count in (counts[0], *counts):  # the first run fills the caches (int8 ranges, the runtime chosen)
+            folder = folder_of(files, count, work)
+            command = [sys.executable, "-m", "mobilenets", "predict", "--weights", str(weights), str(folder),
+                       "--json", *extra]
+            runs[count] = child_cpu(command)
+            print(f"predict {precision} {count} images: {runs[count][0]:.1f} s CPU, {runs[count][1]:.1f} s wall",
+                  file=sys.stderr, flush=True)
+        (cpu1, wall1), (cpu2, wall2) = runs[counts[0]], runs[counts[1]]
+        per_image = (cpu2 - cpu1) / (counts[1] - counts[0])
+        out[precision] = {"cpu_s": {str(n): runs[n][0] for n in counts}, "wall_s": {str(n): runs[n][1] for n in counts},
+                          "per_image_s": per_image, "setup_s": cpu1 - counts[0] * per_image,
+                          "command": " ".join(["python -m mobilenets predict --weights W FOLDER --json", *extra])}
+    return out
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("photos", type=Path)
+    ap.add_argument("--megapixels", type=float, nargs=2, default=(10.5, 14.5))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--images", type=int, nargs=2, default=(320, 640))
+    ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "mobilenets-decode-floor"))
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    from predict_throughput import cpu_name, real_weights_and_calibration
+
+    load_before = uptime()
+    work = Path(args.work)
+    files = photos(args.photos, *args.megapixels)
+    print(f"{len(files)} photos of {args.megapixels[0]}-{args.megapixels[1]} megapixels", file=sys.stderr)
+    weights, calib = real_weights_and_calibration(work)
+    decode = decode_costs(files, args.rounds)
+    for name, s in decode.items():
+        print(f"{name}: {s * 1000:.2f} ms", file=sys.stderr, flush=True)
+    model = model_costs(weights, calib, args.batches)
+    actual = actual_costs(weights, calib, files, tuple(args.images), work)
+    load_after = uptime()
+    floor = decode["floor (1/8, decode only)"]
+    ours = decode["predict's decode + resize + crop"]
+    rows = []
+    for precision in ("fp32", "int8"):
+        backend = min(model[precision], key=model[precision].get)
+        m = model[precision][backend]
+        a = actual[precision]["per_image_s"]
+        rows.append({"precision": precision, "backend": backend, "model_ms": m * 1000,
+                     "floor_plus_model_ms": (floor + m) * 1000, "decode_plus_model_ms": (ours + m) * 1000,
+                     "actual_ms": a * 1000, "setup_s": actual[precision]["setup_s"],
+                     "actual_over_floor_plus_model": a / (floor + m), "actual_over_decode_plus_model": a / (ours + m)})
+    from mobilenets import images
+
+    command = "nice -n 5 .venv/bin/python " + " ".join(["benchmarks/decode_floor.py", *sys.argv[1:]])
+    result = {"command": command, "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "uptime_before": load_before,
+              "uptime_after": load_after, "photos": [str(f.relative_to(args.photos)) for f in files],
+              "mpo_photos": sum(1 for f in files if _format(f) == "MPO"), "decode_s": decode, "model_s": model,
+              "actual": actual, "rows": rows, "draft_side": images.draft_side(RESOLUTION)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    from mobilenets.atomic import atomic_write
+
+    atomic_write(RESULTS / "decode_floor.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
+    lines = [f"# predict's CPU per 12-megapixel photo against the decoding floor ({result['date']})", "",
+             f"    {command}", "",
+             f"CPU: {result['cpu']}, {result['cores']} cores, shared with other sessions (busy: load before "
+             f"`{load_before}`, after `{load_after}`).  {len(files)} camera photos of {args.megapixels[0]} to "
+             f"{args.megapixels[1]} megapixels ({result['mpo_photos']} of them MPO); CPU milliseconds per image.", "",
+             "| decoding (one thread) | ms |", "|---|---:|"]
+    lines += [f"| {name} | {s * 1000:.2f} |" for name, s in decode.items()]
+    lines += ["", "| precision | model ms (fastest backend) | floor + model | predict's decode + model | actual "
+              "(end to end, per image) | set-up s | actual / (floor + model) | actual / (decode + model) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['precision']} | {r['model_ms']:.2f} ({r['backend']}) | {r['floor_plus_model_ms']:.2f} | "
+                     f"{r['decode_plus_model_ms']:.2f} | {r['actual_ms']:.2f} | {r['setup_s']:.1f} | "
+                     f"{r['actual_over_floor_plus_model']:.2f} | {r['actual_over_decode_plus_model']:.2f} |")
+    lines += ["", "Model CPU ms per image, every backend: " + "; ".join(
+        f"{p} " + ", ".join(f"{b} {s * 1000:.2f}" for b, s in by.items()) for p, by in model.items()),
+              "", "Actual: " + "; ".join(f"{p}: `{a['command']}`, CPU s " + ", ".join(
+                  f"{n} images {c:.1f} (wall {a['wall_s'][n]:.1f})" for n, c in a["cpu_s"].items())
+                  for p, a in actual.items())]
+    atomic_write(RESULTS / "decode_floor.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    print("\n".join(lines))
+    return 0
+
+
+def _format(path: Path) -> str | None:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.format
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
