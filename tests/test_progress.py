@@ -203,3 +203,23 @@ def test_the_one_runtime_built_runs_the_job_only_when_it_measured_faster_than_ea
     name, run, timings = auto.choose({"alpha": 0.25}, folded, "fp32", [], 2, 128, work=10_000)
     assert name == "eager" and timings["sleepy"] > timings["eager"]
     assert auto.expected("sleepy", "fp32")[1] > 1  # remembered: next time it is not worth building
+
+
+@pytest.mark.parametrize("remembered, timed", [(0.3, False), (0.8, True)])
+def test_a_runtime_measured_well_under_eager_here_is_not_timed_against_eager_again(fresh_cache, monkeypatch,
+                                                                                    remembered, timed):
+    # the comparison costs an eager batch whose answers are thrown away (2.6-5.9 s for 1.0-224); a runtime this
+    # CPU measured at half eager's time or less wins it anyway. Above that margin it is timed again.
+    folded = fold_batchnorm(mobilenets.mobilenet_v1(0.25, num_classes=10).eval())
+    monkeypatch.setattr(auto, "eager_job_seconds", lambda run, resolution, work: 1000.0)
+    monkeypatch.setattr(auto, "plan", lambda candidates, precision, job_s, batches: ("one", ["quick"]))
+    monkeypatch.setattr(auto.backend, "build", lambda name, f, precision, batches, batch_size, resolution: f)
+    calls = []
+    monkeypatch.setattr(auto, "time_run", lambda run, x, **kw: calls.append(run) or np.array([20.0]))
+    auto._remember_build("quick", "fp32", 1.0, remembered)
+    lines = []
+    name, run, timings = auto.choose({"alpha": 0.25}, folded, "fp32", [], 2, 128, work=10_000, log=lines.append)
+    assert bool(calls) == timed and bool(timings) == timed
+    assert name == ("eager" if timed and timings["eager"] <= timings["quick"] else "quick")
+    if not timed:
+        assert lines[-1] == "auto: quick (measured here at 0.30 of eager PyTorch's time) runs this job"
