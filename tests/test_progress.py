@@ -223,3 +223,23 @@ def test_a_runtime_measured_well_under_eager_here_is_not_timed_against_eager_aga
     assert name == ("eager" if timed and timings["eager"] <= timings["quick"] else "quick")
     if not timed:
         assert lines[-1] == "auto: quick (measured here at 0.30 of eager PyTorch's time) runs this job"
+
+
+def test_auto_lists_the_installed_runtimes_without_importing_them():
+    # importing ONNX Runtime, OpenVINO and LiteRT took 1.9 s of each predict's set-up, to time at most one of
+    # them; a fresh process, as this one may have imported them already. The list is the one importing gives.
+    import json
+
+    code = ("import json, sys, mobilenets; from mobilenets.deploy import auto, backend, fold_batchnorm\n"
+            "folded = fold_batchnorm(mobilenets.mobilenet_v1(0.25).eval())\n"
+            "listed = auto.tried(folded, 'fp32', [])\n"
+            "imported = [m for n in listed if n != 'torch' for m in backend.get(n).requires "
+            "if m.split('.')[0] in sys.modules]\n"
+            "importable = [n for n in backend.BACKENDS if backend.backend_supports(n, 'fp32') and "
+            "backend.get(n).tried_by_auto and not backend.get(n).needs_calibration(folded, 'fp32') and "
+            "backend.get(n).available()]\n"
+            "print(json.dumps([listed, imported, importable]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    listed, imported, importable = json.loads(done.stdout)
+    assert len(listed) > 1 and imported == [] and listed == importable
