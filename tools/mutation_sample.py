@@ -61,7 +61,10 @@ _QUANTIZE_TESTS = ["test_equalization_keeps_the_float_model",
                    "test_fake_quant_values_are_torchs_fake_quantize_bit_for_bit",
                    "test_rounding_by_error_is_the_column_by_column_algorithm",
                    "test_input_windows_are_unfolds_windows_bit_for_bit", "test_int8_ready_file_round_trips",
-                   "test_simulation_computes_what_onnx_runtime_runs", "test_bad_input_is_refused_with_what_works"]
+                   "test_simulation_computes_what_onnx_runtime_runs", "test_bad_input_is_refused_with_what_works",
+                   "test_rounding_by_error_needs_enough_calibration_windows",
+                   "test_calibration_rounds_weights_by_error",
+                   "test_calibrating_both_roundings_at_once_gives_each_alone_and_the_float_logits"]
 
 # module -> (source files mutated, the tests that cover them); tests chosen to be the ones a bug in those sources
 # should fail, and short enough to run once per mutant on a busy 2-core machine (a test file, or node ids where
@@ -79,7 +82,9 @@ MODULES = {
                    ["tests/test_weights.py", "tests/test_tf_frozen.py"]),
     "quantize": (["src/mobilenets/quantize/calibrate.py", "src/mobilenets/quantize/sim.py",
                   "src/mobilenets/quantize/rounding.py", "src/mobilenets/deploy/prepare.py"],
-                 [f"tests/test_quantize.py::{t}" for t in _QUANTIZE_TESTS]),
+                 [f"tests/test_quantize.py::{t}" for t in _QUANTIZE_TESTS] +
+                 # deploy/prepare.py's cache of prepared int8 models, keyed and signed (~30 s at load 7)
+                 ["tests/test_caches.py::test_int8_entries_are_trusted_only_when_signed_by_a_private_cache"]),
     "checkpoint": (["src/mobilenets/checkpoint.py"], ["tests/test_checkpoint.py"]),
     "cost": (["src/mobilenets/cost.py"], ["tests/test_cost.py", "tests/test_paper.py"]),
 }
