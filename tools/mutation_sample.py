@@ -12,8 +12,9 @@ made the tests hang). Each mutant runs in a copy of the checkout in a temp folde
 never changed, and under ``nice``. A full run does not fit in CI on 2 cores, hence the sample.
 
 Results go to ``<out>.json`` (every sampled mutant: id, line, diff, outcome) and ``<out>.md`` (the score per
-module). Mutants inside an annotation of a module that postpones them are equivalent by construction and are not
-run. Survivors are triaged by hand in ``benchmarks/results/mutation_triage.json``: for each survivor's
+module). The draw passes over mutants that test nothing, recorded as "passed over" and not counted: those inside an
+annotation of a module that postpones them (equivalent by construction) and those that are not Python (cosmic-ray
+writes e.g. ``def f(a, |, b)``; they fail on import and would count as killed). Survivors are triaged by hand in ``benchmarks/results/mutation_triage.json``: for each survivor's
 id, either ``{"killed_by": "tests/test_x.py::test_y"}`` (a test added to kill it) or ``{"equivalent":
 "one-line reason"}``. The score per module is killed / (sampled - equivalent), where a survivor that a
 triaged test kills counts as killed only after a rerun shows it (``--rerun-triaged``). Target: 85% or more
@@ -138,6 +139,45 @@ def annotation_spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]
     return found
 
 
+def _in_annotation(copy: Path, spec, spans: dict) -> bool:
+    where = tuple(spec.start_pos)
+    return any(a <= where < b for a, b in spans[str(Path(spec.module_path).relative_to(copy))])
+
+
+def _compiles(spec) -> bool:
+    """Whether the mutated module is Python at all: cosmic-ray also writes mutants such as ``def f(a, |, b)``
+    (``*`` replaced in a signature) that fail on import, so every test fails and they would count as killed
+    without having tested anything."""
+    from cosmic_ray.mutating import mutate_code
+    from cosmic_ray.plugins import get_operator
+
+    code = mutate_code(Path(spec.module_path).read_text(), get_operator(spec.operator_name)(), spec.occurrence)
+    try:
+        compile(code or "", str(spec.module_path), "exec")
+    except SyntaxError:
+        return False
+    return True
+
+
+def draw(copy: Path, items: list, spans: dict, n: int, rng: random.Random) -> tuple[list, list]:
+    """``n`` mutants in a seeded random order, passing over those that test nothing: inside a postponed
+    annotation (equivalent by construction) or not valid Python (incompetent). Returns (drawn, passed over
+    with the reason), so that ``n`` is the number of mutants that actually measure the tests."""
+    order = rng.sample(items, len(items))
+    drawn, skipped = [], []
+    for item in order:
+        if len(drawn) == n:
+            break
+        spec = item.mutations[0]
+        if _in_annotation(copy, spec, spans):
+            skipped.append((item, "annotation"))
+        elif not _compiles(spec):
+            skipped.append((item, "incompetent"))
+        else:
+            drawn.append(item)
+    return drawn, skipped
+
+
 def mutant_id(copy: Path, spec) -> str:
     return f"{Path(spec.module_path).relative_to(copy)}:{spec.operator_name}:{spec.occurrence}"
 
@@ -154,10 +194,13 @@ def run(modules: list[str], per_module: int, seed: int, timeout: float, only=Non
             for module in modules:
                 sources, tests = MODULES[module]
                 items = _mutants(copy, sources)
-                sample = random.Random(f"{seed}:{module}").sample(items, min(per_module, len(items)))
+                spans = {src: annotation_spans(copy / src) for src in sources}
                 if only:  # named mutants (a rerun after triage), whether or not this seed draws them
-                    sample = [w for w in items if mutant_id(copy, w.mutations[0]) in only]
-                print(f"{module}: {len(items)} mutants, {len(sample)} sampled", flush=True)
+                    sample, skipped = [w for w in items if mutant_id(copy, w.mutations[0]) in only], []
+                else:
+                    sample, skipped = draw(copy, items, spans, per_module, random.Random(f"{seed}:{module}"))
+                print(f"{module}: {len(items)} mutants, {len(sample)} sampled ({len(skipped)} passed over: in an "
+                      f"annotation or not Python)", flush=True)
                 command = f"nice {sys.executable} -m pytest -x -q -p no:cacheprovider {' '.join(tests)}"
                 # the unmutated code must pass first: a failing (or missing) test would count every mutant killed
                 start = time.time()
@@ -172,12 +215,13 @@ def run(modules: list[str], per_module: int, seed: int, timeout: float, only=Non
                                  round(time.time() - start, 1), "outcome": "baseline failed", "diff": ""})
                     continue
                 print(f"  baseline passes in {time.time() - start:.0f} s", flush=True)
-                spans = {src: annotation_spans(copy / src) for src in sources}
+                rows += [{"module": module, "id": mutant_id(copy, w.mutations[0]), "line": w.mutations[0].start_pos[0],
+                          "operator": w.mutations[0].operator_name, "outcome": f"passed over ({why})", "seconds": 0.0,
+                          "diff": ""} for w, why in skipped]
                 for item in sample:
                     spec = item.mutations[0]
                     start = time.time()
-                    where = tuple(spec.start_pos)
-                    if any(a <= where < b for a, b in spans[str(Path(spec.module_path).relative_to(copy))]):
+                    if _in_annotation(copy, spec, spans):
                         rows.append({"module": module, "id": mutant_id(copy, spec), "line": spec.start_pos[0],
                                      "operator": spec.operator_name, "outcome": "annotation", "seconds": 0.0,
                                      "diff": ""})
