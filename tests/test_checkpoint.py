@@ -107,6 +107,34 @@ def test_mismatch_names_tensor_and_both_shapes():
         checkpoint.load_state_dict(mobilenet_v1(0.25, num_classes=10), state)
 
 
+@pytest.mark.parametrize("count", [4, 5, 6])
+def test_a_mismatch_lists_the_first_five_of_each_kind_and_marks_only_a_longer_list(count):
+    """The message names at most five tensors of each kind (missing, unexpected, mis-shaped), and ends a kind's
+    list with " ..." exactly when it holds more than five: four or five names are the whole list."""
+    import re
+
+    model = mobilenet_v1(0.25, num_classes=10)
+    state = dict(model.state_dict())
+    running_vars = [k for k in state if k.endswith("running_var")][:count]
+    for k in running_vars:
+        state.pop(k)
+    extra = [f"extra.{i}" for i in range(count)]
+    state |= {k: torch.zeros(1) for k in extra}
+    means = [k for k in state if k.endswith("running_mean")][:count]
+    state |= {k: torch.zeros(state[k].numel() + 1) for k in means}
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.load_state_dict(model, state)
+    message = str(error.value)
+    more = " ..." if count > 5 else ""
+    assert f"missing {running_vars[:5]}{more}; unexpected" in message
+    assert message.endswith(f"unexpected {extra[:5]}{more}")
+    named = re.findall(r"(\S+): file has \((\d+),\), model expects \((\d+),\)", message)
+    assert [k for k, _, _ in named] == means[:5]
+    assert all(int(f) == int(m) + 1 for _, f, m in named)
+    last, listed, expected = named[-1]
+    assert f"{last}: file has ({listed},), model expects ({expected},){more}; missing" in message
+
+
 def test_sha256_covers_the_content_and_flipped_bytes_are_refused_naming_the_file(tmp_path):
     import hashlib
 
