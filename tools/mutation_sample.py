@@ -53,7 +53,8 @@ _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", 
                   "test_checkpoint_metadata_drives_resolution_normalization_and_labels",
                   "test_a_model_without_metadata_uses_224_px_and_x_over_127_5_minus_1",
                   "test_a_single_path_a_pil_image_and_tensors_are_one_image_each",
-                  "test_decode_predictions_matches_softmax_topk", "test_eval_transform_equals_resize_then_crop_by_torchvision"]
+                  "test_decode_predictions_matches_softmax_topk",
+                  "test_the_table_gives_each_class_its_softmax_probability_in_percent", "test_eval_transform_equals_resize_then_crop_by_torchvision"]
 _QUANTIZE_TESTS = ["test_equalization_keeps_the_float_model",
                    "test_bias_correction_zeroes_every_layers_mean_error_on_the_calibration_images",
                    "test_calibration_clips_no_logit", "test_weights_rounded_by_output_error_stay_on_the_int8_grid",
