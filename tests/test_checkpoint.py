@@ -84,6 +84,11 @@ def test_unreadable_and_foreign_files(tmp_path):
     text.write_text("hello world\nline two\n")
     with pytest.raises(checkpoint.CheckpointError, match="cannot read .*notes.txt"):
         checkpoint.load(text)
+    # a pickle whose string is not UTF-8 (BINUNICODE of 0xff 0xfe): torch's reader raises UnicodeDecodeError
+    latin = tmp_path / "latin.pt"
+    latin.write_bytes(b"\x80\x02X\x02\x00\x00\x00\xff\xfe.")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read .*latin.pt as a PyTorch checkpoint: 'utf-8'"):
+        checkpoint.load(latin)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.load(tmp_path / "missing.pt")
     with pytest.raises(checkpoint.CheckpointError, match="not a mobilenets checkpoint.*mobilenets convert"):
