@@ -140,6 +140,25 @@ def test_a_mismatch_lists_the_first_five_of_each_kind_and_marks_only_a_longer_li
     assert f"{last}: file has ({listed},), model expects ({expected},){more}; missing" in message
 
 
+def test_a_checkpoint_recompressed_by_a_zip_tool_loads(tmp_path):
+    """torch reads deflated archive members, so a checkpoint re-zipped with compression (here its members unpack
+    to ~13% more than the file, ~0.1 MB) is a good file; only a file claiming over 1 MiB more than it holds is
+    refused (tests/test_bounded_inputs.py's bomb)."""
+    import zipfile
+
+    model = mobilenet_v1(0.25, num_classes=10)
+    plain, deflated = tmp_path / "plain.pt", tmp_path / "deflated.pt"
+    torch.save(model.state_dict(), plain)
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as out:
+        for member in source.infolist():
+            out.writestr(member.filename, source.read(member))
+    with zipfile.ZipFile(deflated) as archive:
+        assert sum(m.file_size for m in archive.infolist()) > deflated.stat().st_size  # the fixture can show it
+    state = checkpoint.load(deflated)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
 def test_sha256_covers_the_content_and_flipped_bytes_are_refused_naming_the_file(tmp_path):
     import hashlib
 
