@@ -1007,6 +1007,41 @@ def test_the_loader_choice_is_made_for_each_process_share_of_the_images(monkeypa
     assert asked["images"] == images and asked["batch_size"] == 8 and asked["threads"] == 1
 
 
+@pytest.mark.parametrize("world_size,threads,busy", [(1, None, 1.25), (1, 1, 0.0), (2, None, 0.0)])
+def test_a_lone_process_choosing_its_threads_leaves_out_the_cores_other_programs_keep_busy(monkeypatch, world_size,
+                                                                                          threads, busy):
+    """Only a single process that chooses its own threads asks how busy the machine is (1.25 cores here): with
+    --threads given nothing is chosen, and under DDP the other ranks starting alongside would count as busy."""
+    from mobilenets import cores
+    from mobilenets.train import loop, resources
+
+    asked = {}
+    monkeypatch.setattr(resources, "choose", lambda **kwargs: asked.update(kwargs))
+    monkeypatch.setattr(resources, "probe_loader", lambda dataset: 1e-3)
+    monkeypatch.setattr(cores, "busy_cores", lambda: 1.25)
+
+    class Folder:
+        in_memory = False
+
+        def __len__(self):
+            return 50
+
+    config = train.make_config("paper", alpha=0.25, resolution=32, batch_size=8, threads=threads)
+    loop.choose_resources(config, Folder(), 3, torch.device("cpu"), train.Dist(rank=0, world_size=world_size))
+    assert asked["busy"] == busy
+
+
+def test_last_pt_records_the_optimizer_steps_taken(instrumented):
+    """last.pt's scheduler entry counts the optimizer steps of the run (one epoch: as many as the steps seen by
+    the hook), so a schedule can be rebuilt from the file alone."""
+    out, seen = instrumented
+    last = checkpoint.load(out / "last.pt")
+    steps = len(seen["after_step"])
+    assert steps > 1  # 2 ** steps != steps from 1 on; more than one step tells a product from a sum
+    assert last["epoch"] == 1 and last["step"] == 0
+    assert last["scheduler"] == {"name": "cosine", "step": steps, "steps_per_epoch": steps}
+
+
 def test_the_progress_line_reports_the_loaders_images_per_cpu_second_and_the_wait():
     """Three batches of 8 images that took 0.2 CPU seconds each to load: 24 / 0.6 = 40 images per core; 1.5 s
     of a 6 s epoch spent waiting: 25%, and the model ran 24 / (6 - 1.5) = 5.33 images/s."""
