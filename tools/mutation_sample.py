@@ -50,7 +50,9 @@ _TRAIN_TESTS = ["test_rmsprop_tf_matches_timm_rmsproptf", "test_rmsprop_tf_is_tf
                 "test_the_loader_choice_is_made_for_each_process_share_of_the_images",
                 "test_the_progress_line_reports_the_loaders_images_per_cpu_second_and_the_wait",
                 "test_a_lone_process_choosing_its_threads_leaves_out_the_cores_other_programs_keep_busy",
-                "test_last_pt_records_the_optimizer_steps_taken"]
+                "test_last_pt_records_the_optimizer_steps_taken",
+                "test_best_pt_keeps_the_epoch_of_the_highest_top1_and_skips_a_nan_one",
+                "test_the_epochs_split_of_waiting_and_computing_is_written_out"]
 _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", "test_batching_does_not_change_results",
                   "test_checkpoint_metadata_drives_resolution_normalization_and_labels",
                   "test_a_model_without_metadata_uses_224_px_and_x_over_127_5_minus_1",
