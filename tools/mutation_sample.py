@@ -302,7 +302,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant; a timeout counts as killed")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mutation_sample")
     parser.add_argument("--only", nargs="*", default=None, help="mutant ids to run (e.g. survivors after triage)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="no run: combine earlier runs' JSON files into --out, a later file's row replacing an "
+                             "earlier one of the same mutant (a rerun after triage)")
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = {}
+        for path in args.merge:
+            for row in json.loads(path.read_text())["mutants"]:
+                merged[(row["module"], row["id"])] = row
+        run = {module for module, id in merged if id != "baseline"}  # a module sampled later, after a failed baseline
+        merged = {key: row for key, row in merged.items() if key[1] != "baseline" or key[0] not in run}
+        commits = sorted({json.loads(path.read_text())["commit"] for path in args.merge})
+        write(args.out, list(merged.values()), args, ", ".join(commits))
+        print(args.out.with_suffix(".md").read_text())
+        return 0
     # OpenMP threads that spin while waiting starve each other on a busy machine: quantize's unmutated tests took
     # over 600 s at load 9 with the default policy, 81 s with passive waits (same threads, same results)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
