@@ -86,7 +86,10 @@ MODULES = {
     "converters": (["src/mobilenets/weights/keras.py", "src/mobilenets/weights/tf_slim.py",
                     "src/mobilenets/weights/tf_frozen.py", "src/mobilenets/weights/tflite.py",
                     "src/mobilenets/weights/timm.py", "src/mobilenets/weights/layout.py"],
-                   ["tests/test_weights.py", "tests/test_tf_frozen.py"]),
+                   ["tests/test_weights.py", "tests/test_tf_frozen.py",
+                    # weights/tflite.py's import is tested in test_litert (its exporter writes the files; ~65 s)
+                    "tests/test_litert.py::test_export_then_import_round_trips",
+                    "tests/test_litert.py::test_a_relu_model_round_trips_as_relu"]),
     "quantize": (["src/mobilenets/quantize/calibrate.py", "src/mobilenets/quantize/sim.py",
                   "src/mobilenets/quantize/rounding.py", "src/mobilenets/deploy/prepare.py"],
                  [f"tests/test_quantize.py::{t}" for t in _QUANTIZE_TESTS] +
