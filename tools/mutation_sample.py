@@ -315,8 +315,8 @@ def main(argv: list[str]) -> int:
         for path in args.merge:
             for row in json.loads(path.read_text())["mutants"]:
                 merged[(row["module"], row["id"])] = row
-        run = {module for module, id in merged if id != "baseline"}  # a module sampled later, after a failed baseline
-        merged = {key: row for key, row in merged.items() if key[1] != "baseline" or key[0] not in run}
+        ran = {module for module, id in merged if id != "baseline"}  # a module sampled later, after a failed baseline
+        merged = {key: row for key, row in merged.items() if key[1] != "baseline" or key[0] not in ran}
         commits = sorted({json.loads(path.read_text())["commit"] for path in args.merge})
         write(args.out, list(merged.values()), args, ", ".join(commits))
         print(args.out.with_suffix(".md").read_text())
