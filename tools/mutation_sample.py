@@ -2,6 +2,8 @@
 
     .venv/bin/python tools/mutation_sample.py [--modules cost checkpoint ...] [--per-module 15] [--seed N]
                                               [--timeout 600] [--out benchmarks/results/mutation_sample]
+    .venv/bin/python tools/mutation_sample.py --only ID ... --modules M ...   # a rerun of triaged survivors
+    .venv/bin/python tools/mutation_sample.py --merge A.json B.json ... --out OUT --seed N   # one table of runs
 
 The measure of the suite is this sample, not tools/mutation_check.py's hand-written list (the bugs someone
 thought of; a regression list only). cosmic-ray (the ``test`` extra) enumerates every mutant of a module's
