@@ -84,6 +84,11 @@ def test_unreadable_and_foreign_files(tmp_path):
     text.write_text("hello world\nline two\n")
     with pytest.raises(checkpoint.CheckpointError, match="cannot read .*notes.txt"):
         checkpoint.load(text)
+    # a pickle whose string is not UTF-8 (BINUNICODE of 0xff 0xfe): torch's reader raises UnicodeDecodeError
+    latin = tmp_path / "latin.pt"
+    latin.write_bytes(b"\x80\x02X\x02\x00\x00\x00\xff\xfe.")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read .*latin.pt as a PyTorch checkpoint: 'utf-8'"):
+        checkpoint.load(latin)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.load(tmp_path / "missing.pt")
     with pytest.raises(checkpoint.CheckpointError, match="not a mobilenets checkpoint.*mobilenets convert"):
@@ -105,6 +110,53 @@ def test_mismatch_names_tensor_and_both_shapes():
     with pytest.raises(checkpoint.CheckpointError, match=r"missing \['features.3.pointwise.bn.running_var'\].*"
                                                          r"unexpected \['extra.weight'\]"):
         checkpoint.load_state_dict(mobilenet_v1(0.25, num_classes=10), state)
+
+
+@pytest.mark.parametrize("count", [4, 5, 6])
+def test_a_mismatch_lists_the_first_five_of_each_kind_and_marks_only_a_longer_list(count):
+    """The message names at most five tensors of each kind (missing, unexpected, mis-shaped), and ends a kind's
+    list with " ..." exactly when it holds more than five: four or five names are the whole list."""
+    import re
+
+    model = mobilenet_v1(0.25, num_classes=10)
+    state = dict(model.state_dict())
+    running_vars = [k for k in state if k.endswith("running_var")][:count]
+    for k in running_vars:
+        state.pop(k)
+    extra = [f"extra.{i}" for i in range(count)]
+    state |= {k: torch.zeros(1) for k in extra}
+    means = [k for k in state if k.endswith("running_mean")][:count]
+    state |= {k: torch.zeros(state[k].numel() + 1) for k in means}
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.load_state_dict(model, state)
+    message = str(error.value)
+    more = " ..." if count > 5 else ""
+    assert f"missing {running_vars[:5]}{more}; unexpected" in message
+    assert message.endswith(f"unexpected {extra[:5]}{more}")
+    named = re.findall(r"(\S+): file has \((\d+),\), model expects \((\d+),\)", message)
+    assert [k for k, _, _ in named] == means[:5]
+    assert all(int(f) == int(m) + 1 for _, f, m in named)
+    last, listed, expected = named[-1]
+    assert f"{last}: file has ({listed},), model expects ({expected},){more}; missing" in message
+
+
+def test_a_checkpoint_recompressed_by_a_zip_tool_loads(tmp_path):
+    """torch reads deflated archive members, so a checkpoint re-zipped with compression (here its members unpack
+    to ~13% more than the file, ~0.1 MB) is a good file; only a file claiming over 1 MiB more than it holds is
+    refused (tests/test_bounded_inputs.py's bomb)."""
+    import zipfile
+
+    model = mobilenet_v1(0.25, num_classes=10)
+    plain, deflated = tmp_path / "plain.pt", tmp_path / "deflated.pt"
+    torch.save(model.state_dict(), plain)
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as out:
+        for member in source.infolist():
+            out.writestr(member.filename, source.read(member))
+    with zipfile.ZipFile(deflated) as archive:
+        assert sum(m.file_size for m in archive.infolist()) > deflated.stat().st_size  # the fixture can show it
+    state = checkpoint.load(deflated)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_sha256_covers_the_content_and_flipped_bytes_are_refused_naming_the_file(tmp_path):

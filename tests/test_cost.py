@@ -81,6 +81,15 @@ def test_computed_equals_measured_for_any_variant(alpha, resolution, options):
     }
 
 
+def test_cost_with_no_arguments_is_the_baseline_1_0_mobilenet_224():
+    """cost() is the paper's baseline: 1.0 MobileNet-224, Table 8's 569 million mult-adds and 4.2 million
+    parameters, its first layer a 224 x 224 x 3 input to 32 filters (alpha 2 would be 64, and ~4x the cost)."""
+    c = cost()
+    assert (c.alpha, c.resolution) == (1.0, (224, 224))
+    assert round(c.mult_adds / 1e6) == 569 and round(c.params / 1e5) == 42
+    assert (c.layers[0].input_size, c.layers[0].output_size) == ((224, 224, 3), (112, 112, 32))
+
+
 def test_per_layer_rows_follow_table1():
     c = cost(1.0, 224)
     assert len([l for l in c.layers if l.kind != "fc"]) == 27  # + the FC = 28 layers

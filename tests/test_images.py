@@ -241,6 +241,21 @@ def test_a_jpeg_over_the_pixel_budget_decodes_at_the_first_dct_scale_that_fits(t
     assert tuple(images.load_pixels(path).shape) == (3, decoded[1], decoded[0])
 
 
+@pytest.mark.parametrize("min_side,budget,decoded", [(150, 128 * 96, (128, 96)), (90, 256 * 192, (128, 96)),
+                                                     (150, 256 * 192, (256, 192))])
+def test_a_jpeg_with_a_side_and_a_pixel_budget_decodes_at_the_smaller_of_the_two_scales(tmp_path, monkeypatch,
+                                                                                       min_side, budget, decoded):
+    """min_side and MAX_DECODED_PIXELS each ask for a DCT scale; the smaller image (fewer pixels) wins. For
+    512x384, written out: min_side 150 keeps 1/2 (256x192; 1/4's 96 < 150), min_side 90 allows 1/4 (128x96);
+    a budget of 128*96 pixels needs 1/4, one of 256*192 needs 1/2. (At these sizes width & height is 0 at both
+    scales, so a comparison by anything but the area, e.g. a bitwise and, ties and keeps the first.)"""
+    path = tmp_path / "photo.jpg"
+    _structured(512, 384, seed=7).save(path, quality=90)
+    monkeypatch.setattr(images, "MAX_DECODED_PIXELS", budget)
+    assert images.load_rgb(path, min_side=min_side).size == decoded
+    assert tuple(images.load_pixels(path, min_side=min_side).shape) == (3, decoded[1], decoded[0])
+
+
 def _textured_jpeg(tmp_path, width, height, name="photo.jpg", **options):
     """A JPEG of a real photo resized to width x height (fine detail everywhere, so the scale shows)."""
     from real_data import photos

@@ -175,6 +175,25 @@ def test_export_then_import_round_trips(model, images, tmp_path):
         assert_same_function(converted.model()(images), model(images))
 
 
+def test_a_relu_model_round_trips_as_relu(trained, images, tmp_path):
+    """A model with plain ReLU (no clip at 6) exports with ReLU fused in every layer and imports back as ReLU,
+    the same function: a file fusing one activation throughout is accepted, whichever of the two it is. The
+    weights are scaled up so that activations pass 6 and ReLU6 would give another function."""
+    model = mobilenet_v1(ALPHA, num_classes=10, activation="relu")
+    model.load_state_dict(trained.state_dict())
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.mul_(4)
+    model.eval()
+    path = deploy.export(model, tmp_path / "relu.tflite", resolution=RES)
+    converted = from_tflite(path)
+    assert converted.config.activation == "relu"
+    with torch.no_grad():
+        x = model.features(images)  # the fixture can show a clip at 6: some activations are above it
+        assert float(x.max()) > 6
+        assert_same_function(converted.model()(images), model(images))
+
+
 def test_export_command_prints_litert_parity(tmp_path):
     import mobilenets
 

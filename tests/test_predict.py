@@ -350,6 +350,20 @@ def test_decode_predictions_matches_softmax_topk():
     assert imagenet[0][0]["label"] == weights.imagenet_labels()[281]
 
 
+def test_the_table_gives_each_class_its_softmax_probability_in_percent():
+    """Logits ln 6, ln 3, ln 1 have softmax 0.6, 0.3, 0.1 (written out: e^l / sum e^l = 6/10, 3/10, 1/10): the
+    table shows rank, class index, 60.00% etc. and the label, one line per class under the image's name."""
+    import math
+
+    logits = torch.tensor([[math.log(3), math.log(1), math.log(6)]])
+    top = mobilenets.predict.decode_predictions(logits, k=3, labels=["tench", "goldfish", "great white shark"])
+    table = list(mobilenets.predict.format_table([mobilenets.predict.Prediction("fish.jpg", top[0])]))
+    assert table == ["fish.jpg",
+                     "   1     2   60.00%  great white shark",
+                     "   2     0   30.00%  tench",
+                     "   3     1   10.00%  goldfish"]
+
+
 def test_a_long_strip_is_classified_in_bounded_memory(tmp_path):
     # a 1 x 100000 PNG is a few hundred bytes; resizing its short side to 256 before cropping asked ~20 GB
     strip = tmp_path / "strip.png"

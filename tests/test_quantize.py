@@ -308,6 +308,25 @@ def test_calibrating_both_roundings_at_once_gives_each_alone_and_the_float_logit
     assert results[0].ranges != results[1].ranges  # two roundings, two int8 graphs: the test can tell them apart
 
 
+@pytest.mark.parametrize("method", ["p99", "p99.99"])
+def test_a_percentile_range_is_numpys_nearest_percentiles_of_each_sign(method):
+    """"p99.99" clips each side at that percentile: the top at numpy's 99.99th percentile (nearest sample), the
+    bottom at the 0.01th, so a few outliers do not widen the int8 step; 0 stays inside the range. A
+    one-sided (post-ReLU) activation keeps 0 as its bottom."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(10001, generator=g) * 2 + 0.5
+    v[:3] = torch.tensor([40.0, -30.0, 25.0])  # outliers far beyond the percentiles
+    q = float(method[1:]) / 100
+    a = v.numpy()
+    bottom, top = (float(np.quantile(a, p, method="nearest")) for p in (1 - q, q))
+    assert bottom < -1 and top > 1  # both sides clipped well inside the outliers: the fixture can show a side lost
+    assert calibrate.search_range(v, method) == (bottom, top)
+    relu = v.clamp(min=0)
+    assert calibrate.search_range(relu, method) == (0.0, float(np.quantile(relu.numpy(), q, method="nearest")))
+
+
 def test_fake_quant_values_are_torchs_fake_quantize_bit_for_bit():
     g = torch.Generator().manual_seed(0)
     for lo, hi in [(0.0, 6.0), (0.0, 0.37), (-1.0, 1.0), (-2.5, 0.3), (-0.01, 20.0), (0.0, 1e-6)]:

@@ -1007,6 +1007,70 @@ def test_the_loader_choice_is_made_for_each_process_share_of_the_images(monkeypa
     assert asked["images"] == images and asked["batch_size"] == 8 and asked["threads"] == 1
 
 
+@pytest.mark.parametrize("world_size,threads,busy", [(1, None, 1.25), (1, 1, 0.0), (2, None, 0.0)])
+def test_a_lone_process_choosing_its_threads_leaves_out_the_cores_other_programs_keep_busy(monkeypatch, world_size,
+                                                                                          threads, busy):
+    """Only a single process that chooses its own threads asks how busy the machine is (1.25 cores here): with
+    --threads given nothing is chosen, and under DDP the other ranks starting alongside would count as busy."""
+    from mobilenets import cores
+    from mobilenets.train import loop, resources
+
+    asked = {}
+    monkeypatch.setattr(resources, "choose", lambda **kwargs: asked.update(kwargs))
+    monkeypatch.setattr(resources, "probe_loader", lambda dataset: 1e-3)
+    monkeypatch.setattr(cores, "busy_cores", lambda: 1.25)
+
+    class Folder:
+        in_memory = False
+
+        def __len__(self):
+            return 50
+
+    config = train.make_config("paper", alpha=0.25, resolution=32, batch_size=8, threads=threads)
+    loop.choose_resources(config, Folder(), 3, torch.device("cpu"), train.Dist(rank=0, world_size=world_size))
+    assert asked["busy"] == busy
+
+
+def test_last_pt_records_the_optimizer_steps_taken(instrumented):
+    """last.pt's scheduler entry counts the optimizer steps of the run (one epoch: as many as the steps seen by
+    the hook), so a schedule can be rebuilt from the file alone."""
+    out, seen = instrumented
+    last = checkpoint.load(out / "last.pt")
+    steps = len(seen["after_step"])
+    assert steps > 1  # 2 ** steps != steps from 1 on; more than one step tells a product from a sum
+    assert last["epoch"] == 1 and last["step"] == 0
+    assert last["scheduler"] == {"name": "cosine", "step": steps, "steps_per_epoch": steps}
+
+
+def test_best_pt_keeps_the_epoch_of_the_highest_top1_and_skips_a_nan_one(dataset, tmp_path, monkeypatch):
+    """Validation top-1 scripted as 40, 70, 55, nan (the real evaluation's other values kept): best.pt must
+    hold epoch 2 and its metrics, not a later, worse epoch nor the NaN one; the history has all four."""
+    from mobilenets.train import loop
+
+    scripted, real = iter([40.0, 70.0, 55.0, float("nan")]), loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: {**real(*args, **kwargs), "top1": next(scripted)})
+    train.train(tiny(tmp_path / "run", dataset, epochs=4))
+    best = checkpoint.load(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == 2 and best["metrics"]["val_top1"] == 70.0
+    rows = train.read_metrics(tmp_path / "run")
+    assert len(rows) == 4 and [r["val_top1"] for r in rows][:3] == [40.0, 70.0, 55.0]
+
+
+def test_the_epochs_split_of_waiting_and_computing_is_written_out():
+    """An epoch of 6 s, 1.5 s of it waiting for 24 images that took 0.6 CPU seconds to load: the model ran
+    24 / (6 - 1.5) = 5.33 images/s, waited 25%, and the loader did 24 / 0.6 = 40 images per core second."""
+    from types import SimpleNamespace
+
+    from mobilenets.train.loop import input_metrics
+
+    state = SimpleNamespace(resources=SimpleNamespace(threads=2, num_workers=3))
+    sums = {"time": 6.0, "wait": 1.5, "images": 24, "loaded": 24, "loader_cpu": 0.6}
+    assert input_metrics(state, sums) == {"threads": 2, "num_workers": 3, "loader_images_per_core_s": pytest.approx(40.0),
+                                          "input_wait_fraction": 0.25, "model_images_per_s": pytest.approx(24 / 4.5)}
+    # an epoch spent entirely waiting ran the model at no measurable rate, not a division by zero
+    assert input_metrics(state, {**sums, "wait": 6.0})["model_images_per_s"] == 0.0
+
+
 def test_the_progress_line_reports_the_loaders_images_per_cpu_second_and_the_wait():
     """Three batches of 8 images that took 0.2 CPU seconds each to load: 24 / 0.6 = 40 images per core; 1.5 s
     of a 6 s epoch spent waiting: 25%, and the model ran 24 / (6 - 1.5) = 5.33 images/s."""
