@@ -114,6 +114,31 @@ def test_load_pixels_checks_the_size_before_decoding(tmp_path, jpeg_decodes, mon
     assert not jpeg_decodes
 
 
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_a_file_may_exceed_its_pixels_by_8_bytes_each_plus_16_mib_and_not_a_byte_more(tmp_path, as_bytes):
+    """The size bound read from the header, written out: 8 bytes a pixel (16-bit RGBA, uncompressed) plus 16 MiB
+    of metadata. Zeros after a PNG's end up to it decode as the image alone; one byte more is refused unread.
+    (A bound off by any factor, e.g. w * h ^ 8 instead of w * h * 8, moves the edge by thousands of bytes.)"""
+    w, h = 40, 30
+    pixels = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    path = save(tmp_path, "padded.png", Image.fromarray(pixels))
+    bound = w * h * 8 + 16 * 1024 * 1024
+    for size, fits in ((bound, True), (bound + 1, False)):
+        with open(path, "r+b") as f:
+            f.truncate(size)  # zeros after IEND, which PNG readers ignore
+        source = path.read_bytes() if as_bytes else path
+        if fits:
+            assert images.load_pixels(source).permute(1, 2, 0).numpy().tolist() == pixels.tolist()
+            if not as_bytes:
+                assert np.array_equal(np.asarray(images.load_rgb(path)), pixels)
+        else:
+            with pytest.raises(images.ImageError, match=f"is {size:,} bytes, far more than a 40x30 image"):
+                images.load_pixels(source)
+            if not as_bytes:
+                with pytest.raises(images.ImageError, match=f"is {size:,} bytes"):
+                    images.load_rgb(path)
+
+
 def test_eval_transform_resizes_crops_and_scales_to_minus_one_one():
     im = Image.new("RGB", (300, 200), (255, 0, 127))
     x = images.eval_transform(im, 160)

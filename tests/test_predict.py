@@ -135,6 +135,23 @@ def test_cli_json_one_object_per_image(weights_file, images, capsys):
         assert isinstance(o["top"][0]["class_index"], int) and 0 < o["top"][0]["probability"] <= 1
 
 
+@pytest.mark.parametrize("name", ["absolute", "a.safetensors", "z.safetensors"])
+def test_cli_predict_classifies_with_the_weights_file_it_names(weights_file, images, tmp_path, monkeypatch, capsys,
+                                                              name):
+    """``--weights FILE`` answers with that file's model (0.25 wide, 64 px, Inception scaling), whether its path
+    sorts before or after the word "imagenet" (which alone means the released weights)."""
+    arg = str(weights_file)
+    if name != "absolute":
+        (tmp_path / name).write_bytes(weights_file.read_bytes())
+        monkeypatch.chdir(tmp_path)
+        arg = name
+    assert cli.main(["predict", str(images / "rgb.jpg"), "--weights", arg, "--topk", "3", "--json"]) == 0
+    [answer] = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    values, indices = expected_probabilities(mobilenets.load(weights_file), images / "rgb.jpg", 64, INCEPTION).topk(3)
+    assert [t["class_index"] for t in answer["top"]] == indices.tolist()
+    assert np.allclose([t["probability"] for t in answer["top"]], values.tolist(), atol=1e-6)
+
+
 def test_cli_table_is_readable(weights_file, images, capsys):
     assert cli.main(["predict", str(images / "gray.png"), "--weights", str(weights_file)]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -256,6 +273,27 @@ def test_a_single_path_a_pil_image_and_tensors_are_one_image_each(weights_file, 
         list(predict(model, torch.zeros(3, 32, 32)))
     with pytest.raises(ValueError, match="cannot classify a int"):
         list(predict(model, [3]))
+
+
+@pytest.mark.parametrize("count,compiled", [(255, False), (256, True), (257, True), (400, True)])
+def test_fp32_with_no_backend_runs_eager_below_256_images_and_deploys_choice_from_256_on(weights_file, monkeypatch,
+                                                                                       count, compiled):
+    """predict's documented rule: eager PyTorch below COMPILE_FROM = 256 images, deploy.compile's "auto" from
+    there on (building a runtime pays off only over many images). The stand-in runtime is the eager model, so the
+    answers are the same either way; what is checked is which path was taken, at and either side of 256."""
+    from mobilenets import deploy
+
+    model = mobilenets.load(weights_file)
+    calls = []
+
+    def compile(m, **kwargs):
+        calls.append(kwargs["backend"])
+        return lambda x: m(x).detach()
+
+    monkeypatch.setattr(deploy, "compile", compile)
+    x = torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert len(list(predict(model, x, topk=1, batch_size=128, workers=0))) == count
+    assert calls == (["auto"] if compiled else [])
 
 
 def test_workers_and_batching_equal_the_per_image_path(weights_file, tmp_path):

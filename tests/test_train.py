@@ -663,6 +663,29 @@ def test_the_lr_applied_at_each_step_is_the_recipes_formula(instrumented):
     assert lrs[0] != lrs[1]  # the step-0 warm-up and the cosine differ by 100x: a formula error shows
 
 
+def test_the_lr_recorded_for_an_epoch_is_the_one_its_last_step_ran_at(instrumented):
+    """metrics' "lr" of the 1-epoch run above is the lr of its last step (step 8 of 9): what the optimizer held
+    then, and the cosine written out, 0.002 * 0.5 * (1 + cos(pi * (8/9 - 0.1) / 0.9)) = 7.6e-5 (the step after,
+    the run's end, would be 0; the one before, 3.0e-4)."""
+    out, seen = instrumented
+    [row] = train.read_metrics(out)
+    (applied,) = {lr for lr, _, _ in seen["groups"][-1]}
+    assert row["lr"] == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi * (8 / 9 - 0.1) / 0.9)), rel=1e-9)
+    assert row["lr"] == pytest.approx(applied, rel=1e-9)
+
+
+@pytest.mark.parametrize("batch_size", [16, 40])
+def test_a_training_set_smaller_than_one_batch_is_refused_naming_both(tmp_path, batch_size):
+    """15 training images (5 a class) make no whole batch of 16 (an epoch is the whole batches, 15 // 16 = 0
+    steps): refused in one line before anything trains, not a run of empty epochs."""
+    from mobilenets.errors import MobilenetsError
+
+    folder = make_dataset(tmp_path / "images", train_per_class=5, val_per_class=2)
+    with pytest.raises(MobilenetsError, match=f"has 15 images, fewer than one batch of {batch_size} per process"):
+        train.train(tiny(tmp_path / "run", folder, batch_size=batch_size, epochs=1))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_the_optimizer_decays_exactly_the_full_and_pointwise_conv_and_classifier_weights(instrumented):
     """The groups of the optimizer the run used (modern: weight decay 0.05), not parameter_groups' output:
     decay on the first full conv, the 13 pointwise convs and the classifier weight; none on depthwise filters,
