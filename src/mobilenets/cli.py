@@ -16,6 +16,7 @@ import os
 import sys
 
 from .architecture import ALPHA_RANGE, RESOLUTION_RANGE, alpha_ok, resolution_ok
+from .cores import MAX_WORKERS
 from .errors import MobilenetsError
 from .terminal import printable
 
@@ -69,10 +70,7 @@ def _progress(args):
 
 
 
-def _workers(text: str) -> int:
-    from .cores import MAX_WORKERS
-
-    return _number(int, lambda v: 0 <= v <= MAX_WORKERS, f"an integer in [0, {MAX_WORKERS}]")(text)
+_workers = _number(int, lambda v: 0 <= v <= MAX_WORKERS, f"an integer in [0, {MAX_WORKERS}]")
 
 
 class _Registry:
