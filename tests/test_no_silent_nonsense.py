@@ -169,13 +169,18 @@ def test_crafted_int8_metadata_is_refused_in_one_line(model, data, why):
         quantize.from_model(crafted)
 
 
-def test_a_killed_decoding_worker_loses_no_image_and_says_so_in_one_line(tmp_path):
+@pytest.mark.parametrize("queued", [False, True], ids=["at-once", "after-queueing-batches"])
+def test_a_killed_decoding_worker_loses_no_image_and_says_so_in_one_line(tmp_path, queued):
     """A worker killed mid-run (SIGKILL, as the system's out-of-memory killer sends) used to end predict in
     PyTorch's traceback, raised wherever the main thread was.  Now every image still arrives, in order, with
-    the pixels an undisturbed in-process run gives, after one warning line."""
+    the pixels an undisturbed in-process run gives, after one warning line.
+
+    Killed after it has queued batches, the worker takes with it the shared memory those batches' pixels
+    are in: receiving them fails in unpickling (EOFError), not in PyTorch's own check for dead workers."""
     import multiprocessing
     import os
     import signal
+    import time
 
     from PIL import Image
 
@@ -192,6 +197,8 @@ def test_a_killed_decoding_worker_loses_no_image_and_says_so_in_one_line(tmp_pat
     got = [next(stream)]
     workers = multiprocessing.active_children()
     assert len(workers) == 2
+    if queued:
+        time.sleep(1.0)  # each worker decodes its 2 prefetched batches of 2 tiny PNGs in milliseconds
     os.kill(workers[0].pid, signal.SIGKILL)
     got += list(stream)
     assert [i for b in got for i in b.indices] == list(range(24))

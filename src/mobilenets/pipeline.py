@@ -136,13 +136,13 @@ def _resumed(decoded: Iterator[DecodedBatch], sources, resolution: int, draft: b
             done += len(batch.indices) + len(batch.failed)
             yield batch
         return
-    except RuntimeError as e:
-        if not str(e).startswith("DataLoader worker (pid"):
+    except (RuntimeError, EOFError, OSError) as e:
+        reason = _worker_death(decoded, e)
+        if reason is None:
             raise
         shutdown = getattr(decoded, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-        reason = str(e).splitlines()[0].rstrip(". ")
         text = (f"a decoding worker died ({reason}); the {len(sources) - done} images not yet decoded are "
                 f"decoded in this process instead")
         if warn is None:
@@ -155,6 +155,38 @@ def _resumed(decoded: Iterator[DecodedBatch], sources, resolution: int, draft: b
                                        shuffle=False, num_workers=0, collate_fn=_collate)
     for batch in rest:
         yield DecodedBatch([i + done for i in batch.indices], batch.x, [(i + done, why) for i, why in batch.failed])
+
+
+def _worker_death(decoded, error: BaseException) -> str | None:
+    """One line saying which worker died, if ``error`` (raised by the loader's ``next()``) came of a death;
+    else None.
+
+    PyTorch reports a death it finds as a RuntimeError.  A worker killed just after queueing a batch shows
+    up otherwise: the batch's pixels are shared memory whose file descriptor the main process must fetch
+    from that worker, so unpickling the batch fails (EOFError, or a refused or reset connection) and the
+    loader never gets to look at its workers.  Then the dead worker is looked for here; an error of that
+    kind with every worker alive is not a death, and is raised as it is.
+    """
+    if isinstance(error, RuntimeError):
+        text = str(error)
+        return text.splitlines()[0].rstrip(". ") if text.startswith("DataLoader worker (pid") else None
+    import time
+
+    workers = getattr(decoded, "_workers", [])
+    deadline = time.monotonic() + 5.0  # a killed process can take a moment to be reaped
+    while True:
+        dead = [w for w in workers if not w.is_alive()]
+        if dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not dead:
+        return None
+    import signal
+
+    w = dead[0]  # worded as PyTorch words the deaths it finds itself
+    if w.exitcode is not None and w.exitcode < 0:
+        return f"DataLoader worker (pid {w.pid}) is killed by signal: {signal.strsignal(-w.exitcode)}"
+    return f"DataLoader worker (pid {w.pid}) exited unexpectedly with exit code {w.exitcode}"
 
 
 def _normalised(decoded: Iterator[DecodedBatch], normalization: Normalization) -> Iterator[DecodedBatch]:
