@@ -17,8 +17,9 @@ the cluster already running), in interleaved rounds:
   the actors over two raylets costs, the shape of a real two-machine run).
 
 All run fp32 eager PyTorch (``--backend eager``): left to choose, the actors
-would each build and time every runtime ("auto") while predict stays eager
-below 256 images, and the ratio would measure that choice, not the engine.
+would each build and time every runtime ("auto", the job's size unknown to
+them) while predict sizes that measurement to its job, and the ratio would
+measure that difference, not the engine.
 Reported: images/s per candidate (median over rounds) and its ratio to plain
 predict: the engine's overhead on one machine.
 """

@@ -275,25 +275,26 @@ def test_a_single_path_a_pil_image_and_tensors_are_one_image_each(weights_file, 
         list(predict(model, [3]))
 
 
-@pytest.mark.parametrize("count,compiled", [(255, False), (256, True), (257, True), (400, True)])
-def test_fp32_with_no_backend_runs_eager_below_256_images_and_deploys_choice_from_256_on(weights_file, monkeypatch,
-                                                                                       count, compiled):
-    """predict's documented rule: eager PyTorch below COMPILE_FROM = 256 images, deploy.compile's "auto" from
-    there on (building a runtime pays off only over many images). The stand-in runtime is the eager model, so the
-    answers are the same either way; what is checked is which path was taken, at and either side of 256."""
+@pytest.mark.parametrize("count", [1, 255, 400])
+def test_fp32_with_no_backend_asks_auto_with_the_number_of_images(weights_file, monkeypatch, count):
+    """With no backend named, predict leaves the choice to deploy.compile's "auto" and tells it the job's size
+    (auto keeps eager PyTorch when no build would pay for itself: test_progress); batches no larger than the job.
+    The stand-in runtime is the eager model, so the answers are checked too."""
     from mobilenets import deploy
 
     model = mobilenets.load(weights_file)
     calls = []
 
     def compile(m, **kwargs):
-        calls.append(kwargs["backend"])
+        calls.append((kwargs["backend"], kwargs["work"], kwargs["batch_size"]))
         return lambda x: m(x).detach()
 
     monkeypatch.setattr(deploy, "compile", compile)
     x = torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    assert len(list(predict(model, x, topk=1, batch_size=128, workers=0))) == count
-    assert calls == (["auto"] if compiled else [])
+    got = list(predict(model, x, topk=1, batch_size=128, workers=0))
+    assert calls == [("auto", count, min(128, count))]
+    with torch.inference_mode():
+        assert [r.top[0]["class_index"] for r in got] == model.eval()(x).argmax(1).tolist()
 
 
 def test_workers_and_batching_equal_the_per_image_path(weights_file, tmp_path):

@@ -185,6 +185,29 @@ def test_a_small_predict_builds_no_runtime(fresh_cache, monkeypatch):
     torch.testing.assert_close(run(x), folded(x))
 
 
+@pytest.mark.parametrize("job_s, built", [(2.5, False), (2.8, True), (1000.0, True)])
+def test_a_cached_choice_is_built_only_for_a_job_its_build_pays_for(fresh_cache, monkeypatch, job_s, built):
+    # The choice an earlier full measurement cached used to be built whatever the job (so predict kept eager
+    # PyTorch below a fixed 256 images). Build 2 s at a quarter of eager's time pays once 2 + 0.25 J < J,
+    # that is for jobs over J = 2 / 0.75 = 2.67 s of eager time.
+    folded = fold_batchnorm(mobilenets.mobilenet_v1(0.25, num_classes=10).eval())
+    monkeypatch.setattr(auto, "tried", lambda folded_, precision, batches: ["quick"])
+    monkeypatch.setattr(auto, "eager_job_seconds", lambda run, resolution, work: job_s)
+    made = []
+    monkeypatch.setattr(auto.backend, "build", lambda name, f, *a: made.append(name) or f)
+    auto.record({"alpha": 0.25}, "fp32", 2, 128, ["quick"], {"quick": 10.0}, busy=0.0)
+    auto._remember_build("quick", "fp32", 2.0, 0.25)
+    lines = []
+    name, run, timings = auto.choose({"alpha": 0.25}, folded, "fp32", [], 2, 128, work=100, log=lines.append)
+    assert (name, made, timings) == (("quick", ["quick"], {"quick": 10.0}) if built else ("eager", [], {}))
+    if not built:
+        assert lines == [f"auto: eager PyTorch (about {job_s:.1f} s for 100 inputs: building quick would not pay "
+                         "for itself)"]
+    # a caller that does not say its job (an actor serving a stream) gets the cached choice
+    made.clear()
+    assert auto.choose({"alpha": 0.25}, folded, "fp32", [], 2, 128)[0] == "quick" and made == ["quick"]
+
+
 def test_the_one_runtime_built_runs_the_job_only_when_it_measured_faster_than_eager(fresh_cache, monkeypatch):
     folded = fold_batchnorm(mobilenets.mobilenet_v1(0.25, num_classes=10).eval())
     monkeypatch.setattr(auto, "eager_job_seconds", lambda run, resolution, work: 1000.0)

@@ -65,7 +65,7 @@ _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", 
                   "test_the_table_gives_each_class_its_softmax_probability_in_percent",
                   "test_eval_transform_equals_resize_then_crop_by_torchvision",
                   "test_cli_predict_classifies_with_the_weights_file_it_names",
-                  "test_fp32_with_no_backend_runs_eager_below_256_images_and_deploys_choice_from_256_on"]
+                  "test_fp32_with_no_backend_asks_auto_with_the_number_of_images"]
 _QUANTIZE_TESTS = ["test_equalization_keeps_the_float_model",
                    "test_bias_correction_zeroes_every_layers_mean_error_on_the_calibration_images",
                    "test_calibration_clips_no_logit", "test_weights_rounded_by_output_error_stay_on_the_int8_grid",

@@ -27,8 +27,6 @@ from .model import MobileNetV1
 from .progress import Progress
 from .terminal import printable
 
-# Below this many images, compiling a runtime (seconds) costs more than it saves; the eager model runs them.
-COMPILE_FROM = 256
 # what predict runs by name (deploy.SERVE_BACKENDS: the eager model, "auto", the runtimes serving from here)
 BACKENDS = SERVE_BACKENDS
 
@@ -160,9 +158,10 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     preprocessed input), or a list of these.  ``resolution`` and
     ``normalization`` default to ``model.meta`` (set by
     :func:`mobilenets.load` and :func:`mobilenets.mobilenet_v1`).
-    ``precision`` ("fp32", "bf16", "int8") and ``backend`` (None: eager
-    PyTorch below :data:`COMPILE_FROM` images at fp32, else
-    :func:`deploy.compile`'s "auto") choose how the model runs; int8 needs
+    ``precision`` ("fp32", "bf16", "int8") and ``backend`` (None:
+    :func:`deploy.compile`'s "auto", told how many images there are: at fp32 it
+    keeps eager PyTorch unless building a runtime pays for itself in this job,
+    :mod:`mobilenets.deploy.auto`) choose how the model runs; int8 needs
     ``calibration`` (see :func:`deploy.compile`) unless the weights are from
     ``mobilenets quantize`` (they carry their ranges).  ``workers`` decoding
     processes (default from the cores).  A JPEG is decoded at the coarsest DCT
@@ -230,12 +229,11 @@ def _classify(stream, run, sources, topk, labels, on_skip, shown) -> Iterator[Pr
         shown.advance(len(batch.indices) + len(batch.failed))
 
 
-def runner(model: MobileNetV1, count: int, precision: str, backend: str | None, calibration, batch_size: int,
-           resolution: int, log=None):
+def runner(model: MobileNetV1, count: int | None, precision: str, backend: str | None, calibration,
+           batch_size: int, resolution: int, log=None):
     """The function that turns a batch into logits: eager PyTorch, or a compiled predictor (also each Ray
-    actor's, mobilenets.ray_predict)."""
-    if backend is None and precision == "fp32" and count < COMPILE_FROM:
-        backend = "eager"
+    actor's, mobilenets.ray_predict).  ``count``: how many images the job has (None: not known, as for an
+    actor serving a stream); auto sizes what it builds to it."""
     if backend == "eager":
         if precision != "fp32":
             raise MobilenetsError(f"the eager model runs fp32 only; for {precision} pass backend=None or a runtime")
@@ -252,8 +250,9 @@ def runner(model: MobileNetV1, count: int, precision: str, backend: str | None, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporters' chatter; deploy's own warnings concern benchmarks
         return deploy.compile(model.cpu(), precision=precision, calibration=calibration,
-                              batch_size=min(batch_size, count), resolution=resolution, backend=backend or "auto",
-                              log=log, work=count if backend in (None, "auto") else None)
+                              batch_size=batch_size if count is None else min(batch_size, count),
+                              resolution=resolution, backend=backend or "auto", log=log,
+                              work=count if backend in (None, "auto") else None)
 
 
 def decode_predictions(logits: torch.Tensor, k: int = 5, labels: list[str] | None = None) -> list[list[dict]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -117,8 +116,9 @@ class Classifier:
         self.embedding = embedding
         # large JPEGs decode at a reduced DCT scale unless exact, as predict does (images.draft_side)
         self.min_side = None if exact else draft_side(self.resolution)
-        # count: as many images as a compiled runtime is worth building for (predict compiles from COMPILE_FROM)
-        self.run = runner(model, math.inf, precision, backend, None, batch_size, self.resolution)
+        # count unknown: an actor serves batches for as long as the dataset lasts, so auto measures every runtime
+        # (once per machine: the choice is cached) rather than sizing its measurement to a job
+        self.run = runner(model, None, precision, backend, None, batch_size, self.resolution)
         self.schema = result_schema(self.topk, model.num_features if embedding else None)
 
     def __call__(self, batch: dict):

@@ -25,6 +25,10 @@ since eager PyTorch runs the folded model at once, with nothing to build:
   measured at :data:`TRUSTED_RATIO` of eager's time or less skips that timing
   and runs the job once built.
 
+A choice cached by an earlier measurement serves such a job only when its
+build is expected to pay for itself in that job too (:func:`pays`), else
+the job runs eager.
+
 So a small job runs eager at once, and a large one pays for one build that the
 evidence says will save more than it costs.
 """
@@ -225,6 +229,20 @@ def plan(candidates: list[str], precision: str, job_s: float, batches: int) -> t
     return "eager", []
 
 
+def _aside(log, line: str) -> None:
+    """A note on a choice that cost nothing (eager PyTorch runs at once): shown where progress is (the CLI's
+    log shows it on a terminal or when asked, like its bars), not among the notes of slow work."""
+    if log is not None:
+        (log.bar(line, final=True) if hasattr(log, "bar") else log(line))
+
+
+def pays(name: str, precision: str, job_s: float) -> bool:
+    """Whether building ``name`` and running the job on it is expected to take less than the job's eager time
+    ``job_s`` (build and speed as :func:`expected` has them)."""
+    build_s, ratio = expected(name, precision)
+    return build_s + ratio * job_s < job_s
+
+
 # calls of the runtime the short timing against eager makes (one warm-up, one timed; eager, with nothing to
 # warm, is timed on one call), and those of the full measurement (3 warm-up, then 5 rounds of at least 3)
 TIMING_CALLS = 2
@@ -253,19 +271,26 @@ def choose(config: dict, folded, precision: str, batches: list[torch.Tensor], ba
         busy = cores.busy_cores()
         if busy < BUSY:  # measured on a busy machine (or before that was recorded), quiet now: measure properly
             cached = None
-    if cached and cached["backend"] in candidates:
-        run = backend.build(cached["backend"], folded, precision, batches, batch_size, resolution)
-        return cached["backend"], run, dict(cached["timings"])
-
+    job_s = eager = None
     if work is not None and precision == "fp32":
         eager = eager_run(folded)
         job_s = eager_job_seconds(eager, resolution, work)
+    if cached and cached["backend"] in candidates:
+        name = cached["backend"]
+        if job_s is not None and not pays(name, precision, job_s):
+            # the measured winner, but its build would cost this job more than it saves
+            _aside(log, f"auto: eager PyTorch (about {job_s:.1f} s for {work} inputs: building {name} would not "
+                        f"pay for itself)")
+            return "eager", eager, {}
+        run = backend.build(name, folded, precision, batches, batch_size, resolution)
+        return name, run, dict(cached["timings"])
+
+    if job_s is not None:
         n_batches = -(-work // batch_size)
         how, measured = plan(candidates, precision, job_s, n_batches)
         if how == "eager":
-            if log:
-                log(f"auto: eager PyTorch (about {job_s:.0f} s for {work} inputs: no runtime's build would pay "
-                    f"for itself)")
+            _aside(log, f"auto: eager PyTorch (about {job_s:.1f} s for {work} inputs: no runtime's build would "
+                        f"pay for itself)")
             return "eager", eager, {}
         if how == "one":
             return _one(measured[0], eager, folded, precision, batch_size, resolution, job_s, n_batches, log)
