@@ -13,8 +13,8 @@ a busy machine inflates less than it does wall time.
 - predict's decode: images.load_pixels(min_side=images.draft_side(224)) (predict's default scale, 1/4 for
   12 megapixels), then images.eval_pixels (resize and centre crop to 224); also its decode alone;
 - exact: images.load_pixels (every pixel) then images.eval_pixels;
-- model: deploy.compile(real MobileNet v1 1.0-224 weights, precision, batch_size=32) for each backend installed,
-  per image of a batch of 32 (fp32 and int8; this CPU is AVX2-only, so int8 weights are 7-bit);
+- model: predict_bound.model_costs: deploy.compile(real MobileNet v1 1.0-224 weights, precision, batch_size=32)
+  for each backend installed, per image of a batch of 32 (fp32 and int8; on an AVX2-only CPU int8 weights are 7-bit);
 - actual: ``python -m mobilenets predict --weights W FOLDER --json`` (default flags; int8: ``--precision int8
   --calib-data``) as a child process, on folders of N1 and N2 images (the photos repeated, as links), after one
   warm-up run that fills the caches; CPU of the process and its workers, per image = (CPU(N2) - CPU(N1)) /
@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,37 +83,6 @@ def decode_costs(files: list[Path], rounds: int) -> dict[str, float]:
                 way(f)
                 seconds[name][f].append(time.process_time() - start)
     return {name: statistics.mean(statistics.median(v) for v in by_file.values()) for name, by_file in seconds.items()}
-
-
-def model_costs(weights: Path, calib: Path, batches: int) -> dict[str, dict[str, float]]:
-    """CPU seconds per image of a batch of 32, per precision and backend (one thread)."""
-    import torch
-
-    import mobilenets
-    from mobilenets import deploy
-
-    model = mobilenets.load(weights).eval()
-    calibration, _ = deploy.image_batches(calib, RESOLUTION)
-    x = torch.cat(calibration)[:32]
-    x = torch.cat([x] * (32 // len(x) + 1))[:32]
-    costs: dict[str, dict[str, float]] = {}
-    for precision in ("fp32", "int8"):
-        costs[precision] = {}
-        for backend in deploy.available_backends():
-            if not deploy.backend_supports(backend, precision) or backend in ("litert", "executorch"):
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                predictor = deploy.compile(model, precision, calibration=calibration if precision == "int8" else None,
-                                           batch_size=32, resolution=RESOLUTION, backend=backend)
-            predictor(x)
-            start = time.process_time()
-            for _ in range(batches):
-                predictor(x)
-            costs[precision][backend] = (time.process_time() - start) / batches / 32
-            print(f"model {precision} {backend}: {costs[precision][backend] * 1000:.2f} ms", file=sys.stderr,
-                  flush=True)
-    return costs
 
 
 def folder_of(files: list[Path], count: int, work: Path) -> Path:
@@ -175,6 +143,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
+    from predict_bound import model_costs
     from predict_throughput import cpu_name, real_weights_and_calibration
 
     load_before = uptime()
