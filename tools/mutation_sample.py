@@ -56,7 +56,9 @@ _TRAIN_TESTS = ["test_rmsprop_tf_matches_timm_rmsproptf", "test_rmsprop_tf_is_tf
                 "test_a_lone_process_choosing_its_threads_leaves_out_the_cores_other_programs_keep_busy",
                 "test_last_pt_records_the_optimizer_steps_taken",
                 "test_best_pt_keeps_the_epoch_of_the_highest_top1_and_skips_a_nan_one",
-                "test_the_epochs_split_of_waiting_and_computing_is_written_out"]
+                "test_the_epochs_split_of_waiting_and_computing_is_written_out",
+                "test_finetune_preset_lowers_lr_and_warms_up_unless_given",
+                "test_the_error_names_the_epoch_and_step_at_which_the_loss_stopped_being_finite"]
 _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", "test_batching_does_not_change_results",
                   "test_checkpoint_metadata_drives_resolution_normalization_and_labels",
                   "test_a_model_without_metadata_uses_224_px_and_x_over_127_5_minus_1",
