@@ -24,6 +24,24 @@ def test_round_trip_rebuilds_the_same_model(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left behind
 
 
+@pytest.mark.parametrize("version", [None, 0, checkpoint.VERSION])
+def test_a_checkpoint_of_this_or_an_older_format_version_loads(tmp_path, version):
+    # only a newer version is refused (test_unreadable_and_foreign_files): a file written before versions were
+    # stored (no "version" key, read as 0) or with an older one still loads, to the model that was saved
+    model = mobilenet_v1(0.25, num_classes=7).eval()
+    obj = make(model, resolution=96)
+    if version is None:
+        del obj["version"]
+    else:
+        obj["version"] = version
+    path = checkpoint.save(obj, tmp_path / "old.pt")
+    loaded, meta = checkpoint.model_from(checkpoint.load(path), path=path)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+    assert meta == {"resolution": 96}
+
+
 def test_interrupted_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "last.pt"
     checkpoint.save({"format": "mobilenets", "epoch": 1}, path)

@@ -178,6 +178,18 @@ def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
     assert list(data.ShardSampler(5, 1, 2)) == [1, 3]
 
 
+def test_every_image_in_every_epoch_draws_its_own_crop():
+    """An image's crop depends on the run's seed, the epoch and the image alone (above); it must also be a draw of
+    its own, not one another image got in another epoch (a seed mix giving epoch e + 1's image i the seed of
+    epoch e's image i + 1 would hand each epoch the last one's crops, shifted by one image)."""
+    t = data.TrainTransform(R, min_scale=0.08)
+    boxes = [t.crop_box(4000, 3000, random.Random(seed)) for epoch in range(3)
+             for _, seed in data.EpochSampler(10, seed=1, epoch=epoch)]
+    # a 4000x3000 image has ~10^13 (left, top, width, height) boxes: 30 independent draws repeat one with
+    # p < 10^-9, while that shifted mix repeats 18 of them
+    assert len(boxes) == 30 and len(set(boxes)) == 30
+
+
 def test_large_jpegs_decode_at_reduced_scale_only_as_far_as_every_crop_keeps_its_detail(tmp_path):
     import math
 

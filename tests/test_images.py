@@ -202,7 +202,8 @@ def _structured(w: int, h: int, seed: int) -> Image.Image:
 
 @pytest.mark.parametrize("size,resolution,normalization", [
     ((300, 200), 224, "inception"), ((200, 300), 160, "imagenet"), ((517, 389), 128, "odd"),
-    ((97, 131), 96, "inception"), ((64, 48), 192, "imagenet"), ((1000, 1), 32, "odd"), ((41, 40), 32, "imagenet")])
+    ((97, 131), 96, "inception"), ((64, 48), 192, "imagenet"), ((1000, 1), 32, "odd"), ((41, 40), 32, "imagenet"),
+    ((131, 97), 64, "default")])
 @pytest.mark.parametrize("path", ["whole", "box"])
 def test_eval_transform_is_torchvisions_resize_crop_normalize(size, resolution, normalization, path, monkeypatch):
     """The independent oracle: torchvision's Resize(floor(R / 0.875)) (PIL bilinear), CenterCrop(R), ToTensor,
@@ -214,8 +215,15 @@ def test_eval_transform_is_torchvisions_resize_crop_normalize(size, resolution, 
     if path == "box":
         monkeypatch.setattr(images, "MAX_RESIZED_PIXELS", 0)
 
-    norm = {"inception": images.INCEPTION, "imagenet": images.IMAGENET,
-            "odd": images.Normalization((0.3, 0.6, 0.45), (0.15, 0.35, 0.25))}[normalization]
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+
+    # ours, and the (mean, std) the oracle normalizes with: a peer's published values (timm's constants; the
+    # default Normalization() is the official weights' x/127.5 - 1), never read back from the object under test
+    odd = ((0.3, 0.6, 0.45), (0.15, 0.35, 0.25))
+    norm, (mean, std) = {"inception": (images.INCEPTION, (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)),
+                         "default": (images.Normalization(), (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)),
+                         "imagenet": (images.IMAGENET, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)),
+                         "odd": (images.Normalization(*odd), odd)}[normalization]
     image = _structured(*size, seed=sum(size))
 
     def torchvision_eval(shift=0):
@@ -225,10 +233,10 @@ def test_eval_transform_is_torchvisions_resize_crop_normalize(size, resolution, 
         assert shift or transforms.CenterCrop(resolution)(resized).tobytes() == \
             resized.crop((left, top, left + resolution, top + resolution)).tobytes()
         crop = resized.crop((left, top, left + resolution, top + resolution))
-        return transforms.Normalize(norm.mean, norm.std)(transforms.ToTensor()(crop))
+        return transforms.Normalize(mean, std)(transforms.ToTensor()(crop))
 
     ours = images.eval_transform(image, resolution, norm)
-    grey = torch.tensor(norm.std)[:, None, None] * 255  # one grey level, in normalized units per channel
+    grey = torch.tensor(std)[:, None, None] * 255  # one grey level, in normalized units per channel
     levels = (ours - torchvision_eval()).abs() * grey
     # PyTorch's uint8 bilinear kernel rounds some pixels one level off PIL's (eval_pixels' docstring); PIL's
     # resize of the box alone starts from fractional offsets and rounds otherwise than the whole image's resize

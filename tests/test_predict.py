@@ -275,6 +275,21 @@ def test_a_single_path_a_pil_image_and_tensors_are_one_image_each(weights_file, 
         list(predict(model, [3]))
 
 
+def test_each_answer_names_an_input_given_in_memory_by_its_position(weights_file, images):
+    """A result names its image: the path, or for an image given in memory its position among all the inputs,
+    "<image k>" for a PIL image and "<tensor k>" for each image of a uint8 or float tensor, counted across the
+    whole list (the answers come in input order)."""
+    model = mobilenets.load(weights_file)
+    path = images / "rgb.jpg"
+    pil = load_rgb(path)
+    uint8 = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+    prep = eval_transform(pil, 64, INCEPTION)
+    alone = [r.image for r in predict(model, torch.stack([uint8] * 3), topk=1)]
+    assert alone == ["<tensor 0>", "<tensor 1>", "<tensor 2>"]
+    mixed = [r.image for r in predict(model, [path, torch.stack([uint8] * 3), pil, torch.stack([prep] * 2)], topk=1)]
+    assert mixed == [str(path), "<tensor 1>", "<tensor 2>", "<tensor 3>", "<image 4>", "<tensor 5>", "<tensor 6>"]
+
+
 @pytest.mark.parametrize("count", [1, 255, 400])
 def test_fp32_with_no_backend_asks_auto_with_the_number_of_images(weights_file, monkeypatch, count):
     """With no backend named, predict leaves the choice to deploy.compile's "auto" and tells it the job's size

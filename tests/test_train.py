@@ -940,6 +940,30 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, dataset, c
     assert checkpoint.load(out / "last.pt")["epoch"] == 0 and not (out / "metrics.jsonl").exists()
 
 
+def test_the_error_names_the_epoch_and_step_at_which_the_loss_stopped_being_finite(tmp_path, dataset, capsys,
+                                                                                 monkeypatch):
+    """A stand-in criterion makes the loss NaN at the 4th training step of the run and only there, so the place
+    is known: the one error line says epoch 1 step 4 (an odd 0-based step, 3: a count off by one either way
+    names another step)."""
+    from mobilenets.train import loop
+
+    calls = []
+
+    class NaNAtTheFourthStep(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            calls.append(len(target))
+            loss = super().forward(logits, target)
+            return loss * float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(loop.nn, "CrossEntropyLoss", NaNAtTheFourthStep)
+    code = cli.main(["train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--alpha", "0.25",
+                     "--resolution", "32", "--epochs", "1", "-b", "8", "-j", "0", "--no-progress", "--no-plot"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(calls) == 4, err
+    errors = [line for line in err.splitlines() if line.startswith("mobilenets: error:")]
+    assert len(errors) == 1 and "the training loss became nan at epoch 1 step 4 " in errors[0], err
+
+
 def test_json_output_is_never_bare_nan():
     line = train.json_line({"val_loss": float("nan"), "rows": [float("inf"), 1.5], "epoch": 2})
     assert json.loads(line) == {"val_loss": None, "rows": [None, 1.5], "epoch": 2}

@@ -56,7 +56,9 @@ _TRAIN_TESTS = ["test_rmsprop_tf_matches_timm_rmsproptf", "test_rmsprop_tf_is_tf
                 "test_a_lone_process_choosing_its_threads_leaves_out_the_cores_other_programs_keep_busy",
                 "test_last_pt_records_the_optimizer_steps_taken",
                 "test_best_pt_keeps_the_epoch_of_the_highest_top1_and_skips_a_nan_one",
-                "test_the_epochs_split_of_waiting_and_computing_is_written_out"]
+                "test_the_epochs_split_of_waiting_and_computing_is_written_out",
+                "test_finetune_preset_lowers_lr_and_warms_up_unless_given",
+                "test_the_error_names_the_epoch_and_step_at_which_the_loss_stopped_being_finite"]
 _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", "test_batching_does_not_change_results",
                   "test_checkpoint_metadata_drives_resolution_normalization_and_labels",
                   "test_a_model_without_metadata_uses_224_px_and_x_over_127_5_minus_1",
@@ -65,7 +67,8 @@ _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", 
                   "test_the_table_gives_each_class_its_softmax_probability_in_percent",
                   "test_eval_transform_equals_resize_then_crop_by_torchvision",
                   "test_cli_predict_classifies_with_the_weights_file_it_names",
-                  "test_fp32_with_no_backend_asks_auto_with_the_number_of_images"]
+                  "test_fp32_with_no_backend_asks_auto_with_the_number_of_images",
+                  "test_each_answer_names_an_input_given_in_memory_by_its_position"]
 _QUANTIZE_TESTS = ["test_equalization_keeps_the_float_model",
                    "test_bias_correction_zeroes_every_layers_mean_error_on_the_calibration_images",
                    "test_calibration_clips_no_logit", "test_weights_rounded_by_output_error_stay_on_the_int8_grid",
@@ -96,7 +99,9 @@ MODULES = {
                    ["tests/test_weights.py", "tests/test_tf_frozen.py",
                     # weights/tflite.py's import is tested in test_litert (its exporter writes the files; ~65 s)
                     "tests/test_litert.py::test_export_then_import_round_trips",
-                    "tests/test_litert.py::test_a_relu_model_round_trips_as_relu"]),
+                    "tests/test_litert.py::test_a_relu_model_round_trips_as_relu",
+                    # an int8 file's import (TensorFlow's int8 files are tested too, but need TensorFlow)
+                    "tests/test_litert.py::test_an_int8_file_imports_as_the_model_its_integers_stand_for"]),
     "quantize": (["src/mobilenets/quantize/calibrate.py", "src/mobilenets/quantize/sim.py",
                   "src/mobilenets/quantize/rounding.py", "src/mobilenets/deploy/prepare.py"],
                  [f"tests/test_quantize.py::{t}" for t in _QUANTIZE_TESTS] +
