@@ -602,21 +602,57 @@ def run_predict(args) -> int:
         skipped.append(image)
         print(f"mobilenets: error: {why if image in why else f'{image}: {why}'}", file=sys.stderr, flush=True)
 
+    ctrl_c = _CtrlC()
     results = predict.predict(model, args.inputs, topk=args.topk, batch_size=args.batch_size,
                               resolution=resolution_override, precision=args.precision, backend=args.backend,
                               workers=args.workers, exact=args.exact, calibration=calibration,
                               log=log, on_skip=skip,
                               warn=lambda text: print(f"mobilenets: warning: {text}", file=sys.stderr, flush=True))
-    if args.json:
-        for r in results:
-            answered += 1
-            print(json.dumps(r.to_dict()), flush=True)
-    else:
-        for line in predict.format_table(results):
-            answered += not line.startswith(" ")  # a block per image, its name first
-            print(line, flush=True)
+    with ctrl_c:
+        if args.json:
+            for r in results:
+                ctrl_c.check()
+                answered += 1
+                print(json.dumps(r.to_dict()), flush=True)
+        else:
+            for line in predict.format_table(results):
+                ctrl_c.check()
+                answered += not line.startswith(" ")  # a block per image, its name first
+                print(line, flush=True)
     # some images unreadable: 1 (the others were answered); all of them: 2, as any error that stops a command
     return (2 if not answered else 1) if skipped else 0
+
+
+class _CtrlC:
+    """Ctrl-C stops a run even when its KeyboardInterrupt is lost.  Python raises it wherever the main thread
+    is, and raised inside a finalizer (a DataLoader iterator's ``__del__``, say) it is printed as "Exception
+    ignored" and dropped: the run goes on.  (One CI run saw an interrupted ``predict`` finish with exit 0; this is
+    the one way found for that.)  The handler remembers the signal, and :meth:`check` raises it again."""
+
+    seen = False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():  # only there can a handler be set
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _predict_on_ray(args, model) -> int:
