@@ -1,6 +1,7 @@
 """The checkpoint format: atomic writes, weights-only loading, mismatches named."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +241,56 @@ def test_atomic_write_creates_missing_folders_at_any_depth(tmp_path):
     path = tmp_path / "a" / "b" / "weights.bin"
     checkpoint.atomic_write(path, lambda f: f.write(b"\x00\x01"))
     assert path.read_bytes() == b"\x00\x01" and os.listdir(path.parent) == ["weights.bin"]
+
+
+def test_a_training_checkpoint_written_by_mobilenets_0_2_0_still_loads_and_verifies():
+    """tests/data/last-0.2.0.pt was written by checkpoint.save at 0.2.0 (a tiny run state holding lists, tuples,
+    dicts and tensors, 2.8 kB).  Its sha256 is the content digest of that release: a change to how the digest
+    reads any container would make every user's last.pt "damaged" and their runs impossible to resume."""
+    path = Path(__file__).parent / "data" / "last-0.2.0.pt"
+    stored = checkpoint.load(path, training=True)
+    assert stored["sha256"] == "8326681c70669c0746db2f8fe954b2b972b65e38853846abea2bfba6e5f64f4f"
+    assert stored["train_config"] == {"alpha": 0.25, "resolution": 64, "betas": (0.9, 0.999), "milestones": [3, 6]}
+    assert stored["rng"] == [(1, 2), [3, 4]] and stored["meta"]["labels"] == ["cat", "dog", "owl"]
+    assert torch.equal(stored["state_dict"]["classifier.bias"], torch.tensor([0.5, -1.25, 2.0]))
+
+
+@pytest.mark.parametrize("claimed_mib, refused", [(0.5, False), (3, True)])
+def test_an_archive_claiming_more_than_a_mib_beyond_its_size_is_refused_before_torch_reads_it(tmp_path, claimed_mib,
+                                                                                             refused):
+    """The members' declared sizes come from zipfile's own reading of the directory (not the code under test);
+    a deflated run of zeros claims far more than the file holds, and only over the 1 MiB slack is it refused."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(int(claimed_mib * (1 << 20)) // 4)}, buffer)
+    path = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(buffer) as stored, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
+        for member in stored.infolist():
+            out.writestr(member.filename, stored.read(member))
+    with zipfile.ZipFile(path) as archive:
+        declared = sum(m.file_size for m in archive.infolist())
+    assert (declared > path.stat().st_size + (1 << 20)) == refused  # the fixture sits on the side it claims
+    if refused:
+        with pytest.raises(checkpoint.CheckpointError, match=r"its members unpack to [\d,]+ bytes from a"):
+            checkpoint.load(path)
+    else:
+        assert torch.count_nonzero(checkpoint.load(path)["w"]) == 0
+
+
+@pytest.mark.parametrize("key, value, refused", [
+    ("features.0.bn.running_var", torch.tensor([1.0, float("nan")]), "holds 1 non-finite values"),
+    ("features.0.bn.running_var", torch.tensor([1.0, -0.5]), "holds a negative variance"),
+    # stored as integers, loading casts them to a float variance of -2: refused as well
+    ("features.0.bn.running_var", torch.tensor([1, -2]), "holds a negative variance"),
+    ("features.0.bn.num_batches_tracked", torch.tensor(-3), None),  # a counter, not a variance
+    ("features.0.bn.running_var", torch.empty(0), None),
+])
+def test_values_no_trained_model_holds_are_refused_whatever_their_dtype(key, value, refused):
+    good = {"features.0.conv.weight": torch.ones(2, 1, 3, 3), "features.0.bn.running_mean": torch.zeros(2)}
+    if refused is None:
+        checkpoint.check_values(good | {key: value}, "w.pt")
+    else:
+        with pytest.raises(checkpoint.CheckpointError, match=f"w.pt: tensor {key} {refused}"):
+            checkpoint.check_values(good | {key: value}, "w.pt")

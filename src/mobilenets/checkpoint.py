@@ -188,9 +188,10 @@ def check_values(state_dict: dict, name: str | Path = "<weights>") -> None:
     """Refuse weights whose every answer would be NaN or nonsense, naming the tensor: a NaN or infinite value
     anywhere, or a negative BatchNorm running variance (its square root is NaN)."""
     for key, t in state_dict.items():
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+        if not isinstance(t, torch.Tensor) or not t.numel():
             continue
-        bad = t.numel() - int(torch.isfinite(t).sum())
+        # an integer tensor is always finite, but a negative integer variance is cast to a float one on loading
+        bad = t.numel() - int(torch.isfinite(t).sum()) if t.is_floating_point() else 0
         if bad:
             raise CheckpointError(f"{name}: tensor {key} holds {bad} non-finite values (NaN or infinity) of "
                                   f"{t.numel()}; these weights are damaged, or come from a diverged run")
