@@ -279,3 +279,37 @@ def test_a_crop_no_draw_fits_is_the_centre_crop_of_the_nearest_allowed_aspect(si
     transform = data.TrainTransform(32, min_scale=0.35)
     for seed in range(5):
         assert transform.crop_box(*size, random.Random(seed)) == box
+
+
+@pytest.mark.parametrize("size, world_size", [(10, 2), (10, 3), (7, 4), (2, 5), (1, 8), (13, 1)])
+def test_epoch_sampler_gives_every_rank_as_many_steps_as_torchs_distributed_sampler(size, world_size):
+    """torch's DistributedSampler is the oracle for the share of each rank (padding by wrapping around): every
+    rank takes ceil(size / world_size) images, its __len__ says so, and together they cover every image; a
+    rank with fewer would leave the others waiting at an all-reduce."""
+    dataset = list(range(size))
+    shares = [[i for i, _ in data.EpochSampler(size, seed=3, epoch=1, rank=r, world_size=world_size)]
+              for r in range(world_size)]
+    for rank, share in enumerate(shares):
+        peer = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        assert len(share) == len(list(peer)) == len(data.EpochSampler(size, seed=3, epoch=1, rank=rank,
+                                                                        world_size=world_size))
+    assert {i for share in shares for i in share} == set(dataset)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.75, 0.5, 0.25, 0.1])
+def test_default_min_scale_narrows_linearly_from_inception_s_8_percent(alpha):
+    # the docstring's rule written out: 0.08 at alpha >= 1, 0.35 at 0.25, a straight line between, 0.35 below
+    expected = 0.08 + (0.35 - 0.08) * (1.0 - alpha) / 0.75 if alpha > 0.25 else 0.35
+    assert data.default_min_scale(alpha) == pytest.approx(expected, abs=1e-4)
+
+
+def test_builtin_digits_keep_sklearns_17_grey_levels_spread_over_0_to_255():
+    """At 8 px (sklearn's own size) the scaled scans are sklearn's images, level 16 as white: 0..16 * 255 / 16."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pictures, targets = data._digits_images(8)
+    expected = np.round(digits.images[:50] * 255 / 16).astype(np.uint8)
+    assert np.array_equal(np.stack([np.asarray(p)[..., 0] for p in pictures[:50]]), expected)
+    assert np.asarray(pictures[0]).min() == 0 and max(np.asarray(p).max() for p in pictures[:50]) == 255
+    assert np.array_equal(targets, digits.target)

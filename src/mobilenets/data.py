@@ -339,7 +339,9 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=g).tolist()
         total = math.ceil(self.size / self.world_size) * self.world_size
-        order += order[: total - len(order)]
+        # wrapped as often as it takes: with fewer images than ranks one pass does not fill every rank's share,
+        # and a rank with fewer steps than the others leaves them waiting for it at every all-reduce
+        order = (order * math.ceil(total / max(1, len(order))))[:total]
         return order[self.rank:total:self.world_size]
 
     def __iter__(self):
