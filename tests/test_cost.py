@@ -137,3 +137,17 @@ def test_the_package_cost_stays_the_function_whatever_is_imported_first():
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "76524800"  # docs/architecture.md: 0.5-160
+
+
+@pytest.mark.parametrize("alpha, resolution", [(1.0, 224), (0.5, 160)])
+def test_the_kinds_partition_the_network_whatever_string_names_them(alpha, resolution):
+    """Kinds read at run time (from JSON here, as from a command line) are not the interned literals of the
+    table: every layer counts in exactly one kind, and the kinds add up to the whole (measured on the module)."""
+    import json
+
+    c = cost(alpha, resolution)
+    kinds = [c.by_kind(k) for k in json.loads('["conv", "depthwise", "pointwise", "fc"]')]
+    whole = measure(mobilenet_v1(alpha), resolution)
+    assert sum(k.mult_adds for k in kinds) == whole["mult_adds"]
+    assert sum(k.params for k in kinds) == whole["params"] and sum(k.bn_params for k in kinds) == whole["bn_params"]
+    assert kinds[3].mult_adds == kinds[3].params - 1000 == int(alpha * 1024) * 1000  # the FC: weights + 1000 biases

@@ -52,6 +52,16 @@ class LayerCost:
 
 
 @dataclass(frozen=True)
+class KindCost:
+    """The layers of one kind together (Table 2's rows): no stride or shape, which only a single layer has."""
+
+    kind: str
+    mult_adds: int
+    params: int
+    bn_params: int
+
+
+@dataclass(frozen=True)
 class Cost:
     """The whole network's cost at one width and resolution."""
 
@@ -75,11 +85,11 @@ class Cost:
     def trainable_params(self) -> int:
         return self.params + self.bn_params
 
-    def by_kind(self, kind: str) -> LayerCost:
+    def by_kind(self, kind: str) -> KindCost:
         """Mult-adds and params summed over layers of one kind; 3x3 'conv' and 1x1 'pointwise' as Table 2 splits them."""
         picked = [l for l in self.layers if l.kind == kind]
-        return LayerCost(kind, kind, 0, "", (0, 0, 0), (0, 0, 0),
-                         sum(l.mult_adds for l in picked), sum(l.params for l in picked), sum(l.bn_params for l in picked))
+        return KindCost(kind, sum(l.mult_adds for l in picked), sum(l.params for l in picked),
+                        sum(l.bn_params for l in picked))
 
     def to_dict(self) -> dict:
         return {
