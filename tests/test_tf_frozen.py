@@ -402,3 +402,32 @@ def test_a_filled_constant_costs_its_declared_size_once():
     proto = (varint(1 << 3) + varint(3) + field(2, field(2, varint(1 << 3) + varint(6)))
              + field(7, payload))  # DT_INT32, shape (6,), int_val packed: the last value repeats
     assert tensor(memoryview(proto), 1 << 20).tolist() == packed + [packed[-1]]
+
+
+@pytest.mark.parametrize("control", [False, True])
+def test_an_unfused_batchnorm_epsilon_is_read_from_the_add_even_with_a_control_input(tmp_path, control):
+    """slim's unfused batch_norm adds epsilon to moving_variance; an add that also waits on a control input
+    ("^name", as graphs with update ops give it) still adds the same two values: 1e-5 here, not slim's 1e-3."""
+    from graphdefs import const, mobilenet_graph, node
+
+    scope = "MobilenetV1/MobilenetV1/Conv2d_1_pointwise/BatchNorm/batchnorm"
+    extra = const(f"{scope}/add/y", np.array(1e-5, np.float32))
+    extra += node(f"{scope}/add", "AddV2", ["MobilenetV1/Conv2d_1_pointwise/BatchNorm/moving_variance",
+                                             f"{scope}/add/y"] + (["^input"] if control else []))
+    path = tmp_path / "eps.pb"
+    path.write_bytes(mobilenet_graph(eps_attr=None, extra=extra).replace(b"FusedBatchNorm", b"Relu6BatchNorm"))
+    assert from_tf_frozen(path).config.bn_eps == 1e-5
+
+
+def test_a_node_reading_nodes_absent_from_the_graph_is_passed_over(tmp_path):
+    """A pruned graph may keep a node whose inputs were removed: outside the network it changes nothing (the
+    same weights, epsilon and resolution as without it), and walking from it names no missing node."""
+    from graphdefs import float_attr, mobilenet_graph, node
+
+    plain, stray = tmp_path / "plain.pb", tmp_path / "stray.pb"
+    plain.write_bytes(mobilenet_graph(eps_attr=float_attr("epsilon", 1e-3)))
+    stray.write_bytes(mobilenet_graph(eps_attr=float_attr("epsilon", 1e-3),
+                                      extra=node("pruned/add", "AddV2", ["gone/a", "gone/b"])))
+    a, b = from_tf_frozen(plain), from_tf_frozen(stray)
+    assert (b.config.bn_eps, b.meta.resolution) == (a.config.bn_eps, a.meta.resolution) == (1e-3, 128)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)

@@ -449,3 +449,32 @@ def test_a_files_out_of_range_setting_is_a_weights_error_naming_the_file(option,
     with pytest.raises(WeightsError) as raised:
         infer_config(shapes, name="graph.pb", **{option: {"bn_eps": 2.0, "padding": "valid"}[option]})
     assert str(raised.value).startswith(f"graph.pb: {message}")
+
+
+@pytest.mark.parametrize("first_shape", [(8,), (8, 3), (8, 3, 3)])
+def test_a_first_convolution_that_is_not_4d_is_a_weights_error_naming_the_file(first_shape):
+    """A (damaged or foreign) file whose first conv weight is not (out, in, k, k): its channels are not read
+    from it, and the shapes the file and the model disagree on are named, not an IndexError."""
+    from mobilenets.weights.layout import infer_config, meta_shapes
+
+    shapes = meta_shapes(mobilenets.mobilenet_v1(0.25, num_classes=10).config)
+    shapes["features.0.conv.weight"] = first_shape
+    with pytest.raises(WeightsError, match=r"^graph\.pb: .*features\.0\.conv\.weight"):
+        infer_config(shapes, name="graph.pb")
+
+
+def test_an_archive_of_several_tflite_files_names_the_first_four(tmp_path):
+    import io
+    import tarfile
+
+    from mobilenets.weights.tflite import from_tflite
+
+    tgz = tmp_path / "six.tgz"
+    with tarfile.open(tgz, "w:gz") as t:
+        for name in "abcdef":
+            info = tarfile.TarInfo(f"{name}.tflite")
+            info.size = 4
+            t.addfile(info, io.BytesIO(b"TFL3"))
+    with pytest.raises(WeightsError) as raised:
+        from_tflite(tgz)
+    assert "holds 6 .tflite files (['a.tflite', 'b.tflite', 'c.tflite', 'd.tflite']); extract" in str(raised.value)

@@ -296,8 +296,9 @@ def bn_epsilon(graph: FrozenGraph, prefix: str = "") -> float:
         if node.op in BATCH_NORM_OPS:
             eps = graph.float_attr(node.name, "epsilon")
             found.add(FUSED_BN_EPS if eps is None else _check_epsilon(graph, node.name, eps))
-        elif node.op in ("Add", "AddV2") and len(node.inputs) == 2:
-            sources = [graph.source(i) for i in node.inputs]
+        elif node.op in ("Add", "AddV2") and len(data := [i for i in node.inputs if not i.startswith("^")]) == 2:
+            # "^name" inputs only order execution (a graph may give the add one): the two values are the rest
+            sources = [graph.source(i) for i in data]
             if sources[0].endswith("/BatchNorm/moving_variance"):
                 other = graph.nodes.get(sources[1])
                 if other is not None and other.op == "Const":
