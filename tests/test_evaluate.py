@@ -234,3 +234,19 @@ def test_bad_arguments_are_refused_before_the_weights_are_read(tmp_path, option,
     with pytest.raises(ParameterError) as raised:
         evaluate_checkpoint(tmp_path / "missing.pt", **{option: value})
     assert str(raised.value).startswith(message) and str(raised.value).endswith(f"got {value!r}")
+
+
+@pytest.mark.parametrize("folders, hinted", [
+    (["train", "val"], True), (["train", "val", "test"], True), (["train"], False), (["val", "other"], False)])
+def test_a_data_set_root_is_named_as_one_only_when_it_holds_train_and_val(tmp_path, folders, hinted):
+    """Class folders that are not the model's classes: "pass ROOT/val" is said only where ROOT/val and ROOT/train
+    both exist (a test/ beside them changes nothing); otherwise the labels are listed without the hint."""
+    from mobilenets.data import DataError
+    from mobilenets.evaluate import _Labelled
+
+    for name in folders:
+        make_split(tmp_path / name, 1, 0)
+    with pytest.raises(DataError) as raised:
+        _Labelled(tmp_path, None, list(CLASSES))
+    assert ("looks like a data set root: pass" in str(raised.value)) == hinted, str(raised.value)
+    assert str(raised.value).startswith(f"class folders {sorted(folders)[:5]} in {tmp_path} are not among")

@@ -381,3 +381,44 @@ def test_a_multi_picture_jpeg_decodes_as_a_jpeg_does(tmp_path, jpeg_decodes, ori
     assert images.load_rgb(path, min_side=images.draft_side(224)).size == reference.size
     whole = images.load_pixels(path)
     assert len(jpeg_decodes) == 1 and np.array_equal(whole.permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("size, resolution", [((300, 200), 224), ((131, 97), 64)])
+def test_eval_transform_module_on_float_pixels_is_torchvisions_float_resize_crop_normalize(size, resolution):
+    """A float image in [0, 1] (what ToTensor gives), alone and batched, against torchvision's functional ops on
+    the same float tensor: antialiased bilinear resize of the shorter side to R / 0.875, centre crop, Normalize
+    with a non-default mean and std.  Both are float arithmetic of one filter: 1e-4 is rounding, while a scale
+    off by a grey level moves values by ~1/255 / std > 1e-2."""
+    from torchvision.transforms import v2 as T
+
+    odd = ((0.3, 0.6, 0.45), (0.15, 0.35, 0.25))
+    x = torch.from_numpy(np.array(_structured(*size, seed=5))).permute(2, 0, 1).float() / 255
+    expected = T.functional.normalize(T.functional.center_crop(
+        T.functional.resize(x, int(resolution / 0.875), antialias=True), resolution), *odd)
+    module = images.EvalTransform(resolution, images.Normalization(*odd))
+    torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(module(torch.stack([x, x.flip(-1)]))[1], module(x.flip(-1)), rtol=0, atol=1e-6)
+
+
+def test_a_strip_is_preprocessed_within_a_gib_though_resized_whole_it_would_take_three(tmp_path):
+    """A 1 x 16000 strip resized whole (shorter side to 256) is 256 x 4,096,000 pixels, 3.1 GB of uint8: only the
+    crop's box is resized.  Run where the address space can grow by 1 GiB at most, so the whole resize fails."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, numpy as np, torch\nfrom PIL import Image\nfrom mobilenets import images\n"
+        "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n"
+        "rgb = np.random.default_rng(0).integers(0, 255, (16000, 1, 3), dtype=np.uint8)\n"
+        "for strip in (Image.fromarray(rgb), Image.fromarray(rgb.transpose(1, 0, 2).copy())):\n"
+        "    print(tuple(images.eval_pixels(strip, 224).shape))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["(3, 224, 224)"] * 2, done.stderr[-2000:]
+
+
+def test_an_image_over_the_pixel_budget_says_its_size_and_the_budget_in_megapixels(tmp_path):
+    path = save(tmp_path, "big.png", Image.new("L", (6000, 6000)))  # 36.0 megapixels; the budget is 2^25
+    with pytest.raises(images.ImageSizeError) as raised:
+        images.load_pixels(path)
+    assert f"{path} is 6000x6000 = 36 megapixels, over the 33.6 megapixels mobilenets decodes" in str(raised.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from PIL import Image
 
 import mobilenets
 from mobilenets import checkpoint, cli, weights
+from mobilenets.errors import MobilenetsError
 from mobilenets.images import IMAGENET, INCEPTION, Normalization, eval_transform, load_rgb
 from mobilenets.predict import predict
 
@@ -236,7 +238,8 @@ def test_cli_imagenet_weights_from_the_server(tmp_path, images, monkeypatch, cap
     try:
         monkeypatch.setenv("MOBILENETS_WEIGHTS_URL", server.url)
         monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path / "cache"))
-        argv = ["predict", str(images / "rgb.jpg"), "--weights", "imagenet", "--alpha", "0.25",
+        # a real command line's words are new strings, never the literal "imagenet" object: built so here
+        argv = ["predict", str(images / "rgb.jpg"), "--weights", "".join(["image", "net"]), "--alpha", "0.25",
                 "--resolution", "128", "--json", "-q"]
         assert cli.main(argv) == 0
         first = json.loads(capsys.readouterr().out)
@@ -288,6 +291,18 @@ def test_each_answer_names_an_input_given_in_memory_by_its_position(weights_file
     assert alone == ["<tensor 0>", "<tensor 1>", "<tensor 2>"]
     mixed = [r.image for r in predict(model, [path, torch.stack([uint8] * 3), pil, torch.stack([prep] * 2)], topk=1)]
     assert mixed == [str(path), "<tensor 1>", "<tensor 2>", "<tensor 3>", "<image 4>", "<tensor 5>", "<tensor 6>"]
+    # a non-finite input is named by that same position: the second image of the last tensor here
+    bad = torch.stack([prep] * 2)
+    bad[1, 0, 5, 5] = float("nan")
+    with pytest.raises(MobilenetsError, match=r"^input tensor 6 holds NaN or infinite values"):
+        list(predict(model, [path, torch.stack([uint8] * 3), pil, bad], topk=1))
+
+
+@pytest.mark.parametrize("shape", [(3,), (4, 3), (2, 3, 8, 8, 1)])
+def test_a_tensor_that_is_not_one_image_or_a_batch_of_them_is_refused_saying_which_shapes_work(weights_file, shape):
+    message = f"a tensor must be (3, H, W) or (N, 3, H, W), got {shape}"
+    with pytest.raises(MobilenetsError, match="^" + re.escape(message)):
+        list(predict(mobilenets.load(weights_file), torch.rand(shape)))
 
 
 @pytest.mark.parametrize("count", [1, 255, 400])
