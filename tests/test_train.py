@@ -940,28 +940,32 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, dataset, c
     assert checkpoint.load(out / "last.pt")["epoch"] == 0 and not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("epochs, nan_call, place", [(1, 4, "epoch 1 step 4"), (3, 2 * 9 + 3, "epoch 3 step 3")])
 def test_the_error_names_the_epoch_and_step_at_which_the_loss_stopped_being_finite(tmp_path, dataset, capsys,
-                                                                                 monkeypatch):
-    """A stand-in criterion makes the loss NaN at the 4th training step of the run and only there, so the place
-    is known: the one error line says epoch 1 step 4 (an odd 0-based step, 3: a count off by one either way
-    names another step)."""
+                                                                                 monkeypatch, epochs, nan_call, place):
+    """A stand-in criterion makes the loss NaN at one training step of the run and only there, so the place is
+    known: the 4th step (an odd 0-based step, 3: a count off by one either way names another step), or the 3rd
+    step of the 3rd epoch (the fixture's 72 training images in batches of 8 are 9 steps an epoch; epoch 2,
+    0-based, so that an epoch count off by one or or-ed with 1 names another epoch)."""
     from mobilenets.train import loop
 
+    assert sum(1 for _ in (dataset / "train").rglob("*.png")) // 8 == 9
     calls = []
 
-    class NaNAtTheFourthStep(torch.nn.CrossEntropyLoss):
+    class NaNAtOneStep(torch.nn.CrossEntropyLoss):
         def forward(self, logits, target):
             calls.append(len(target))
             loss = super().forward(logits, target)
-            return loss * float("nan") if len(calls) == 4 else loss
+            return loss * float("nan") if len(calls) == nan_call else loss
 
-    monkeypatch.setattr(loop.nn, "CrossEntropyLoss", NaNAtTheFourthStep)
+    monkeypatch.setattr(loop.nn, "CrossEntropyLoss", NaNAtOneStep)
     code = cli.main(["train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--alpha", "0.25",
-                     "--resolution", "32", "--epochs", "1", "-b", "8", "-j", "0", "--no-progress", "--no-plot"])
+                     "--resolution", "32", "--epochs", str(epochs), "-b", "8", "-j", "0", "--no-progress",
+                     "--no-plot"])
     err = capsys.readouterr().err
-    assert code == 2 and len(calls) == 4, err
+    assert code == 2 and len(calls) == nan_call, err
     errors = [line for line in err.splitlines() if line.startswith("mobilenets: error:")]
-    assert len(errors) == 1 and "the training loss became nan at epoch 1 step 4 " in errors[0], err
+    assert len(errors) == 1 and f"the training loss became nan at {place} " in errors[0], err
 
 
 def test_json_output_is_never_bare_nan():
@@ -1019,7 +1023,8 @@ def test_finetune_preset_lowers_lr_and_warms_up_unless_given(tmp_path, dataset, 
         tmp_path / "source.pt")
     out = tmp_path / "run"
     code = cli.main(["train", "--finetune", str(path), "--data", str(dataset), "--out", str(out), "--resolution",
-                     "32", "--epochs", "1", "-b", "8", "-j", "0", "--no-progress", "--no-plot"])
+                     "32", "--epochs", "1", "-b", "8", "-j", "0", "--no-progress",
+                     "--no-plot"])
     err = capsys.readouterr().err
     assert code == 0, err
     stored = checkpoint.load(out / "last.pt")["train_config"]
