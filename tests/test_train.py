@@ -940,13 +940,13 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, dataset, c
     assert checkpoint.load(out / "last.pt")["epoch"] == 0 and not (out / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("epochs, nan_call, place", [(1, 4, "epoch 1 step 4"), (3, 2 * 9 + 3, "epoch 3 step 3")])
+@pytest.mark.parametrize("epochs, nan_call, place", [(1, 4, "epoch 1 step 4"), (2, 9 + 3, "epoch 2 step 3")])
 def test_the_error_names_the_epoch_and_step_at_which_the_loss_stopped_being_finite(tmp_path, dataset, capsys,
                                                                                  monkeypatch, epochs, nan_call, place):
     """A stand-in criterion makes the loss NaN at one training step of the run and only there, so the place is
     known: the 4th step (an odd 0-based step, 3: a count off by one either way names another step), or the 3rd
-    step of the 3rd epoch (the fixture's 72 training images in batches of 8 are 9 steps an epoch; epoch 2,
-    0-based, so that an epoch count off by one or or-ed with 1 names another epoch)."""
+    step of the 2nd epoch (the fixture's 72 training images in batches of 8 are 9 steps an epoch; 0-based epoch
+    1, so that a count off by one either way, or or-ed with 1, names another epoch)."""
     from mobilenets.train import loop
 
     assert sum(1 for _ in (dataset / "train").rglob("*.png")) // 8 == 9
