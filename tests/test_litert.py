@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -451,30 +452,35 @@ def test_real_weights_export_in_litert(tmp_path):
     assert deploy.parity(reference, deploy.load_exported(int8)(held))["cosine"] >= 0.9
 
 
-def test_explicit_asymmetric_pad_imports_as_tf_same(model, images, tmp_path):
-    """Keras writes stride-2 layers as ZeroPadding2D((0, 1), (0, 1)) then a VALID convolution; converters can
-    keep that PAD.  Made here by rewriting our SAME file; LiteRT says whether the rewrite kept the function."""
-    if model.config.padding != "tf_same":
-        pytest.skip("the rewrite starts from SAME convolutions")
-    graph = tflite_schema.read(deploy.export(model, tmp_path / "same.tflite", resolution=RES).read_bytes())
+def _with_explicit_pads(model, path, amounts) -> Path:
+    """Our SAME .tflite rewritten as Keras writes stride-2 layers: a PAD of ``amounts`` ((4, 2): batch, height,
+    width, channels) before each, and that convolution VALID."""
+    graph = tflite_schema.read(deploy.export(model, path.with_name("same.tflite"), resolution=RES).read_bytes())
     ops = []
     for op in graph.operators:
         if op.code in (tflite_schema.CONV_2D, tflite_schema.DEPTHWISE_CONV_2D) and op.options["stride_h"] == 2:
             src = graph.tensors[op.inputs[0]]
-            size = src.shape[1]
+            h, w = src.shape[1] + sum(amounts[1]), src.shape[2] + sum(amounts[2])
             graph.tensors.append(tflite_schema.Tensor(f"pad{len(ops)}", [4, 2], tflite_schema.INT32,
-                                                      np.array([[0, 0], [0, 1], [0, 1], [0, 0]], np.int32)))
-            graph.tensors.append(tflite_schema.Tensor(f"padded{len(ops)}", [1, size + 1, size + 1, src.shape[3]],
-                                                      src.type, shape_signature=[-1, size + 1, size + 1,
-                                                                                 src.shape[3]]))
+                                                      np.array(amounts, np.int32)))
+            graph.tensors.append(tflite_schema.Tensor(f"padded{len(ops)}", [1, h, w, src.shape[3]], src.type,
+                                                      shape_signature=[-1, h, w, src.shape[3]]))
             ops.append(tflite_schema.Operator(tflite_schema.PAD, [op.inputs[0], len(graph.tensors) - 2],
                                               [len(graph.tensors) - 1]))
             op.inputs[0] = len(graph.tensors) - 1
             op.options["padding"] = tflite_schema.VALID
         ops.append(op)
     graph.operators = ops
-    path = tmp_path / "padded.tflite"
     path.write_bytes(tflite_schema.write(graph))
+    return path
+
+
+def test_explicit_asymmetric_pad_imports_as_tf_same(model, images, tmp_path):
+    """Keras writes stride-2 layers as ZeroPadding2D((0, 1), (0, 1)) then a VALID convolution; converters can
+    keep that PAD.  Made here by rewriting our SAME file; LiteRT says whether the rewrite kept the function."""
+    if model.config.padding != "tf_same":
+        pytest.skip("the rewrite starts from SAME convolutions")
+    path = _with_explicit_pads(model, tmp_path / "padded.tflite", [[0, 0], [0, 1], [0, 1], [0, 0]])
     assert op_names(path).count("PAD") == 5
     litert = deploy.load_exported(path)(images)
     with torch.no_grad():
@@ -483,6 +489,17 @@ def test_explicit_asymmetric_pad_imports_as_tf_same(model, images, tmp_path):
         converted = from_tflite(path)
         assert converted.config.padding == "tf_same"
         assert_same_function(converted.model()(images), litert)
+
+
+@pytest.mark.parametrize("height, width", [((1, 1), (0, 1)), ((0, 1), (1, 1)), ((0, 1), (0, 2))])
+def test_a_pad_that_differs_between_height_and_width_is_refused_naming_it(tmp_path, height, width):
+    """The model pads both spatial axes alike; a file padding them differently (valid for LiteRT, which runs it)
+    is no MobileNet this library builds, whichever axis pads more."""
+    model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same").eval()
+    amounts = [[0, 0], list(height), list(width), [0, 0]]
+    path = _with_explicit_pads(model, tmp_path / "uneven.tflite", amounts)
+    with pytest.raises(weights.WeightsError, match=re.escape(f"unsupported padding {amounts}")):
+        from_tflite(path)
 
 
 # ---------------------------------------------------------------- ExecuTorch's runner (the rest: tests/test_executorch.py)
