@@ -461,7 +461,7 @@ def _with_explicit_pads(model, path, amounts) -> Path:
         if op.code in (tflite_schema.CONV_2D, tflite_schema.DEPTHWISE_CONV_2D) and op.options["stride_h"] == 2:
             src = graph.tensors[op.inputs[0]]
             h, w = src.shape[1] + sum(amounts[1]), src.shape[2] + sum(amounts[2])
-            graph.tensors.append(tflite_schema.Tensor(f"pad{len(ops)}", [4, 2], tflite_schema.INT32,
+            graph.tensors.append(tflite_schema.Tensor(f"pad{len(ops)}", [len(amounts), 2], tflite_schema.INT32,
                                                       np.array(amounts, np.int32)))
             graph.tensors.append(tflite_schema.Tensor(f"padded{len(ops)}", [1, h, w, src.shape[3]], src.type,
                                                       shape_signature=[-1, h, w, src.shape[3]]))
@@ -491,12 +491,13 @@ def test_explicit_asymmetric_pad_imports_as_tf_same(model, images, tmp_path):
         assert_same_function(converted.model()(images), litert)
 
 
-@pytest.mark.parametrize("height, width", [((1, 1), (0, 1)), ((0, 1), (1, 1)), ((0, 1), (0, 2))])
-def test_a_pad_that_differs_between_height_and_width_is_refused_naming_it(tmp_path, height, width):
-    """The model pads both spatial axes alike; a file padding them differently (valid for LiteRT, which runs it)
-    is no MobileNet this library builds, whichever axis pads more."""
+@pytest.mark.parametrize("amounts", [
+    [[0, 0], [1, 1], [0, 1], [0, 0]], [[0, 0], [0, 1], [1, 1], [0, 0]], [[0, 0], [0, 1], [0, 2], [0, 0]],
+    [[0, 0], [0, 1], [0, 1], [0, 0], [0, 0]]])  # the last, a PAD of five axes, for a 4-D image
+def test_a_pad_other_than_the_same_amounts_on_height_and_width_is_refused_naming_it(tmp_path, amounts):
+    """The model pads both spatial axes alike; a file padding them differently, whichever axis pads more, or
+    padding some other number of axes, is no MobileNet this library builds."""
     model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same").eval()
-    amounts = [[0, 0], list(height), list(width), [0, 0]]
     path = _with_explicit_pads(model, tmp_path / "uneven.tflite", amounts)
     with pytest.raises(weights.WeightsError, match=re.escape(f"unsupported padding {amounts}")):
         from_tflite(path)
