@@ -503,6 +503,26 @@ def test_a_pad_other_than_the_same_amounts_on_height_and_width_is_refused_naming
         from_tflite(path)
 
 
+@pytest.mark.parametrize("pad, padding", [((0, 1), "tf_same"), ((1, 1), "symmetric"), ((0, 0), None)])
+def test_a_stride_2_layers_explicit_pad_reads_as_the_padding_it_computes(tmp_path, pad, padding):
+    """Before a VALID stride-2 convolution, PAD (0, 1) on both axes computes SAME (Keras's ZeroPadding2D) and
+    (1, 1) the symmetric padding; a PAD of nothing leaves a VALID convolution, which no MobileNet here is:
+    refused naming the layer (the first convolution, stride 2), not read as SAME.  Read as SAME, the file is the
+    model it was written from."""
+    model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same").eval()
+    path = _with_explicit_pads(model, tmp_path / "padded.tflite", [[0, 0], list(pad), list(pad), [0, 0]])
+    if padding is None:
+        with pytest.raises(weights.WeightsError, match=r"layer 0 pads \(0, 0\) with padding type"):
+            from_tflite(path)
+        return
+    converted = from_tflite(path)
+    assert converted.config.padding == padding
+    if padding == "tf_same":
+        x = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(converted.model()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- ExecuTorch's runner (the rest: tests/test_executorch.py)
 
 
