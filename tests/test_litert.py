@@ -523,6 +523,23 @@ def test_a_stride_2_layers_explicit_pad_reads_as_the_padding_it_computes(tmp_pat
             torch.testing.assert_close(converted.model()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep_background", [False, True])
+def test_a_1001_class_file_drops_the_background_class_unless_asked_to_keep_it(tmp_path, keep_background):
+    """TF-slim's released .tflite files score 1001 classes, index 0 "background": converting drops that row of
+    the classifier's weights and biases (ImageNet class k is row k + 1), or keeps all 1001 and labels the first
+    "background".  The oracle is the written model's own rows (its classifier's bias is not zero)."""
+    model = mobilenet_v1(ALPHA, num_classes=1001, padding="tf_same").eval()
+    torch.nn.init.normal_(model.classifier.bias, generator=torch.Generator().manual_seed(0))
+    path = deploy.export(model, tmp_path / "m1001.tflite", resolution=RES)
+    converted = from_tflite(path, keep_background=keep_background)
+    rows = slice(0, 1001) if keep_background else slice(1, 1001)
+    weight = model.classifier.weight.detach().reshape(1001, -1)[rows]
+    torch.testing.assert_close(converted.state_dict["classifier.weight"].reshape(len(weight), -1), weight)
+    torch.testing.assert_close(converted.state_dict["classifier.bias"], model.classifier.bias.detach()[rows])
+    assert converted.config.num_classes == (1001 if keep_background else 1000)
+    assert (converted.meta.labels[0] == "background") == keep_background
+
+
 # ---------------------------------------------------------------- ExecuTorch's runner (the rest: tests/test_executorch.py)
 
 
