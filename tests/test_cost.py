@@ -151,3 +151,15 @@ def test_the_kinds_partition_the_network_whatever_string_names_them(alpha, resol
     assert sum(k.mult_adds for k in kinds) == whole["mult_adds"]
     assert sum(k.params for k in kinds) == whole["params"] and sum(k.bn_params for k in kinds) == whole["bn_params"]
     assert kinds[3].mult_adds == kinds[3].params - 1000 == int(alpha * 1024) * 1000  # the FC: weights + 1000 biases
+
+
+def test_cost_rows_are_values_that_can_be_kept_in_sets_and_never_change():
+    """A Cost and its rows are frozen values: hashable (kept in sets, used as keys) and equal by content;
+    assigning to one is an error instead of silently changing a table others hold."""
+    import dataclasses
+
+    a, b = cost(0.5, 160), cost(0.5, 160)
+    assert a == b and hash(a) == hash(b) and len({*a.layers, *b.layers}) == len(a.layers)
+    for value in (a, a.layers[0], a.by_kind("fc")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            value.mult_adds = 0

@@ -313,3 +313,10 @@ def test_builtin_digits_keep_sklearns_17_grey_levels_spread_over_0_to_255():
     assert np.array_equal(np.stack([np.asarray(p)[..., 0] for p in pictures[:50]]), expected)
     assert np.asarray(pictures[0]).min() == 0 and max(np.asarray(p).max() for p in pictures[:50]) == 255
     assert np.array_equal(targets, digits.target)
+
+
+def test_every_image_of_a_large_set_draws_from_its_own_seed_in_every_epoch():
+    """An image's augmentation seed is a fixed mix of (run seed, epoch, index): over 5,000 images, 2 epochs and 2
+    run seeds no two (epoch, image) pairs share one, so no image repeats another's crop and flip."""
+    seeds = {data.sample_seed(s, e, i) for s in (0, 7) for e in (0, 1) for i in range(5000)}
+    assert len(seeds) == 2 * 2 * 5000

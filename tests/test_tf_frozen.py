@@ -381,6 +381,28 @@ def test_filled_constants_are_bounded_by_the_graph_they_come_from(tmp_path):
     assert "Conv2d_13_pointwise" in message or "Conv2d_12_pointwise" in message or "Conv2d_13_depthwise" in message
 
 
+@pytest.mark.parametrize("excess_mib, refused", [(3, False), (6, True)])  # the 4 MiB slack halved or doubled
+def test_constants_may_declare_4_mib_more_than_the_graph_holds_and_no_more(tmp_path, excess_mib, refused):
+    """Every variable of a 1.0 MobileNet filled from one listed value (16 MB declared), in a graph padded to
+    3 or 6 MiB less than that: within the 4 MiB slack for repeated BatchNorm values it converts, beyond it it
+    is refused; a slack of 2 or 8 MiB would put one of the two on the other side."""
+    from graphdefs import const, tensor_proto
+    from weights_helpers import tf_slim_variables
+
+    variables = tf_slim_variables(1.0)
+    declared = sum(int(np.prod(np.shape(v))) * 4 for v in variables.values())
+    graph = b"".join(const(name, proto=tensor_proto(np.shape(v), float_val=[0.5])) for name, v in variables.items())
+    pad = declared - (excess_mib << 20) - len(graph) - 64  # the padding constant's own header: under 64 bytes
+    graph += const("padding", proto=tensor_proto((pad // 4,), bytes(pad // 4 * 4)))
+    assert declared - (excess_mib << 20) - 64 <= len(graph) <= declared - (excess_mib << 20)
+    path = tmp_path / "filled.pb"
+    path.write_bytes(graph)
+    if refused:
+        one_line_error(path, r"declare more bytes than the graph's [\d,]+ \(filled from a few listed values\)")
+    else:
+        assert from_tf_frozen(path).config.alpha == 1.0
+
+
 def test_a_filled_constant_costs_its_declared_size_once():
     """TensorFlow's fill (the last listed value repeated) and packed varints decode straight into the array:
     an int8 constant of 2^24 elements from one int_val, a packed int32 list, as TensorFlow reads them."""
