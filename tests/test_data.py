@@ -296,10 +296,11 @@ def test_epoch_sampler_gives_every_rank_as_many_steps_as_torchs_distributed_samp
     assert {i for share in shares for i in share} == set(dataset)
 
 
-@pytest.mark.parametrize("alpha", [1.0, 0.75, 0.5, 0.25, 0.1])
+@pytest.mark.parametrize("alpha", [2.0, 1.25, 1.0, 0.75, 0.5, 0.25, 0.1])
 def test_default_min_scale_narrows_linearly_from_inception_s_8_percent(alpha):
-    # the docstring's rule written out: 0.08 at alpha >= 1, 0.35 at 0.25, a straight line between, 0.35 below
-    expected = 0.08 + (0.35 - 0.08) * (1.0 - alpha) / 0.75 if alpha > 0.25 else 0.35
+    # the docstring's rule written out: 0.08 at alpha >= 1 (timm's 1.25 too), 0.35 at 0.25, a straight line
+    # between, 0.35 below
+    expected = 0.08 if alpha >= 1 else 0.08 + (0.35 - 0.08) * (1.0 - alpha) / 0.75 if alpha > 0.25 else 0.35
     assert data.default_min_scale(alpha) == pytest.approx(expected, abs=1e-4)
 
 
