@@ -190,7 +190,11 @@ def test_every_image_in_every_epoch_draws_its_own_crop():
     assert len(boxes) == 30 and len(set(boxes)) == 30
 
 
-def test_large_jpegs_decode_at_reduced_scale_only_as_far_as_every_crop_keeps_its_detail(tmp_path):
+@pytest.mark.parametrize("resolution, decoded", [(64, (250, 188)), (160, (500, 375)), (224, (1000, 750))])
+def test_large_jpegs_decode_at_reduced_scale_only_as_far_as_every_crop_keeps_its_detail(tmp_path, resolution,
+                                                                                       decoded):
+    """The smallest crop (a quarter of the area, aspect 3:4) of a 2000 x 1500 photo must keep `resolution`
+    pixels a side: 1/8 scale keeps 94 (enough for 64), 1/4 keeps 188 (for 160), 1/2 keeps 375 (for 224)."""
     import math
 
     from mobilenets.data import EvalTransform, TrainTransform
@@ -199,12 +203,13 @@ def test_large_jpegs_decode_at_reduced_scale_only_as_far_as_every_crop_keeps_its
     rng = np.random.default_rng(0)
     big = tmp_path / "phone.jpg"
     Image.fromarray(rng.integers(0, 256, (1500, 2000, 3), dtype=np.uint8)).save(big)
-    train = TrainTransform(64, min_scale=0.25)
+    train = TrainTransform(resolution, min_scale=0.25)
     image = load_rgb(big, min_side=train.min_side)
     w, h = image.size
-    assert (w, h) in [(1000, 750), (500, 375), (250, 188)] and w < 2000  # a DCT scale, smaller than the file
-    assert math.sqrt(0.25 * w * h * 3 / 4) >= 64  # the smallest possible crop still has 64 pixels a side
-    assert math.sqrt(0.25 * (w / 2) * (h / 2) * 3 / 4) < 64  # and the next coarser scale would not have
+    assert (w, h) == decoded  # a DCT scale, smaller than the file
+    assert math.sqrt(0.25 * w * h * 3 / 4) >= resolution  # the smallest possible crop keeps its pixels
+    if decoded != (250, 188):  # and the next coarser scale would not have
+        assert math.sqrt(0.25 * (w / 2) * (h / 2) * 3 / 4) < resolution
     # evaluation decodes exactly (reduced-scale decoding moved answers on phone-size photos)
     assert load_rgb(big, min_side=EvalTransform(224).min_side).size == (2000, 1500)
     assert load_rgb(big).size == (2000, 1500)

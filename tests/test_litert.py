@@ -540,6 +540,25 @@ def test_a_1001_class_file_drops_the_background_class_unless_asked_to_keep_it(tm
     assert (converted.meta.labels[0] == "background") == keep_background
 
 
+def test_pointwise_convolutions_written_valid_read_as_the_same_model(tmp_path):
+    """TFLiteConverter may write a 1x1 convolution with VALID padding (nothing to pad): it computes what SAME
+    does, so the file is still the model it was written from, read as tf_same."""
+    model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same").eval()
+    graph = tflite_schema.read(deploy.export(model, tmp_path / "same.tflite", resolution=RES).read_bytes())
+    pointwise = [op for op in graph.operators if op.code == tflite_schema.CONV_2D
+                 and graph.tensors[op.inputs[1]].shape[1:3] == [1, 1]]
+    assert len(pointwise) == 14  # the 13 pointwise layers and the classifier
+    for op in pointwise:
+        op.options["padding"] = tflite_schema.VALID
+    path = tmp_path / "valid.tflite"
+    path.write_bytes(tflite_schema.write(graph))
+    converted = from_tflite(path)
+    x = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(1))
+    assert converted.config.padding == "tf_same"
+    with torch.no_grad():
+        torch.testing.assert_close(converted.model()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- ExecuTorch's runner (the rest: tests/test_executorch.py)
 
 
