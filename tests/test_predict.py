@@ -298,6 +298,31 @@ def test_each_answer_names_an_input_given_in_memory_by_its_position(weights_file
         list(predict(model, [path, torch.stack([uint8] * 3), pil, bad], topk=1))
 
 
+def test_predicts_progress_counts_every_image_answered_or_skipped(weights_file, images, tmp_path, monkeypatch):
+    """Five photos and one file that is no image, in batches of two: predict's progress counts all six, the
+    skipped one too, batch by batch, and its line ends at 6/6 images."""
+    from mobilenets import progress
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for k in range(5):
+        (folder / f"{k}.jpg").write_bytes((images / "rgb.jpg").read_bytes())
+    (folder / "5.jpg").write_bytes(b"not a jpeg")
+    seen = []
+    advance = progress.Progress.advance
+
+    def recorded(self, n=1):
+        advance(self, n)
+        seen.append((self.what, self.done, self.line()))
+
+    monkeypatch.setattr(progress.Progress, "advance", recorded)
+    with pytest.warns(UserWarning, match="skipping"):
+        answered = list(predict(mobilenets.load(weights_file), [folder], batch_size=2, log=lambda line: None))
+    done = [d for what, d, _ in seen if what == "predict"]
+    assert len(answered) == 5 and done[-1] == 6 and done == sorted(done) and len(set(done)) >= 3, seen
+    assert " 6/6 images" in seen[-1][2]
+
+
 @pytest.mark.parametrize("shape", [(3,), (4, 3), (2, 3, 8, 8, 1)])
 def test_a_tensor_that_is_not_one_image_or_a_batch_of_them_is_refused_saying_which_shapes_work(weights_file, shape):
     message = f"a tensor must be (3, H, W) or (N, 3, H, W), got {shape}"

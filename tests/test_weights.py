@@ -478,3 +478,24 @@ def test_an_archive_of_several_tflite_files_names_the_first_four(tmp_path):
     with pytest.raises(WeightsError) as raised:
         from_tflite(tgz)
     assert "holds 6 .tflite files (['a.tflite', 'b.tflite', 'c.tflite', 'd.tflite']); extract" in str(raised.value)
+
+
+@pytest.mark.parametrize("config, size", [
+    ({"config": {"layers": [{"class_name": "InputLayer", "config": {"batch_shape": [None, 160, 160, 3]}}]}}, 160),
+    ({"config": {"layers": [{"class_name": "InputLayer", "config": {"batch_input_shape": [None, 192, 192, 3]}}]}},
+     192),
+    ({"config": {"layers": [{"class_name": "InputLayer", "config": {"batch_shape": [None]}}]}}, None),
+    ({"config": {"layers": [{"class_name": "InputLayer", "config": {"batch_shape": [None, 160, 128, 3]}}]}}, None),
+    ({"config": {"layers": "not a list"}}, None), ({"config": {}}, None), ("[1, 2", None)])
+def test_a_keras_files_input_size_is_read_from_its_model_config_or_left_unknown(tmp_path, config, size):
+    """Keras 3's model.save records the input layer's batch shape (Keras 2 called it batch_input_shape) in the
+    file's model_config attribute, written here by h5py; a config that is short, not square, not of that shape
+    or not JSON gives no size (the file name or --resolution decides), never an error."""
+    import h5py
+
+    from mobilenets.weights import keras
+
+    with h5py.File(tmp_path / "m.h5", "w") as f:
+        f.attrs["model_config"] = config if isinstance(config, str) else json.dumps(config)
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        assert keras._input_size(f) == size

@@ -70,7 +70,8 @@ _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", 
                   "test_fp32_with_no_backend_asks_auto_with_the_number_of_images",
                   "test_each_answer_names_an_input_given_in_memory_by_its_position",
                   "test_a_tensor_that_is_not_one_image_or_a_batch_of_them_is_refused_saying_which_shapes_work",
-                  "test_cli_imagenet_weights_from_the_server"]
+                  "test_cli_imagenet_weights_from_the_server",
+                  "test_predicts_progress_counts_every_image_answered_or_skipped"]
 _QUANTIZE_TESTS = ["test_equalization_keeps_the_float_model",
                    "test_bias_correction_zeroes_every_layers_mean_error_on_the_calibration_images",
                    "test_calibration_clips_no_logit", "test_weights_rounded_by_output_error_stay_on_the_int8_grid",
