@@ -132,7 +132,8 @@ def test_a_file_may_exceed_its_pixels_by_8_bytes_each_plus_16_mib_and_not_a_byte
             if not as_bytes:
                 assert np.array_equal(np.asarray(images.load_rgb(path)), pixels)
         else:
-            with pytest.raises(images.ImageError, match=f"is {size:,} bytes, far more than a 40x30 image"):
+            with pytest.raises(images.ImageError, match=f"is {size:,} bytes, far more than a 40x30 image takes "
+                                                        rf"\(at most {bound:,}\)"):
                 images.load_pixels(source)
             if not as_bytes:
                 with pytest.raises(images.ImageError, match=f"is {size:,} bytes"):
