@@ -101,6 +101,10 @@ def test_per_layer_rows_follow_table1():
     assert [l.stride for l in c.layers if l.kind == "depthwise"] == [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1]
     fc = c.layers[-1]
     assert (fc.filter_shape, fc.mult_adds, fc.params) == ("1024x1000", 1_024_000, 1_025_000)
+    # Table 1's "Filter Shape" column, its first five rows and its last separable pair, as printed
+    assert [l.filter_shape for l in c.layers[:5]] == ["3x3x3x32", "3x3x32 dw", "1x1x32x64", "3x3x64 dw",
+                                                       "1x1x64x128"]
+    assert [l.filter_shape for l in c.layers[-3:-1]] == ["3x3x1024 dw", "1x1x1024x1024"]
 
 
 def test_separable_factorisation_ratio():

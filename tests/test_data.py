@@ -326,3 +326,15 @@ def test_every_image_of_a_large_set_draws_from_its_own_seed_in_every_epoch():
     run seeds no two (epoch, image) pairs share one, so no image repeats another's crop and flip."""
     seeds = {data.sample_seed(s, e, i) for s in (0, 7) for e in (0, 1) for i in range(5000)}
     assert len(seeds) == 2 * 2 * 5000
+
+
+def test_a_batch_reports_the_cpu_seconds_its_collation_took_in_this_thread():
+    """collate adds its own thread CPU time to what the samples' decoding reported: at least that, at most
+    the thread time measured around the call (the trainer's progress divides images by these seconds)."""
+    import time
+
+    samples = [(torch.rand(3, 64, 64), k) for k in range(64)]
+    before = time.thread_time()
+    batch = data.collate(samples)
+    spent = time.thread_time() - before
+    assert 0 <= batch.seconds <= spent and batch[0].shape == (64, 3, 64, 64)

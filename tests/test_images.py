@@ -42,6 +42,12 @@ def test_transparent_pixels_are_white_and_16_bit_is_scaled(tmp_path):
     a[1, 1] = 32768
     sixteen = images.load_rgb(save(tmp_path, "s.png", Image.fromarray(a)))
     assert sixteen.getpixel((0, 0)) == (255, 255, 255) and sixteen.getpixel((1, 1))[0] == 127
+    # a palette image whose index 0 (black) is transparent: those pixels white, the opaque red ones red
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.putpixel((2, 2), 1)
+    p = images.load_rgb(save(tmp_path, "p.png", palette, transparency=0))
+    assert p.getpixel((0, 0)) == (255, 255, 255) and p.getpixel((2, 2)) == (255, 0, 0)
 
 
 def test_exif_rotation_is_applied(tmp_path):
@@ -114,12 +120,12 @@ def test_load_pixels_checks_the_size_before_decoding(tmp_path, jpeg_decodes, mon
     assert not jpeg_decodes
 
 
-@pytest.mark.parametrize("as_bytes", [False, True])
-def test_a_file_may_exceed_its_pixels_by_8_bytes_each_plus_16_mib_and_not_a_byte_more(tmp_path, as_bytes):
+@pytest.mark.parametrize("as_bytes, w, h", [(False, 40, 30), (True, 40, 30), (False, 1600, 1400)])
+def test_a_file_may_exceed_its_pixels_by_8_bytes_each_plus_16_mib_and_not_a_byte_more(tmp_path, as_bytes, w, h):
     """The size bound read from the header, written out: 8 bytes a pixel (16-bit RGBA, uncompressed) plus 16 MiB
     of metadata. Zeros after a PNG's end up to it decode as the image alone; one byte more is refused unread.
-    (A bound off by any factor, e.g. w * h ^ 8 instead of w * h * 8, moves the edge by thousands of bytes.)"""
-    w, h = 40, 30
+    (A bound off by any factor, e.g. w * h ^ 8 instead of w * h * 8, moves the edge by thousands of bytes;
+    at 1600 x 1400 the pixels' 17.9 MB and the 16 MiB share bits, so a sum written as an or shows too.)"""
     pixels = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
     path = save(tmp_path, "padded.png", Image.fromarray(pixels))
     bound = w * h * 8 + 16 * 1024 * 1024
@@ -132,7 +138,7 @@ def test_a_file_may_exceed_its_pixels_by_8_bytes_each_plus_16_mib_and_not_a_byte
             if not as_bytes:
                 assert np.array_equal(np.asarray(images.load_rgb(path)), pixels)
         else:
-            with pytest.raises(images.ImageError, match=f"is {size:,} bytes, far more than a 40x30 image takes "
+            with pytest.raises(images.ImageError, match=f"is {size:,} bytes, far more than a {w}x{h} image takes "
                                                         rf"\(at most {bound:,}\)"):
                 images.load_pixels(source)
             if not as_bytes:
