@@ -338,3 +338,30 @@ def test_a_batch_reports_the_cpu_seconds_its_collation_took_in_this_thread():
     batch = data.collate(samples)
     spent = time.thread_time() - before
     assert 0 <= batch.seconds <= spent and batch[0].shape == (64, 3, 64, 64)
+
+
+def test_a_training_crop_of_uint8_pixels_is_the_crop_of_the_same_image_given_as_pil():
+    """TrainTransform takes an RGB image or its (3, H, W) uint8 pixels: the same random draws give the same
+    crop of a non-square image (its width read from the last axis, its height from the one before)."""
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+    t = data.TrainTransform(R, min_scale=0.3, hflip=0.5, normalization=IMAGENET)
+    for seed in range(5):
+        assert torch.equal(t(pixels, random.Random(seed)), t(image, random.Random(seed))), seed
+
+
+def test_a_lone_process_scores_every_image_once_in_order():
+    # ShardSampler's defaults are one process: rank 0 of 1
+    assert list(data.ShardSampler(5)) == [0, 1, 2, 3, 4]
+
+
+def test_a_datasets_batch_reports_the_cpu_seconds_its_samples_took_in_this_thread(tmp_path):
+    """__getitems__ (the DataLoader's batch fetch) records the thread CPU time of decoding its samples: at
+    least 0, at most the thread time measured around the call."""
+    import time
+
+    train = data.ImageFolder(make_dataset(tmp_path / "ds") / "train", data.EvalTransform(R))
+    before = time.thread_time()
+    samples = train.__getitems__(list(range(8)))
+    spent = time.thread_time() - before
+    assert len(samples) == 8 and 0 <= samples.seconds <= spent

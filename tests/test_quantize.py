@@ -343,6 +343,21 @@ def test_fake_quant_values_are_torchs_fake_quantize_bit_for_bit():
         assert torch.equal(sim.fake_quant_values(v, (lo, hi)), sim.fake_quant_act(v, (lo, hi))), (lo, hi)
 
 
+@pytest.mark.parametrize("lo, hi", [(0.0, 6.0), (0.0, 0.37), (-1.0, 1.5), (-2.5, 0.3), (0.2, 0.5), (-0.6, -0.1)])
+def test_activation_qparams_are_torchs_min_max_observers(lo, hi):
+    """An activation range's uint8 scale and zero point are what torch's MinMaxObserver (quint8, per tensor,
+    affine) computes from the same minimum and maximum: the range widened to hold 0 (ranges all above or all
+    below 0 included), 255 steps over it.  (No range whose zero point is a tie, -lo / scale = k + 0.5: torch
+    computes in float32 and may round it the other way, as (-1, 1) does.)"""
+    from torch.ao.quantization import MinMaxObserver
+
+    observer = MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    observer(torch.tensor([lo, hi]))
+    scale, zero_point = observer.calculate_qparams()
+    ours = sim.act_qparams(lo, hi)
+    assert ours[0] == pytest.approx(float(scale), rel=1e-6) and ours[1] == int(zero_point)
+
+
 def test_rounding_by_error_is_the_column_by_column_algorithm():
     """round_weights against the algorithm written plainly here, column by column on (out, K) rows."""
     from mobilenets.quantize import rounding
