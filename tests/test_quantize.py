@@ -550,6 +550,12 @@ def test_cli_quantize_writes_int8_ready_weights(small, tmp_path, capsys):
     assert cli.main(["quantize", "--weights", str(source), "--calib-data", str(folder), "--out", str(out),
                      "--steps", "-1"]) == 2
     assert "steps" in capsys.readouterr().err
+    # the library call behind it, with its defaults: no fine-tuning steps, the same file as the command's
+    from mobilenets.deploy.prepare import quantize_file
+
+    again = quantize_file(source, folder, tmp_path / "again.safetensors")
+    assert (again["steps"], again["images"]) == (0, 18) and again["top1_agreement"] == report["top1_agreement"]
+    assert quantize.from_model(load(tmp_path / "again.safetensors")).ranges == ready.ranges
 
 
 def test_distillation_moves_each_channel_in_its_own_weight_step(small):
