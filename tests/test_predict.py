@@ -444,6 +444,19 @@ def test_decode_predictions_matches_softmax_topk():
     assert imagenet[0][0]["label"] == weights.imagenet_labels()[281]
 
 
+@pytest.mark.parametrize("count", [2, 4])
+def test_labels_that_do_not_name_each_class_once_are_refused(count):
+    # three classes: two labels leave one unnamed, four name a class the logits do not have
+    with pytest.raises(MobilenetsError, match=f"labels must name each of the 3 classes, got {count} labels"):
+        mobilenets.predict.decode_predictions(torch.zeros(1, 3), labels=[str(i) for i in range(count)])
+
+
+def test_int8_from_float_weights_without_calibration_images_says_what_would_work(weights_file, images):
+    with pytest.raises(MobilenetsError, match=r"^int8 needs calibration images \(--calib-data DIR.*or weights made "
+                                              r"int8-ready by 'mobilenets quantize'"):
+        list(predict(mobilenets.load(weights_file), images / "rgb.jpg", precision="int8", backend="onnxruntime"))
+
+
 def test_the_table_gives_each_class_its_softmax_probability_in_percent():
     """Logits ln 6, ln 3, ln 1 have softmax 0.6, 0.3, 0.1 (written out: e^l / sum e^l = 6/10, 3/10, 1/10): the
     table shows rank, class index, 60.00% etc. and the label, one line per class under the image's name."""

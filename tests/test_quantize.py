@@ -358,6 +358,21 @@ def test_activation_qparams_are_torchs_min_max_observers(lo, hi):
     assert ours[0] == pytest.approx(float(scale), rel=1e-6) and ours[1] == int(zero_point)
 
 
+def test_int8_folding_carries_the_prepared_ranges_unless_plain_is_asked(small):
+    """folded_for's int8 modes: "prepared" (the default) brings an Int8Ready calibrated on the batches given,
+    "plain" only folds BatchNorm (the runtime's own quantizer calibrates), as fp32 does."""
+    from mobilenets.deploy.prepare import folded_for
+
+    model, batches, x = small
+    prepared = folded_for(model, "int8", batches)
+    plain = folded_for(model, "int8", batches, int8="plain")
+    fp32 = folded_for(model, "fp32", batches)
+    assert prepared.int8_ready is not None and set(prepared.int8_ready.ranges) >= {"input", "logits"}
+    assert getattr(plain, "int8_ready", None) is None and getattr(fp32, "int8_ready", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_rounding_by_error_is_the_column_by_column_algorithm():
     """round_weights against the algorithm written plainly here, column by column on (out, K) rows."""
     from mobilenets.quantize import rounding

@@ -71,7 +71,9 @@ _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", 
                   "test_each_answer_names_an_input_given_in_memory_by_its_position",
                   "test_a_tensor_that_is_not_one_image_or_a_batch_of_them_is_refused_saying_which_shapes_work",
                   "test_cli_imagenet_weights_from_the_server",
-                  "test_predicts_progress_counts_every_image_answered_or_skipped"]
+                  "test_predicts_progress_counts_every_image_answered_or_skipped",
+                  "test_labels_that_do_not_name_each_class_once_are_refused",
+                  "test_int8_from_float_weights_without_calibration_images_says_what_would_work"]
 _QUANTIZE_TESTS = ["test_equalization_keeps_the_float_model",
                    "test_bias_correction_zeroes_every_layers_mean_error_on_the_calibration_images",
                    "test_calibration_clips_no_logit", "test_weights_rounded_by_output_error_stay_on_the_int8_grid",
@@ -86,7 +88,8 @@ _QUANTIZE_TESTS = ["test_equalization_keeps_the_float_model",
                    "test_calibrating_both_roundings_at_once_gives_each_alone_and_the_float_logits",
                    "test_a_percentile_range_is_numpys_nearest_percentiles_of_each_sign",
                    "test_activation_qparams_are_torchs_min_max_observers",
-                   "test_cli_quantize_writes_int8_ready_weights"]
+                   "test_cli_quantize_writes_int8_ready_weights",
+                   "test_int8_folding_carries_the_prepared_ranges_unless_plain_is_asked"]
 
 # module -> (source files mutated, the tests that cover them); tests chosen to be the ones a bug in those sources
 # should fail, and short enough to run once per mutant on a busy 2-core machine (a test file, or node ids where
