@@ -451,6 +451,23 @@ def test_labels_that_do_not_name_each_class_once_are_refused(count):
         mobilenets.predict.decode_predictions(torch.zeros(1, 3), labels=[str(i) for i in range(count)])
 
 
+def test_a_named_file_that_is_no_image_is_an_error_while_one_in_a_folder_is_skipped(weights_file, images,
+                                                                                  tmp_path):
+    """The user named the file: not decoding it is an error that names it.  Found in a folder, it is skipped
+    with a warning and the folder's other images are answered."""
+    from mobilenets.images import ImageError
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes((images / "rgb.jpg").read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    model = mobilenets.load(weights_file)
+    with pytest.raises(ImageError, match="broken.jpg"):
+        list(predict(model, folder / "broken.jpg"))
+    with pytest.warns(UserWarning, match="skipping .*broken.jpg"):
+        assert [r.image for r in predict(model, folder)] == [str(folder / "a.jpg")]
+
+
 def test_int8_from_float_weights_without_calibration_images_says_what_would_work(weights_file, images):
     with pytest.raises(MobilenetsError, match=r"^int8 needs calibration images \(--calib-data DIR.*or weights made "
                                               r"int8-ready by 'mobilenets quantize'"):

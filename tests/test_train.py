@@ -1135,3 +1135,15 @@ def test_the_progress_line_reports_the_loaders_images_per_cpu_second_and_the_wai
     assert meter.per_core() == pytest.approx(40.0)
     assert meter.describe(6.0) == "(model 5 img/s; loader 40 img/s per core x 2, waited 25%)"
     assert meter.sums() == {"wait": 1.5, "loader_cpu": pytest.approx(0.6), "loaded": 24}
+
+
+def test_the_input_meter_counts_a_batch_without_timing_as_no_cpu_seconds():
+    """Pinned (CUDA) batches arrive as plain lists, without the loader's CPU seconds: their images count, their
+    time counts as none; a Batch brings its own (2 images in 0.5 s here: 6 images over 0.5 s is 12 a second)."""
+    from mobilenets.train.loop import InputMeter
+
+    meter = InputMeter(workers=2)
+    meter.loaded([torch.zeros(4, 3, 8, 8), torch.zeros(4)])
+    assert (meter.images, meter.cpu, meter.per_core()) == (4, 0.0, 0.0)
+    meter.loaded(data.Batch(torch.zeros(2, 3, 8, 8), torch.zeros(2), [], 0.5))
+    assert (meter.images, meter.cpu, meter.per_core()) == (6, 0.5, 12.0)

@@ -58,7 +58,8 @@ _TRAIN_TESTS = ["test_rmsprop_tf_matches_timm_rmsproptf", "test_rmsprop_tf_is_tf
                 "test_best_pt_keeps_the_epoch_of_the_highest_top1_and_skips_a_nan_one",
                 "test_the_epochs_split_of_waiting_and_computing_is_written_out",
                 "test_finetune_preset_lowers_lr_and_warms_up_unless_given",
-                "test_the_error_names_the_epoch_and_step_at_which_the_loss_stopped_being_finite"]
+                "test_the_error_names_the_epoch_and_step_at_which_the_loss_stopped_being_finite",
+                "test_the_input_meter_counts_a_batch_without_timing_as_no_cpu_seconds"]
 _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", "test_batching_does_not_change_results",
                   "test_checkpoint_metadata_drives_resolution_normalization_and_labels",
                   "test_a_model_without_metadata_uses_224_px_and_x_over_127_5_minus_1",
@@ -73,7 +74,8 @@ _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", 
                   "test_cli_imagenet_weights_from_the_server",
                   "test_predicts_progress_counts_every_image_answered_or_skipped",
                   "test_labels_that_do_not_name_each_class_once_are_refused",
-                  "test_int8_from_float_weights_without_calibration_images_says_what_would_work"]
+                  "test_int8_from_float_weights_without_calibration_images_says_what_would_work",
+                  "test_a_named_file_that_is_no_image_is_an_error_while_one_in_a_folder_is_skipped"]
 _QUANTIZE_TESTS = ["test_equalization_keeps_the_float_model",
                    "test_bias_correction_zeroes_every_layers_mean_error_on_the_calibration_images",
                    "test_calibration_clips_no_logit", "test_weights_rounded_by_output_error_stay_on_the_int8_grid",
