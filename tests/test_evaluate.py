@@ -250,3 +250,11 @@ def test_a_data_set_root_is_named_as_one_only_when_it_holds_train_and_val(tmp_pa
         _Labelled(tmp_path, None, list(CLASSES))
     assert ("looks like a data set root: pass" in str(raised.value)) == hinted, str(raised.value)
     assert str(raised.value).startswith(f"class folders {sorted(folders)[:5]} in {tmp_path} are not among")
+
+
+def test_weights_of_other_classes_are_not_scored_on_the_digits_and_the_error_shows_ten_labels(tmp_path, capsys):
+    labels = [f"class{i}" for i in range(12)]
+    save_model(tmp_path / "m.pt", 12, labels)
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"was not trained on the built-in digits (its labels are {labels[:10]}); pass" in err, err

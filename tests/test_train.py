@@ -1147,3 +1147,32 @@ def test_the_input_meter_counts_a_batch_without_timing_as_no_cpu_seconds():
     assert (meter.images, meter.cpu, meter.per_core()) == (4, 0.0, 0.0)
     meter.loaded(data.Batch(torch.zeros(2, 3, 8, 8), torch.zeros(2), [], 0.5))
     assert (meter.images, meter.cpu, meter.per_core()) == (6, 0.5, 12.0)
+
+
+@pytest.mark.parametrize("damage", ["a body layer missing", "a tensor no MobileNet has"])
+def test_fine_tuning_to_new_classes_refuses_weights_whose_body_does_not_fit(damage):
+    """Only the classifier is replaced for new classes: every other tensor must come from the file, and the file
+    may hold nothing else, or the run would train from partly random or mislabelled weights."""
+    import types
+
+    from mobilenets.metadata import Metadata
+    from mobilenets.train.loop import build_model
+    from mobilenets.weights.layout import Converted
+
+    source_model = mobilenet_v1(0.25, num_classes=5)
+    sd = dict(source_model.state_dict())
+    if damage == "a body layer missing":
+        del sd["features.3.pointwise.conv.weight"]
+    else:
+        sd["features.3.extra"] = torch.zeros(3)
+    source = Converted(sd, source_model.config, Metadata(resolution=32, labels=tuple("abcde")))
+    config = train.make_config("paper", data=None, alpha=0.25, resolution=32, epochs=1, finetune="w.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="do not fit a MobileNet body"):
+        build_model(config, ["x", "y", "z"], source, types.SimpleNamespace(main=False))
+
+
+def test_metrics_number_epochs_from_one_as_the_progress_does(tmp_path, dataset):
+    out = tmp_path / "run"
+    train.train(tiny(out, dataset, epochs=2))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["epochs"]) for r in rows] == [(1, 2), (2, 2)]
