@@ -1171,8 +1171,12 @@ def test_fine_tuning_to_new_classes_refuses_weights_whose_body_does_not_fit(dama
         build_model(config, ["x", "y", "z"], source, types.SimpleNamespace(main=False))
 
 
-def test_metrics_number_epochs_from_one_as_the_progress_does(tmp_path, dataset):
+def test_a_two_epoch_run_numbers_its_epochs_from_one_and_counts_its_steps(tmp_path, dataset):
+    """metrics.jsonl numbers epochs 1 and 2, as the progress does; last.pt's scheduler entry counts the
+    optimizer steps, 2 epochs x 9 (72 images in batches of 8; the one-epoch test's 9 is odd, where a step
+    count or-ed with the epoch looks right); the paper recipe's schedule is TF's exponential decay."""
     out = tmp_path / "run"
     train.train(tiny(out, dataset, epochs=2))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["epochs"]) for r in rows] == [(1, 2), (2, 2)]
+    assert checkpoint.load(out / "last.pt")["scheduler"] == {"name": "exponential", "step": 18, "steps_per_epoch": 9}
