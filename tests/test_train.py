@@ -1179,4 +1179,28 @@ def test_a_two_epoch_run_numbers_its_epochs_from_one_and_counts_its_steps(tmp_pa
     train.train(tiny(out, dataset, epochs=2))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["epochs"]) for r in rows] == [(1, 2), (2, 2)]
-    assert checkpoint.load(out / "last.pt")["scheduler"] == {"name": "exponential", "step": 18, "steps_per_epoch": 9}
+    scheduler = checkpoint.load(out / "last.pt")["scheduler"]
+    assert scheduler == {"name": "exponential", "step": 18, "steps_per_epoch": 9}
+    assert type(scheduler["steps_per_epoch"]) is int and type(scheduler["step"]) is int  # counts: 9, not 9.0
+
+
+@pytest.mark.parametrize("device, counted", [("cpu", True), ("cuda", False)])
+def test_the_model_costs_the_loader_its_cores_only_when_it_runs_on_the_cpu(tmp_path, dataset, monkeypatch,
+                                                                          device, counted):
+    """choose_resources weighs the model's mult-adds against the loader's decoding only when the model runs on
+    the CPU; on a GPU (only its type is read: no GPU needed) the cores all go to the loader."""
+    import types
+
+    from mobilenets.cost import cost
+    from mobilenets.train import loop
+
+    seen = {}
+    monkeypatch.setattr(loop.resources, "choose", lambda **kwargs: seen.update(kwargs) or "chosen")
+    c = tiny(tmp_path / "run", dataset, threads=1)  # threads and workers given: no probe of the loader
+
+    class Images(list):
+        in_memory = False
+
+    dist = types.SimpleNamespace(main=False, world_size=1)
+    assert loop.choose_resources(c, Images(range(72)), 3, torch.device(device), dist) == "chosen"
+    assert seen["mult_adds"] == (cost(0.25, 32, num_classes=3).mult_adds if counted else 0)

@@ -61,7 +61,8 @@ _TRAIN_TESTS = ["test_rmsprop_tf_matches_timm_rmsproptf", "test_rmsprop_tf_is_tf
                 "test_the_error_names_the_epoch_and_step_at_which_the_loss_stopped_being_finite",
                 "test_the_input_meter_counts_a_batch_without_timing_as_no_cpu_seconds",
                 "test_fine_tuning_to_new_classes_refuses_weights_whose_body_does_not_fit",
-                "test_a_two_epoch_run_numbers_its_epochs_from_one_and_counts_its_steps"]
+                "test_a_two_epoch_run_numbers_its_epochs_from_one_and_counts_its_steps",
+                "test_the_model_costs_the_loader_its_cores_only_when_it_runs_on_the_cpu"]
 _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", "test_batching_does_not_change_results",
                   "test_checkpoint_metadata_drives_resolution_normalization_and_labels",
                   "test_a_model_without_metadata_uses_224_px_and_x_over_127_5_minus_1",
