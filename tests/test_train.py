@@ -1171,14 +1171,20 @@ def test_fine_tuning_to_new_classes_refuses_weights_whose_body_does_not_fit(dama
         build_model(config, ["x", "y", "z"], source, types.SimpleNamespace(main=False))
 
 
-def test_a_two_epoch_run_numbers_its_epochs_from_one_and_counts_its_steps(tmp_path, dataset):
-    """metrics.jsonl numbers epochs 1 and 2, as the progress does; last.pt's scheduler entry counts the
+def test_a_two_epoch_run_numbers_its_epochs_from_one_and_counts_its_steps(tmp_path, dataset, monkeypatch):
+    """metrics.jsonl and the progress line number epochs 1 and 2; last.pt's scheduler entry counts the
     optimizer steps, 2 epochs x 9 (72 images in batches of 8; the one-epoch test's 9 is odd, where a step
     count or-ed with the epoch looks right); the paper recipe's schedule is TF's exponential decay."""
+    from mobilenets.train import loop
+
+    shown, update = [], loop.Progress.update
+    monkeypatch.setattr(loop.Progress, "update", lambda self, epoch, epochs, *rest: shown.append((epoch, epochs))
+                        or update(self, epoch, epochs, *rest))
     out = tmp_path / "run"
     train.train(tiny(out, dataset, epochs=2))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["epochs"]) for r in rows] == [(1, 2), (2, 2)]
+    assert sorted(set(shown)) == [(1, 2), (2, 2)] and len(shown) == 18  # every step's line
     scheduler = checkpoint.load(out / "last.pt")["scheduler"]
     assert scheduler == {"name": "exponential", "step": 18, "steps_per_epoch": 9}
     assert type(scheduler["steps_per_epoch"]) is int and type(scheduler["step"]) is int  # counts: 9, not 9.0
