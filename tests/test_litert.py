@@ -368,6 +368,13 @@ def _rank_9(graph):
     graph.tensors[_first_conv(graph).outputs[0]].shape = [1] * 9
 
 
+def _classifier_bias_short(graph):
+    head = [op for op in graph.operators if op.code in (tflite_schema.CONV_2D, tflite_schema.FULLY_CONNECTED)][-1]
+    t = graph.tensors[head.inputs[2]]
+    t.data = t.data[:-1].copy()
+    t.shape = [len(t.data)]
+
+
 def _metadata(payload):
     def craft(graph):
         graph.metadata["mobilenets"] = payload
@@ -385,6 +392,7 @@ def _metadata(payload):
     (_quant([0.1], []), r"has 1 quantization scales and 0 zero points"),
     (_quant([float("nan")], [0]), r"has a quantization scale that is not a positive number"),
     (_rank_9, r"the shape of tensor '.*' lists 9 entries, at most 8 make sense"),
+    (_classifier_bias_short, r"the classifier's bias has shape \[9\] for 10 classes"),
     (_metadata(b"[1, 2]"), r"its mobilenets metadata is a JSON list, not an object"),
     (_metadata(b'{"labels": "cat dog"}'), r"labels"),
 ])
@@ -399,6 +407,31 @@ def test_crafted_files_are_refused_in_one_line(good_bytes, tmp_path, craft, matc
     with pytest.raises(weights.WeightsError, match=match) as e:
         from_tflite(path)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_an_operator_of_another_network_inside_the_body_is_refused_naming_it(good_bytes, tmp_path, monkeypatch):
+    """MobileNet v3's HARD_SWISH (LiteRT builtin code 117, no options) after the first convolution: the file
+    is another network, refused in one line naming the operator, not read past as a PAD is."""
+    hard_swish = 117
+    monkeypatch.setitem(tflite_schema.OPTIONS_TYPE, hard_swish, 0)  # the writer knows our operators only
+    monkeypatch.setitem(tflite_schema._OPTION_SLOTS, hard_swish, {})
+    graph = tflite_schema.read(good_bytes)
+    out = _first_conv(graph).outputs[0]
+    graph.operators.insert(graph.operators.index(_first_conv(graph)) + 1,
+                           tflite_schema.Operator(hard_swish, [out], [out], {}))
+    path = tmp_path / "v3.tflite"
+    path.write_bytes(tflite_schema.write(graph))
+    with pytest.raises(weights.WeightsError, match="operator 117 is not part of MobileNet v1") as e:
+        from_tflite(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_classifier_of_other_classes_gets_no_imagenet_labels(tmp_path):
+    """Names are given to 1000 classes only (ImageNet's) or taken from the file: a 1010-class model written
+    without labels converts with none, not with ImageNet's 1000 for its first 1000 classes."""
+    model = mobilenet_v1(ALPHA, num_classes=1010, padding="tf_same").eval()
+    converted = from_tflite(deploy.export(model, tmp_path / "m1010.tflite", resolution=RES))
+    assert converted.config.num_classes == 1010 and converted.meta.labels is None
 
 
 def test_a_graph_that_is_not_mobilenet_is_refused(good_bytes, tmp_path):

@@ -253,6 +253,28 @@ def test_cli_imagenet_weights_from_the_server(tmp_path, images, monkeypatch, cap
     assert first["top"][0]["class_index"] == int(p.argmax())
 
 
+def test_cli_imagenet_weights_without_alpha_are_the_width_1_0_release(tmp_path, images, monkeypatch, capsys):
+    """``--weights imagenet`` alone means the 1.0 release (the README's command): the file asked of the server
+    is mobilenet_1_0_128_tf.h5 at --resolution 128, and the answer is that model's."""
+    served = tmp_path / "served"
+    served.mkdir()
+    write_keras2_h5(served / "mobilenet_1_0_128_tf.h5", 1.0, seed=3)
+    server = Server(served)
+    try:
+        monkeypatch.setenv("MOBILENETS_WEIGHTS_URL", server.url)
+        monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path / "cache"))
+        argv = ["predict", str(images / "rgb.jpg"), "--weights", "imagenet", "--resolution", "128", "--json", "-q"]
+        assert cli.main(argv) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert server.requests == ["/mobilenet_1_0_128_tf.h5"]
+    finally:
+        server.close()
+    model = mobilenets.load(tmp_path / "cache" / "mobilenet_1_0_128_tf.safetensors")
+    assert model.config.alpha == 1.0
+    p = expected_probabilities(model, images / "rgb.jpg", 128, INCEPTION)
+    assert answer["top"][0]["class_index"] == int(p.argmax())
+
+
 # ---------------------------------------------------------------- inputs of every kind, the worker pipeline
 
 
@@ -442,6 +464,9 @@ def test_decode_predictions_matches_softmax_topk():
     assert np.isclose(top[0][0]["probability"], e[1] / e.sum())
     imagenet = mobilenets.predict.decode_predictions(torch.eye(1000)[[281]] * 10, k=1)
     assert imagenet[0][0]["label"] == weights.imagenet_labels()[281]
+    # one image's logits, 1-d (what model(x)[0] gives): one row of answers, the same as its batch of one
+    single = mobilenets.predict.decode_predictions(logits[0], k=2, labels=["a", "b", "c"])
+    assert single == top[:1]
 
 
 @pytest.mark.parametrize("count", [2, 4])

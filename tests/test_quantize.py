@@ -373,6 +373,23 @@ def test_int8_folding_carries_the_prepared_ranges_unless_plain_is_asked(small):
         torch.testing.assert_close(plain(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_single_clip_gives_each_layer_the_smallest_of_its_channel_clips(small):
+    """PT2E and LiteRT fuse one clip per layer: single_clip gives each equalized layer the least of its per-channel
+    ReLU6 clips (6 s_i with s_i >= 1, so 6 or more), over the same convolution, and keeps int8_ready."""
+    from mobilenets.deploy.prepare import folded_for, single_clip
+
+    model, batches, _ = small
+    prepared = folded_for(model, "int8", batches)
+    ready = prepared.int8_ready
+    one = single_clip(prepared)
+    assert one.int8_ready is ready and len(one.features) == len(ready.folded.features) == 27
+    for mine, theirs in zip(one.features, ready.folded.features):
+        assert mine.conv is theirs.conv
+        assert mine.clamp_max == pytest.approx(float(theirs.channel_clamp.min())) and mine.clamp_max >= 6 - 1e-5
+    # equalization spread the clips: one scalar per layer is a real choice, not every channel's value
+    assert any(float(t.channel_clamp.max()) > float(t.channel_clamp.min()) * 1.01 for t in ready.folded.features)
+
+
 def test_rounding_by_error_is_the_column_by_column_algorithm():
     """round_weights against the algorithm written plainly here, column by column on (out, K) rows."""
     from mobilenets.quantize import rounding

@@ -441,6 +441,22 @@ def test_an_unfused_batchnorm_epsilon_is_read_from_the_add_even_with_a_control_i
     assert from_tf_frozen(path).config.bn_eps == 1e-5
 
 
+def test_an_unfused_batchnorm_epsilon_computed_by_a_node_is_refused_naming_it(tmp_path):
+    """An epsilon the graph computes (a Cast of a float64 1e-5) is not a number the converter can read: refused,
+    naming the add and the node, rather than converted with slim's 1e-3 in its place."""
+    from graphdefs import const, mobilenet_graph, node
+
+    scope = "MobilenetV1/MobilenetV1/Conv2d_1_pointwise/BatchNorm/batchnorm"
+    extra = const(f"{scope}/add/y64", np.array(1e-5, np.float64))
+    extra += node(f"{scope}/add/y", "Cast", [f"{scope}/add/y64"])
+    extra += node(f"{scope}/add", "AddV2", ["MobilenetV1/Conv2d_1_pointwise/BatchNorm/moving_variance",
+                                             f"{scope}/add/y"])
+    path = tmp_path / "cast.pb"
+    path.write_bytes(mobilenet_graph(eps_attr=None, extra=extra).replace(b"FusedBatchNorm", b"Relu6BatchNorm"))
+    with pytest.raises(FrozenGraphError, match=rf"{scope}/add adds '{scope}/add/y', a Cast node, to the variance"):
+        from_tf_frozen(path)
+
+
 def test_a_node_reading_nodes_absent_from_the_graph_is_passed_over(tmp_path):
     """A pruned graph may keep a node whose inputs were removed: outside the network it changes nothing (the
     same weights, epsilon and resolution as without it), and walking from it names no missing node."""

@@ -1190,6 +1190,49 @@ def test_a_two_epoch_run_numbers_its_epochs_from_one_and_counts_its_steps(tmp_pa
     assert type(scheduler["steps_per_epoch"]) is int and type(scheduler["step"]) is int  # counts: 9, not 9.0
 
 
+def test_each_epochs_train_loss_and_top1_are_the_means_over_its_own_steps(tmp_path, dataset, monkeypatch):
+    """metrics.jsonl's train_loss and train_top1 for epochs 1 and 2: the image-weighted means of the losses and
+    hits of that epoch's 9 steps, recorded outside the loop (each step's loss at backward, its logits and
+    targets by hooks); the second epoch starts from nothing, not from the first epoch's sums.  A run resumed
+    with nothing left to do returns the last row."""
+    seen = {"logits": None, "targets": None, "steps": []}
+
+    def forward_hook(module, inputs, output):
+        if isinstance(module, MobileNetV1) and module.training:
+            seen["logits"] = output.detach().clone()
+
+    collate, backward = data.collate, torch.Tensor.backward
+
+    def recording_collate(batch):
+        x, y, skipped = collate(batch)
+        seen["targets"] = y
+        return x, y, skipped
+
+    def recording_backward(self, *args, **kwargs):
+        seen["steps"].append((seen["logits"], seen["targets"], self.detach().double().item()))
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(data, "collate", recording_collate)
+    monkeypatch.setattr(torch.Tensor, "backward", recording_backward)
+    handle = torch.nn.modules.module.register_module_forward_hook(forward_hook)
+    try:
+        train.train(tiny(tmp_path / "run", dataset, epochs=2))
+    finally:
+        handle.remove()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(seen["steps"]) == 18 and len(rows) == 2
+    for row, steps in zip(rows, (seen["steps"][:9], seen["steps"][9:])):
+        images = sum(len(y) for _, y, _ in steps)
+        assert images == 72
+        loss = sum(value * len(y) for _, y, value in steps) / images
+        hits = sum(int((logits.argmax(1) == y).sum()) for logits, y, _ in steps)
+        assert row["train_loss"] == pytest.approx(loss, rel=1e-6)
+        assert row["train_top1"] == pytest.approx(100 * hits / images, rel=1e-9)
+    # resumed with no epoch left, the run takes no step and answers with the last epoch's row, not the first's
+    config, file = train.resume_config(tmp_path / "run")
+    assert train.train(config, resume=file) == rows[-1] and len(seen["steps"]) == 18
+
+
 @pytest.mark.parametrize("device, counted", [("cpu", True), ("cuda", False)])
 def test_the_model_costs_the_loader_its_cores_only_when_it_runs_on_the_cpu(tmp_path, dataset, monkeypatch,
                                                                           device, counted):

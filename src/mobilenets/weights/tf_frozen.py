@@ -301,7 +301,12 @@ def bn_epsilon(graph: FrozenGraph, prefix: str = "") -> float:
             sources = [graph.source(i) for i in data]
             if sources[0].endswith("/BatchNorm/moving_variance"):
                 other = graph.nodes.get(sources[1])
-                if other is not None and other.op == "Const":
+                if other is not None and other.op != "Const":
+                    # a computed epsilon (a Cast, say) is not read: slim's default would stand in for it unseen
+                    raise FrozenGraphError(f"{graph.name}: {node.name} adds {other.name!r}, a {other.op} node, "
+                                           f"to the variance: BatchNorm's epsilon must be a constant; freeze "
+                                           f"the graph with its constants folded")
+                if other is not None:
                     if other.name not in read:
                         shape, _ = graph.declared(other.name)
                         if math.prod(shape) != 1:
