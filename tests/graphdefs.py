@@ -53,12 +53,15 @@ def float_attr(key: str, value: float) -> bytes:
 
 
 def mobilenet_graph(alpha: float = 0.25, resolution: int = 128, eps_attr: bytes | None = None, seed: int = 0,
-                    extra: bytes = b"") -> bytes:
+                    extra: bytes = b"", dims: tuple[int, ...] | None = None) -> bytes:
     """A frozen MobileNet v1 as converters read it: every TF-slim variable a Const, an input placeholder of
-    ``resolution`` read by the first Conv2D, and one FusedBatchNorm carrying ``eps_attr`` (the attribute's
-    bytes; None leaves it out); ``extra`` nodes are appended."""
+    ``resolution`` (or of shape ``dims``, -1 for an unknown size) read by the first Conv2D, and one
+    FusedBatchNorm carrying ``eps_attr`` (the attribute's bytes; None leaves it out); ``extra`` nodes are
+    appended."""
     parts = [const(name, value) for name, value in tf_slim_variables(alpha, seed).items()]
-    shape = field(7, b"".join(field(2, varint(1 << 3) + varint(d)) for d in (1, resolution, resolution, 3)))
+    dims = dims or (1, resolution, resolution, 3)
+    # TensorShapeProto.dim.size is an int64: -1 is written as its two's complement varint
+    shape = field(7, b"".join(field(2, varint(1 << 3) + varint(d & ((1 << 64) - 1))) for d in dims))
     parts.append(node("input", "Placeholder", attrs=attr("shape", shape)))
     parts.append(node("MobilenetV1/MobilenetV1/Conv2d_0/Conv2D", "Conv2D", ["input", "MobilenetV1/Conv2d_0/weights"]))
     parts.append(node("MobilenetV1/MobilenetV1/Conv2d_0/BatchNorm/FusedBatchNorm", "FusedBatchNorm",

@@ -280,6 +280,15 @@ def test_an_archive_claiming_more_than_a_mib_beyond_its_size_is_refused_before_t
         assert torch.count_nonzero(checkpoint.load(path)["w"]) == 0
 
 
+def test_values_after_an_empty_tensor_or_a_non_tensor_entry_are_still_checked():
+    """Nothing to check in an empty tensor or a stored number, but the tensors after them are checked all
+    the same: a NaN weight that follows either is refused, naming it."""
+    state = {"features.0.bn.extra": torch.empty(0), "note": 3, "features.0.conv.weight": torch.ones(2, 1, 3, 3),
+             "features.1.conv.weight": torch.tensor([[[[float("nan")]]]])}
+    with pytest.raises(checkpoint.CheckpointError, match="w.pt: tensor features.1.conv.weight holds 1 non-finite"):
+        checkpoint.check_values(state, "w.pt")
+
+
 @pytest.mark.parametrize("key, value, refused", [
     ("features.0.bn.running_var", torch.tensor([1.0, float("nan")]), "holds 1 non-finite values"),
     ("features.0.bn.running_var", torch.tensor([1.0, -0.5]), "holds a negative variance"),

@@ -251,11 +251,11 @@ def test_int8_preparation_is_cached_per_weights_calibration_and_code(model, cali
     assert len(prepared) == 2 and len(list((tmp_path / "int8").glob("*.safetensors"))) == 3
     # read back, it keeps the resolution it was calibrated at, not the one its weights' metadata names
     assert other.meta.resolution != RES
-    assert prepare.prepared_int8(other, deploy.rebatch(calibration, 1)).resolution == RES
+    assert prepare.prepared_int8(other, calibration).resolution == RES
     assert len(prepared) == 2
 
     # a damaged file is prepared again, to the same result, and mended
-    cached = prepare.cache_path(model, deploy.rebatch(calibration, 1))
+    cached = prepare.cache_path(model, calibration)
     cached.write_bytes(cached.read_bytes()[:-100])
     with pytest.warns(UserWarning, match="ignoring the cached int8 preparation"):
         mended = deploy.compile(model, "int8", calibration=calibration, resolution=RES, backend="onnxruntime")
@@ -270,6 +270,24 @@ def test_int8_preparation_is_cached_per_weights_calibration_and_code(model, cali
     assert len(prepared) == 5  # the least recently used went, not the oldest written:
     assert len(list((tmp_path / "int8").glob("*.safetensors"))) == 2 and cached.is_file()
     assert len(list((tmp_path / "int8").glob("*.sig"))) == 2
+
+
+def test_int8_is_prepared_once_on_every_calibration_image_whatever_the_jobs_batch_size(model, calibration, tmp_path,
+                                                                                          monkeypatch):
+    """The 32 calibration images given are what the int8 weights are prepared on, for a job of batch 24 (which
+    once kept 24 of them) as for batch 16, which then reads that one preparation instead of making its own."""
+    from mobilenets import quantize
+
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))
+    real_prepare, rows = quantize.prepare_int8, []
+    monkeypatch.setattr(quantize, "prepare_int8",
+                        lambda m, batches, **k: rows.append(sum(len(b) for b in batches)) or real_prepare(m, batches, **k))
+    heard = []
+    for batch_size in (24, 16):
+        deploy.compile(model, "int8", calibration=calibration, batch_size=batch_size, resolution=RES,
+                       backend="onnxruntime", log=heard.append)
+    assert sum(len(b) for b in calibration) == 32 and rows == [32]
+    assert any("preparing the weights on 32 calibration images" in line for line in heard)
 
 
 OUT_OF_ORDER = """

@@ -457,6 +457,18 @@ def test_an_unfused_batchnorm_epsilon_computed_by_a_node_is_refused_naming_it(tm
         from_tf_frozen(path)
 
 
+@pytest.mark.parametrize("dims", [(1, -1, -1, 3), (-1, 160, 192, 3)])
+def test_an_input_of_unknown_or_unequal_sides_gives_no_resolution(tmp_path, dims):
+    """Only a known, square input size is the model's resolution: a placeholder of unknown height and width (as
+    graphs exported for any size have) or of 160 x 192 leaves it to the caller or the default, 224."""
+    from graphdefs import float_attr, mobilenet_graph
+
+    path = tmp_path / "input.pb"
+    path.write_bytes(mobilenet_graph(eps_attr=float_attr("epsilon", 1e-3), dims=dims))
+    assert from_tf_frozen(path).meta.resolution == 224
+    assert from_tf_frozen(path, resolution=96).meta.resolution == 96
+
+
 def test_a_node_reading_nodes_absent_from_the_graph_is_passed_over(tmp_path):
     """A pruned graph may keep a node whose inputs were removed: outside the network it changes nothing (the
     same weights, epsilon and resolution as without it), and walking from it names no missing node."""

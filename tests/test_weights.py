@@ -7,6 +7,7 @@ files are written in the released layouts directly (tests/weights_helpers.py).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,9 @@ def test_builder_with_weights_keeps_body_and_can_replace_the_head(converted_file
         mobilenets.mobilenet_v1(0.5, weights=converted_file)
     with pytest.raises(WeightsError, match="padding='symmetric' conflicts"):
         mobilenets.mobilenet_v1(0.25, weights=converted_file, padding="symmetric")
+    # a training setting the model refuses is refused as these weights' error, naming the file and the value
+    with pytest.raises(WeightsError, match=rf"^{re.escape(str(converted_file))}: dropout must be in \[0, 1\), got 1.5$"):
+        mobilenets.weights.load(converted_file, dropout=1.5)
 
 
 def test_builder_without_weights_is_the_plain_model():

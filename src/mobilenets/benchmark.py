@@ -385,9 +385,9 @@ def _add_auto_candidates(model, precision, calibration, batch_size, resolution, 
     """Build every runtime ``backend="auto"`` would measure, as candidates "auto: NAME" of this run."""
     from .deploy.prepare import folded_for
 
-    batches = deploy.rebatch(deploy.calibration_batches(calibration, resolution), batch_size) \
-        if precision == "int8" else []
-    folded = folded_for(model, precision, batches)
+    given = deploy.calibration_batches(calibration, resolution) if precision == "int8" else []
+    batches = deploy.rebatch(given, batch_size) if given else []
+    folded = folded_for(model, precision, given)  # prepared as deploy.compile prepares
     names = deploy.auto.tried(folded, precision, batches)
     for name in names:
         add(f"auto: {name}", "auto", "auto", lambda name=name: (

@@ -95,10 +95,13 @@ def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable |
         raise DeployError(f"resolution must be an integer >= {MIN_RESOLUTION} such as 224, 192, 160, 128, "
                           f"got {resolution!r}")
     if precision != "int8" or (calibration is None and carries_int8(model, precision, int8)):
-        batches = []  # int8-ready weights from mobilenets quantize carry their ranges: nothing to calibrate
+        given = batches = []  # int8-ready weights from mobilenets quantize carry their ranges: nothing to calibrate
     else:
-        batches = rebatch(calibration_batches(calibration, resolution), batch_size)
-    folded = folded_for(model, precision, batches, int8=int8, log=log)
+        given = calibration_batches(calibration, resolution)
+        batches = rebatch(given, batch_size)  # what a runtime's own static-shape calibration takes
+    # prepared on every calibration image as given, as export prepares: rebatched to the job's batch size, a
+    # job of 32 kept 32 of 60 images, and each size of small job prepared (and cached) its own int8 model
+    folded = folded_for(model, precision, given, int8=int8, log=log)
     if backend != "auto":
         registry.check_calibration(backend, folded, precision, batches)
     if precision == "bf16" and not bf16_supported():
