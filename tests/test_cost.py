@@ -88,6 +88,8 @@ def test_cost_with_no_arguments_is_the_baseline_1_0_mobilenet_224():
     assert (c.alpha, c.resolution) == (1.0, (224, 224))
     assert round(c.mult_adds / 1e6) == 569 and round(c.params / 1e5) == 42
     assert (c.layers[0].input_size, c.layers[0].output_size) == ((224, 224, 3), (112, 112, 32))
+    # measure() on a built model, with no resolution, counts it at the same 224: 568,740,352 mult-adds
+    assert measure(mobilenet_v1(1.0))["mult_adds"] == 568_740_352
 
 
 def test_per_layer_rows_follow_table1():

@@ -133,6 +133,23 @@ def test_builtin_digits_are_real_fixed_and_held_out():
     assert accuracy > 0.85
 
 
+@pytest.mark.parametrize("size, fallback", [((30, 50), (0, 5, 30, 40)), ((70, 50), (1, 0, 67, 50)),
+                                            ((40, 50), (0, 0, 40, 50)), ((50, 40), (0, 0, 50, 40))])
+def test_a_crop_no_draw_fits_is_the_centre_crop_of_the_clamped_aspect(size, fallback):
+    """With the whole area asked for (min_scale 1), a draw fits only at the image's own aspect: otherwise
+    torchvision's RandomResizedCrop fallback, worked by hand here, is the crop: the image's aspect clamped to
+    [3/4, 4/3], centred (30x50: 30 wide, 30 / (3/4) = 40 high, 5 from the top; 70x50: 50 x 4/3 = 67 wide), and
+    the whole image where its aspect is already inside (40x50, 50x40).  A draw that fits is the whole image
+    to within a pixel of rounding."""
+    t = data.TrainTransform(R, min_scale=1.0)
+    width, height = size
+    boxes = {t.crop_box(width, height, random.Random(seed)) for seed in range(100)}
+    assert fallback in boxes
+    for left, top, w, h in boxes:
+        assert 0 <= left and left + w <= width and 0 <= top and top + h <= height
+        assert (left, top, w, h) == fallback or (abs(w - width) <= 1 and abs(h - height) <= 1)
+
+
 def test_train_transform_is_a_function_of_its_seed():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
     t = data.TrainTransform(R, min_scale=0.3, hflip=0.5, normalization=IMAGENET)

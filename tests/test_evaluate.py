@@ -158,6 +158,11 @@ def test_builtin_digits_are_the_default_data(tmp_path):
     save_model(tmp_path / "patterns.pt", 3, list(CLASSES))
     with pytest.raises(ValueError, match="not trained on the built-in digits.*pass data_dir"):
         evaluate_checkpoint(tmp_path / "patterns.pt", num_workers=0)
+    # the digits 0-2 only, or 0-9 in another order: other classes than the digits' ten, refused as well
+    for name, labels in (("three.pt", ["0", "1", "2"]), ("shuffled.pt", [str(i) for i in (1, 0, *range(2, 10))])):
+        save_model(tmp_path / name, len(labels), labels)
+        with pytest.raises(ValueError, match="not trained on the built-in digits.*pass data_dir"):
+            evaluate_checkpoint(tmp_path / name, num_workers=0)
 
 
 def test_clear_errors(tmp_path, capsys):
@@ -214,7 +219,9 @@ def test_a_cuda_device_is_checked_against_the_gpus_this_machine_has(monkeypatch,
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     for index in range(gpus):
         assert evaluate._device(f"cuda:{index}") == torch.device("cuda", index)
-    with pytest.raises(ParameterError, match=f"this machine has {gpus} CUDA GPU"):
+    # the fix offered names only devices that exist: cuda:0 where there is a GPU, cpu alone where there is none
+    fix = "use device 'cpu' or cuda:0" if gpus else "use device 'cpu'"
+    with pytest.raises(ParameterError, match=rf"this machine has {gpus} CUDA GPU\(s\); {fix}$"):
         evaluate._device(f"cuda:{gpus}")
     if gpus == 0:
         with pytest.raises(ParameterError, match="use device 'cpu'"):

@@ -409,7 +409,8 @@ def test_eval_transform_module_on_float_pixels_is_torchvisions_float_resize_crop
 
 def test_a_strip_is_preprocessed_within_a_gib_though_resized_whole_it_would_take_three(tmp_path):
     """A 1 x 16000 strip resized whole (shorter side to 256) is 256 x 4,096,000 pixels, 3.1 GB of uint8: only the
-    crop's box is resized.  Run where the address space can grow by 1 GiB at most, so the whole resize fails."""
+    crop's box is resized, whether the strip comes as a PIL image or as its uint8 pixels (3, H, W), what the
+    decoding workers pass.  Run where the address space can grow by 1 GiB at most, so the whole resize fails."""
     import subprocess
     import sys
 
@@ -419,9 +420,10 @@ def test_a_strip_is_preprocessed_within_a_gib_though_resized_whole_it_would_take
         "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n"
         "rgb = np.random.default_rng(0).integers(0, 255, (16000, 1, 3), dtype=np.uint8)\n"
         "for strip in (Image.fromarray(rgb), Image.fromarray(rgb.transpose(1, 0, 2).copy())):\n"
-        "    print(tuple(images.eval_pixels(strip, 224).shape))\n")
+        "    for image in (strip, images.pixels(strip)):\n"
+        "        print(tuple(images.eval_pixels(image, 224).shape))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["(3, 224, 224)"] * 2, done.stderr[-2000:]
+    assert done.returncode == 0 and done.stdout.split("\n")[:4] == ["(3, 224, 224)"] * 4, done.stderr[-2000:]
 
 
 def test_an_image_over_the_pixel_budget_says_its_size_and_the_budget_in_megapixels(tmp_path):
