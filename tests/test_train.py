@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -1121,6 +1122,9 @@ def test_the_epochs_split_of_waiting_and_computing_is_written_out():
                                           "input_wait_fraction": 0.25, "model_images_per_s": pytest.approx(24 / 4.5)}
     # an epoch spent entirely waiting ran the model at no measurable rate, not a division by zero
     assert input_metrics(state, {**sums, "wait": 6.0})["model_images_per_s"] == 0.0
+    # a short epoch (a small data set on a fast machine) is split the same way: 0.2 of 0.8 s is 25%
+    short = input_metrics(state, {**sums, "time": 0.8, "wait": 0.2})
+    assert short["input_wait_fraction"] == pytest.approx(0.25) and short["model_images_per_s"] == pytest.approx(40.0)
 
 
 def test_the_progress_line_reports_the_loaders_images_per_cpu_second_and_the_wait():
@@ -1193,8 +1197,8 @@ def test_a_two_epoch_run_numbers_its_epochs_from_one_and_counts_its_steps(tmp_pa
 def test_each_epochs_train_loss_and_top1_are_the_means_over_its_own_steps(tmp_path, dataset, monkeypatch):
     """metrics.jsonl's train_loss and train_top1 for epochs 1 and 2: the image-weighted means of the losses and
     hits of that epoch's 9 steps, recorded outside the loop (each step's loss at backward, its logits and
-    targets by hooks); the second epoch starts from nothing, not from the first epoch's sums.  A run resumed
-    with nothing left to do returns the last row."""
+    targets by hooks); the second epoch starts from nothing, not from the first epoch's sums.  Each step's
+    progress shows a rate the run's wall time bounds; a run resumed with nothing left to do returns the last row."""
     seen = {"logits": None, "targets": None, "steps": []}
 
     def forward_hook(module, inputs, output):
@@ -1212,13 +1216,19 @@ def test_each_epochs_train_loss_and_top1_are_the_means_over_its_own_steps(tmp_pa
         seen["steps"].append((seen["logits"], seen["targets"], self.detach().double().item()))
         return backward(self, *args, **kwargs)
 
+    from mobilenets.train import loop
+
+    rates, update = [], loop.Progress.update
+    monkeypatch.setattr(loop.Progress, "update", lambda self, *args: rates.append(args[5]) or update(self, *args))
     monkeypatch.setattr(data, "collate", recording_collate)
     monkeypatch.setattr(torch.Tensor, "backward", recording_backward)
     handle = torch.nn.modules.module.register_module_forward_hook(forward_hook)
+    started = time.perf_counter()
     try:
         train.train(tiny(tmp_path / "run", dataset, epochs=2))
     finally:
         handle.remove()
+    wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(seen["steps"]) == 18 and len(rows) == 2
     for row, steps in zip(rows, (seen["steps"][:9], seen["steps"][9:])):
@@ -1228,9 +1238,30 @@ def test_each_epochs_train_loss_and_top1_are_the_means_over_its_own_steps(tmp_pa
         hits = sum(int((logits.argmax(1) == y).sum()) for logits, y, _ in steps)
         assert row["train_loss"] == pytest.approx(loss, rel=1e-6)
         assert row["train_top1"] == pytest.approx(100 * hits / images, rel=1e-9)
+    # the images/s each step shows: an epoch's images over the time since it began, which is within the whole
+    # run, so at least 72 images over the run's wall time by the end of each epoch
+    assert len(rates) == 18 and rates[8] >= 72 / wall and rates[17] >= 72 / wall
     # resumed with no epoch left, the run takes no step and answers with the last epoch's row, not the first's
     config, file = train.resume_config(tmp_path / "run")
     assert train.train(config, resume=file) == rows[-1] and len(seen["steps"]) == 18
+
+
+def test_a_run_resumed_by_another_number_of_processes_says_so_and_reseeds_from_its_seed(tmp_path, dataset):
+    """last.pt keeps one RNG state per process; saved by 2 processes (made so here), resumed by 1, the states do
+    not fit: the run says its dropout draws will differ from an uninterrupted run, and reseeds from its own seed
+    and epoch, so runs of seed 1 and seed 2 still draw differently (and neither restarts from its first seed)."""
+    reseeded = []
+    for seed in (1, 2):
+        out = tmp_path / f"run{seed}"
+        train.train(tiny(out, dataset, epochs=1, seed=seed))
+        state = checkpoint.load(out / "last.pt", training=True)
+        checkpoint.save({**state, "rng": list(state["rng"]) * 2}, out / "last.pt")
+        config, file = train.resume_config(out, epochs=2)
+        with pytest.warns(UserWarning, match="saved with 2 processes and resumes with 1: dropout draws will differ"):
+            train.train(config, resume=file)
+        reseeded.append(torch.initial_seed())
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert reseeded[0] != reseeded[1] and not {0, 1, 2} & set(reseeded)
 
 
 @pytest.mark.parametrize("device, counted", [("cpu", True), ("cuda", False)])

@@ -63,6 +63,7 @@ _TRAIN_TESTS = ["test_rmsprop_tf_matches_timm_rmsproptf", "test_rmsprop_tf_is_tf
                 "test_fine_tuning_to_new_classes_refuses_weights_whose_body_does_not_fit",
                 "test_a_two_epoch_run_numbers_its_epochs_from_one_and_counts_its_steps",
                 "test_each_epochs_train_loss_and_top1_are_the_means_over_its_own_steps",
+                "test_a_run_resumed_by_another_number_of_processes_says_so_and_reseeds_from_its_seed",
                 "test_the_model_costs_the_loader_its_cores_only_when_it_runs_on_the_cpu"]
 _PREDICT_TESTS = ["test_folder_in_every_mode_with_preprocessing_from_metadata", "test_batching_does_not_change_results",
                   "test_checkpoint_metadata_drives_resolution_normalization_and_labels",
