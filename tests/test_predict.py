@@ -230,49 +230,32 @@ def test_a_broken_file_in_a_folder_is_skipped_with_a_warning(weights_file, image
     assert [r.image for r in results] == [str(folder / "a.jpg")]
 
 
-def test_cli_imagenet_weights_from_the_server(tmp_path, images, monkeypatch, capsys):
+@pytest.mark.parametrize("alpha, served_name", [(["--alpha", "0.25"], "mobilenet_2_5_128_tf"),
+                                                ([], "mobilenet_1_0_128_tf")])
+def test_cli_imagenet_weights_from_the_server(tmp_path, images, monkeypatch, capsys, alpha, served_name):
+    """``--weights imagenet`` fetches the release of the width asked for, 1.0 when none is (the README's
+    command), converts it once into the cache, and answers as that model does."""
     served = tmp_path / "served"
     served.mkdir()
-    write_keras2_h5(served / "mobilenet_2_5_128_tf.h5", 0.25, seed=9)
+    write_keras2_h5(served / f"{served_name}.h5", 0.25 if alpha else 1.0, seed=9)
     server = Server(served)
     try:
         monkeypatch.setenv("MOBILENETS_WEIGHTS_URL", server.url)
         monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path / "cache"))
         # a real command line's words are new strings, never the literal "imagenet" object: built so here
-        argv = ["predict", str(images / "rgb.jpg"), "--weights", "".join(["image", "net"]), "--alpha", "0.25",
+        argv = ["predict", str(images / "rgb.jpg"), "--weights", "".join(["image", "net"]), *alpha,
                 "--resolution", "128", "--json", "-q"]
         assert cli.main(argv) == 0
         first = json.loads(capsys.readouterr().out)
         assert cli.main(argv) == 0  # the second run uses the cached conversion
         assert json.loads(capsys.readouterr().out) == first
-        assert server.requests == ["/mobilenet_2_5_128_tf.h5"]
+        assert server.requests == [f"/{served_name}.h5"]
     finally:
         server.close()
-    model = mobilenets.load(tmp_path / "cache" / "mobilenet_2_5_128_tf.safetensors")
+    model = mobilenets.load(tmp_path / "cache" / f"{served_name}.safetensors")
+    assert model.config.alpha == (0.25 if alpha else 1.0)
     p = expected_probabilities(model, images / "rgb.jpg", 128, INCEPTION)
     assert first["top"][0]["class_index"] == int(p.argmax())
-
-
-def test_cli_imagenet_weights_without_alpha_are_the_width_1_0_release(tmp_path, images, monkeypatch, capsys):
-    """``--weights imagenet`` alone means the 1.0 release (the README's command): the file asked of the server
-    is mobilenet_1_0_128_tf.h5 at --resolution 128, and the answer is that model's."""
-    served = tmp_path / "served"
-    served.mkdir()
-    write_keras2_h5(served / "mobilenet_1_0_128_tf.h5", 1.0, seed=3)
-    server = Server(served)
-    try:
-        monkeypatch.setenv("MOBILENETS_WEIGHTS_URL", server.url)
-        monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path / "cache"))
-        argv = ["predict", str(images / "rgb.jpg"), "--weights", "imagenet", "--resolution", "128", "--json", "-q"]
-        assert cli.main(argv) == 0
-        answer = json.loads(capsys.readouterr().out)
-        assert server.requests == ["/mobilenet_1_0_128_tf.h5"]
-    finally:
-        server.close()
-    model = mobilenets.load(tmp_path / "cache" / "mobilenet_1_0_128_tf.safetensors")
-    assert model.config.alpha == 1.0
-    p = expected_probabilities(model, images / "rgb.jpg", 128, INCEPTION)
-    assert answer["top"][0]["class_index"] == int(p.argmax())
 
 
 # ---------------------------------------------------------------- inputs of every kind, the worker pipeline

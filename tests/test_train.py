@@ -571,6 +571,24 @@ def test_ema_follows_tf_formula_with_its_warm_up_on_a_toy_module():
     assert int(ema.module.state_dict()["1.num_batches_tracked"]) == 12  # counters copied, not averaged
 
 
+def step_recorders(seen: dict):
+    """Replacements for data.collate and Tensor.backward that append each step's (logits, targets, loss) to
+    ``seen["steps"]``: the targets as collated, the loss as backward receives it, the logits from
+    ``seen["logits"]``, which the caller's forward hook sets."""
+    collate, backward = data.collate, torch.Tensor.backward
+
+    def recording_collate(batch):
+        x, y, skipped = collate(batch)
+        seen["targets"] = y
+        return x, y, skipped
+
+    def recording_backward(self, *args, **kwargs):
+        seen["steps"].append((seen["logits"], seen["targets"], self.detach().clone()))
+        return backward(self, *args, **kwargs)
+
+    return recording_collate, recording_backward
+
+
 @pytest.fixture(scope="module")
 def instrumented(dataset, tmp_path_factory):
     """One modern-recipe epoch (EMA, label smoothing 0.1), watched from outside the loop.
@@ -603,16 +621,7 @@ def instrumented(dataset, tmp_path_factory):
         seen["after_step"].append(params())
 
     collate, backward = data.collate, torch.Tensor.backward
-
-    def recording_collate(batch):
-        x, y, skipped = collate(batch)
-        seen["targets"] = y
-        return x, y, skipped
-
-    def recording_backward(self, *args, **kwargs):
-        seen["steps"].append((seen["logits"], seen["targets"], self.detach().clone()))
-        return backward(self, *args, **kwargs)
-
+    recording_collate, recording_backward = step_recorders(seen)
     handles = [torch.nn.modules.module.register_module_forward_hook(forward_hook),
                register_optimizer_step_pre_hook(before_step),
                register_optimizer_step_post_hook(after_step)]
@@ -1205,17 +1214,7 @@ def test_each_epochs_train_loss_and_top1_are_the_means_over_its_own_steps(tmp_pa
         if isinstance(module, MobileNetV1) and module.training:
             seen["logits"] = output.detach().clone()
 
-    collate, backward = data.collate, torch.Tensor.backward
-
-    def recording_collate(batch):
-        x, y, skipped = collate(batch)
-        seen["targets"] = y
-        return x, y, skipped
-
-    def recording_backward(self, *args, **kwargs):
-        seen["steps"].append((seen["logits"], seen["targets"], self.detach().double().item()))
-        return backward(self, *args, **kwargs)
-
+    recording_collate, recording_backward = step_recorders(seen)
     from mobilenets.train import loop
 
     rates, update = [], loop.Progress.update
@@ -1234,7 +1233,7 @@ def test_each_epochs_train_loss_and_top1_are_the_means_over_its_own_steps(tmp_pa
     for row, steps in zip(rows, (seen["steps"][:9], seen["steps"][9:])):
         images = sum(len(y) for _, y, _ in steps)
         assert images == 72
-        loss = sum(value * len(y) for _, y, value in steps) / images
+        loss = sum(value.double().item() * len(y) for _, y, value in steps) / images
         hits = sum(int((logits.argmax(1) == y).sum()) for logits, y, _ in steps)
         assert row["train_loss"] == pytest.approx(loss, rel=1e-6)
         assert row["train_top1"] == pytest.approx(100 * hits / images, rel=1e-9)
