@@ -485,13 +485,14 @@ def test_real_weights_export_in_litert(tmp_path):
     assert deploy.parity(reference, deploy.load_exported(int8)(held))["cosine"] >= 0.9
 
 
-def _with_explicit_pads(model, path, amounts) -> Path:
+def _with_explicit_pads(model, path, amounts, stride: int = 2) -> Path:
     """Our SAME .tflite rewritten as Keras writes stride-2 layers: a PAD of ``amounts`` ((4, 2): batch, height,
-    width, channels) before each, and that convolution VALID."""
+    width, channels) before each 3x3 convolution of ``stride``, and that convolution VALID."""
     graph = tflite_schema.read(deploy.export(model, path.with_name("same.tflite"), resolution=RES).read_bytes())
     ops = []
     for op in graph.operators:
-        if op.code in (tflite_schema.CONV_2D, tflite_schema.DEPTHWISE_CONV_2D) and op.options["stride_h"] == 2:
+        if (op.code in (tflite_schema.CONV_2D, tflite_schema.DEPTHWISE_CONV_2D) and op.options["stride_h"] == stride
+                and graph.tensors[op.inputs[1]].shape[1] == 3):
             src = graph.tensors[op.inputs[0]]
             h, w = src.shape[1] + sum(amounts[1]), src.shape[2] + sum(amounts[2])
             graph.tensors.append(tflite_schema.Tensor(f"pad{len(ops)}", [len(amounts), 2], tflite_schema.INT32,
@@ -554,6 +555,25 @@ def test_a_stride_2_layers_explicit_pad_reads_as_the_padding_it_computes(tmp_pat
         x = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             torch.testing.assert_close(converted.model()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pad", [(1, 1), (0, 1), (1, 2)])
+def test_a_stride_1_layers_explicit_pad_reads_as_same_only_when_it_keeps_the_layers_size(tmp_path, pad):
+    """Before a VALID 3x3 stride-1 convolution, PAD (1, 1) keeps each side's size: SAME (and symmetric), and the
+    file is the model it was written from.  (0, 1) shrinks each side by one and (1, 2) grows it by one: no
+    MobileNet computes that, so the first such layer (1, the first depthwise) is refused, not read as SAME."""
+    model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same").eval()
+    path = _with_explicit_pads(model, tmp_path / "padded.tflite", [[0, 0], list(pad), list(pad), [0, 0]], stride=1)
+    assert op_names(path).count("PAD") == 9  # the depthwise convolutions of features.1, 3, 5, 7-11 and 13 run at stride 1
+    if pad != (1, 1):
+        with pytest.raises(weights.WeightsError, match=rf"layer 1 pads \({pad[0]}, {pad[1]}\) with padding type"):
+            from_tflite(path)
+        return
+    converted = from_tflite(path)
+    assert converted.config.padding == "tf_same"
+    x = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(converted.model()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("keep_background", [False, True])

@@ -272,6 +272,25 @@ def test_archive_member_size_is_bounded_before_reading(tmp_path, crafted, monkey
     one_line_error(crafted / "mobilenet_050.pb", rf"has {size} bytes, more than any GraphDef can have")
 
 
+def test_a_graph_file_over_protobufs_2_gib_limit_is_refused_by_its_size_without_being_read(tmp_path):
+    """protobuf refuses messages of 2 GiB or more (its limit is INT_MAX bytes), so no GraphDef is that large: a
+    file of exactly 2^31 bytes (sparse: it takes no disk) is refused by its size alone.  Read, it would take 2 GiB
+    of memory; the subprocess has 1 GiB of address space more than it started with, so reading it fails."""
+    big = tmp_path / "mobilenet_v1_1.0_224_frozen.pb"
+    with big.open("wb") as f:
+        f.truncate(1 << 31)
+    script = (
+        "import resource, sys\nfrom mobilenets.weights.tf_frozen import from_tf_frozen\n"
+        "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n"
+        "try:\n    from_tf_frozen(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(big)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH="src"))
+    assert done.stdout.startswith("FrozenGraphError ") and (
+        f"has {1 << 31} bytes, more than any GraphDef can have ({(1 << 31) - 1})" in done.stdout), (
+        done.stdout + done.stderr[-2000:])
+
+
 def test_not_a_tar_archive(tmp_path):
     garbage = tmp_path / "garbage.tgz"
     garbage.write_bytes(b"not a tar archive at all" * 40)

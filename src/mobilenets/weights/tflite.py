@@ -179,8 +179,12 @@ def from_tflite(path, *, keep_background: bool = False, resolution: int | None =
         if op.options["padding"] == fb.SAME and pads is None:
             style = "same"
         elif op.options["padding"] == fb.VALID and pads is not None:
-            style = "same" if pads == (0, 1) or (pads == (1, 1) and stride == 1) else (
-                "symmetric" if pads == (1, 1) else None)
+            # SAME pads k - stride in all on a side the stride divides, the odd one after: (0, 1) at stride 2,
+            # (1, 1) at stride 1, where it is also the symmetric padding; any other PAD changes the layer's size
+            k = kernel.shape[-1]
+            total = max(k - stride, 0)
+            style = "same" if pads == (total // 2, total - total // 2) else (
+                "symmetric" if pads == (k // 2, k // 2) else None)
         elif op.options["padding"] == fb.VALID and kernel.shape[-1] == 1:
             style = "same"
         else:
