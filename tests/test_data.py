@@ -169,6 +169,18 @@ def test_train_transform_is_a_function_of_its_seed():
         data.TrainTransform(R, min_scale=0)
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("min_scale", 0.0, r"min_scale must be in \(0, 1\]"), ("min_scale", 1.01, r"min_scale must be in \(0, 1\]"),
+    ("hflip", -0.01, r"hflip must be a probability in \[0, 1\]"), ("hflip", 1.01, r"hflip must be a probability in \[0, 1\]"),
+    ("hflip", 1.5, r"hflip must be a probability in \[0, 1\]")])
+def test_a_crop_area_or_flip_probability_outside_its_range_is_refused_saying_the_range(option, value, message):
+    """The library's own check (the CLI's options are checked before it): a probability just outside [0, 1] (or
+    an area just outside (0, 1]) is no setting, refused with the range rather than run as a clamp."""
+    with pytest.raises(ValueError, match=message + f".*got {value}"):
+        data.TrainTransform(R, **{option: value})
+    data.TrainTransform(R, **{option: 1.0})  # each range's closed end is a setting
+
+
 def test_augmentation_is_milder_for_small_alpha():
     scales = [data.default_min_scale(a) for a in (1.0, 0.75, 0.5, 0.25)]
     assert scales[0] == 0.08 and scales == sorted(scales) and scales[-1] == 0.35

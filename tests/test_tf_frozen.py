@@ -373,6 +373,19 @@ def test_an_unfused_batchnorm_epsilon_that_is_empty_or_not_one_number_is_refused
     one_line_error(path, match)
 
 
+@pytest.mark.parametrize("number", [1, 2, 3, 5])  # NodeDef's name, op, input and attr: each a string or message
+def test_a_node_field_the_reader_uses_written_as_a_number_is_refused_naming_the_field(tmp_path, number):
+    """A damaged node carries a varint (wire type 0) where NodeDef has a length-delimited field (2): refused as an
+    unreadable graph naming the field, not read as 7 NUL bytes (what ``bytes(7)`` would make of the number)."""
+    from graphdefs import field, mobilenet_graph, varint
+
+    parts = {1: field(1, b"MobilenetV1/extra"), 2: field(2, b"Identity"), 3: field(3, b"input")}
+    parts[number] = varint(number << 3 | 0) + varint(7)
+    path = tmp_path / "damaged.pb"
+    path.write_bytes(mobilenet_graph(extra=field(1, b"".join(parts[k] for k in sorted(parts)))))
+    one_line_error(path, rf"not a readable TensorFlow GraphDef \(field {number} has wire type 0, expected 2\)")
+
+
 def test_filled_constants_are_bounded_by_the_graph_they_come_from(tmp_path):
     """Every variable of an alpha-2 MobileNet filled from one listed value: each fits the 24 MB graph (padded
     with zeros) and the architecture, but together they claim 51 MB that the file never held."""
