@@ -211,7 +211,7 @@ def test_imagenet_wordnet_id_folders(tmp_path):
 @pytest.mark.parametrize("gpus", [0, 1, 2])
 def test_a_cuda_device_is_checked_against_the_gpus_this_machine_has(monkeypatch, tmp_path, gpus):
     """With n GPUs (torch.cuda's answers replaced, so any machine runs this), cuda:0 .. cuda:n-1 are accepted and
-    cuda:n is refused in one line naming the count; with none, cuda itself is refused."""
+    cuda:n and beyond are refused in one line naming the count; with none, cuda itself is refused."""
     from mobilenets import evaluate
     from mobilenets.errors import ParameterError
 
@@ -221,8 +221,9 @@ def test_a_cuda_device_is_checked_against_the_gpus_this_machine_has(monkeypatch,
         assert evaluate._device(f"cuda:{index}") == torch.device("cuda", index)
     # the fix offered names only devices that exist: cuda:0 where there is a GPU, cpu alone where there is none
     fix = "use device 'cpu' or cuda:0" if gpus else "use device 'cpu'"
-    with pytest.raises(ParameterError, match=rf"this machine has {gpus} CUDA GPU\(s\); {fix}$"):
-        evaluate._device(f"cuda:{gpus}")
+    for index in (gpus, gpus + 3):  # the first index past the last GPU, and one further on
+        with pytest.raises(ParameterError, match=rf"this machine has {gpus} CUDA GPU\(s\); {fix}$"):
+            evaluate._device(f"cuda:{index}")
     if gpus == 0:
         with pytest.raises(ParameterError, match="use device 'cpu'"):
             evaluate._device("cuda")

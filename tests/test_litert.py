@@ -454,6 +454,36 @@ def test_tgz_with_two_models_is_refused(good_bytes, tmp_path):
         from_tflite(tgz)
 
 
+@pytest.mark.parametrize("limit_over_size", [0, -1])  # the bound at the member's size, then one byte under it
+def test_a_release_tgz_converts_as_the_tflite_it_holds_within_the_size_bound(tmp_path, monkeypatch, limit_over_size):
+    """A release .tgz (the .tflite beside labels.txt) converts to the tensors of the .tflite alone and names both
+    in its source; a member or a file over the size bound is refused by its declared size, before it is read:
+    at exactly the bound it converts, one byte under it is refused (the bound is lowered to the file's size)."""
+    from mobilenets.weights import tflite
+
+    model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same").eval()
+    path = deploy.export(model, tmp_path / "mobilenet_v1_0.25_64.tflite", resolution=RES)
+    tgz = tmp_path / "mobilenet_v1_0.25_64.tgz"
+    with tarfile.open(tgz, "w:gz") as t:
+        t.addfile(tarfile.TarInfo("labels.txt"), io.BytesIO(b""))
+        t.add(path, arcname="mobilenet_v1_0.25_64/mobilenet_v1_0.25_64.tflite")
+    size = path.stat().st_size
+    assert tgz.stat().st_size < size  # so the archive itself stays under the lowered bound
+    monkeypatch.setattr(tflite, "MAX_FILE_BYTES", size + limit_over_size)
+    if limit_over_size < 0:
+        with pytest.raises(weights.WeightsError, match=re.escape(
+                f"{tgz}: mobilenet_v1_0.25_64/mobilenet_v1_0.25_64.tflite is too large for a MobileNet v1 .tflite")):
+            from_tflite(tgz)
+        with pytest.raises(weights.WeightsError, match=re.escape(f"{path} is {size} bytes, more than any MobileNet")):
+            from_tflite(path)
+        return
+    from_file, from_tgz = from_tflite(path), from_tflite(tgz)
+    assert from_file.meta.source == "tflite:mobilenet_v1_0.25_64.tflite"
+    assert from_tgz.meta.source == "tflite:mobilenet_v1_0.25_64.tgz:mobilenet_v1_0.25_64/mobilenet_v1_0.25_64.tflite"
+    assert from_tgz.state_dict.keys() == from_file.state_dict.keys()
+    assert all(torch.equal(from_tgz.state_dict[k], v) for k, v in from_file.state_dict.items())
+
+
 def test_convert_command_fails_in_one_line(tmp_path):
     import mobilenets
 

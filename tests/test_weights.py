@@ -191,6 +191,31 @@ def test_shape_mismatches_name_the_tensor_and_both_shapes(tmp_path):
         weights.convert("timm", tmp_path / "bad.pth")
 
 
+def _timm_without(drop=(), add=None) -> dict:
+    from timm.models.efficientnet import _gen_mobilenet_v1
+
+    sd = _gen_mobilenet_v1("mobilenetv1_100", channel_multiplier=0.25, pretrained=False).state_dict()
+    sd = {k: v for k, v in sd.items() if not any(k.startswith(d) for d in drop)}
+    sd.update(add or {})
+    return sd
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(add={"conv_head.weight": torch.zeros(8, 256, 1, 1)}), r"has a conv_head \(timm's mobilenetv1_100h\)"),
+    (dict(drop=["conv_stem."]), r"is not a timm MobileNet v1 state dict \(no conv_stem.weight; keys start \['blocks.0.0.bn1.bias'"),
+    (dict(add={"blocks.x.0.conv_dw.weight": torch.zeros(1)}), r"block keys must be blocks.<stage>.<index>.\*"),
+    (dict(drop=["blocks.4.1."]), r"expected 13 separable blocks \(blocks.s.i\), found 12"),
+    (dict(drop=["blocks.2.1.conv_pw."]), r"no tensor blocks.2.1.conv_pw.weight"),
+    (dict(drop=["classifier.bias"]), r"classifier.weight without classifier.bias")])
+def test_a_timm_state_dict_missing_or_adding_a_part_is_refused_naming_it(tmp_path, case, match):
+    """timm's own mobilenetv1_100 (alpha 0.25) state dict, with one part taken away or one foreign part added:
+    each refused in one line that names what is wrong, where the untouched dict converts (test above)."""
+    path = tmp_path / "damaged.pth"
+    torch.save(_timm_without(**case), path)
+    with pytest.raises(WeightsError, match=match):
+        weights.convert("timm", path)
+
+
 def test_missing_layer_is_named(tmp_path, keras_file):
     import h5py
 
