@@ -228,6 +228,51 @@ def test_missing_layer_is_named(tmp_path, keras_file):
         weights.convert("keras", broken)
 
 
+def _list(group, attr, name, keep: bool = True):
+    """``name`` added to (or, ``keep`` False, taken out of) the list attribute ``attr`` of an HDF5 group."""
+    others = [n for n in group.attrs[attr] if n != name.encode()]
+    group.attrs[attr] = np.array(others + [name.encode()] if keep else others)
+
+
+def _int_kernel(f):
+    del f["conv_dw_3/conv_dw_3/depthwise_kernel:0"]
+    f["conv_dw_3/conv_dw_3"].create_dataset("depthwise_kernel:0", data=np.zeros((3, 3, 16, 1), "i4"))
+
+
+def _no_bias(f):
+    del f["conv_preds/conv_preds/bias:0"]
+    _list(f["conv_preds"], "weight_names", "conv_preds/bias:0", keep=False)
+
+
+@pytest.mark.parametrize("damage, match", [
+    # a kernel stored as integers: no Keras file holds one, and casting it would read nonsense as weights
+    (_int_kernel, r"dataset /conv_dw_3/conv_dw_3/depthwise_kernel:0 has dtype int32, expected floats"),
+    (lambda f: _list(f, "layer_names", "conv_pw_14"), r"layer 'conv_pw_14' is listed in layer_names but not stored"),
+    (lambda f: _list(f["conv_pw_2_bn"], "weight_names", "conv_pw_2_bn/gamma_2:0"),
+     r"weight conv_pw_2_bn/conv_pw_2_bn/gamma_2:0 is listed but not stored"),
+    (_no_bias, r"layer conv_preds needs a kernel and a bias \(found \['kernel'\]\)")])
+def test_a_keras_file_whose_lists_and_datasets_disagree_is_refused_naming_the_entry(tmp_path, keras_file, damage,
+                                                                                     match):
+    """Keras 2's HDF5 layout (layer_names and each layer's weight_names, then the datasets), damaged one entry at
+    a time as h5py lets anyone write it: each refused in one line naming the entry, where the file converts."""
+    import h5py
+
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(keras_file.read_bytes())
+    with h5py.File(broken, "a") as f:
+        damage(f)
+    with pytest.raises(WeightsError, match=match):
+        weights.convert("keras", broken)
+
+
+def test_a_keras_path_that_is_missing_or_a_folder_is_refused_saying_what_to_pass(tmp_path):
+    with pytest.raises(weights.MissingWeightsError, match=rf"{tmp_path / 'none.h5'} does not exist"):
+        weights.convert("keras", tmp_path / "none.h5")
+    (tmp_path / "folder.h5").mkdir()
+    with pytest.raises(WeightsError, match=r"folder.h5 is not a regular file; pass a weights file"):
+        weights.convert("keras", tmp_path / "folder.h5")
+
+
 def test_checkpoint_mismatch_names_tensor_and_shapes(tmp_path):
     model = mobilenets.mobilenet_v1(0.25)
     sd = model.state_dict()
