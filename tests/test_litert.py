@@ -606,6 +606,50 @@ def test_a_stride_1_layers_explicit_pad_reads_as_same_only_when_it_keeps_the_lay
         torch.testing.assert_close(converted.model()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def _convs(graph):
+    return [op for op in graph.operators if op.code in (tflite_schema.CONV_2D, tflite_schema.DEPTHWISE_CONV_2D)]
+
+
+def _symmetric_first_layer(graph):  # layer 0's PAD (0, 1), SAME, becomes (1, 1), symmetric; the others stay SAME
+    next(t for t in graph.tensors if t.name == "pad0").data = np.array([[0, 0], [1, 1], [1, 1], [0, 0]], np.int32)
+
+
+def _same_after_its_pad(graph):  # layer 0 keeps its PAD but pads again: SAME
+    _convs(graph)[0].options["padding"] = tflite_schema.SAME
+
+
+def _relu_in_one_layer(graph):
+    _convs(graph)[5].options["activation"] = tflite_schema.RELU
+
+
+def _no_activation_in_one_layer(graph):
+    _convs(graph)[26].options["activation"] = tflite_schema.NONE
+
+
+def _relu_on_the_logits(graph):
+    next(op for op in graph.operators if op.code in (tflite_schema.FULLY_CONNECTED, tflite_schema.CONV_2D)
+         and op not in _convs(graph)[:27]).options["activation"] = tflite_schema.RELU
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_symmetric_first_layer, r"its stride-2 layers mix SAME and symmetric padding"),
+    (_same_after_its_pad, r"layer 0 pads \(0, 1\) with padding type 0"),
+    (_relu_in_one_layer, r"fused activations \[1, 3\]: every layer must fuse ReLU6 \(or every one ReLU\)"),
+    (_no_activation_in_one_layer, r"fused activations \[0, 3\]"),
+    (_relu_on_the_logits, r"the classifier has a fused activation; logits must be linear")])
+def test_a_file_whose_layers_disagree_on_padding_or_activation_is_refused_naming_it(tmp_path, edit, match):
+    """One model computes one padding at every stride-2 layer, one activation after every convolution and none
+    on its logits: a file (Keras's explicit-PAD layout, every PAD (0, 1)) edited in one layer to break that is
+    refused naming what, where the unedited file converts (test_a_stride_2_layers_explicit_pad_reads_...)."""
+    model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same").eval()
+    path = _with_explicit_pads(model, tmp_path / "padded.tflite", [[0, 0], [0, 1], [0, 1], [0, 0]])
+    graph = tflite_schema.read(path.read_bytes())
+    edit(graph)
+    path.write_bytes(tflite_schema.write(graph))
+    with pytest.raises(weights.WeightsError, match=match):
+        from_tflite(path)
+
+
 @pytest.mark.parametrize("keep_background", [False, True])
 def test_a_1001_class_file_drops_the_background_class_unless_asked_to_keep_it(tmp_path, keep_background):
     """TF-slim's released .tflite files score 1001 classes, index 0 "background": converting drops that row of
