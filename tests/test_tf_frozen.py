@@ -338,6 +338,8 @@ def test_a_graph_of_identity_ladders_converts_through_them(tmp_path):
 
 @pytest.mark.parametrize("eps_attr,match", [
     (b"\x2a\x0b\x0a\x07epsilon\x12\x00", r"FusedBatchNorm has an attribute epsilon that holds no float"),
+    # an AttrValue whose float (field 4, fixed 32-bit) is cut after 2 of its 4 bytes
+    (b"\x2a\x0e\x0a\x07epsilon\x12\x03\x25\x6f\x12", r"FusedBatchNorm has an attribute epsilon that holds no float"),
     (None, None),  # no attribute: TensorFlow's FusedBatchNorm applies its default, 1e-4
     ("nan", r"FusedBatchNorm gives BatchNorm an epsilon of nan; it must be a positive number"),
     ("-0.001", r"FusedBatchNorm gives BatchNorm an epsilon of -0.001"),
@@ -384,6 +386,57 @@ def test_a_node_field_the_reader_uses_written_as_a_number_is_refused_naming_the_
     path = tmp_path / "damaged.pb"
     path.write_bytes(mobilenet_graph(extra=field(1, b"".join(parts[k] for k in sorted(parts)))))
     one_line_error(path, rf"not a readable TensorFlow GraphDef \(field {number} has wire type 0, expected 2\)")
+
+
+def _first_layers_kernel_as(op: str) -> bytes:
+    from graphdefs import node
+
+    return node("MobilenetV1/Conv2d_0/weights", op, ["input"])
+
+
+def _a_beta_without_its_value() -> bytes:
+    from graphdefs import const, node
+    from weights_helpers import tf_slim_variables
+
+    beta = "MobilenetV1/Conv2d_3_depthwise/BatchNorm/beta"
+    return b"".join(node(name, "Const") if name == beta else const(name, value)
+                    for name, value in tf_slim_variables(0.25).items())
+
+
+def _two_epsilons() -> bytes:
+    from graphdefs import float_attr, mobilenet_graph, node
+
+    other = node("MobilenetV1/MobilenetV1/Conv2d_1_depthwise/BatchNorm/FusedBatchNorm", "FusedBatchNorm",
+                 ["MobilenetV1/MobilenetV1/Conv2d_1_depthwise/depthwise"], float_attr("epsilon", 1e-5))
+    return mobilenet_graph(eps_attr=float_attr("epsilon", 1e-3), extra=other)
+
+
+def _a_node_without_a_name() -> bytes:
+    from graphdefs import field, mobilenet_graph
+
+    return mobilenet_graph(extra=field(1, field(2, b"Identity") + field(3, b"input")))
+
+
+@pytest.mark.parametrize("graph, match", [
+    (lambda: _first_layers_kernel_as("Identity"),
+     r"MobilenetV1/Conv2d_0/weights is a Identity node, not a constant; expected a frozen graph"),
+    (_a_beta_without_its_value, r"constant MobilenetV1/Conv2d_3_depthwise/BatchNorm/beta is unreadable \(its value "
+                                r"attribute holds no tensor\); the file is damaged"),
+    (_two_epsilons, r"its BatchNorm layers use different epsilons \[1e-05, 0.001\]; a MobileNet v1 uses one"),
+    (_a_node_without_a_name, r"not a readable TensorFlow GraphDef \(a node without a name\)")])
+def test_a_graph_that_is_not_one_frozen_mobilenet_is_refused_saying_why(tmp_path, graph, match):
+    """Graphs TensorFlow could hold but no frozen MobileNet v1 is: the first kernel computed by another node, a
+    constant with no value, BatchNorm layers of two epsilons, a node with no name; each refused in one line."""
+    path = tmp_path / "graph.pb"
+    path.write_bytes(graph())
+    one_line_error(path, match)
+
+
+def test_a_graph_path_that_is_missing_or_a_folder_is_refused_saying_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"none.pb does not exist"):
+        from_tf_frozen(tmp_path / "none.pb")
+    (tmp_path / "folder.pb").mkdir()
+    one_line_error(tmp_path / "folder.pb", r"is not a regular file; pass a frozen graph .pb or its release .tgz")
 
 
 def test_filled_constants_are_bounded_by_the_graph_they_come_from(tmp_path):

@@ -316,8 +316,8 @@ def bn_epsilon(graph: FrozenGraph, prefix: str = "") -> float:
                         read[other.name] = _check_epsilon(graph, other.name, eps)
                     found.add(read[other.name])
     if len(found) > 1:
-        raise FrozenGraphError(f"{graph.name}: its BatchNorm layers use different epsilons {sorted(found)}; "
-                               f"a MobileNet v1 uses one")
+        raise FrozenGraphError(f"{graph.name}: its BatchNorm layers use different epsilons "
+                               f"{sorted(float(f'{e:.7g}') for e in found)}; a MobileNet v1 uses one")
     # stored as float32: 0.001 reads back as 0.0010000000475, so keep the 7 digits float32 carries
     return float(f"{found.pop():.7g}") if found else DEFAULT_BN_EPS
 
