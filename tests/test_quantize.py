@@ -235,6 +235,15 @@ def test_input_hessian_is_the_mean_outer_product_of_every_window_whatever_the_ch
     assert torch.allclose(rounding.input_hessian(layer, xs), expected, atol=1e-12)
     monkeypatch.setattr(rounding, "WINDOW_VALUES", 1 << 30)  # every batch whole
     assert torch.allclose(rounding.input_hessian(layer, xs), expected, atol=1e-12)
+    # the bound the chunks keep: an image's window values are at most C x H x W x kh x kw (each pixel in up to
+    # kh x kw windows); a budget of two images' worth, and a value short of it, chunks each batch by 2 and by 1
+    unfolded, windows_of = [], rounding.input_windows
+    monkeypatch.setattr(rounding, "input_windows", lambda c, chunk: unfolded.append(len(chunk)) or windows_of(c, chunk))
+    for budget, chunks in ((2 * 6 * 9 * 9 * 3 * 3, [2, 2, 1, 2, 1]), (2 * 6 * 9 * 9 * 3 * 3 - 1, [1] * 8)):
+        unfolded.clear()
+        monkeypatch.setattr(rounding, "WINDOW_VALUES", budget)
+        assert torch.allclose(rounding.input_hessian(layer, xs), expected, atol=1e-12)
+        assert unfolded == chunks
 
 
 def test_calibration_rounds_weights_by_error(small):
