@@ -273,6 +273,51 @@ def test_a_keras_path_that_is_missing_or_a_folder_is_refused_saying_what_to_pass
         weights.convert("keras", tmp_path / "folder.h5")
 
 
+def _shapes(alpha: float, num_classes: int = 1000) -> dict:
+    from mobilenets.model import MobileNetV1Config
+    from mobilenets.weights.layout import meta_shapes
+
+    return meta_shapes(MobileNetV1Config(alpha=alpha, num_classes=num_classes))  # on the meta device: no memory
+
+
+def test_the_config_read_from_shapes_is_bounded_at_alpha_4_and_100000_classes():
+    """infer_config reads alpha from the last layer's width and the classes from the head; the bounds are the
+    architecture's own (alpha <= 4, <= 100,000 classes), tested at the bound and one past it, and a file whose
+    tensors are those of a model plus or minus one is refused naming them."""
+    from mobilenets.weights.layout import infer_config
+
+    assert infer_config(_shapes(4.0)).alpha == 4.0
+    assert infer_config(_shapes(0.25, num_classes=100_000)).num_classes == 100_000
+    past_width = dict(_shapes(4.0), **{"features.13.pointwise.conv.weight": (4097, 4096, 1, 1)})
+    with pytest.raises(WeightsError, match=r"4097 channels and 1000 classes are beyond what this library loads "
+                                           r"\(alpha <= 4, num_classes <= 100000\)"):
+        infer_config(past_width, name="wide.h5")
+    with pytest.raises(WeightsError, match=r"256 channels and 100001 classes are beyond"):
+        infer_config(dict(_shapes(0.25), **{"classifier.weight": (100_001, 256)}))
+    with pytest.raises(WeightsError, match=r"no last pointwise layer \(features.13.pointwise\) found"):
+        infer_config({k: v for k, v in _shapes(0.25).items() if not k.startswith("features.13.pointwise")})
+    with pytest.raises(WeightsError, match=r"tensors missing \[\], unexpected \['features.14.conv.weight'\]"):
+        infer_config(dict(_shapes(0.5), **{"features.14.conv.weight": (8, 8, 1, 1)}))
+    with pytest.raises(WeightsError, match=r"tensors missing \['classifier.bias'\], unexpected \[\]"):
+        infer_config({k: v for k, v in _shapes(0.5).items() if k != "classifier.bias"})
+
+
+def test_only_a_whole_mobilenet_is_converted_from_a_model_and_only_its_own_options_change_it():
+    from mobilenets.errors import ParameterTypeError
+    from mobilenets.weights.layout import Converted
+
+    with pytest.raises(WeightsError, match=r"expected a mobilenets MobileNetV1 model, got Conv2d"):
+        Converted.from_model(torch.nn.Conv2d(3, 8, 3))
+    backbone = mobilenets.mobilenet_v1(0.25, num_classes=10)
+    backbone.prune_intermediate_layers([1])  # keeps the layers up to feature level 1
+    with pytest.raises(WeightsError, match=r"this model is a pruned backbone"):
+        Converted.from_model(backbone)
+    converted = Converted.from_model(mobilenets.mobilenet_v1(0.25, num_classes=10))
+    assert converted.model(dropout=0.2).config.dropout == 0.2
+    with pytest.raises(ParameterTypeError, match=r"unknown model option\(s\) drop_rate, widht"):
+        converted.model(widht=0.5, drop_rate=0.2)
+
+
 def test_checkpoint_mismatch_names_tensor_and_shapes(tmp_path):
     model = mobilenets.mobilenet_v1(0.25)
     sd = model.state_dict()
