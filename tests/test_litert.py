@@ -27,7 +27,7 @@ import torch
 from mobilenets import deploy, mobilenet_v1, weights
 from mobilenets.formats import tflite_schema
 from mobilenets.benchmark import make_model
-from mobilenets.images import IMAGENET
+from mobilenets.images import IMAGENET, INCEPTION
 from mobilenets.metadata import Metadata
 from mobilenets.weights.tflite import from_tflite
 
@@ -219,6 +219,82 @@ def test_an_int8_file_imports_as_the_model_its_integers_stand_for(trained, image
         # int8 rounding moves these logits by up to ~0.6 (a spread of ~10): cosine 0.998 measured; a model not
         # the file's (another filter layout, a lost scale) falls far below 0.99
         assert deploy.parity(deploy.load_exported(path)(images), converted.model()(images))["cosine"] >= 0.99
+
+
+def _weights_as_float16(path: Path, out: Path) -> Path:
+    """The float file rewritten as TFLiteConverter's float16 quantization writes one: every weight and bias stored
+    as FLOAT16 and widened to float32 by a DEQUANTIZE op before the layer reads it."""
+    graph = tflite_schema.read(path.read_bytes())
+    ops = []
+    for op in graph.operators:
+        if op.code in (tflite_schema.CONV_2D, tflite_schema.DEPTHWISE_CONV_2D, tflite_schema.FULLY_CONNECTED):
+            for k in op.inputs[1:3]:
+                wide = graph.tensors[k]
+                graph.tensors.append(tflite_schema.Tensor(f"{wide.name}/fp16", list(wide.shape), tflite_schema.FLOAT16,
+                                                          wide.data.astype(np.float16)))
+                wide.data = None
+                ops.append(tflite_schema.Operator(tflite_schema.DEQUANTIZE, [len(graph.tensors) - 1], [k]))
+        ops.append(op)
+    graph.operators = ops
+    out.write_bytes(tflite_schema.write(graph))
+    return out
+
+
+def test_a_float16_file_imports_as_its_float16_weights_and_answers_as_litert_runs_it(trained, images, tmp_path):
+    """fp16 .tflite files keep each weight as FLOAT16 behind a DEQUANTIZE: the import reads through it.  Oracles:
+    torch's own float16 rounding of the float file's weights (bit for bit), and LiteRT running the fp16 file."""
+    model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same")
+    model.load_state_dict(trained.state_dict())
+    path = deploy.export(model.eval(), tmp_path / "m.tflite", resolution=RES)
+    half = _weights_as_float16(path, tmp_path / "m_fp16.tflite")
+    assert op_names(half).count("DEQUANTIZE") == 2 * 28
+    wide, narrow = from_tflite(path), from_tflite(half)
+    assert narrow.state_dict.keys() == wide.state_dict.keys()
+    for key, value in wide.state_dict.items():
+        expected = value.half().float() if key.endswith(("conv.weight", "bn.bias", "classifier.weight",
+                                                         "classifier.bias")) else value
+        assert torch.equal(narrow.state_dict[key], expected), key
+    assert not torch.equal(narrow.state_dict["features.0.conv.weight"], wide.state_dict["features.0.conv.weight"])
+    with torch.no_grad():
+        assert_same_function(narrow.model()(images), deploy.load_exported(half)(images))
+
+
+def _tensor(graph, name):
+    return next(t for t in graph.tensors if t.name == name)
+
+
+def _weights_without_data(graph):
+    _tensor(graph, "layer0/weights").data = None
+
+
+def _int8_weights_without_scales(graph):
+    t = _tensor(graph, "layer0/weights")
+    t.type, t.data, t.quant = tflite_schema.INT8, np.zeros(t.shape, np.int8), None
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_weights_without_data, r"tensor 'layer0/weights' should be a constant but has no data"),
+    (_int8_weights_without_scales, r"integer tensor 'layer0/weights' has no quantization parameters"),
+    (lambda g: g.metadata.update(mobilenets=b"[0.5, 0.5]"), r"its mobilenets metadata is a JSON list, not an object "
+                                                            r"with normalization and labels; export the model again"),
+    (lambda g: g.metadata.update(mobilenets=b"\xff{"), None),  # not JSON: read as a file without the record
+    (lambda g: None, None)])
+def test_weights_without_values_or_scales_and_a_metadata_record_that_is_no_object_are_refused(tmp_path, edit, match):
+    """A weight with no values (and no DEQUANTIZE feeding it), integer weights with no scale, our metadata record
+    holding a JSON list: each refused naming it.  A record that is not JSON at all is no record: the file reads
+    with the normalization of files without one (Inception's), where the intact record gives ImageNet's."""
+    model = mobilenet_v1(ALPHA, num_classes=10, padding="tf_same").eval()
+    model.meta = Metadata(labels=[f"class {i}" for i in range(10)], normalization=IMAGENET)
+    path = deploy.export(model, tmp_path / "m.tflite", resolution=RES)
+    graph = tflite_schema.read(path.read_bytes())
+    edit(graph)
+    path.write_bytes(tflite_schema.write(graph))
+    if match is not None:
+        with pytest.raises(weights.WeightsError, match=match):
+            from_tflite(path)
+        return
+    intact = "mobilenets" in graph.metadata and graph.metadata["mobilenets"].startswith(b"{")
+    assert from_tflite(path).meta.normalization == (IMAGENET if intact else INCEPTION)
 
 
 def test_export_command_prints_litert_parity(tmp_path):

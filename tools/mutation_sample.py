@@ -125,6 +125,8 @@ MODULES = {
                     "tests/test_litert.py::test_a_stride_2_layers_explicit_pad_reads_as_the_padding_it_computes",
                     "tests/test_litert.py::test_a_stride_1_layers_explicit_pad_reads_as_same_only_when_it_keeps_the_layers_size",
                     "tests/test_litert.py::test_a_file_whose_layers_disagree_on_padding_or_activation_is_refused_naming_it",
+                    "tests/test_litert.py::test_a_float16_file_imports_as_its_float16_weights_and_answers_as_litert_runs_it",
+                    "tests/test_litert.py::test_weights_without_values_or_scales_and_a_metadata_record_that_is_no_object_are_refused",
                     "tests/test_litert.py::test_a_1001_class_file_drops_the_background_class_unless_asked_to_keep_it",
                     "tests/test_litert.py::test_pointwise_convolutions_written_valid_read_as_the_same_model",
                     "tests/test_litert.py::test_crafted_files_are_refused_in_one_line",
