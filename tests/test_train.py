@@ -170,6 +170,18 @@ def test_modern_schedule_warms_up_then_cosine_to_lr_min():
     assert train.make_config("modern", label_smoothing=0.0, model_ema=False).label_smoothing == 0.0
 
 
+def test_a_constant_schedule_keeps_lr_after_the_warm_up_whatever_the_others_do():
+    """lr_scheduler "constant": the warm-up (1 epoch of 10 steps: step k runs lr (k + 1) / 10), then lr itself at
+    every step to the end, where the exponential and cosine schedules of the same run have fallen."""
+    c = train.make_config("paper", epochs=10, lr=0.1, lr_scheduler="constant", lr_warmup_epochs=1.0)
+    s = train.Schedule(c, steps_per_epoch=10, epochs=10)
+    assert [s.lr(k) for k in (0, 4, 9)] == pytest.approx([0.1 / 10, 0.1 / 2, 0.1])
+    assert all(s.lr(k) == 0.1 for k in range(10, 100))
+    for other in ("exponential", "cosine"):
+        c2 = train.make_config("paper", epochs=10, lr=0.1, lr_scheduler=other, lr_warmup_epochs=1.0, lr_min=0.0)
+        assert train.Schedule(c2, steps_per_epoch=10, epochs=10).lr(99) < 0.09
+
+
 # ---------------------------------------------------------------- a run that learns
 
 

@@ -39,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = ROOT / "benchmarks" / "results" / "mutation_triage.json"
 
-_TRAIN_TESTS = ["test_rmsprop_tf_matches_timm_rmsproptf", "test_rmsprop_tf_is_tf_update_formula",
+_TRAIN_TESTS = ["test_rmsprop_tf_matches_timm_rmsproptf", "test_a_constant_schedule_keeps_lr_after_the_warm_up_whatever_the_others_do",
+                "test_rmsprop_tf_is_tf_update_formula",
                 "test_no_weight_decay_on_depthwise_bn_or_bias", "test_paper_schedule_is_staircase_0_94_every_2_5_epochs",
                 "test_modern_schedule_warms_up_then_cosine_to_lr_min",
                 "test_ema_follows_tf_formula_with_its_warm_up_on_a_toy_module",
