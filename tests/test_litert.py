@@ -657,6 +657,8 @@ def test_a_stride_2_layers_explicit_pad_reads_as_the_padding_it_computes(tmp_pat
         return
     converted = from_tflite(path)
     assert converted.config.padding == padding
+    assert converted.meta.resolution == RES  # the image's size, read above the PAD (which makes it RES + 1 or 2)
+    assert from_tflite(path, resolution=RES + 32).meta.resolution == RES + 32  # a size asked for wins
     if padding == "tf_same":
         x = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
