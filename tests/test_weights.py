@@ -318,6 +318,23 @@ def test_only_a_whole_mobilenet_is_converted_from_a_model_and_only_its_own_optio
         converted.model(widht=0.5, drop_rate=0.2)
 
 
+def test_asking_for_the_classes_the_weights_have_keeps_their_classifier_and_another_count_gets_a_new_one():
+    """num_classes as a model option: the weights' own count (1000, given as a number parsed from text, as the
+    CLI and a config file give it) keeps the stored classifier; 10 gets a fresh 10-class head on the
+    same body, for fine-tuning."""
+    from mobilenets.weights.layout import Converted
+
+    stored = mobilenets.mobilenet_v1(0.25)  # 1000 classes, ImageNet's labels
+    torch.nn.init.normal_(stored.classifier.bias, generator=torch.Generator().manual_seed(0))
+    converted = Converted.from_model(stored.eval())
+    same = converted.model(num_classes=int("1000"))
+    assert torch.equal(same.classifier.weight, stored.classifier.weight)
+    assert torch.equal(same.classifier.bias, stored.classifier.bias)
+    other = converted.model(num_classes=10)
+    assert other.classifier.weight.shape[0] == 10 and not torch.equal(other.classifier.bias, stored.classifier.bias[:10])
+    assert torch.equal(other.features[13].pointwise.conv.weight, stored.features[13].pointwise.conv.weight)
+
+
 def test_checkpoint_mismatch_names_tensor_and_shapes(tmp_path):
     model = mobilenets.mobilenet_v1(0.25)
     sd = model.state_dict()
