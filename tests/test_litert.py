@@ -689,7 +689,7 @@ def _convs(graph):
 
 
 def _symmetric_first_layer(graph):  # layer 0's PAD (0, 1), SAME, becomes (1, 1), symmetric; the others stay SAME
-    next(t for t in graph.tensors if t.name == "pad0").data = np.array([[0, 0], [1, 1], [1, 1], [0, 0]], np.int32)
+    _tensor(graph, "pad0").data = np.array([[0, 0], [1, 1], [1, 1], [0, 0]], np.int32)
 
 
 def _same_after_its_pad(graph):  # layer 0 keeps its PAD but pads again: SAME
@@ -704,9 +704,9 @@ def _no_activation_in_one_layer(graph):
     _convs(graph)[26].options["activation"] = tflite_schema.NONE
 
 
-def _relu_on_the_logits(graph):
-    next(op for op in graph.operators if op.code in (tflite_schema.FULLY_CONNECTED, tflite_schema.CONV_2D)
-         and op not in _convs(graph)[:27]).options["activation"] = tflite_schema.RELU
+def _relu_on_the_logits(graph):  # the classifier: the last CONV_2D or FULLY_CONNECTED
+    heads = [op for op in graph.operators if op.code in (tflite_schema.FULLY_CONNECTED, tflite_schema.CONV_2D)]
+    heads[-1].options["activation"] = tflite_schema.RELU
 
 
 @pytest.mark.parametrize("edit, match", [
