@@ -1,24 +1,28 @@
 """How close `predict` comes, in CPU per image, to the floor of decoding a 12-megapixel photo plus the model.
 
     nice -n 5 .venv/bin/python benchmarks/decode_floor.py PHOTOS [--megapixels 10.5 14.5] [--rounds 3]
-        [--images 320 640]
+        [--images 960]
 
 PHOTOS: a folder of camera JPEGs (subfolders too), e.g. the 195 photos of benchmarks/decode_agreement_sources.json
 (not in the repository: their licences ask it); the ones of 10.5 to 14.5 megapixels are measured.  Every figure is
-CPU time (time.process_time, one thread; resource.getrusage for the child processes): what the work costs, which
-a busy machine inflates less than it does wall time.
+CPU time (time.process_time, one thread; /proc for predict's processes): what the work costs, which a busy
+machine inflates less than it does wall time.
 
 - floor: PIL opens the file and decodes it at 1/8 scale (``draft``) and nothing else: the entropy decoding every
   pixel needs plus libjpeg's 1x1 IDCT, the least any decoder of the file does;
-- predict's decode: images.load_pixels(min_side=images.draft_side(224)) (predict's default scale, 1/4 for
-  12 megapixels), then images.eval_pixels (resize and centre crop to 224); also its decode alone;
+- predict's decode: images.load_pixels(min_side=images.draft_side(224)) (predict's default scale: the resize
+  size, 1/8 for 12 megapixels), then images.eval_pixels (resize and centre crop to 224); also its decode alone;
+- twice the resize size (512, the earlier default: 1/4 for 12 megapixels), then the same resize and crop;
 - exact: images.load_pixels (every pixel) then images.eval_pixels;
 - model: predict_bound.model_costs: deploy.compile(real MobileNet v1 1.0-224 weights, precision, batch_size=32)
   for each backend installed, per image of a batch of 32 (fp32 and int8; on an AVX2-only CPU int8 weights are 7-bit);
 - actual: ``python -m mobilenets predict --weights W FOLDER --json`` (default flags; int8: ``--precision int8
-  --calib-data``) as a child process, on folders of N1 and N2 images (the photos repeated, as links), after one
-  warm-up run that fills the caches; CPU of the process and its workers, per image = (CPU(N2) - CPU(N1)) /
-  (N2 - N1), so set-up (imports, compiling, the first workers) cancels; set-up = CPU(N1) - N1 x per image.
+  --calib-data``) as a child process on a folder of ``--images`` photos (repeated, as links), after one warm-up
+  run that fills the caches.  The CPU of the process and all its descendants (/proc) is read when the answer
+  to image N/4 arrives and again at 3N/4, both at batch boundaries with the decoding pipeline full, so set-up
+  (imports, compiling, the first workers) and the drain at the end stay out: per image = CPU between the
+  marks / images between them; set-up = CPU at the first mark - N/4 x per image.  The median of ``--rounds``
+  runs.  (Two runs of different lengths, subtracted, varied by a fifth on a shared machine.)
 
 Per file and variant, the median over ``--rounds`` interleaved rounds; then the mean over files.  Reports
 floor + model, predict's decode + model, actual, and actual / (floor + model) (issue 24's target: <= 1.15).
@@ -30,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -72,6 +75,8 @@ def decode_costs(files: list[Path], rounds: int) -> dict[str, float]:
             "predict's decode alone": lambda f: images.load_pixels(f, min_side=side),
             "predict's decode + resize + crop": lambda f: images.eval_pixels(images.load_pixels(f, min_side=side),
                                                                               RESOLUTION),
+            "twice the resize size + resize + crop": lambda f: images.eval_pixels(
+                images.load_pixels(f, min_side=2 * images.resize_size(RESOLUTION)), RESOLUTION),
             "exact decode + resize + crop": lambda f: images.eval_pixels(images.load_pixels(f), RESOLUTION)}
     for way in ways.values():  # imports and first-call set-up
         way(files[0])
@@ -96,33 +101,70 @@ def folder_of(files: list[Path], count: int, work: Path) -> Path:
     return folder
 
 
-def child_cpu(command: list[str]) -> tuple[float, float]:
-    """(CPU seconds of ``command`` and the processes it started, wall seconds)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` and every live descendant (all threads), plus what its reaped children
+    used (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            # after the name: state ppid ... utime(12) stime(13) cutime(14) cstime(15), 0-based from state
+            stats[int(entry)] = (int(fields[1]), sum(int(f) for f in fields[11:13]), sum(int(f) for f in fields[13:15]))
+    tree, total = {pid}, 0
+    grew = True
+    while grew:
+        grew = False
+        for p, (ppid, _, _) in stats.items():
+            if ppid in tree and p not in tree:
+                tree.add(p)
+                grew = True
+    for p in tree:
+        if p in stats:
+            total += stats[p][1] + (stats[p][2] if p == pid else 0)
+    return total / tick
+
+
+def steady_cpu(command: list[str], count: int, batch_size: int = 32) -> tuple[float, float, float]:
+    """Run ``command`` (one answer a line on stdout) on ``count`` images; (CPU seconds per image between the
+    answers to images count/4 and 3count/4, set-up CPU seconds, wall seconds)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+    marks = [count // 4 // batch_size * batch_size, 3 * count // 4 // batch_size * batch_size]
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    cpu, seen = {}, 0
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env) as child:
+        for _ in child.stdout:
+            seen += 1
+            if seen in marks:  # the batch's answers come together: this is its last, the next wait on its model
+                cpu[seen] = tree_cpu(child.pid)
+        child.wait()
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+    if child.returncode or len(cpu) != 2:
+        raise SystemExit(f"{' '.join(command)} failed (exit {child.returncode}, {seen} answers)")
+    per_image = (cpu[marks[1]] - cpu[marks[0]]) / (marks[1] - marks[0])
+    return per_image, cpu[marks[0]] - marks[0] * per_image, wall
 
 
-def actual_costs(weights: Path, calib: Path, files: list[Path], counts: tuple[int, int], work: Path) -> dict:
+def actual_costs(weights: Path, calib: Path, files: list[Path], count: int, work: Path, rounds: int) -> dict:
     flags = {"fp32": [], "int8": ["--precision", "int8", "--calib-data", str(calib)]}
+    folder = folder_of(files, count, work)
     out = {}
     for precision, extra in flags.items():
-        runs = {}
-        for count in (counts[0], *counts):  # the first run fills the caches (int8 ranges, the runtime chosen)
-            folder = folder_of(files, count, work)
-            command = [sys.executable, "-m", "mobilenets", "predict", "--weights", str(weights), str(folder),
-                       "--json", *extra]
-            runs[count] = child_cpu(command)
-            print(f"predict {precision} {count} images: {runs[count][0]:.1f} s CPU, {runs[count][1]:.1f} s wall",
-                  file=sys.stderr, flush=True)
-        (cpu1, wall1), (cpu2, wall2) = runs[counts[0]], runs[counts[1]]
-        per_image = (cpu2 - cpu1) / (counts[1] - counts[0])
-        out[precision] = {"cpu_s": {str(n): runs[n][0] for n in counts}, "wall_s": {str(n): runs[n][1] for n in counts},
-                          "per_image_s": per_image, "setup_s": cpu1 - counts[0] * per_image,
+        command = [sys.executable, "-m", "mobilenets", "predict", "--weights", str(weights), str(folder), "--json",
+                   *extra]
+        runs = []
+        for k in range(rounds + 1):  # the first fills the caches (int8 ranges, the runtime chosen)
+            per_image, setup, wall = steady_cpu(command, count)
+            print(f"predict {precision} {count} images: {per_image * 1000:.1f} ms CPU per image, set-up "
+                  f"{setup:.1f} s CPU, {wall:.1f} s wall", file=sys.stderr, flush=True)
+            if k:
+                runs.append((per_image, setup, wall))
+        per_image, setup, wall = sorted(runs)[(len(runs) - 1) // 2]
+        out[precision] = {"per_image_s": per_image, "per_image_s_rounds": [r[0] for r in runs], "setup_s": setup,
+                          "wall_s": wall, "images": count,
                           "command": " ".join(["python -m mobilenets predict --weights W FOLDER --json", *extra])}
     return out
 
@@ -137,7 +179,7 @@ def main() -> int:
     ap.add_argument("--megapixels", type=float, nargs=2, default=(10.5, 14.5))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", type=int, default=12)
-    ap.add_argument("--images", type=int, nargs=2, default=(320, 640))
+    ap.add_argument("--images", type=int, default=960)
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "mobilenets-decode-floor"))
     args = ap.parse_args()
     import torch
@@ -155,7 +197,7 @@ def main() -> int:
     for name, s in decode.items():
         print(f"{name}: {s * 1000:.2f} ms", file=sys.stderr, flush=True)
     model = model_costs(weights, calib, args.batches)
-    actual = actual_costs(weights, calib, files, tuple(args.images), work)
+    actual = actual_costs(weights, calib, files, args.images, work, args.rounds)
     load_after = uptime()
     floor = decode["floor (1/8, decode only)"]
     ours = decode["predict's decode + resize + crop"]
@@ -182,13 +224,13 @@ def main() -> int:
     atomic_write(RESULTS / "decode_floor.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
     lines = [f"# predict's CPU per 12-megapixel photo against the decoding floor ({result['date']})", "",
              f"    {command}", "",
-             f"CPU: {result['cpu']}, {result['cores']} cores, shared with other sessions (busy: load before "
+             f"CPU: {result['cpu']}, {result['cores']} cores, shared with other sessions (load before "
              f"`{load_before}`, after `{load_after}`).  {len(files)} camera photos of {args.megapixels[0]} to "
              f"{args.megapixels[1]} megapixels ({result['mpo_photos']} of them MPO); CPU milliseconds per image.", "",
              "| decoding (one thread) | ms |", "|---|---:|"]
     lines += [f"| {name} | {s * 1000:.2f} |" for name, s in decode.items()]
     lines += ["", "| precision | model ms (fastest backend) | floor + model | predict's decode + model | actual "
-              "(end to end, per image) | set-up s | actual / (floor + model) | actual / (decode + model) |",
+              "(steady, per image) | set-up s | actual / (floor + model) | actual / (decode + model) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['precision']} | {r['model_ms']:.2f} ({r['backend']}) | {r['floor_plus_model_ms']:.2f} | "
@@ -196,9 +238,9 @@ def main() -> int:
                      f"{r['actual_over_floor_plus_model']:.2f} | {r['actual_over_decode_plus_model']:.2f} |")
     lines += ["", "Model CPU ms per image, every backend: " + "; ".join(
         f"{p} " + ", ".join(f"{b} {s * 1000:.2f}" for b, s in by.items()) for p, by in model.items()),
-              "", "Actual: " + "; ".join(f"{p}: `{a['command']}`, CPU s " + ", ".join(
-                  f"{n} images {c:.1f} (wall {a['wall_s'][n]:.1f})" for n, c in a["cpu_s"].items())
-                  for p, a in actual.items())]
+              "", "Actual: " + "; ".join(f"{p}: `{a['command']}` on {a['images']} images, CPU ms per image in each "
+                                         "run " + ", ".join(f"{x * 1000:.1f}" for x in a["per_image_s_rounds"])
+                                         + f" (the median run: {a['wall_s']:.1f} s wall)" for p, a in actual.items())]
     atomic_write(RESULTS / "decode_floor.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
     print("\n".join(lines))
     return 0

@@ -5,8 +5,8 @@
 On folders made from the photos packages ship (benchmarks/predict_throughput.make_folder:
 "phone", 4000x3000, and "imagenet-like", 500x375, JPEG quality 90), each image is
 preprocessed as predict does (images.load_pixels + images.eval_transform, resolution 224)
-three ways: exact (full decoding), draft down to the resize size (256), and draft down to
-twice it (images.draft_side, what ``predict --draft`` does).  Reported per way: milliseconds
+three ways: exact (full decoding, ``predict --exact``), draft down to the resize size (256,
+images.draft_side: predict's default), and draft down to twice it (predict's earlier default).  Reported per way: milliseconds
 per image for decoding and preprocessing (one thread), the mean difference from exact in grey
 levels, and, through Google's MobileNet v1 1.0-224 weights (eager fp32), top-1 agreement with
 exact and mean KL(exact || draft).  Whether predict may decode at reduced scale by default is
@@ -34,8 +34,8 @@ def measure(folder: Path, model) -> dict:
     from mobilenets import images
 
     files = sorted((folder / "photos").glob("*.jpg"))
-    ways = {"exact": None, "draft to the resize size": images.resize_size(224),
-            "draft to twice the resize size (--draft)": images.draft_side(224)}
+    ways = {"exact (--exact)": None, "draft to the resize size (the default)": images.draft_side(224),
+            "draft to twice the resize size": 2 * images.resize_size(224)}
     x = {w: [] for w in ways}
     seconds = dict.fromkeys(ways, 0.0)
     for side in ways.values():  # untimed: the decoders' import and first-call setup
@@ -47,11 +47,11 @@ def measure(folder: Path, model) -> dict:
             seconds[w] += time.perf_counter() - start
     with torch.inference_mode():
         logits = {w: torch.cat([model(torch.stack(v[i:i + 32])) for i in range(0, len(v), 32)]) for w, v in x.items()}
-    exact = logits["exact"]
+    exact = logits["exact (--exact)"]
     rows = {}
     for w in ways:
         rows[w] = {"ms_per_image": seconds[w] / len(files) * 1000,
-                   "mean_grey_levels": float((torch.stack(x[w]) - torch.stack(x["exact"])).abs().mean()) * 127.5,
+                   "mean_grey_levels": float((torch.stack(x[w]) - torch.stack(x["exact (--exact)"])).abs().mean()) * 127.5,
                    "top1_agreement": float((logits[w].argmax(1) == exact.argmax(1)).float().mean()),
                    "mean_kl": float(torch.nn.functional.kl_div(logits[w].log_softmax(1), exact.log_softmax(1),
                                                                log_target=True, reduction="batchmean"))}

@@ -6,8 +6,9 @@ Every core busy with nothing but this work, N cores give at most N / (decode + m
 where decode and model are CPU seconds per image.  Both are measured as CPU time of this process
 with one thread (time.process_time: what the work costs, not how long a busy machine made it wait):
 
-- decode: images.load_pixels + images.eval_transform (exact preprocessing, 224), the least of 3 passes, per file of the
-  folders of benchmarks/predict_throughput.py ("imagenet-like" 500x375, "phone" 4000x3000);
+- decode: images.load_pixels + images.eval_transform (224) as predict does by default (a JPEG decoded at the
+  coarsest DCT scale keeping the resize size, images.draft_side), the least of 3 passes, per file of the
+  folders of benchmarks/predict_throughput.py ("imagenet-like" 500x375, decoded whole; "phone" 4000x3000, at 1/8);
 - model: deploy.compile(real MobileNet v1 1.0-224 weights, precision, batch_size=32) for each
   backend installed, per image of a batch of 32, the least of 3 measurements; the fastest backend counts.
 
@@ -40,8 +41,9 @@ def cpu_seconds(fn, repeat: int) -> float:
 
 
 def model_costs(weights: Path, calib: Path, batches: int, resolution: int = 224) -> dict[str, dict[str, float]]:
-    """CPU seconds per image of a batch of 32, per precision and installed backend, one thread (LiteRT and
-    ExecuTorch left out: phone runtimes, never predict's choice on a server CPU); int8 calibrated on ``calib``."""
+    """CPU seconds per image of a batch of 32, per precision and installed backend, one thread (ExecuTorch left
+    out: a phone runtime that deploy's auto never tries; LiteRT is in, since auto picks it for fp32 on CPUs
+    with AVX-512); int8 calibrated on ``calib``."""
     import mobilenets
     from mobilenets import deploy
 
@@ -53,7 +55,7 @@ def model_costs(weights: Path, calib: Path, batches: int, resolution: int = 224)
     for precision in ("fp32", "int8"):
         costs[precision] = {}
         for backend in deploy.available_backends():
-            if not deploy.backend_supports(backend, precision) or backend in ("litert", "executorch"):
+            if not deploy.backend_supports(backend, precision) or backend == "executorch":
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -86,11 +88,12 @@ def main() -> int:
     decode = {}
     for name, (folder, count) in folders.items():
         files = sorted((folder / "photos").glob("*.jpg"))[:count]
-        images.eval_transform(images.load_pixels(files[-1]), 224)  # the decoder's import and first-call setup
+        side = images.draft_side(224)
+        images.eval_transform(images.load_pixels(files[-1], min_side=side), 224)  # import and first-call setup
 
         def decode_all():
             for f in files:
-                images.eval_transform(images.load_pixels(f), 224)
+                images.eval_transform(images.load_pixels(f, min_side=side), 224)
 
         decode[name] = min(cpu_seconds(decode_all, 1) for _ in range(3)) / len(files)  # least of 3, as the model
         print(f"decode {name}: {decode[name] * 1000:.2f} ms CPU per image", file=sys.stderr, flush=True)

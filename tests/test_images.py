@@ -333,9 +333,9 @@ def test_reduced_scale_is_libjpeg_turbos_scaled_decode_then_pils_resize(tmp_path
     exif = Image.Exif()
     exif[images.EXIF_ORIENTATION] = orientation
     path = _textured_jpeg(tmp_path, 1640, 1230, exif=exif)
-    side = images.draft_side(224)  # 512: 1/2 (820 x 615) covers it, 1/4 (410 x 308) does not
-    reference = simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB", min_width=820, min_height=615)
-    assert reference.shape == (615, 820, 3)
+    side = images.draft_side(224)  # 256: 1/4 (410 x 308) covers it, 1/8 (205 x 154) does not
+    reference = simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB", min_width=410, min_height=308)
+    assert reference.shape == (308, 410, 3)
     reference = Image.fromarray(reference)
     if orientation == 6:  # stored turned a quarter anticlockwise: PIL turns it back (ImageOps.exif_transpose)
         reference = reference.transpose(Image.Transpose.ROTATE_270)
@@ -377,13 +377,13 @@ def test_a_multi_picture_jpeg_decodes_as_a_jpeg_does(tmp_path, jpeg_decodes, ori
     with Image.open(path) as im:
         assert im.format == "MPO" and im.n_frames == 2  # the fixture is what a phone writes
         expected = np.array(ImageOps.exif_transpose(im.convert("RGB")))
-    reference = Image.fromarray(simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB", min_width=820,
-                                                       min_height=615))
-    assert reference.size == (820, 615)
+    reference = Image.fromarray(simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB", min_width=410,
+                                                       min_height=308))
+    assert reference.size == (410, 308)
     if orientation == 6:
         reference = reference.transpose(Image.Transpose.ROTATE_270)
     jpeg_decodes.clear()
-    reduced = images.load_pixels(path, min_side=images.draft_side(224))  # 512: 1/2 covers it, 1/4 does not
+    reduced = images.load_pixels(path, min_side=images.draft_side(224))  # 256: 1/4 covers it, 1/8 does not
     assert torch.equal(reduced, torch.from_numpy(np.array(reference)).permute(2, 0, 1))
     assert images.load_rgb(path, min_side=images.draft_side(224)).size == reference.size
     whole = images.load_pixels(path)

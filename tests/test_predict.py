@@ -558,17 +558,18 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_large_jpegs_decode_at_the_coarsest_dct_scale_keeping_twice_the_resize_size_unless_exact(
+def test_large_jpegs_decode_at_the_coarsest_dct_scale_keeping_the_resize_size_unless_exact(
         weights_file, tmp_path, decoded_sizes):
-    """At resolution 64 the resize size is 73 (64 / 0.875): by default a 1200 x 900 photo decodes at 1/4
-    (300 x 225, 225 >= 2 x 73), not 1/8 (150 x 113); with ``exact=True`` it decodes whole.  The answer stays."""
+    """At resolution 64 the resize size is 73 (64 / 0.875): by default a 640 x 480 photo decodes at 1/4
+    (160 x 120, 120 >= 73), not 1/8 (80 x 60, short of it) nor 1/2 (twice the resize size, the earlier rule);
+    with ``exact=True`` it decodes whole.  The answer stays."""
     from real_data import photos
 
     model = mobilenets.load(weights_file)
-    Image.fromarray(photos()[0][1]).resize((1200, 900), Image.BICUBIC).save(tmp_path / "photo.jpg", quality=95)
+    Image.fromarray(photos()[0][1]).resize((640, 480), Image.BICUBIC).save(tmp_path / "photo.jpg", quality=95)
     reduced = list(predict(model, tmp_path / "photo.jpg", topk=5, workers=0))
     exact = list(predict(model, tmp_path / "photo.jpg", topk=5, workers=0, exact=True))
-    assert decoded_sizes == [(300, 225), (1200, 900)]
+    assert decoded_sizes == [(160, 120), (640, 480)]
     p_reduced = [t["probability"] for t in reduced[0].top]
     p_exact = [t["probability"] for t in exact[0].top]
     assert reduced[0].top[0]["class_index"] == exact[0].top[0]["class_index"]
@@ -576,9 +577,9 @@ def test_large_jpegs_decode_at_the_coarsest_dct_scale_keeping_twice_the_resize_s
 
 
 def test_cli_exact_decodes_every_pixel(weights_file, tmp_path, decoded_sizes, capsys):
-    """``predict --exact`` decodes the whole JPEG; without it the reduced scale (here 1/4 of 1200 x 900)."""
+    """``predict --exact`` decodes the whole JPEG; without it the reduced scale (here 1/8 of 1200 x 900)."""
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (900, 1200, 3), dtype=np.uint8)).save(
         tmp_path / "photo.jpg")
     for flags in ([], ["--exact"]):
         assert cli.main(["predict", str(tmp_path / "photo.jpg"), "--weights", str(weights_file), *flags]) == 0
-    assert decoded_sizes == [(300, 225), (1200, 900)]
+    assert decoded_sizes == [(150, 113), (1200, 900)]

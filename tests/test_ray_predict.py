@@ -253,7 +253,7 @@ def test_cli_refuses_an_out_folder_of_other_inputs_in_one_line(weights_file, fol
 @pytest.mark.parametrize("exact", [False, True])
 def test_an_actor_decodes_large_jpegs_as_predict_does_with_the_same_flags(weights_file, tmp_path, exact):
     # Real camera photos large enough for predict's reduced-scale decoding at this model's resolution (64: a
-    # shorter side of 146 suffices, these are 300-512), so the rows would differ from predict's if the actors
+    # shorter side of 73 suffices, these are 300-512), so the rows would differ from predict's if the actors
     # decoded otherwise. Run in this process: the decoding is the actor's own code, no cluster needed.
     from skimage import data
 

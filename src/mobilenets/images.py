@@ -268,11 +268,14 @@ def resize_size(resolution: int) -> int:
 
 def draft_side(resolution: int) -> int:
     """The shorter side predict lets a JPEG decode at, at least (its default; ``exact=True`` decodes whole):
-    twice the resize size, so the resize after the DCT scaling still averages over 2+ pixels (PIL's
-    ``reducing_gap`` idea).  On 195 camera photos of 5 to 26 megapixels it kept 99.49% of the exact answers
-    (KL 0.0019), the resize size itself 96.92% (KL 0.013), TF-slim's evaluation preprocessing of these weights
-    60.00% (KL 0.91): benchmarks/results/decode_agreement.md."""
-    return 2 * resize_size(resolution)
+    the resize size, the least that still covers the crop after the 0.875 centre crop, so the resize is
+    always a reduction.  libjpeg's DCT scaling averages each 8, 4 or 2 pixel block first, a low-pass filter.
+    On 195 camera photos of 5 to 26 megapixels it kept 96.92% of the exact answers (KL 0.013); twice the resize
+    size, predict's earlier rule, 99.49% (KL 0.0019); TF-slim's evaluation preprocessing of these weights 60.00%
+    (KL 0.91) and Keras's 37.95% (KL 1.67).  Issue 24's rule admits the coarser: it moves answers less than the
+    accepted pipelines do, and a 12-megapixel photo decodes at 1/8 rather than 1/4, a fifth less CPU
+    (benchmarks/results/decode_agreement.md, decode_floor.md)."""
+    return resize_size(resolution)
 
 
 # Above this many pixels, the resized image is not made whole (see eval_transform); 64 x the 256 x 256 of a

@@ -85,7 +85,7 @@ def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
 
     ``workers``: decoding processes (default :func:`default_workers`; 0
     decodes here).  ``draft``: let JPEGs decode at a reduced scale that still
-    leaves the shorter side at least twice the resize size (:func:`images.draft_side`; exact
+    leaves the shorter side at least the resize size (:func:`images.draft_side`; exact
     preprocessing otherwise).
     """
     if workers is None:

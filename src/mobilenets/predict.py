@@ -165,11 +165,11 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     ``calibration`` (see :func:`deploy.compile`) unless the weights are from
     ``mobilenets quantize`` (they carry their ranges).  ``workers`` decoding
     processes (default from the cores).  A JPEG is decoded at the coarsest DCT
-    scale (1/2, 1/4, 1/8) that leaves its shorter side at least twice the
-    resize size (:func:`images.draft_side`: 512 pixels for 224), about 2x
-    faster on phone photos; on 195 camera photos this moved answers less than
-    the preprocessing these weights were evaluated with (TF-slim) or Keras's
-    does (benchmarks/results/decode_agreement.md).  ``exact=True`` decodes
+    scale (1/2, 1/4, 1/8) that leaves its shorter side at least the resize
+    size (:func:`images.draft_side`: 256 pixels for 224), about 3x faster on
+    phone photos; on 195 camera photos this moved answers less than the
+    preprocessing these weights were evaluated with (TF-slim) or Keras's does
+    (benchmarks/results/decode_agreement.md).  ``exact=True`` decodes
     every pixel: torchvision's and timm's preprocessing to within a grey level.
     A file named directly that cannot be decoded is an error; one found in a
     folder is skipped with a warning.  With ``on_skip(image, why)``, every
