@@ -270,8 +270,8 @@ def draft_side(resolution: int) -> int:
     """The shorter side predict lets a JPEG decode at, at least (its default; ``exact=True`` decodes whole):
     the resize size, the least that still covers the crop after the 0.875 centre crop, so the resize is
     always a reduction.  libjpeg's DCT scaling averages each 8, 4 or 2 pixel block first, a low-pass filter.
-    On 195 camera photos of 5 to 26 megapixels it kept 96.92% of the exact answers (KL 0.013); twice the resize
-    size, predict's earlier rule, 99.49% (KL 0.0019); TF-slim's evaluation preprocessing of these weights 60.00%
+    On 195 camera photos of 5 to 26 megapixels it kept 96.41% of the exact answers (KL 0.014); twice the resize
+    size, predict's earlier rule, 99.49% (KL 0.0020); TF-slim's evaluation preprocessing of these weights 60.00%
     (KL 0.91) and Keras's 37.95% (KL 1.67).  Issue 24's rule admits the coarser: it moves answers less than the
     accepted pipelines do, and a 12-megapixel photo decodes at 1/8 rather than 1/4, a fifth less CPU
     (benchmarks/results/decode_agreement.md, decode_floor.md)."""

@@ -1,0 +1,155 @@
+"""Where predict's CPU goes on ImageNet-size JPEGs: its processes' CPU per image against the bound's decode + model.
+
+    .venv/bin/python benchmarks/predict_cpu.py [--files 3000] [--rounds 2] [--precision int8]
+
+On benchmarks/predict_throughput.py's "imagenet-like" folder (500x375, repeated as links up to ``--files``),
+``python -m mobilenets predict --weights W FOLDER --json`` runs as a child process with each of a few flag
+variants (default; --workers 1 and 3; --batch-size 64 and 128; --backend onnxruntime).  Between the answers
+to images N/4 and 3N/4 (batch boundaries, the decoding pipeline full) the CPU of the main process and of its
+decoding workers is read from /proc (decode_floor.tree_cpu), with the wall time: images/s, CPU ms per image
+(main / workers) and how many of the cores were busy.  Then, in this process, the main process's parts on a
+batch of 32: the runtime predict picks at 1 and at 2 threads, and the uint8-to-float normalisation
+(images.to_tensor) at the default threads.  The bound (benchmarks/predict_bound.py) counts decode + model
+at one thread; what predict spends beyond it is what keeps it from the bound.
+Writes benchmarks/results/predict_cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks"), str(ROOT / "tests")]
+RESULTS = ROOT / "benchmarks" / "results"
+VARIANTS = {"default": [], "--workers 1": ["--workers", "1"], "--workers 3": ["--workers", "3"],
+            "--batch-size 64": ["--batch-size", "64"], "--batch-size 128": ["--batch-size", "128"],
+            "--backend onnxruntime": ["--backend", "onnxruntime"]}
+
+
+def own_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def steady(command: list[str], count: int, batch_size: int) -> dict:
+    """images/s, CPU ms per image (all, main, workers) and cores busy between the answers to count/4 and 3count/4."""
+    from decode_floor import tree_cpu
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+    marks = [count // 4 // batch_size * batch_size, 3 * count // 4 // batch_size * batch_size]
+    at, seen = {}, 0
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env) as child:
+        for _ in child.stdout:
+            seen += 1
+            if seen in marks:
+                at[seen] = (tree_cpu(child.pid), own_cpu(child.pid), time.perf_counter())
+        child.wait()
+    if child.returncode or len(at) != 2:
+        raise SystemExit(f"{' '.join(command)} failed (exit {child.returncode}, {seen} answers)")
+    (all0, main0, t0), (all1, main1, t1) = at[marks[0]], at[marks[1]]
+    n = marks[1] - marks[0]
+    return {"images_per_s": n / (t1 - t0), "cpu_ms": (all1 - all0) / n * 1000, "main_ms": (main1 - main0) / n * 1000,
+            "workers_ms": ((all1 - all0) - (main1 - main0)) / n * 1000, "cores_busy": (all1 - all0) / (t1 - t0)}
+
+
+def parts(weights: Path, calib: Path, precision: str, backend: str) -> dict:
+    """CPU ms per image of the main process's parts on a batch of 32."""
+    import torch
+
+    import mobilenets
+    from mobilenets import deploy, images
+    from predict_bound import cpu_seconds
+
+    model = mobilenets.load(weights).eval()
+    calibration, _ = deploy.image_batches(calib, 224)
+    x8 = torch.cat([images.eval_pixels(images.load_pixels(f), 224)[None]
+                    for f in images.list_images(calib)] * 32)[:32]
+    x = images.to_tensor(x8)
+    out = {"normalise, default threads": min(cpu_seconds(lambda: images.to_tensor(x8), 20) for _ in range(3)) / 32}
+    default_threads = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = deploy.compile(model, precision, calibration=calibration if precision == "int8" else None,
+                                 batch_size=32, resolution=224, backend=backend)
+        run(x)
+        out[f"{backend}, {threads} thread{'s' if threads > 1 else ''}"] = min(
+            cpu_seconds(lambda: run(x), 12) for _ in range(3)) / 32
+    torch.set_num_threads(default_threads)
+    return {k: v * 1000 for k, v in out.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--precision", choices=("fp32", "int8"), default="int8")
+    ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "mobilenets-predict-bench"))
+    args = ap.parse_args()
+    from decode_floor import folder_of, uptime
+    from predict_throughput import cpu_name, make_folder, real_weights_and_calibration
+
+    work = Path(args.work)
+    source = make_folder(work / "imagenet-like", 1000, (500, 375), 1)
+    folder = folder_of(sorted((source / "photos").glob("*.jpg")), args.files, work / "predict-cpu")
+    weights, calib = real_weights_and_calibration(work)
+    before = uptime()
+    extra = ["--precision", "int8", "--calib-data", str(calib)] if args.precision == "int8" else []
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    for round_ in range(args.rounds + 1):  # round 0 fills the caches (int8 ranges, the runtime chosen)
+        for name, flags in VARIANTS.items():
+            command = [sys.executable, "-m", "mobilenets", "predict", "--weights", str(weights), str(folder), "--json",
+                       *extra, *flags]
+            batch_size = int(flags[1]) if flags[:1] == ["--batch-size"] else 32
+            r = steady(command, args.files, batch_size)
+            print(f"round {round_} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), file=sys.stderr,
+                  flush=True)
+            if round_:
+                runs[name].append(r)
+            if round_ == 0:
+                break
+    summary = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    bound = json.loads((RESULTS / "predict_bound.json").read_text())
+    row = next(r for r in bound["rows"] if r["folder"].startswith("imagenet") and r["precision"] == args.precision)
+    component = parts(weights, calib, args.precision, row["backend"])
+    after = uptime()
+    command = ".venv/bin/python " + " ".join(["benchmarks/predict_cpu.py", *sys.argv[1:]])
+    result = {"command": command, "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "uptime_before": before, "uptime_after": after, "files": args.files, "precision": args.precision,
+              "bound_row": row, "runs": runs, "summary": summary, "parts_ms": component}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    from mobilenets.atomic import atomic_write
+
+    atomic_write(RESULTS / "predict_cpu.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
+    cores = bound.get("cores", 2)
+    lines = [f"# Where predict's CPU goes, {args.precision}, ImageNet-size JPEGs ({result['date']})", "",
+             f"    {command}", "",
+             f"CPU: {result['cpu']} (load before `{before}`, after `{after}`). {args.files} 500x375 JPEGs; medians of "
+             f"{args.rounds} runs a variant, each a fresh `python -m mobilenets predict --json` (int8 with "
+             "`--calib-data`), measured between the answers to images N/4 and 3N/4.", "",
+             f"The bound (benchmarks/results/predict_bound.md): decode {row['decode_ms']:.2f} + model "
+             f"{row['model_ms']:.2f} ({row['backend']}) = {row['decode_ms'] + row['model_ms']:.2f} ms of CPU an image, "
+             f"{row['bound_images_per_s']:.0f} images/s on {cores} cores.", "",
+             "| flags | images/s | of the bound | CPU ms / image | main | workers | cores busy |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in summary.items():
+        lines.append(f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / row['bound_images_per_s']:.0%} | "
+                     f"{r['cpu_ms']:.2f} | {r['main_ms']:.2f} | {r['workers_ms']:.2f} | {r['cores_busy']:.2f} |")
+    lines += ["", "The main process's parts, CPU ms per image on a batch of 32 (least of 3): " +
+              ", ".join(f"{k} {v:.2f}" for k, v in component.items()) + "."]
+    atomic_write(RESULTS / "predict_cpu.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
