@@ -50,6 +50,17 @@ def reference(model, images):
         return model(images)
 
 
+@pytest.fixture(scope="module")
+def bf16_kl(model, images, reference):
+    """Mean KL of the model cast to bf16 in eager PyTorch (weights, input and every activation rounded): the
+    error bf16 itself costs this model, which a runtime's bf16 is held to."""
+    import copy
+
+    with torch.no_grad():
+        cast = copy.deepcopy(model).to(torch.bfloat16)(images.to(torch.bfloat16)).float()
+    return deploy.parity(reference, cast)["mean_kl"]
+
+
 @pytest.fixture(autouse=True)
 def quiet():
     with warnings.catch_warnings():
@@ -119,6 +130,13 @@ def test_torch_path_runs_onednn_convolutions_with_relu6_fused(model):
 from cpu import BF16 as CPU_BF16  # noqa: E402 (OpenVINO runs bf16 only with bf16 instructions)
 MIN_COSINE = {"fp32": 0.999, "bf16": 0.999, "int8": 0.995}
 MAX_MEAN_KL = {"fp32": 1e-6, "bf16": 0.01, "int8": 0.15}
+# The digits model is trained here, so how much bf16 moves it depends on the CPU that trained it: on a 2-core
+# EPYC with AVX-512 BF16 (not the one the bars above were measured on) the model cast to bf16 in eager PyTorch
+# itself measured KL 0.0170 (15 of 16 agree), and torch and OpenVINO bf16 0.0196 (1.15x it).  So a runtime's
+# bf16 is held to twice the error of that plain cast, or the fixed bar where that is larger: it catches a
+# runtime that loses twice what bf16 itself does (fp16 accumulation, a layer run wrong), not the rounding
+# every bf16 path shares.
+BF16_KL_OVER_CAST = 2.0
 MIN_AGREEMENT = 14 / 16
 CASES = [
     ("torch", "fp32"), ("torch", "bf16"), ("torch", "int8"),
@@ -129,7 +147,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("backend,precision", CASES)
-def test_backend_parity_with_fp32_eager(model, calibration, images, reference, backend, precision):
+def test_backend_parity_with_fp32_eager(model, calibration, images, reference, bf16_kl, backend, precision):
     predictor = deploy.compile(model, precision, calibration=calibration, batch_size=4, resolution=RES,
                                backend=backend)
     assert (predictor.backend, predictor.precision, predictor.batch_size) == (backend, precision, 4)
@@ -137,7 +155,8 @@ def test_backend_parity_with_fp32_eager(model, calibration, images, reference, b
     assert out.shape == reference.shape and out.dtype == torch.float32
     p = deploy.parity(reference, out)
     assert p["cosine"] >= MIN_COSINE[precision]
-    assert p["mean_kl"] <= MAX_MEAN_KL[precision]
+    bar = max(MAX_MEAN_KL[precision], BF16_KL_OVER_CAST * bf16_kl) if precision == "bf16" else MAX_MEAN_KL[precision]
+    assert p["mean_kl"] <= bar
     assert p["top1_agreement"] >= MIN_AGREEMENT
     if precision == "fp32":
         torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-3)
