@@ -101,9 +101,9 @@ def folder_of(files: list[Path], count: int, work: Path) -> Path:
     return folder
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of process ``pid`` and every live descendant (all threads), plus what its reaped children
-    used (Linux /proc)."""
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(CPU seconds of process ``pid`` itself, all threads; of it, every live descendant and its reaped
+    children), from one reading of Linux /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     stats = {}
     for entry in os.listdir("/proc"):
@@ -114,7 +114,7 @@ def tree_cpu(pid: int) -> float:
                 continue
             # after the name: state ppid ... utime(12) stime(13) cutime(14) cstime(15), 0-based from state
             stats[int(entry)] = (int(fields[1]), sum(int(f) for f in fields[11:13]), sum(int(f) for f in fields[13:15]))
-    tree, total = {pid}, 0
+    tree = {pid}
     grew = True
     while grew:
         grew = False
@@ -122,30 +122,33 @@ def tree_cpu(pid: int) -> float:
             if ppid in tree and p not in tree:
                 tree.add(p)
                 grew = True
-    for p in tree:
-        if p in stats:
-            total += stats[p][1] + (stats[p][2] if p == pid else 0)
-    return total / tick
+    own = stats[pid][1] if pid in stats else 0
+    total = sum(stats[p][1] for p in tree if p in stats) + (stats[pid][2] if pid in stats else 0)
+    return own / tick, total / tick
 
 
-def steady_cpu(command: list[str], count: int, batch_size: int = 32) -> tuple[float, float, float]:
-    """Run ``command`` (one answer a line on stdout) on ``count`` images; (CPU seconds per image between the
-    answers to images count/4 and 3count/4, set-up CPU seconds, wall seconds)."""
+def steady(command: list[str], count: int, batch_size: int = 32) -> dict:
+    """Run ``command`` (one answer a line on stdout) on ``count`` images.  Between the answers to images
+    count/4 and 3count/4: images/s, CPU seconds per image (all its processes, the main one alone) and cores
+    busy; also set-up CPU seconds (at the first mark, less its images at that rate) and wall seconds."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
     marks = [count // 4 // batch_size * batch_size, 3 * count // 4 // batch_size * batch_size]
     start = time.perf_counter()
-    cpu, seen = {}, 0
+    at, seen = {}, 0
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env) as child:
         for _ in child.stdout:
             seen += 1
             if seen in marks:  # the batch's answers come together: this is its last, the next wait on its model
-                cpu[seen] = tree_cpu(child.pid)
+                at[seen] = (*process_cpu(child.pid), time.perf_counter())
         child.wait()
     wall = time.perf_counter() - start
-    if child.returncode or len(cpu) != 2:
+    if child.returncode or len(at) != 2:
         raise SystemExit(f"{' '.join(command)} failed (exit {child.returncode}, {seen} answers)")
-    per_image = (cpu[marks[1]] - cpu[marks[0]]) / (marks[1] - marks[0])
-    return per_image, cpu[marks[0]] - marks[0] * per_image, wall
+    (main0, all0, t0), (main1, all1, t1) = at[marks[0]], at[marks[1]]
+    n = marks[1] - marks[0]
+    per_image = (all1 - all0) / n
+    return {"images_per_s": n / (t1 - t0), "per_image_s": per_image, "main_per_image_s": (main1 - main0) / n,
+            "cores_busy": (all1 - all0) / (t1 - t0), "setup_s": all0 - marks[0] * per_image, "wall_s": wall}
 
 
 def actual_costs(weights: Path, calib: Path, files: list[Path], count: int, work: Path, rounds: int) -> dict:
@@ -157,7 +160,8 @@ def actual_costs(weights: Path, calib: Path, files: list[Path], count: int, work
                    *extra]
         runs = []
         for k in range(rounds + 1):  # the first fills the caches (int8 ranges, the runtime chosen)
-            per_image, setup, wall = steady_cpu(command, count)
+            r = steady(command, count)
+            per_image, setup, wall = r["per_image_s"], r["setup_s"], r["wall_s"]
             print(f"predict {precision} {count} images: {per_image * 1000:.1f} ms CPU per image, set-up "
                   f"{setup:.1f} s CPU, {wall:.1f} s wall", file=sys.stderr, flush=True)
             if k:

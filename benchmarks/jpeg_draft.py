@@ -30,11 +30,14 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "benchmarks")
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+EXACT = "exact (--exact)"
+
+
 def measure(folder: Path, model) -> dict:
     from mobilenets import images
 
     files = sorted((folder / "photos").glob("*.jpg"))
-    ways = {"exact (--exact)": None, "draft to the resize size (the default)": images.draft_side(224),
+    ways = {EXACT: None, "draft to the resize size (the default)": images.draft_side(224),
             "draft to twice the resize size": 2 * images.resize_size(224)}
     x = {w: [] for w in ways}
     seconds = dict.fromkeys(ways, 0.0)
@@ -47,11 +50,11 @@ def measure(folder: Path, model) -> dict:
             seconds[w] += time.perf_counter() - start
     with torch.inference_mode():
         logits = {w: torch.cat([model(torch.stack(v[i:i + 32])) for i in range(0, len(v), 32)]) for w, v in x.items()}
-    exact = logits["exact (--exact)"]
+    exact = logits[EXACT]
     rows = {}
     for w in ways:
         rows[w] = {"ms_per_image": seconds[w] / len(files) * 1000,
-                   "mean_grey_levels": float((torch.stack(x[w]) - torch.stack(x["exact (--exact)"])).abs().mean()) * 127.5,
+                   "mean_grey_levels": float((torch.stack(x[w]) - torch.stack(x[EXACT])).abs().mean()) * 127.5,
                    "top1_agreement": float((logits[w].argmax(1) == exact.argmax(1)).float().mean()),
                    "mean_kl": float(torch.nn.functional.kl_div(logits[w].log_softmax(1), exact.log_softmax(1),
                                                                log_target=True, reduction="batchmean"))}

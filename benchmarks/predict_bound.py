@@ -86,9 +86,9 @@ def main() -> int:
                "phone 4000x3000": (make_folder(work / "phone", 120, (4000, 3000), 2), args.phone_files)}
     weights, calib = real_weights_and_calibration(work)
     decode = {}
+    side = images.draft_side(224)
     for name, (folder, count) in folders.items():
         files = sorted((folder / "photos").glob("*.jpg"))[:count]
-        side = images.draft_side(224)
         images.eval_transform(images.load_pixels(files[-1], min_side=side), 224)  # import and first-call setup
 
         def decode_all():

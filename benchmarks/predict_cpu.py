@@ -6,7 +6,7 @@ On benchmarks/predict_throughput.py's "imagenet-like" folder (500x375, repeated 
 ``python -m mobilenets predict --weights W FOLDER --json`` runs as a child process with each of a few flag
 variants (default; --workers 1 and 3; --batch-size 64 and 128; --backend onnxruntime).  Between the answers
 to images N/4 and 3N/4 (batch boundaries, the decoding pipeline full) the CPU of the main process and of its
-decoding workers is read from /proc (decode_floor.tree_cpu), with the wall time: images/s, CPU ms per image
+decoding workers is read from /proc (decode_floor.steady), with the wall time: images/s, CPU ms per image
 (main / workers) and how many of the cores were busy.  Then, in this process, the main process's parts on a
 batch of 32: the runtime predict picks at 1 and at 2 threads, and the uint8-to-float normalisation
 (images.to_tensor) at the default threads.  The bound (benchmarks/predict_bound.py) counts decode + model
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -34,30 +33,14 @@ VARIANTS = {"default": [], "--workers 1": ["--workers", "1"], "--workers 3": ["-
             "--backend onnxruntime": ["--backend", "onnxruntime"]}
 
 
-def own_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def steady_ms(command: list[str], count: int, batch_size: int) -> dict:
+    """decode_floor.steady's reading, as images/s, CPU ms per image (all, main, workers) and cores busy."""
+    from decode_floor import steady
 
-
-def steady(command: list[str], count: int, batch_size: int) -> dict:
-    """images/s, CPU ms per image (all, main, workers) and cores busy between the answers to count/4 and 3count/4."""
-    from decode_floor import tree_cpu
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
-    marks = [count // 4 // batch_size * batch_size, 3 * count // 4 // batch_size * batch_size]
-    at, seen = {}, 0
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env) as child:
-        for _ in child.stdout:
-            seen += 1
-            if seen in marks:
-                at[seen] = (tree_cpu(child.pid), own_cpu(child.pid), time.perf_counter())
-        child.wait()
-    if child.returncode or len(at) != 2:
-        raise SystemExit(f"{' '.join(command)} failed (exit {child.returncode}, {seen} answers)")
-    (all0, main0, t0), (all1, main1, t1) = at[marks[0]], at[marks[1]]
-    n = marks[1] - marks[0]
-    return {"images_per_s": n / (t1 - t0), "cpu_ms": (all1 - all0) / n * 1000, "main_ms": (main1 - main0) / n * 1000,
-            "workers_ms": ((all1 - all0) - (main1 - main0)) / n * 1000, "cores_busy": (all1 - all0) / (t1 - t0)}
+    r = steady(command, count, batch_size)
+    return {"images_per_s": r["images_per_s"], "cpu_ms": r["per_image_s"] * 1000,
+            "main_ms": r["main_per_image_s"] * 1000,
+            "workers_ms": (r["per_image_s"] - r["main_per_image_s"]) * 1000, "cores_busy": r["cores_busy"]}
 
 
 def parts(weights: Path, calib: Path, precision: str, backend: str) -> dict:
@@ -110,7 +93,7 @@ def main() -> int:
             command = [sys.executable, "-m", "mobilenets", "predict", "--weights", str(weights), str(folder), "--json",
                        *extra, *flags]
             batch_size = int(flags[1]) if flags[:1] == ["--batch-size"] else 32
-            r = steady(command, args.files, batch_size)
+            r = steady_ms(command, args.files, batch_size)
             print(f"round {round_} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), file=sys.stderr,
                   flush=True)
             if round_:

@@ -249,7 +249,6 @@ def summarise(runs: dict) -> dict:
         for c, r in good.items():
             if peers:
                 r["vs_faster_peer"] = r[key] / max(peers)
-                r["vs_faster_peer_on"] = "steady" if key == "images_per_s" else "end to end"
         summary[fname] = rows
     return summary
 
