@@ -15,7 +15,8 @@ machine inflates less than it does wall time.
 - twice the resize size (512, the earlier default: 1/4 for 12 megapixels), then the same resize and crop;
 - exact: images.load_pixels (every pixel) then images.eval_pixels;
 - model: predict_bound.model_costs: deploy.compile(real MobileNet v1 1.0-224 weights, precision, batch_size=32)
-  for each backend installed, per image of a batch of 32 (fp32 and int8; on an AVX2-only CPU int8 weights are 7-bit);
+  for each backend installed, run on uint8 pixels as predict runs it, per image of a batch of 32 (fp32 and int8;
+  on an AVX2-only CPU int8 weights are 7-bit);
 - actual: ``python -m mobilenets predict --weights W FOLDER --json`` (default flags; int8: ``--precision int8
   --calib-data``) as a child process on a folder of ``--images`` photos (repeated, as links), after one warm-up
   run that fills the caches.  The CPU of the process and all its descendants (/proc) is read when the answer

@@ -6,11 +6,13 @@ Every core busy with nothing but this work, N cores give at most N / (decode + m
 where decode and model are CPU seconds per image.  Both are measured as CPU time of this process
 with one thread (time.process_time: what the work costs, not how long a busy machine made it wait):
 
-- decode: images.load_pixels + images.eval_transform (224) as predict does by default (a JPEG decoded at the
-  coarsest DCT scale keeping the resize size, images.draft_side), the least of 3 passes, per file of the
+- decode: images.load_pixels + images.eval_pixels (224), what predict's decoding workers do (a JPEG decoded at
+  the coarsest DCT scale keeping the resize size, images.draft_side), the least of 3 passes, per file of the
   folders of benchmarks/predict_throughput.py ("imagenet-like" 500x375, decoded whole; "phone" 4000x3000, at 1/8);
 - model: deploy.compile(real MobileNet v1 1.0-224 weights, precision, batch_size=32) for each
-  backend installed, per image of a batch of 32, the least of 3 measurements; the fastest backend counts.
+  backend installed, run as predict runs it (Predictor.pixels: uint8 pixels, normalised in the runtime's graph
+  where it can, else by images.to_tensor), per image of a batch of 32, the least of 3 measurements; the
+  fastest backend counts.
 
 The issue's targets are multiples of the faster peer's images/s in benchmarks/results/predict_throughput.json;
 the bound says whether a target is reachable at all here.  Writes benchmarks/results/predict_bound.{json,md}.
@@ -47,9 +49,11 @@ def model_costs(weights: Path, calib: Path, batches: int, resolution: int = 224)
     import mobilenets
     from mobilenets import deploy
 
+    from mobilenets import images
+
     model = mobilenets.load(weights).eval()
     calibration, _ = deploy.image_batches(calib, resolution)
-    x = torch.cat(calibration)[:32]
+    x = torch.stack([images.eval_pixels(images.load_pixels(f), resolution) for f in images.list_images(calib)])
     x = torch.cat([x] * (32 // len(x) + 1))[:32]
     costs: dict[str, dict[str, float]] = {}
     for precision in ("fp32", "int8"):
@@ -61,10 +65,11 @@ def model_costs(weights: Path, calib: Path, batches: int, resolution: int = 224)
                 warnings.simplefilter("ignore")
                 predictor = deploy.compile(model, precision, calibration=calibration if precision == "int8" else None,
                                            batch_size=32, resolution=resolution, backend=backend)
-            predictor(x)  # first-call set-up is not the model's cost
+            predictor.pixels(x, images.INCEPTION)  # first-call set-up is not the model's cost
             # the least of 3 measurements: a neighbour's load only adds (cache misses, a runtime's threads
             # spinning while they wait); single measurements of the same runtime varied by 20% between runs
-            costs[precision][backend] = min(cpu_seconds(lambda: predictor(x), batches) for _ in range(3)) / 32
+            costs[precision][backend] = min(cpu_seconds(lambda: predictor.pixels(x, images.INCEPTION), batches)
+                                            for _ in range(3)) / 32
             print(f"model {precision} {backend}: {costs[precision][backend] * 1000:.2f} ms CPU per image",
                   file=sys.stderr, flush=True)
     return costs
@@ -89,11 +94,11 @@ def main() -> int:
     side = images.draft_side(224)
     for name, (folder, count) in folders.items():
         files = sorted((folder / "photos").glob("*.jpg"))[:count]
-        images.eval_transform(images.load_pixels(files[-1], min_side=side), 224)  # import and first-call setup
+        images.eval_pixels(images.load_pixels(files[-1], min_side=side), 224)  # import and first-call setup
 
         def decode_all():
             for f in files:
-                images.eval_transform(images.load_pixels(f, min_side=side), 224)
+                images.eval_pixels(images.load_pixels(f, min_side=side), 224)
 
         decode[name] = min(cpu_seconds(decode_all, 1) for _ in range(3)) / len(files)  # least of 3, as the model
         print(f"decode {name}: {decode[name] * 1000:.2f} ms CPU per image", file=sys.stderr, flush=True)

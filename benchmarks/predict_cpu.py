@@ -1,25 +1,28 @@
 """Where predict's CPU goes on ImageNet-size JPEGs: its processes' CPU per image against the bound's decode + model.
 
-    .venv/bin/python benchmarks/predict_cpu.py [--files 3000] [--rounds 2] [--precision int8]
+    .venv/bin/python benchmarks/predict_cpu.py [--files 3000] [--rounds 2] [--precision int8] [--load 0.5]
 
 On benchmarks/predict_throughput.py's "imagenet-like" folder (500x375, repeated as links up to ``--files``),
 ``python -m mobilenets predict --weights W FOLDER --json`` runs as a child process with each of a few flag
-variants (default; --workers 1 and 3; --batch-size 64 and 128; --backend onnxruntime).  Between the answers
+variants (default; --workers 1 and 3; --batch-size 64; --backend onnxruntime).  Between the answers
 to images N/4 and 3N/4 (batch boundaries, the decoding pipeline full) the CPU of the main process and of its
 decoding workers is read from /proc (decode_floor.steady), with the wall time: images/s, CPU ms per image
-(main / workers) and how many of the cores were busy.  Then, in this process, the main process's parts on a
-batch of 32: the runtime predict picks at 1 and at 2 threads, and the uint8-to-float normalisation
-(images.to_tensor) at the default threads.  The bound (benchmarks/predict_bound.py) counts decode + model
+(main / workers) and how many of the cores were busy.  Then, in this process, the main process's parts on
+batches of 32 (:func:`parts`).  The bound (benchmarks/predict_bound.py) counts decode + model
 at one thread; what predict spends beyond it is what keeps it from the bound.
-Writes benchmarks/results/predict_cpu.{json,md}.
+Ablations: predict with Predictor.stream put back as it was (one batch at a time; and float input normalised
+by PyTorch first).  ``--load 0.5``: a competing process busy for half a core throughout (a neighbour on a
+shared machine).  Writes benchmarks/results/predict_cpu.{json,md} (with a load: predict_cpu_load50.{json,md}).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -29,8 +32,46 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks"), str(ROOT / "tests")]
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {"default": [], "--workers 1": ["--workers", "1"], "--workers 3": ["--workers", "3"],
-            "--batch-size 64": ["--batch-size", "64"], "--batch-size 128": ["--batch-size", "128"],
-            "--backend onnxruntime": ["--backend", "onnxruntime"]}
+            "--batch-size 64": ["--batch-size", "64"], "--backend onnxruntime": ["--backend", "onnxruntime"]}
+# predict with one of its ways put back as it was before, in a child that patches deploy.Predictor.stream
+# (what predict runs a folder's batches through): the batches one at a time (all threads on one batch), and
+# also as float input normalised by PyTorch first
+ABLATIONS = {
+    "a batch at a time": "Predictor.stream = lambda self, xs, normalization=None: "
+                         "(self.pixels(x, normalization) if x.dtype == torch.uint8 else self(x) for x in xs)",
+    "float input, a batch at a time": "Predictor.stream = lambda self, xs, normalization=None: "
+                                      "(self(images.to_tensor(x, normalization) if x.dtype == torch.uint8 else x) "
+                                      "for x in xs)",
+}
+LOAD = """import sys, time
+while True:  # busy for a share of every 10 ms, asleep for the rest
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.01 * {share}:
+        pass
+    time.sleep(0.01 * (1 - {share}))
+"""
+
+
+def predict_command(weights: Path, folder: Path, flags: list[str], ablation: str | None = None) -> list[str]:
+    if ablation is None:
+        return [sys.executable, "-m", "mobilenets", "predict", "--weights", str(weights), str(folder), "--json", *flags]
+    patch = ("import sys, torch; from mobilenets import images; from mobilenets.deploy.predictor import Predictor; "
+             f"{ABLATIONS[ablation]}; from mobilenets.cli import main; sys.exit(main(sys.argv[1:]))")
+    return [sys.executable, "-c", patch, "predict", "--weights", str(weights), str(folder), "--json", *flags]
+
+
+@contextlib.contextmanager
+def competing_load(share: float):
+    """A neighbour: one process busy for ``share`` of every 10 ms (0: none)."""
+    if not share:
+        yield
+        return
+    child = subprocess.Popen([sys.executable, "-c", LOAD.format(share=share)])
+    try:
+        yield
+    finally:
+        child.kill()
+        child.wait()
 
 
 def steady_ms(command: list[str], count: int, batch_size: int) -> dict:
@@ -44,7 +85,9 @@ def steady_ms(command: list[str], count: int, batch_size: int) -> dict:
 
 
 def parts(weights: Path, calib: Path, precision: str, backend: str) -> dict:
-    """CPU ms per image of the main process's parts on a batch of 32."""
+    """CPU ms per image of the main process's parts on batches of 32: the normalisation, and the runtime on
+    float input one batch at a time (predict before it fed pixels), on pixels one batch at a time, and on
+    pixels streamed, 12 batches in a row (what predict does: Predictor.stream)."""
     import torch
 
     import mobilenets
@@ -55,19 +98,24 @@ def parts(weights: Path, calib: Path, precision: str, backend: str) -> dict:
     calibration, _ = deploy.image_batches(calib, 224)
     x8 = torch.cat([images.eval_pixels(images.load_pixels(f), 224)[None]
                     for f in images.list_images(calib)] * 32)[:32]
-    x = images.to_tensor(x8)
-    out = {"normalise, default threads": min(cpu_seconds(lambda: images.to_tensor(x8), 20) for _ in range(3)) / 32}
-    default_threads = torch.get_num_threads()
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run = deploy.compile(model, precision, calibration=calibration if precision == "int8" else None,
-                                 batch_size=32, resolution=224, backend=backend)
-        run(x)
-        out[f"{backend}, {threads} thread{'s' if threads > 1 else ''}"] = min(
-            cpu_seconds(lambda: run(x), 12) for _ in range(3)) / 32
-    torch.set_num_threads(default_threads)
+    n = images.INCEPTION
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = deploy.compile(model, precision, calibration=calibration if precision == "int8" else None,
+                             batch_size=32, resolution=224, backend=backend)
+
+    def streamed():
+        for _ in run.stream([x8] * 12, n):
+            pass
+
+    ways = {"normalise (images.to_tensor)": (lambda: images.to_tensor(x8, n), 12),
+            f"{backend}, float input + normalise, a batch at a time": (lambda: run(images.to_tensor(x8, n)), 12),
+            f"{backend}, pixels, a batch at a time": (lambda: run.pixels(x8, n), 12),
+            f"{backend}, pixels streamed (predict)": (streamed, 1)}
+    out = {}
+    for name, (fn, repeat) in ways.items():
+        fn()  # first-call set-up (a graph compiled) is not the cost
+        out[name] = min(cpu_seconds(fn, repeat) for _ in range(3)) / (32 * (12 // repeat))
     return {k: v * 1000 for k, v in out.items()}
 
 
@@ -76,6 +124,8 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--precision", choices=("fp32", "int8"), default="int8")
+    ap.add_argument("--load", type=float, default=0.0,
+                    help="a competing process busy for this share of one core throughout (0.5: half a core)")
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "mobilenets-predict-bench"))
     args = ap.parse_args()
     from decode_floor import folder_of, uptime
@@ -87,19 +137,21 @@ def main() -> int:
     weights, calib = real_weights_and_calibration(work)
     before = uptime()
     extra = ["--precision", "int8", "--calib-data", str(calib)] if args.precision == "int8" else []
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    for round_ in range(args.rounds + 1):  # round 0 fills the caches (int8 ranges, the runtime chosen)
-        for name, flags in VARIANTS.items():
-            command = [sys.executable, "-m", "mobilenets", "predict", "--weights", str(weights), str(folder), "--json",
-                       *extra, *flags]
-            batch_size = int(flags[1]) if flags[:1] == ["--batch-size"] else 32
-            r = steady_ms(command, args.files, batch_size)
-            print(f"round {round_} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), file=sys.stderr,
-                  flush=True)
-            if round_:
-                runs[name].append(r)
-            if round_ == 0:
-                break
+    variants = {name: (flags, None) for name, flags in VARIANTS.items()}
+    variants.update({f"ablation: {name}": ([], name) for name in ABLATIONS})
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    with competing_load(args.load):
+        for round_ in range(args.rounds + 1):  # round 0 fills the caches (int8 ranges, the runtime chosen)
+            for name, (flags, ablation) in variants.items():  # interleaved: a change in load meets every variant
+                command = predict_command(weights, folder, [*extra, *flags], ablation)
+                batch_size = int(flags[1]) if flags[:1] == ["--batch-size"] else 32
+                r = steady_ms(command, args.files, batch_size)
+                print(f"round {round_} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), file=sys.stderr,
+                      flush=True)
+                if round_:
+                    runs[name].append(r)
+                if round_ == 0:
+                    break
     summary = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     bound = json.loads((RESULTS / "predict_bound.json").read_text())
     row = next(r for r in bound["rows"] if r["folder"].startswith("imagenet") and r["precision"] == args.precision)
@@ -107,18 +159,21 @@ def main() -> int:
     after = uptime()
     command = ".venv/bin/python " + " ".join(["benchmarks/predict_cpu.py", *sys.argv[1:]])
     result = {"command": command, "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "uptime_before": before, "uptime_after": after, "files": args.files, "precision": args.precision,
+              "uptime_before": before, "uptime_after": after, "load": args.load, "files": args.files, "precision": args.precision,
               "bound_row": row, "runs": runs, "summary": summary, "parts_ms": component}
     RESULTS.mkdir(parents=True, exist_ok=True)
     from mobilenets.atomic import atomic_write
 
-    atomic_write(RESULTS / "predict_cpu.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
+    stem = "predict_cpu" + (f"_load{round(args.load * 100)}" if args.load else "")
+    atomic_write(RESULTS / f"{stem}.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
     cores = bound.get("cores", 2)
     lines = [f"# Where predict's CPU goes, {args.precision}, ImageNet-size JPEGs ({result['date']})", "",
              f"    {command}", "",
              f"CPU: {result['cpu']} (load before `{before}`, after `{after}`). {args.files} 500x375 JPEGs; medians of "
              f"{args.rounds} runs a variant, each a fresh `python -m mobilenets predict --json` (int8 with "
-             "`--calib-data`), measured between the answers to images N/4 and 3N/4.", "",
+             "`--calib-data`), measured between the answers to images N/4 and 3N/4. " +
+             (f"A competing process was busy for {args.load:.0%} of one core throughout." if args.load else
+              "No competing process of ours."), "",
              f"The bound (benchmarks/results/predict_bound.md): decode {row['decode_ms']:.2f} + model "
              f"{row['model_ms']:.2f} ({row['backend']}) = {row['decode_ms'] + row['model_ms']:.2f} ms of CPU an image, "
              f"{row['bound_images_per_s']:.0f} images/s on {cores} cores.", "",
@@ -127,9 +182,9 @@ def main() -> int:
     for name, r in summary.items():
         lines.append(f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / row['bound_images_per_s']:.0%} | "
                      f"{r['cpu_ms']:.2f} | {r['main_ms']:.2f} | {r['workers_ms']:.2f} | {r['cores_busy']:.2f} |")
-    lines += ["", "The main process's parts, CPU ms per image on a batch of 32 (least of 3): " +
+    lines += ["", "The main process's parts, CPU ms per image on batches of 32 (least of 3): " +
               ", ".join(f"{k} {v:.2f}" for k, v in component.items()) + "."]
-    atomic_write(RESULTS / "predict_cpu.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    atomic_write(RESULTS / f"{stem}.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
     print("\n".join(lines))
     return 0
 

@@ -794,3 +794,54 @@ def test_onnxruntime_threads_sleep_when_the_process_asks_for_passive_waiting(mod
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     with pytest.raises(Exception, match="does not have configuration"):  # ONNX Runtime's default: spin
         ort_session(path).get_session_options().get_session_config_entry(key)
+
+
+def as_pixels(x: torch.Tensor) -> torch.Tensor:
+    """The uint8 pixels the digits were normalised from (x = p / 127.5 - 1), recovered exactly."""
+    pixels = ((x + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(images_module.to_tensor(pixels), x)
+    return pixels
+
+
+import mobilenets.images as images_module  # noqa: E402
+
+
+@pytest.mark.parametrize("backend,precision", CASES)
+def test_pixels_and_streams_answer_as_the_float_input(model, calibration, images, reference, bf16_kl, backend,
+                                                      precision):
+    """uint8 pixels (normalised in OpenVINO's graph, by images.to_tensor elsewhere) and a stream of batches of
+    other sizes than the compiled one (3 + 9 + 4 through batch 4: a short chunk padded, a long one split) give
+    the float input's answers, in order, within the same bars."""
+    predictor = deploy.compile(model, precision, calibration=calibration, batch_size=4, resolution=RES,
+                               backend=backend)
+    pixels = as_pixels(images)
+    one = predictor.pixels(pixels, images_module.INCEPTION)
+    streamed = list(predictor.stream([pixels[:3], pixels[3:12], pixels[12:]], images_module.INCEPTION))
+    assert [len(s) for s in streamed] == [3, 9, 4]
+    floats = list(predictor.stream([images[:5], images[5:]]))  # float input streams too
+    assert [len(s) for s in floats] == [5, 11]
+    bar = max(MAX_MEAN_KL[precision], BF16_KL_OVER_CAST * bf16_kl) if precision == "bf16" else MAX_MEAN_KL[precision]
+    for out in (one, torch.cat(streamed), torch.cat(floats)):
+        p = deploy.parity(reference, out)
+        assert p["cosine"] >= MIN_COSINE[precision] and p["mean_kl"] <= bar and p["top1_agreement"] >= MIN_AGREEMENT
+        if precision == "fp32":
+            torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-3)
+    # a stream is the same graph as one batch at a time, on other threads
+    torch.testing.assert_close(torch.cat(streamed), one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_pixels_normalise_each_channel_as_to_tensor(model, images, backend):
+    """ImageNet's mean and std differ per channel: a channel's constants applied to another, or mean and std
+    swapped, move the logits by far more than float rounding (2e-5 here)."""
+    predictor = deploy.compile(model, "fp32", batch_size=4, resolution=RES, backend=backend)
+    pixels = as_pixels(images)
+    with torch.no_grad():
+        expected = model(images_module.to_tensor(pixels, images_module.IMAGENET))
+    torch.testing.assert_close(predictor.pixels(pixels, images_module.IMAGENET), expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(torch.cat(list(predictor.stream([pixels[:7], pixels[7:]], images_module.IMAGENET))),
+                               expected, rtol=1e-3, atol=1e-3)
+    with pytest.raises(TypeError, match="uint8 pixels need a normalization"):
+        next(predictor.stream([pixels]))
+    with pytest.raises(TypeError, match="expected uint8 pixels"):
+        predictor.pixels(images, images_module.IMAGENET)

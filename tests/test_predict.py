@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -347,7 +348,8 @@ def test_fp32_with_no_backend_asks_auto_with_the_number_of_images(weights_file, 
 
     def compile(m, **kwargs):
         calls.append((kwargs["backend"], kwargs["work"], kwargs["batch_size"]))
-        return lambda x: m(x).detach()
+        return deploy.Predictor(lambda x: m(x).detach(), backend="eager", precision="fp32",
+                                batch_size=kwargs["batch_size"], resolution=kwargs["resolution"])
 
     monkeypatch.setattr(deploy, "compile", compile)
     x = torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -355,6 +357,34 @@ def test_fp32_with_no_backend_asks_auto_with_the_number_of_images(weights_file, 
     assert calls == [("auto", count, min(128, count))]
     with torch.inference_mode():
         assert [r.top[0]["class_index"] for r in got] == model.eval()(x).argmax(1).tolist()
+
+
+@pytest.mark.skipif(not __import__("importlib.util").util.find_spec("openvino"), reason="needs the deploy extra")
+def test_streamed_runtime_keeps_order_around_batches_that_all_fail(weights_file, tmp_path):
+    """OpenVINO runs several batches at once (Predictor.stream): answers, and the files skipped, still come in
+    input order, batches of nothing but broken files in the middle and at the end included; each
+    answer is the eager model's on the same image (fp32, OpenVINO normalising the uint8 pixels in its graph)."""
+    model = mobilenets.load(weights_file)
+    rng = np.random.default_rng(3)
+    names = [f"{i:02d}.jpg" for i in range(16)]
+    # batches of 3: two of nothing but broken files in a row (03-08), and the last, of one broken file (15)
+    broken = {f"{i:02d}.jpg" for i in (3, 4, 5, 6, 7, 8, 15)}
+    for name in names:
+        if name in broken:
+            (tmp_path / name).write_bytes(b"not a jpeg")
+        else:
+            Image.fromarray(rng.integers(0, 256, (40 + int(name[:2]), 56, 3), dtype=np.uint8)).save(tmp_path / name)
+    skipped = []
+    got = list(predict(model, tmp_path, topk=3, batch_size=3, workers=2, backend="openvino",
+                       on_skip=lambda image, why: skipped.append(Path(image).name)))
+    expected = list(predict(model, tmp_path, topk=3, batch_size=3, workers=0, backend="eager",
+                            on_skip=lambda image, why: None))
+    assert skipped == sorted(broken)
+    assert [r.image for r in got] == [r.image for r in expected] == [str(tmp_path / n) for n in names
+                                                                      if n not in broken]
+    for g, e in zip(got, expected):
+        assert [t["class_index"] for t in g.top] == [t["class_index"] for t in e.top]
+        assert [t["probability"] for t in g.top] == pytest.approx([t["probability"] for t in e.top], abs=1e-4)
 
 
 def test_workers_and_batching_equal_the_per_image_path(weights_file, tmp_path):

@@ -351,7 +351,7 @@ class EvalTransform(torch.nn.Module):
         super().__init__()
         self.resolution, self.resize = int(resolution), resize_size(resolution)
         self.mean, self.std = list(normalization.mean), list(normalization.std)
-        scale, shift = _affine(normalization)
+        scale, shift = affine(normalization)
         # (x / 255 - mean) / std = x * scale - shift: eval_transform's constants, so its exact values
         self.register_buffer("scale", scale.clone(), persistent=False)
         self.register_buffer("shift", shift.clone(), persistent=False)
@@ -394,13 +394,13 @@ def to_tensor(image: Image.Image | torch.Tensor, normalization: Normalization = 
     """(x / 255 - mean) / std as a float tensor, from an RGB image or uint8 (3, H, W) / (N, 3, H, W) pixels."""
     if isinstance(image, Image.Image):
         image = pixels(image)
-    scale, shift = _affine(normalization)
+    scale, shift = affine(normalization)
     # uint8 made contiguous first (a quarter of the bytes to move), then one multiply and one subtract in place
     return image.contiguous().to(torch.float32).mul_(scale).sub_(shift)
 
 
 @functools.lru_cache(maxsize=8)
-def _affine(normalization: Normalization) -> tuple[torch.Tensor, torch.Tensor]:
+def affine(normalization: Normalization) -> tuple[torch.Tensor, torch.Tensor]:
     """(x / 255 - mean) / std = x * scale - shift, per channel."""
     std = np.asarray(normalization.std, dtype=np.float64)
     scale = torch.from_numpy((1.0 / (255.0 * std)).astype(np.float32)).view(3, 1, 1)

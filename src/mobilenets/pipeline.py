@@ -76,13 +76,15 @@ def _collate(items) -> DecodedBatch:
 
 
 def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
-            normalization: Normalization = INCEPTION, batch_size: int = 32, workers: int | None = None,
+            normalization: Normalization | None = INCEPTION, batch_size: int = 32, workers: int | None = None,
             draft: bool = False, warn=None) -> Iterator[DecodedBatch]:
     """Preprocessed batches of ``sources`` (image files or PIL images), in order; the workers start at once.
 
     A worker that dies (killed for memory, say) loses nothing: the images not yet delivered are decoded in
     this process, in order, after one line to ``warn(str)`` (default: a :class:`WorkerLost` warning).
 
+    ``normalization``: None yields the uint8 pixels themselves, for a runtime that normalises them in its
+    graph (:meth:`deploy.Predictor.pixels`).
     ``workers``: decoding processes (default :func:`default_workers`; 0
     decodes here).  ``draft``: let JPEGs decode at a reduced scale that still
     leaves the shorter side at least the resize size (:func:`images.draft_side`; exact
@@ -101,7 +103,8 @@ def batches(sources: Sequence[str | Path | Image.Image], *, resolution: int,
     decoded = iter(loader)
     if workers:
         _no_asynchronous_worker_errors()
-    return _normalised(_resumed(decoded, sources, resolution, draft, batch_size, warn), normalization)
+    resumed = _resumed(decoded, sources, resolution, draft, batch_size, warn)
+    return resumed if normalization is None else _normalised(resumed, normalization)
 
 
 class WorkerLost(UserWarning):

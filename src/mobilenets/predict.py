@@ -10,6 +10,7 @@ large inputs run through :func:`deploy.compile`, the fastest runtime present.
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from . import metadata, pipeline
 from .checks import check_integer
 from .deploy.backend import SERVE_BACKENDS
 from .errors import MobilenetsError
-from .images import ImageError, Normalization, list_images, warn_skipped
+from .images import ImageError, Normalization, list_images, to_tensor, warn_skipped
 from .model import MobileNetV1
 from .progress import Progress
 from .terminal import printable
@@ -100,10 +101,11 @@ def _tensor_sources(t: torch.Tensor, start: int) -> list[_Source]:
 
 
 def _batches(sources: list[_Source], resolution: int, normalization, batch_size: int, workers, draft, warn=None):
-    """pipeline.batches over the images to decode (its workers start now), with preprocessed tensors passed
-    through in place."""
+    """pipeline.batches over the images to decode (its workers start now): uint8 pixels; with preprocessed
+    tensors among the inputs, float batches, those tensors passed through in place."""
     if not any(isinstance(s.item, torch.Tensor) for s in sources):
-        return pipeline.batches([s.item for s in sources], resolution=resolution, normalization=normalization,
+        # uint8 pixels, normalised where the model runs (runner): in a runtime's graph where it can
+        return pipeline.batches([s.item for s in sources], resolution=resolution, normalization=None,
                                 batch_size=batch_size, workers=workers, draft=draft, warn=warn)
     return _mixed_batches(sources, resolution, normalization, batch_size, draft)
 
@@ -206,11 +208,11 @@ def predict(model: MobileNetV1, inputs, *, topk: int = 5, batch_size: int = 32, 
     stream = _batches(sources, resolution, normalization, batch_size, workers, not exact, warn)
     with Progress("predict", len(sources), log, unit="images") as shown:
         yield from _classify(stream, runner(model, len(sources), precision, backend, calibration, batch_size,
-                                            resolution, log), sources, topk, labels, on_skip, shown)
+                                            resolution, normalization, log), sources, topk, labels, on_skip, shown)
 
 
-def _classify(stream, run, sources, topk, labels, on_skip, shown) -> Iterator[Prediction]:
-    for batch in stream:
+def _classify(stream, run: Runner, sources, topk, labels, on_skip, shown) -> Iterator[Prediction]:
+    for batch, logits in _with_logits(stream, run):
         for i, why in batch.failed:
             if on_skip is not None:
                 on_skip(sources[i].name, why)
@@ -218,10 +220,10 @@ def _classify(stream, run, sources, topk, labels, on_skip, shown) -> Iterator[Pr
                 raise ImageError(why)
             else:
                 warn_skipped(Path(sources[i].name), ImageError(why))
-        if batch.x is None:
+        if logits is None:
             shown.advance(len(batch.failed))
             continue
-        probabilities = torch.softmax(run(batch.x).float(), dim=1)
+        probabilities = torch.softmax(logits.float(), dim=1)
         values, indices = probabilities.topk(topk, dim=1)
         for i, vs, ixs in zip(batch.indices, values.tolist(), indices.tolist()):
             yield Prediction(sources[i].name, [{"class_index": c, "label": labels[c] if labels else str(c),
@@ -229,30 +231,65 @@ def _classify(stream, run, sources, topk, labels, on_skip, shown) -> Iterator[Pr
         shown.advance(len(batch.indices) + len(batch.failed))
 
 
+def _with_logits(stream, run: Runner) -> Iterator[tuple[pipeline.DecodedBatch, torch.Tensor | None]]:
+    """Each batch of ``stream`` with its logits (None where none of its images decoded), in order, while the
+    runner may hold the next batches in flight."""
+    pending: deque = deque()
+
+    def inputs():
+        for batch in stream:
+            pending.append(batch)
+            if batch.x is not None:
+                yield batch.x
+
+    for logits in run.stream(inputs()):
+        while pending[0].x is None:  # batches with nothing to run, ahead of this one
+            yield pending.popleft(), None
+        yield pending.popleft(), logits
+    while pending:  # nothing left to run: what remains has nothing to run
+        yield pending.popleft(), None
+
+
+class Runner:
+    """Turns batches into logits: eager PyTorch, or a compiled predictor.  A batch is uint8 pixels,
+    normalised as ``normalization`` (by the runtime's graph where it can: :meth:`deploy.Predictor.pixels`), or
+    preprocessed float input.  ``run(x)`` runs one batch; ``run.stream(xs)`` a sequence, in order, several in
+    flight where the runtime can (:meth:`deploy.Predictor.stream`)."""
+
+    def __init__(self, model: MobileNetV1 | None, predictor, normalization: Normalization):
+        self.model, self.predictor, self.normalization = model, predictor, normalization
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.predictor is not None:
+            return self.predictor.pixels(x, self.normalization) if x.dtype == torch.uint8 else self.predictor(x)
+        if x.dtype == torch.uint8:
+            x = to_tensor(x, self.normalization)
+        with torch.inference_mode():
+            return self.model(x.to(next(self.model.parameters()).device))
+
+    def stream(self, xs: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        if self.predictor is not None:
+            return self.predictor.stream(xs, self.normalization)
+        return map(self, xs)
+
+
 def runner(model: MobileNetV1, count: int | None, precision: str, backend: str | None, calibration,
-           batch_size: int, resolution: int, log=None):
-    """The function that turns a batch into logits: eager PyTorch, or a compiled predictor (also each Ray
-    actor's, mobilenets.ray_predict).  ``count``: how many images the job has (None: not known, as for an
-    actor serving a stream); auto sizes what it builds to it."""
+           batch_size: int, resolution: int, normalization: Normalization, log=None) -> Runner:
+    """predict's :class:`Runner` (also each Ray actor's, mobilenets.ray_predict).  ``count``: how many images
+    the job has (None: not known, as for an actor serving a stream); auto sizes what it builds to it."""
     if backend == "eager":
         if precision != "fp32":
             raise MobilenetsError(f"the eager model runs fp32 only; for {precision} pass backend=None or a runtime")
-        model.eval()
-        device = next(model.parameters()).device
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                return model(x.to(device))
-
-        return run
+        return Runner(model.eval(), None, normalization)
     from . import deploy
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporters' chatter; deploy's own warnings concern benchmarks
-        return deploy.compile(model.cpu(), precision=precision, calibration=calibration,
-                              batch_size=batch_size if count is None else min(batch_size, count),
-                              resolution=resolution, backend=backend or "auto", log=log,
-                              work=count if backend in (None, "auto") else None)
+        predictor = deploy.compile(model.cpu(), precision=precision, calibration=calibration,
+                                   batch_size=batch_size if count is None else min(batch_size, count),
+                                   resolution=resolution, backend=backend or "auto", log=log,
+                                   work=count if backend in (None, "auto") else None)
+    return Runner(None, predictor, normalization)
 
 
 def decode_predictions(logits: torch.Tensor, k: int = 5, labels: list[str] | None = None) -> list[list[dict]]:

@@ -118,7 +118,7 @@ class Classifier:
         self.min_side = None if exact else draft_side(self.resolution)
         # count unknown: an actor serves batches for as long as the dataset lasts, so auto measures every runtime
         # (once per machine: the choice is cached) rather than sizing its measurement to a job
-        self.run = runner(model, None, precision, backend, None, batch_size, self.resolution)
+        self.run = runner(model, None, precision, backend, None, batch_size, self.resolution, self.normalization)
         self.schema = result_schema(self.topk, model.num_features if embedding else None)
 
     def __call__(self, batch: dict):
@@ -138,15 +138,16 @@ class Classifier:
         tops: list = [[] for _ in paths]
         embeddings = [None] * len(paths)
         if good:
-            x = to_tensor(torch.stack(crops), self.normalization)
-            probabilities = torch.softmax(self.run(x).float(), dim=1)
+            pixels = torch.stack(crops)  # normalised where the model runs, as predict's (predict.runner)
+            probabilities = torch.softmax(self.run(pixels).float(), dim=1)
             values, indices = probabilities.topk(self.topk, dim=1)
             for i, vs, ixs in zip(good, values.tolist(), indices.tolist()):
                 tops[i] = [{"class_index": c, "label": self.labels[c] if self.labels else str(c), "probability": v}
                            for v, c in zip(vs, ixs)]
             if self.embedding:
                 with torch.inference_mode():
-                    pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+                    pooled = self.model.forward_head(self.model.forward_features(to_tensor(pixels, self.normalization)),
+                                                     pre_logits=True)
                 for i, row in zip(good, pooled.float().numpy()):
                     embeddings[i] = row
         columns = {"image": paths, "top": tops, "error": errors}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from ..architecture import MIN_RESOLUTION
 from ..checks import check_integer, is_integer
+from ..errors import ParameterTypeError
+from ..images import Normalization, to_tensor
 from .. import progress
 from ..model import MobileNetV1
 from . import auto
@@ -20,7 +23,8 @@ from .machine import DeployError, bf16_supported
 
 
 class Predictor:
-    """Runs one compiled model on ``(N, 3, H, W)`` preprocessed input and returns float32 logits.
+    """Runs one compiled model on ``(N, 3, H, W)`` preprocessed input (or uint8 pixels: :meth:`pixels`) and
+    returns float32 logits.
 
     Attributes a caller can rely on: ``backend``, ``precision``, ``batch_size``,
     ``resolution``, ``detail`` (how the backend runs it), ``timings`` (ms per
@@ -36,6 +40,7 @@ class Predictor:
         self.resolution = resolution
         self.detail = detail
         self.timings: dict[str, float] = dict(timings or {})
+        self._pixel_runs: dict[Normalization, Run] = {}
 
     def __repr__(self) -> str:
         return (f"Predictor(backend={self.backend!r}, precision={self.precision!r}, "
@@ -46,15 +51,83 @@ class Predictor:
         if x.dim() == 3:
             x = x.unsqueeze(0)
         check_input_shape(x, self.resolution)
+        return self._chunked(self._run, x)
+
+    def pixels(self, x: torch.Tensor, normalization: Normalization) -> torch.Tensor:
+        """Logits of uint8 ``(N, 3, H, W)`` pixels (as :func:`mobilenets.images.eval_pixels` gives them),
+        normalised as ``normalization``: by the runtime's graph where it offers that (OpenVINO), else by
+        :func:`mobilenets.images.to_tensor` a chunk at a time.  The same logits as
+        ``predictor(images.to_tensor(x, normalization))`` to float rounding (at int8, the input quantization
+        of that rounding: :meth:`.openvino.Request.pixels`)."""
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+            raise ParameterTypeError(f"expected uint8 pixels (N, 3, H, W), got "
+                                     f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        x, normalization = self._input(x, normalization)
+        return self._chunked(self._pixel_run(normalization), x)
+
+    def stream(self, xs: Iterable, normalization: Normalization | None = None) -> Iterator[torch.Tensor]:
+        """The logits of each batch of ``xs``, in order: uint8 pixels normalised as ``normalization`` (as
+        :meth:`pixels`), or preprocessed float input (as calling the predictor).  A runtime that runs
+        several batches at once (OpenVINO's throughput streams) is given the next ones while it runs this;
+        at most that many are held.  For a sequence of batches, such as predict's."""
+        pending: deque = deque()  # (rows, whether the chunk ends its batch), a chunk at a time
+
+        def chunks():
+            for x in xs:
+                x, pixels = self._input(x, normalization)
+                n, b = x.shape[0], self.batch_size
+                for start in range(0, n, b):
+                    chunk = x[start:start + b]
+                    pending.append((chunk.shape[0], start + b >= n))
+                    if chunk.shape[0] < b:  # pad rather than recompile for a new shape
+                        chunk = torch.cat([chunk, chunk.new_zeros((b - chunk.shape[0], *chunk.shape[1:]))])
+                    yield chunk, pixels
+
+        run_all = getattr(self._run, "stream", None) or self._one_at_a_time
+        parts = []
+        for logits in run_all(chunks()):
+            rows, last = pending.popleft()
+            parts.append(logits[:rows])
+            if last:
+                yield torch.cat(parts) if len(parts) > 1 else parts[0]
+                parts = []
+
+    def _one_at_a_time(self, items) -> Iterator[torch.Tensor]:
+        for chunk, normalization in items:
+            yield self._run(chunk) if normalization is None else self._pixel_run(normalization)(chunk)
+
+    def _input(self, x, normalization: Normalization | None) -> tuple[torch.Tensor, Normalization | None]:
+        """``x`` as a checked (N, 3, H, W) batch, and the normalization it needs: uint8 pixels need one, float
+        input none."""
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            if normalization is None:
+                raise ParameterTypeError("uint8 pixels need a normalization (mobilenets.images.INCEPTION for the "
+                                         "official weights), or pass preprocessed float input")
+        else:
+            x, normalization = as_input(x), None
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        check_input_shape(x, self.resolution)
+        return x, normalization
+
+    def _pixel_run(self, normalization: Normalization) -> Run:
+        run = self._pixel_runs.get(normalization)
+        if run is None:
+            make = getattr(self._run, "pixels", None)
+            run = self._pixel_runs[normalization] = (
+                make(normalization) if make is not None else lambda chunk: self._run(to_tensor(chunk, normalization)))
+        return run
+
+    def _chunked(self, run: Run, x: torch.Tensor) -> torch.Tensor:
         n, b = x.shape[0], self.batch_size
         if n == b:
-            return self._run(x)
+            return run(x)
         outputs = []
         for start in range(0, n, b):
             chunk = x[start:start + b]
             if chunk.shape[0] < b:  # pad rather than recompile for a new shape
                 chunk = torch.cat([chunk, chunk.new_zeros((b - chunk.shape[0], *chunk.shape[1:]))])
-            outputs.append(self._run(chunk)[: min(b, n - start)])
+            outputs.append(run(chunk)[: min(b, n - start)])
         return torch.cat(outputs)
 
 
