@@ -180,9 +180,9 @@ class Request:
 
         A quarter of the bytes cross into the runtime, and OpenVINO folds the normalisation into the first
         layer instead of a pass over a float batch.  At fp32 the logits are the float graph's to 2e-5; at
-        int8 the input's quantization may round a pixel that sits on a step's midpoint the other way, which
-        moved 5% of top-1 answers against the float graph, with the same agreement with fp32 (94.4% and
-        95.0% of 320 photos, benchmarks/results/predict_cpu.md).
+        int8 the input's quantization may round a pixel that sits on a step's midpoint the other way: on
+        320 photos the two graphs gave the same top-1 on 93.1%, each agreeing with fp32 on 93.75%
+        (benchmarks/results/pixel_input.md).
         """
         request = self._infer_requests(normalization, False)[0]
 
