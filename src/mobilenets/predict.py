@@ -258,6 +258,7 @@ class Runner:
 
     def __init__(self, model: MobileNetV1 | None, predictor, normalization: Normalization):
         self.model, self.predictor, self.normalization = model, predictor, normalization
+        self.device = None if model is None else next(model.parameters()).device
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.predictor is not None:
@@ -265,7 +266,7 @@ class Runner:
         if x.dtype == torch.uint8:
             x = to_tensor(x, self.normalization)
         with torch.inference_mode():
-            return self.model(x.to(next(self.model.parameters()).device))
+            return self.model(x.to(self.device))
 
     def stream(self, xs: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         if self.predictor is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import logging
 import threading
@@ -171,9 +172,7 @@ class Request:
         return requests
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        request = self._infer_requests(None, False)[0]
-        request.infer({0: x.numpy()}, share_inputs=True)
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+        return _inferred(self._infer_requests(None, False)[0], x)
 
     def pixels(self, normalization) -> Run:
         """``run(uint8 (N, 3, H, W) pixels) -> logits``, with (x / 255 - mean) / std as the graph's first ops.
@@ -184,20 +183,15 @@ class Request:
         320 photos the two graphs gave the same top-1 on 93.1%, each agreeing with fp32 on 93.75%
         (benchmarks/results/pixel_input.md).
         """
-        request = self._infer_requests(normalization, False)[0]
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            request.infer({0: x.numpy()}, share_inputs=True)
-            return torch.from_numpy(request.get_output_tensor(0).data.copy())
-
-        return run
+        return functools.partial(_inferred, self._infer_requests(normalization, False)[0])
 
     def stream(self, items) -> Iterator[torch.Tensor]:
         """Logits of each ``(x, normalization)`` of ``items`` in order (normalization None: float input, else
         uint8 pixels), with OpenVINO's THROUGHPUT streams: as many batches in flight as it has streams, each
         on its own threads (2 of one thread on 2 cores).  Nothing waits for a slower thread at each layer,
-        as the threads of one batch do while a decoding worker holds a core: 1.0-224 int8 fed by predict's
-        workers ran 361-375 images/s this way, 274-313 with one batch at a time."""
+        as the threads of one batch do while a decoding worker holds a core: predict int8 on 3,000
+        ImageNet-size JPEGs ran a median 315.7 images/s this way, 282.8 one batch at a time; with a neighbour
+        busy for half a core 280.6 and 231.9 (benchmarks/results/predict_cpu*.md)."""
         in_flight: deque = deque()
         turns: dict = {}
         for x, normalization in items:
@@ -213,9 +207,18 @@ class Request:
             yield _collected(*in_flight.popleft())
 
 
+def _inferred(request, x: torch.Tensor) -> torch.Tensor:
+    request.infer({0: x.numpy()}, share_inputs=True)  # read in place: x is not copied
+    return _logits(request)
+
+
 def _collected(request, x) -> torch.Tensor:
     request.wait()
-    return torch.from_numpy(request.get_output_tensor(0).data.copy())
+    return _logits(request)
+
+
+def _logits(request) -> torch.Tensor:
+    return torch.from_numpy(request.get_output_tensor(0).data.copy())  # the request's buffer is reused
 
 
 def pixel_input(model, normalization):

@@ -75,12 +75,8 @@ class Predictor:
         def chunks():
             for x in xs:
                 x, pixels = self._input(x, normalization)
-                n, b = x.shape[0], self.batch_size
-                for start in range(0, n, b):
-                    chunk = x[start:start + b]
-                    pending.append((chunk.shape[0], start + b >= n))
-                    if chunk.shape[0] < b:  # pad rather than recompile for a new shape
-                        chunk = torch.cat([chunk, chunk.new_zeros((b - chunk.shape[0], *chunk.shape[1:]))])
+                for chunk, rows, last in self._chunks(x):
+                    pending.append((rows, last))
                     yield chunk, pixels
 
         run_all = getattr(self._run, "stream", None) or self._one_at_a_time
@@ -119,16 +115,19 @@ class Predictor:
         return run
 
     def _chunked(self, run: Run, x: torch.Tensor) -> torch.Tensor:
-        n, b = x.shape[0], self.batch_size
-        if n == b:
+        if x.shape[0] == self.batch_size:
             return run(x)
-        outputs = []
+        return torch.cat([run(chunk)[:rows] for chunk, rows, _ in self._chunks(x)])
+
+    def _chunks(self, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, int, bool]]:
+        """``x`` in chunks of the compiled batch size: (chunk, its rows of ``x``, whether it is the last)."""
+        n, b = x.shape[0], self.batch_size
         for start in range(0, n, b):
             chunk = x[start:start + b]
-            if chunk.shape[0] < b:  # pad rather than recompile for a new shape
-                chunk = torch.cat([chunk, chunk.new_zeros((b - chunk.shape[0], *chunk.shape[1:]))])
-            outputs.append(run(chunk)[: min(b, n - start)])
-        return torch.cat(outputs)
+            rows = chunk.shape[0]
+            if rows < b:  # pad rather than recompile for a new shape
+                chunk = torch.cat([chunk, chunk.new_zeros((b - rows, *chunk.shape[1:]))])
+            yield chunk, rows, start + b >= n
 
 
 def compile(model: MobileNetV1, precision: str = "fp32", calibration: Iterable | None = None,
