@@ -42,6 +42,30 @@ def cpu_seconds(fn, repeat: int) -> float:
     return (time.process_time() - start) / repeat
 
 
+def model_seconds(predictor, x, batches: int, passes: int = 3) -> float:
+    """CPU seconds per image of ``predictor`` on the uint8 batch ``x`` as predict runs it (Predictor.pixels), the
+    least of ``passes`` measurements of ``batches`` batches: a neighbour's load only adds (cache misses, a
+    runtime's threads spinning while they wait); single measurements of the same runtime varied by 20% between
+    runs."""
+    from mobilenets import images
+
+    predictor.pixels(x, images.INCEPTION)  # first-call set-up is not the model's cost
+    return min(cpu_seconds(lambda: predictor.pixels(x, images.INCEPTION), batches) for _ in range(passes)) / len(x)
+
+
+def decode_seconds(files: list[Path], side: int, passes: int = 3) -> float:
+    """CPU seconds per file of what predict's decoding workers do to it, the least of ``passes`` passes."""
+    from mobilenets import images
+
+    images.eval_pixels(images.load_pixels(files[-1], min_side=side), 224)  # import and first-call setup
+
+    def decode_all():
+        for f in files:
+            images.eval_pixels(images.load_pixels(f, min_side=side), 224)
+
+    return min(cpu_seconds(decode_all, 1) for _ in range(passes)) / len(files)
+
+
 def model_costs(weights: Path, calib: Path, batches: int, resolution: int = 224) -> dict[str, dict[str, float]]:
     """CPU seconds per image of a batch of 32, per precision and installed backend, one thread (ExecuTorch left
     out: a phone runtime that deploy's auto never tries; LiteRT is in, since auto picks it for fp32 on CPUs
@@ -65,11 +89,7 @@ def model_costs(weights: Path, calib: Path, batches: int, resolution: int = 224)
                 warnings.simplefilter("ignore")
                 predictor = deploy.compile(model, precision, calibration=calibration if precision == "int8" else None,
                                            batch_size=32, resolution=resolution, backend=backend)
-            predictor.pixels(x, images.INCEPTION)  # first-call set-up is not the model's cost
-            # the least of 3 measurements: a neighbour's load only adds (cache misses, a runtime's threads
-            # spinning while they wait); single measurements of the same runtime varied by 20% between runs
-            costs[precision][backend] = min(cpu_seconds(lambda: predictor.pixels(x, images.INCEPTION), batches)
-                                            for _ in range(3)) / 32
+            costs[precision][backend] = model_seconds(predictor, x, batches)
             print(f"model {precision} {backend}: {costs[precision][backend] * 1000:.2f} ms CPU per image",
                   file=sys.stderr, flush=True)
     return costs
@@ -94,13 +114,7 @@ def main() -> int:
     side = images.draft_side(224)
     for name, (folder, count) in folders.items():
         files = sorted((folder / "photos").glob("*.jpg"))[:count]
-        images.eval_pixels(images.load_pixels(files[-1], min_side=side), 224)  # import and first-call setup
-
-        def decode_all():
-            for f in files:
-                images.eval_pixels(images.load_pixels(f, min_side=side), 224)
-
-        decode[name] = min(cpu_seconds(decode_all, 1) for _ in range(3)) / len(files)  # least of 3, as the model
+        decode[name] = decode_seconds(files, side)
         print(f"decode {name}: {decode[name] * 1000:.2f} ms CPU per image", file=sys.stderr, flush=True)
     model_s = model_costs(weights, calib, args.batches)
     cores = len(os.sched_getaffinity(0))

@@ -71,7 +71,16 @@ class _Decode(torch.utils.data.Dataset):
 def _collate(items) -> DecodedBatch:
     good = [(i, x) for i, x in items if isinstance(x, torch.Tensor)]
     failed = [(i, x) for i, x in items if not isinstance(x, torch.Tensor)]
-    x = torch.stack([x for _, x in good]) if good else None
+    x = None
+    if good:
+        first = good[0][1]
+        out = None
+        if torch.utils.data.get_worker_info() is not None:
+            # in a worker the batch crosses to the main process in shared memory: stacking into it at once
+            # saves stacking into private memory and copying that there (0.1 ms of 1.2 an image)
+            storage = first._typed_storage()._new_shared(len(good) * first.numel())
+            out = first.new(storage).view(len(good), *first.shape)
+        x = torch.stack([x for _, x in good], out=out)
     return DecodedBatch([i for i, _ in good], x, failed)
 
 
