@@ -6,7 +6,8 @@ Folders of 500x375 JPEGs cut from the packaged photos (predict_throughput.make_f
 weights; each count runs ``--repeats`` times, each in a fresh process (predict_throughput.run_candidate),
 which reports its own peak RSS and the largest of its decoding workers'; the table shows the largest of
 the repeats (heap fragmentation differs from run to run: before pipeline.bound_heap, 2 runs in 3 grew
-by a batch's 19 MB a batch).  Writes benchmarks/results/predict_memory.{json,md}.
+by a batch's 19 MB a batch).  Writes benchmarks/results/predict_memory.{json,md} (int8:
+predict_memory_int8.{json,md}; int8 runs OpenVINO's streams, several batches in flight).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def main() -> int:
     result = {"command": command, "cpu": cpu_name(), "cores": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg": os.getloadavg(), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "predict_memory.json").write_text(json.dumps(result, indent=1))
+    stem = "predict_memory" + ("" if args.precision == "fp32" else f"_{args.precision}")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Peak memory of predict against the number of images ({result['date']})", "",
              f"    {command}", "", f"CPU: {result['cpu']} ({result['cores']} cores); load average "
              f"{result['loadavg'][0]:.2f}. 500x375 JPEGs, real 1.0-224 weights, {args.precision}; the largest "
@@ -62,7 +64,7 @@ def main() -> int:
         else:
             lines.append(f"| {r['images']} | {r['maxrss_mb']:.0f} | {r['children_maxrss_mb']:.0f} | "
                          f"{r['end_to_end_images_per_s']:.1f} |")
-    (RESULTS / "predict_memory.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
