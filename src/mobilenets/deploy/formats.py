@@ -29,7 +29,7 @@ from ..model import MobileNetV1
 from .backend import EXPORT_PRECISIONS, PRECISIONS, Run, export_formats
 from .calibration import DEFAULT_RESOLUTION, as_input, calibration_batches
 from ..folding import FoldedMobileNet, fold_batchnorm
-from .prepare import folded_for
+from .prepare import carries_int8, folded_for
 from .auto import expected
 from ..progress import ON_A_TERMINAL, Progress, resolve
 from .machine import DeployError
@@ -133,7 +133,10 @@ def export(model: MobileNetV1, path, format: str | None = None, *, precision: st
     if precision == "int8" and spec.weights_only_int8:
         batches, folded = [], weights_only_int8(model, calibration, resolution, int8)
     else:
-        int8_needs_batches = precision == "int8" and not (ranges is not None and calibration is None)
+        # weights from mobilenets quantize (their ranges in the file) or an imported quantized file need no
+        # calibration images, as in compile; images given are used
+        brings = ranges is not None or carries_int8(model, precision, int8)
+        int8_needs_batches = precision == "int8" and not (brings and calibration is None)
         batches = calibration_batches(calibration, resolution) if int8_needs_batches else []
         if ranges is not None and not batches:  # an imported quantized file: its own ranges, as they are
             folded = fold_batchnorm(model)
@@ -154,9 +157,7 @@ def weights_only_int8(model: MobileNetV1, calibration, resolution: int, int8: st
     ``int8="prepared"``: the int8-ready graph (:mod:`mobilenets.quantize`: equalized, bias-corrected), from
     the model's own int8 data, else prepared on ``calibration``; "plain": the folded weights as they are.
     """
-    from .. import quantize
-
-    needs_batches = int8 == "prepared" and quantize.from_model(model) is None
+    needs_batches = int8 == "prepared" and not carries_int8(model, "int8", int8)
     batches = calibration_batches(calibration, resolution) if needs_batches else []
     return folded_for(model, "int8", batches, int8=int8, here=False)
 
