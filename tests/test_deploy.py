@@ -845,3 +845,62 @@ def test_pixels_normalise_each_channel_as_to_tensor(model, images, backend):
         next(predictor.stream([pixels]))
     with pytest.raises(TypeError, match="expected uint8 pixels"):
         predictor.pixels(images, images_module.IMAGENET)
+
+
+class _Watched:
+    """An OpenVINO object whose infer requests count how many are started and not yet waited for."""
+
+    def __init__(self, inner, counts):
+        self._inner, self._counts = inner, counts
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def create_infer_request(self):
+        return _Watched(self._inner.create_infer_request(), self._counts)
+
+    def start_async(self, *args, **kwargs):
+        self._counts["now"] += 1
+        self._counts["most"] = max(self._counts["most"], self._counts["now"])
+        return self._inner.start_async(*args, **kwargs)
+
+    def wait(self):
+        self._counts["now"] -= 1
+        return self._inner.wait()
+
+
+def test_openvino_streams_as_many_batches_at_once_as_openvino_asks(model, images, monkeypatch):
+    """``Predictor.stream`` hands OpenVINO the next batches while it runs one: as many at once as OpenVINO says
+    a graph compiled for throughput wants (its OPTIMAL_NUMBER_OF_INFER_REQUESTS: one per stream, 2 on 2 cores),
+    never more.  A single call runs on a graph compiled for latency, built for the predictor's batch (1 by
+    default), which is what ``compiled_model`` shows."""
+    from mobilenets.deploy import openvino as ov_backend
+
+    real, compiled, counts = ov_backend.openvino_compile, [], {"now": 0, "most": 0}
+
+    def watched(graph, *, precision, throughput):
+        c = real(graph, precision=precision, throughput=throughput)
+        compiled.append((throughput, c.get_property("PERFORMANCE_HINT"), c.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        return _Watched(c, counts)
+
+    monkeypatch.setattr(ov_backend, "openvino_compile", watched)
+    predictor = deploy.compile(model, "fp32", resolution=RES, backend="openvino")
+    assert predictor.batch_size == 1
+    out = list(predictor.stream([images[k:k + 1] for k in range(8)]))
+    (throughput, hint, wanted), = compiled
+    assert throughput and str(hint) == "THROUGHPUT"
+    assert counts["most"] == wanted and counts["now"] == 0
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert wanted >= 2  # else this test could not tell one at a time from several
+    torch.testing.assert_close(torch.cat(out), predictor(images[:8]), rtol=1e-5, atol=1e-5)
+    runs = predictor._run.compiled_model  # the graph single calls run
+    assert str(runs.get_property("PERFORMANCE_HINT")) == "LATENCY"
+    assert list(runs.input(0).get_partial_shape().to_shape()) == [1, 3, RES, RES]
+    assert [c[0] for c in compiled] == [True, False]
+
+
+def test_openvino_int8_of_its_own_without_nncf_says_what_would_work(model, calibration, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOBILENETS_CACHE", str(tmp_path))  # nothing built before: the build itself runs
+    monkeypatch.setitem(sys.modules, "nncf", None)  # import nncf raises ImportError, as where it is not installed
+    with pytest.raises(deploy.DeployError, match=r"int8 on OpenVINO needs NNCF \(pip install nncf\); or use backend"):
+        deploy.compile(model, "int8", calibration=calibration, resolution=RES, backend="openvino", int8="plain")

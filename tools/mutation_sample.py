@@ -99,6 +99,14 @@ _QUANTIZE_TESTS = ["test_equalization_keeps_the_float_model",
                    "test_cli_quantize_writes_int8_ready_weights",
                    "test_int8_folding_carries_the_prepared_ranges_unless_plain_is_asked",
                    "test_single_clip_gives_each_layer_the_smallest_of_its_channel_clips"]
+_DEPLOY_TESTS = ["test_backend_parity_with_fp32_eager", "test_predictor_pads_odd_batches_and_takes_numpy",
+                 "test_predictor_errors_say_what_would_work", "test_bad_arguments_are_refused_before_building",
+                 "test_openvino_models_destroyed_out_of_order_leave_signals_deliverable",
+                 "test_openvino_export_keeps_its_precision", "test_openvino_int8_runs_int8_convolutions",
+                 "test_export_reloads_with_parity", "test_pixels_and_streams_answer_as_the_float_input",
+                 "test_pixels_normalise_each_channel_as_to_tensor",
+                 "test_openvino_streams_as_many_batches_at_once_as_openvino_asks",
+                 "test_openvino_int8_of_its_own_without_nncf_says_what_would_work"]
 
 # module -> (source files mutated, the tests that cover them); tests chosen to be the ones a bug in those sources
 # should fail, and short enough to run once per mutant on a busy 2-core machine (a test file, or node ids where
@@ -145,6 +153,10 @@ MODULES = {
                  [f"tests/test_quantize.py::{t}" for t in _QUANTIZE_TESTS] +
                  # deploy/prepare.py's cache of prepared int8 models, keyed and signed (~30 s at load 7)
                  ["tests/test_caches.py::test_int8_entries_are_trusted_only_when_signed_by_a_private_cache"]),
+    # the runtimes predict hands batches to: the Predictor's padding, pixels and stream, and OpenVINO's graphs
+    "deploy": (["src/mobilenets/deploy/predictor.py", "src/mobilenets/deploy/openvino.py"],
+               [f"tests/test_deploy.py::{t}" for t in _DEPLOY_TESTS] +
+               ["tests/test_predict.py::test_streamed_runtime_keeps_order_around_batches_that_all_fail"]),
     "checkpoint": (["src/mobilenets/checkpoint.py"], ["tests/test_checkpoint.py"]),
     "cost": (["src/mobilenets/cost.py"], ["tests/test_cost.py", "tests/test_paper.py"]),
 }
