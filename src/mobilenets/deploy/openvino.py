@@ -190,7 +190,7 @@ class Request:
         uint8 pixels), with OpenVINO's THROUGHPUT streams: as many batches in flight as it has streams, each
         on its own threads (2 of one thread on 2 cores).  Nothing waits for a slower thread at each layer,
         as the threads of one batch do while a decoding worker holds a core: predict int8 on 3,000
-        ImageNet-size JPEGs ran a median 315.7 images/s this way, 282.8 one batch at a time; with a neighbour
+        ImageNet-size JPEGs ran a median 345.8 images/s this way, 245.6 one batch at a time; with a neighbour
         busy for half a core 280.6 and 231.9 (benchmarks/results/predict_cpu*.md)."""
         in_flight: deque = deque()
         turns: dict = {}
