@@ -77,7 +77,8 @@ def _collate(items) -> DecodedBatch:
         out = None
         if torch.utils.data.get_worker_info() is not None:
             # in a worker the batch crosses to the main process in shared memory: stacking into it at once
-            # saves stacking into private memory and copying that there (0.1 ms of 1.2 an image)
+            # saves stacking into private memory and copying that there (0.12 ms of a worker's 1.47 an image:
+            # benchmarks/results/worker_handover.md)
             storage = first._typed_storage()._new_shared(len(good) * first.numel())
             out = first.new(storage).view(len(good), *first.shape)
         x = torch.stack([x for _, x in good], out=out)
