@@ -187,6 +187,10 @@ def test_a_finite_float_tiff_keeps_its_contrast(tmp_path):
     rgb = np.asarray(images.load_rgb(save(tmp_path, "float.tif", Image.fromarray(a, "F"))))
     assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 30].tolist() == [255, 255, 255]
     assert rgb[0, 15].tolist() == [127, 127, 127]
+    # one within 0..255 is grey levels as they are (the fraction dropped), not stretched to white
+    a = np.array([[0.0, 100.0, 254.6]], np.float32)
+    rgb = np.asarray(images.load_rgb(save(tmp_path, "levels.tif", Image.fromarray(a, "F"))))
+    assert rgb[0, :, 0].tolist() == [0, 100, 254]
 
 
 def test_load_pixels_falls_back_to_pil_without_simplejpeg(tmp_path, jpeg_decodes, monkeypatch):
@@ -210,7 +214,9 @@ def _structured(w: int, h: int, seed: int) -> Image.Image:
 @pytest.mark.parametrize("size,resolution,normalization", [
     ((300, 200), 224, "inception"), ((200, 300), 160, "imagenet"), ((517, 389), 128, "odd"),
     ((97, 131), 96, "inception"), ((64, 48), 192, "imagenet"), ((1000, 1), 32, "odd"), ((41, 40), 32, "imagenet"),
-    ((131, 97), 64, "default")])
+    ((131, 97), 64, "default"),
+    # a tall portrait (a phone screenshot): resized, its long side is over twice the crop
+    ((120, 400), 64, "imagenet")])
 @pytest.mark.parametrize("path", ["whole", "box"])
 def test_eval_transform_is_torchvisions_resize_crop_normalize(size, resolution, normalization, path, monkeypatch):
     """The independent oracle: torchvision's Resize(floor(R / 0.875)) (PIL bilinear), CenterCrop(R), ToTensor,
@@ -403,6 +409,8 @@ def test_eval_transform_module_on_float_pixels_is_torchvisions_float_resize_crop
     expected = T.functional.normalize(T.functional.center_crop(
         T.functional.resize(x, int(resolution / 0.875), antialias=True), resolution), *odd)
     module = images.EvalTransform(resolution, images.Normalization(*odd))
+    # constants, not weights: a model saved with the transform in front loads into one built without it
+    assert module.state_dict() == {}
     torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-4)
     torch.testing.assert_close(module(torch.stack([x, x.flip(-1)]))[1], module(x.flip(-1)), rtol=0, atol=1e-6)
 
