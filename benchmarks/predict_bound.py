@@ -66,6 +66,26 @@ def decode_seconds(files: list[Path], side: int, passes: int = 3) -> float:
     return min(cpu_seconds(decode_all, 1) for _ in range(passes)) / len(files)
 
 
+def pixel_batch(calib: Path, resolution: int = 224) -> torch.Tensor:
+    """32 uint8 crops of ``calib``'s photos (repeated as needed), as predict's workers hand them over: what the
+    model is measured on."""
+    from mobilenets import images
+
+    x = torch.stack([images.eval_pixels(images.load_pixels(f), resolution) for f in images.list_images(calib)])
+    return torch.cat([x] * (32 // len(x) + 1))[:32]
+
+
+def compiled(model, precision: str, calibration, backend: str, resolution: int = 224):
+    """``deploy.compile`` for batches of 32, int8 calibrated on ``calibration`` (a folder's image_batches), its
+    warnings (no int8-ready weights, a cache re-used) kept out of the benchmark's output."""
+    from mobilenets import deploy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return deploy.compile(model, precision, calibration=calibration if precision == "int8" else None,
+                              batch_size=32, resolution=resolution, backend=backend)
+
+
 def model_costs(weights: Path, calib: Path, batches: int, resolution: int = 224) -> dict[str, dict[str, float]]:
     """CPU seconds per image of a batch of 32, per precision and installed backend, one thread (ExecuTorch left
     out: a phone runtime that deploy's auto never tries; LiteRT is in, since auto picks it for fp32 on CPUs
@@ -73,23 +93,17 @@ def model_costs(weights: Path, calib: Path, batches: int, resolution: int = 224)
     import mobilenets
     from mobilenets import deploy
 
-    from mobilenets import images
-
     model = mobilenets.load(weights).eval()
     calibration, _ = deploy.image_batches(calib, resolution)
-    x = torch.stack([images.eval_pixels(images.load_pixels(f), resolution) for f in images.list_images(calib)])
-    x = torch.cat([x] * (32 // len(x) + 1))[:32]
+    x = pixel_batch(calib, resolution)
     costs: dict[str, dict[str, float]] = {}
     for precision in ("fp32", "int8"):
         costs[precision] = {}
         for backend in deploy.available_backends():
             if not deploy.backend_supports(backend, precision) or backend == "executorch":
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                predictor = deploy.compile(model, precision, calibration=calibration if precision == "int8" else None,
-                                           batch_size=32, resolution=resolution, backend=backend)
-            costs[precision][backend] = model_seconds(predictor, x, batches)
+            costs[precision][backend] = model_seconds(compiled(model, precision, calibration, backend, resolution),
+                                                      x, batches)
             print(f"model {precision} {backend}: {costs[precision][backend] * 1000:.2f} ms CPU per image",
                   file=sys.stderr, flush=True)
     return costs

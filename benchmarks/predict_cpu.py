@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,56 +85,33 @@ def steady_ms(command: list[str], count: int, batch_size: int) -> dict:
             "workers_ms": (r["per_image_s"] - r["main_per_image_s"]) * 1000, "cores_busy": r["cores_busy"]}
 
 
-def bound_meter(weights: Path, calib: Path, source: Path, precision: str, backend: str):
+def bound_meter(run, x8, source: Path):
     """A function measuring predict_bound's bound now: (decode ms, model ms, images/s on this machine's cores),
-    decode on 400 of ``source``'s files and the model (``backend``, compiled here once) on 12 batches of 32, each
-    the least of 2 passes at one thread, as benchmarks/predict_bound.py measures them.  Measured once a round, a
-    round's bound has met the same neighbours as its runs."""
-    import torch
-
-    import mobilenets
-    from mobilenets import deploy, images
+    decode on 400 of ``source``'s files and the model (``run``, compiled once, on the uint8 batch ``x8``) on 12
+    batches of 32, each the least of 2 passes at one thread, as benchmarks/predict_bound.py measures them.
+    Measured once a round, a round's bound has met the same neighbours as its runs."""
+    from mobilenets import images
     from predict_bound import decode_seconds, model_seconds
 
-    torch.set_num_threads(1)
-    model = mobilenets.load(weights).eval()
-    calibration, _ = deploy.image_batches(calib, 224)
-    x = torch.stack([images.eval_pixels(images.load_pixels(f), 224) for f in images.list_images(calib)])
-    x = torch.cat([x] * (32 // len(x) + 1))[:32]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        predictor = deploy.compile(model, precision, calibration=calibration if precision == "int8" else None,
-                                   batch_size=32, resolution=224, backend=backend)
     files = sorted((source / "photos").glob("*.jpg"))[:400]
     cores = len(os.sched_getaffinity(0))
 
     def measure() -> dict:
         decode = decode_seconds(files, images.draft_side(224), passes=2) * 1000
-        model_ms = model_seconds(predictor, x, 12, passes=2) * 1000
+        model_ms = model_seconds(run, x8, 12, passes=2) * 1000
         return {"decode_ms": decode, "model_ms": model_ms, "bound_images_per_s": cores * 1000 / (decode + model_ms)}
 
     return measure
 
 
-def parts(weights: Path, calib: Path, precision: str, backend: str) -> dict:
-    """CPU ms per image of the main process's parts on batches of 32: the normalisation, and the runtime on
-    float input one batch at a time (predict before it fed pixels), on pixels one batch at a time, and on
-    pixels streamed, 12 batches in a row (what predict does: Predictor.stream)."""
-    import torch
-
-    import mobilenets
-    from mobilenets import deploy, images
+def parts(run, x8, backend: str) -> dict:
+    """CPU ms per image of the main process's parts on the batch of 32 ``x8``: the normalisation, and the runtime
+    ``run`` on float input one batch at a time (predict before it fed pixels), on pixels one batch at a time, and
+    on pixels streamed, 12 batches in a row (what predict does: Predictor.stream)."""
+    from mobilenets import images
     from predict_bound import cpu_seconds
 
-    model = mobilenets.load(weights).eval()
-    calibration, _ = deploy.image_batches(calib, 224)
-    x8 = torch.cat([images.eval_pixels(images.load_pixels(f), 224)[None]
-                    for f in images.list_images(calib)] * 32)[:32]
     n = images.INCEPTION
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run = deploy.compile(model, precision, calibration=calibration if precision == "int8" else None,
-                             batch_size=32, resolution=224, backend=backend)
 
     def streamed():
         for _ in run.stream([x8] * 12, n):
@@ -175,7 +151,18 @@ def main() -> int:
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     bound = json.loads((RESULTS / "predict_bound.json").read_text())
     row = next(r for r in bound["rows"] if r["folder"].startswith("imagenet") and r["precision"] == args.precision)
-    measure_bound = bound_meter(weights, calib, source, args.precision, row["backend"])
+    # the runtime the bound counts, compiled once here: each round's bound and the parts run it
+    import torch
+
+    import mobilenets
+    from mobilenets import deploy
+    from predict_bound import compiled, pixel_batch
+
+    torch.set_num_threads(1)
+    calibration, _ = deploy.image_batches(calib, 224)
+    run = compiled(mobilenets.load(weights).eval(), args.precision, calibration, row["backend"])
+    x8 = pixel_batch(calib)
+    measure_bound = bound_meter(run, x8, source)
     bounds: list[dict] = []
     with competing_load(args.load):
         for round_ in range(args.rounds + 1):  # round 0 fills the caches (int8 ranges, the runtime chosen)
@@ -195,7 +182,7 @@ def main() -> int:
                     break
     summary = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     round_bound = {k: statistics.median(b[k] for b in bounds) for k in bounds[0]}
-    component = parts(weights, calib, args.precision, row["backend"])
+    component = parts(run, x8, row["backend"])
     after = uptime()
     command = ".venv/bin/python " + " ".join(["benchmarks/predict_cpu.py", *sys.argv[1:]])
     result = {"command": command, "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
